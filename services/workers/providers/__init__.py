@@ -1,0 +1,20 @@
+"""Provider adapters by name. Adding a provider: one module here, one line in `ADAPTERS`, one test file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.workers.providers.base import ProviderAdapter
+from services.workers.providers.openai import PRESETS, OpenAICompatibleAdapter
+
+ADAPTERS: dict[str, Callable[[], ProviderAdapter]] = {
+    **{name: (lambda n=name: OpenAICompatibleAdapter(n)) for name in PRESETS},  # type: ignore[misc]
+}
+
+
+def get_adapter(provider: str) -> ProviderAdapter:
+    try:
+        return ADAPTERS[provider]()
+    except KeyError:
+        known = ", ".join(sorted(ADAPTERS))
+        raise ValueError(f"unknown provider {provider!r}; known providers: {known}") from None

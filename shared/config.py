@@ -1,0 +1,256 @@
+"""Configuration: the YAML model list (validated by pydantic) and the process settings from the environment.
+
+`${VAR}` and `${VAR:-default}` in the YAML are replaced from the environment, so secrets
+stay out of the file. A missing variable is an error that names the field that needed it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STATE_DIR = ".switchyard"
+STACK_FILE = "stack.json"
+DEFAULT_CONFIG_FILE = "switchyard.yaml"
+DEMO_MODEL = "demo"
+DEMO_PROVIDER = "demo"
+
+Strategy = Literal["fallback", "weighted", "latency", "cost", "least-busy"]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted path of the offending field in the message."""
+
+
+class Deployment(BaseModel):
+    """One provider model that can serve a model group. Workers hold its secrets; envelopes carry only `id`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    model: str
+    id: str = ""
+    api_base: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    api_version: str | None = None
+    region: str | None = None
+    aws_access_key_id: str | None = Field(default=None, repr=False)
+    aws_secret_access_key: str | None = Field(default=None, repr=False)
+    aws_session_token: str | None = Field(default=None, repr=False)
+    weight: float = Field(default=1.0, ge=0)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+    first_byte_timeout_s: float = Field(default=60.0, gt=0)
+    context_window: int | None = Field(default=None, ge=1)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+
+    def keys(self) -> list[str]:
+        """Every API key of this deployment, in rotation order."""
+        return [k for k in [self.api_key, *self.api_keys] if k]
+
+
+class ModelGroup(BaseModel):
+    """What callers ask for by name, and the deployments that can serve it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    strategy: Strategy = "fallback"
+    deployments: list[Deployment] = Field(min_length=1)
+    fallbacks: list[str] = Field(default_factory=list)
+    context_window_fallback: str | None = None
+    content_policy_fallback: str | None = None
+
+    @model_validator(mode="after")
+    def _name_deployments(self) -> ModelGroup:
+        for i, dep in enumerate(self.deployments):
+            if not dep.id:
+                dep.id = f"{self.name}/{i}"
+        return self
+
+
+class RouteRule(BaseModel):
+    """A content or metadata rule that sends matching requests to another model group (first match wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    route_to: str
+    models: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)
+    min_input_tokens: int | None = None
+    max_input_tokens: int | None = None
+    has_tools: bool | None = None
+    has_images: bool | None = None
+    last_user_message_regex: str | None = None
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelGroup] = Field(default_factory=list)
+    routing_rules: list[RouteRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> GatewayConfig:
+        names = [m.name for m in self.models]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {sorted(dupes)}")
+        ids = [d.id for m in self.models for d in m.deployments]
+        dupe_ids = {i for i in ids if ids.count(i) > 1}
+        if dupe_ids:
+            raise ValueError(f"deployment ids must be unique; repeated: {sorted(dupe_ids)}")
+        known = set(names)
+        for m in self.models:
+            for ref in [*m.fallbacks, m.context_window_fallback, m.content_policy_fallback]:
+                if ref and ref not in known:
+                    raise ValueError(f"model {m.name!r} falls back to unknown model {ref!r}")
+        for r in self.routing_rules:
+            if r.route_to not in known:
+                raise ValueError(f"routing rule {r.name or r.route_to!r} routes to unknown model {r.route_to!r}")
+        return self
+
+    def group(self, name: str) -> ModelGroup | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    def deployment(self, deployment_id: str) -> Deployment | None:
+        for m in self.models:
+            for d in m.deployments:
+                if d.id == deployment_id:
+                    return d
+        return None
+
+    def providers(self) -> list[str]:
+        return sorted({d.provider for m in self.models for d in m.deployments})
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, env: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _VAR.sub(sub, node)
+    return node
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_config(text: str, env: dict[str, str] | None = None, source: str = "config") -> GatewayConfig:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with a `models` list")
+    raw = _interpolate(raw, "", dict(os.environ) if env is None else env)
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{_loc(err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{source}: {problems}") from e
+
+
+def demo_group(api_base: str) -> ModelGroup:
+    return ModelGroup(
+        name=DEMO_MODEL,
+        deployments=[Deployment(provider=DEMO_PROVIDER, model="demo-1", api_base=api_base, api_key="demo")],
+    )
+
+
+def config_path(explicit: str | None = None) -> Path | None:
+    """`--config`, else SWITCHYARD_CONFIG, else ./switchyard.yaml if present."""
+    chosen = explicit or os.environ.get("SWITCHYARD_CONFIG")
+    if chosen:
+        return Path(chosen)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_config(explicit: str | None = None) -> GatewayConfig:
+    """The gateway config; with no models configured, `demo` is served by the built-in fake provider."""
+    path = config_path(explicit)
+    if path is None:
+        config = GatewayConfig()
+    else:
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        config = parse_config(path.read_text(), source=str(path))
+    demo_url = os.environ.get("SWITCHYARD_DEMO_URL")
+    if not config.models and demo_url:
+        config.models.append(demo_group(demo_url))
+    return config
+
+
+@dataclass
+class Settings:
+    """Process settings from the environment, falling back to a stack `switchyard up` started here."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    database_url: str = ""
+    master_key: str = ""
+    ingress_url: str = "http://127.0.0.1:8080"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def asyncpg_url(url: str) -> str:
+    """Accept plain `postgresql://` URLs and point SQLAlchemy at asyncpg."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+def stack_file(base: Path | None = None) -> Path:
+    return (base or Path.cwd()) / STATE_DIR / STACK_FILE
+
+
+def read_stack(base: Path | None = None) -> dict[str, Any]:
+    path = stack_file(base)
+    try:
+        return dict(orjson.loads(path.read_bytes()))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def load_settings() -> Settings:
+    stack = read_stack()
+    env = os.environ
+    return Settings(
+        bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or stack.get("bootstrap_servers") or "127.0.0.1:9092",
+        database_url=asyncpg_url(env.get("DATABASE_URL") or stack.get("database_url") or ""),
+        master_key=env.get("SWITCHYARD_MASTER_KEY") or stack.get("master_key") or "",
+        ingress_url=env.get("SWITCHYARD_URL") or stack.get("ingress_url") or "http://127.0.0.1:8080",
+    )

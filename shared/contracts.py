@@ -1,0 +1,152 @@
+"""Message contracts carried on Kafka: one pydantic model per message kind, versioned by `v`.
+
+A consumer that meets a newer `v` than it knows refuses the message loudly
+instead of guessing; add fields with defaults to stay compatible.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+CONTRACT_VERSION = 1
+
+RequestKind = Literal["chat", "embeddings"]
+Priority = Literal["interactive", "batch"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class AttemptRecord(BaseModel):
+    """One failed attempt, carried in the envelope so any router replica can continue the request."""
+
+    deployment: str
+    status: int
+    error_type: str
+    message: str
+    retry_after_s: float | None = None
+    code: str | None = None
+
+
+class RequestEnvelope(BaseModel):
+    """A request on its way to a provider: written by ingress or any batch producer to `llm.requests`.
+
+    Batch producers fill `id`, `model`, `body`, `reply_topic` (and usually `custom_id`,
+    `priority="batch"`, `deadline_ms`); everything else has a default.
+    """
+
+    v: int = CONTRACT_VERSION
+    id: str
+    kind: RequestKind = "chat"
+    model: str
+    body: dict[str, Any]
+    stream: bool = False
+    reply_topic: str
+    reply_partition: int | None = None
+    created_ms: int = Field(default_factory=now_ms)
+    deadline_ms: int = Field(default_factory=lambda: now_ms() + 24 * 3600 * 1000)
+    priority: Priority = "interactive"
+    custom_id: str | None = None
+    key_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    # Set by the router.
+    attempt: int = 0
+    model_group: str | None = None
+    deployment: str | None = None
+    history: list[AttemptRecord] = Field(default_factory=list)
+    not_before_ms: int = 0
+    """A retry waits until then (backoff / Retry-After) before it is sent."""
+
+    def expired(self, at_ms: int | None = None) -> bool:
+        return (at_ms or now_ms()) >= self.deadline_ms
+
+
+ReplyType = Literal["response", "chunk", "end", "error"]
+
+
+class Reply(BaseModel):
+    """One message on a reply topic.
+
+    Non-streaming: a single `response` or `error`. Streaming: `chunk` messages with
+    increasing `seq`, then exactly one `end` (or an `error`). Ingress and batch readers
+    drop anything already seen for the same (id, seq), so redelivery is harmless.
+    """
+
+    v: int = CONTRACT_VERSION
+    id: str
+    attempt: int = 0
+    seq: int = 0
+    type: ReplyType
+    status: int = 200
+    data: dict[str, Any] | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    custom_id: str | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+class UsageEvent(BaseModel):
+    """One provider call, published by a worker to `llm.usage`; accounting prices and stores it.
+
+    `event_id` is unique per provider call, so a redelivered event is stored once and a
+    call redone after a crash is stored as its own row.
+    """
+
+    v: int = CONTRACT_VERSION
+    event_id: str
+    request_id: str
+    attempt: int
+    ts_ms: int = Field(default_factory=now_ms)
+    kind: RequestKind = "chat"
+    provider: str
+    deployment: str
+    model_group: str
+    provider_model: str
+    key_id: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    usage: Usage = Field(default_factory=Usage)
+    status: int = 200
+    ok: bool = True
+    stream: bool = False
+    latency_ms: float = 0.0
+    priority: Priority = "interactive"
+    redelivered: bool = False
+
+
+class AttemptEvent(BaseModel):
+    """The outcome of one provider attempt on `llm.events`: every router derives health from these."""
+
+    v: int = CONTRACT_VERSION
+    request_id: str
+    attempt: int
+    ts_ms: int = Field(default_factory=now_ms)
+    deployment: str
+    provider: str
+    model_group: str
+    ok: bool
+    status: int = 200
+    error_type: str | None = None
+    retry_after_s: float | None = None
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    phase: Literal["start", "end"] = "end"
+    """`start` when a worker begins a call (least-busy routing), `end` with the outcome."""
+
+
+class KeyEvent(BaseModel):
+    """A virtual-key change that every ingress replica applies within seconds."""
+
+    v: int = CONTRACT_VERSION
+    key_id: str
+    action: Literal["revoked", "updated", "budget_exceeded", "budget_reset", "budget_alert"]
+    ts_ms: int = Field(default_factory=now_ms)
+    detail: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,87 @@
+"""OpenAI-style errors: one exception type that every layer raises and every edge renders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+_DEFAULT_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class GatewayError(Exception):
+    """An error a client sees as `{"error": {"message", "type", "param", "code"}}` with `status`.
+
+    `retryable` tells the router whether another attempt (same or next deployment) may help.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        retryable: bool | None = None,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _DEFAULT_TYPES.get(status, "api_error")
+        self.param = param
+        self.code = code
+        self.retryable = status in RETRYABLE_STATUSES if retryable is None else retryable
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response_headers(self) -> dict[str, str]:
+        headers = dict(self.headers)
+        if self.retry_after_s is not None:
+            headers["retry-after"] = str(max(1, round(self.retry_after_s)))
+        return headers
+
+    @classmethod
+    def from_body(cls, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> GatewayError:
+        """Rebuild an error from its wire form (a reply message or a provider's OpenAI-style body)."""
+        err = (body or {}).get("error") or {}
+        if not isinstance(err, dict):
+            err = {"message": str(err)}
+        headers = dict(headers or {})
+        retry_after = headers.pop("retry-after", None)
+        return cls(
+            status,
+            str(err.get("message") or "upstream error"),
+            type=err.get("type"),
+            param=err.get("param"),
+            code=err.get("code"),
+            retry_after_s=float(retry_after) if retry_after else None,
+            headers=headers,
+        )
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param=param, code=code)
+
+
+def timeout_error(message: str = "The request exceeded its deadline.") -> GatewayError:
+    return GatewayError(504, message, code="timeout")

@@ -1,0 +1,57 @@
+"""Every Kafka topic name, partition count and header key, defined once.
+
+Services never spell a topic name themselves: they import it from here, so a
+rename is one line and `switchyard up` / deploy/ create exactly these topics.
+"""
+
+from __future__ import annotations
+
+REQUESTS = "llm.requests"
+"""Request envelopes from ingress (and batch producers) to the router; failed attempts come back here."""
+
+REPLIES = "llm.replies"
+"""Replies to interactive requests; each ingress instance owns one partition."""
+
+EVENTS = "llm.events"
+"""Attempt outcomes (ok/error, latency) that every router reads to keep deployment health."""
+
+USAGE = "llm.usage"
+"""One usage event per provider call, consumed by accounting."""
+
+KEYS = "llm.keys"
+"""Virtual-key changes (revocations, budget blocks) that every ingress replica applies."""
+
+PROVIDER_PREFIX = "llm.provider."
+BATCH_SUFFIX = ".batch"
+BATCH_REPLY_PREFIX = "llm.batch."
+
+PARTITIONS: dict[str, int] = {
+    REQUESTS: 16,
+    REPLIES: 16,
+    EVENTS: 4,
+    USAGE: 8,
+    KEYS: 1,
+}
+PROVIDER_PARTITIONS = 16
+"""Upper bound on worker processes per provider pool (one consumer per partition)."""
+
+
+def provider_topic(provider: str, batch: bool = False) -> str:
+    """The topic a provider's worker pool consumes; batch traffic has its own, lower-priority topic."""
+    return f"{PROVIDER_PREFIX}{provider}{BATCH_SUFFIX if batch else ''}"
+
+
+def all_topics(providers: list[str]) -> dict[str, int]:
+    """Every topic a stack serving `providers` needs, with its partition count."""
+    topics = dict(PARTITIONS)
+    for provider in providers:
+        topics[provider_topic(provider)] = PROVIDER_PARTITIONS
+        topics[provider_topic(provider, batch=True)] = PROVIDER_PARTITIONS
+    return topics
+
+
+# HTTP headers Switchyard reads or writes.
+HEADER_REQUEST_ID = "x-request-id"
+HEADER_ROUTE = "x-switchyard-route"
+HEADER_DROPPED_PARAMS = "x-switchyard-dropped-params"
+HEADER_TIMEOUT = "x-switchyard-timeout"
