@@ -8,7 +8,13 @@ from typing import Any
 
 import orjson
 
-from services.workers.providers.base import CallContext, ProviderAdapter, ServerEvent, StreamParser, UpstreamRequest
+from services.workers.providers.base import (
+    CallContext,
+    ProviderAdapter,
+    ServerEvent,
+    StreamParser,
+    UpstreamRequest,
+)
 from shared.errors import GatewayError
 
 PRESETS: dict[str, str] = {

@@ -1,0 +1,154 @@
+"""One provider call, start to finish: send what the adapter built, decode, normalise, time it.
+
+Transport faults become `GatewayError`s a client understands: connect errors and broken
+streams 502, silence past the first-byte timeout or the deadline 504; all retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from services.workers.providers.base import CallContext, ProviderAdapter, UpstreamRequest, usage_from_openai
+from shared.contracts import Usage
+from shared.errors import GatewayError
+
+ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class CallResult:
+    response: dict[str, Any] | None = None
+    usage: Usage = field(default_factory=Usage)
+    usage_chunk: dict[str, Any] | None = None
+    chunks_sent: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    dropped_params: list[str] = field(default_factory=list)
+
+
+class CallFailed(Exception):
+    """A call that failed after `chunks_sent` chunks already reached the caller (0: safe to retry)."""
+
+    def __init__(self, error: GatewayError, chunks_sent: int, latency_ms: float) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.chunks_sent = chunks_sent
+        self.latency_ms = latency_ms
+
+
+def make_client(max_connections: int = 512) -> httpx.AsyncClient:
+    """The pooled client a worker process shares across all its calls."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        timeout=httpx.Timeout(600.0, connect=10.0),
+        follow_redirects=False,
+    )
+
+
+def _build(client: httpx.AsyncClient, up: UpstreamRequest, first_byte_timeout: float) -> httpx.Request:
+    timeout = httpx.Timeout(connect=min(10.0, first_byte_timeout), read=first_byte_timeout,
+                            write=first_byte_timeout, pool=first_byte_timeout)
+    return client.build_request(up.method, up.url, headers=up.headers, json=up.json, content=up.content,
+                                timeout=timeout)
+
+
+def _transport_error(exc: Exception, provider: str) -> GatewayError:
+    if isinstance(exc, httpx.TimeoutException):
+        return GatewayError(504, f"{provider}: upstream did not answer in time ({type(exc).__name__})",
+                            code="upstream_timeout", retryable=True)
+    return GatewayError(502, f"{provider}: upstream connection failed ({type(exc).__name__})",
+                        code="upstream_connection_error", retryable=True)
+
+
+async def call(
+    client: httpx.AsyncClient,
+    adapter: ProviderAdapter,
+    ctx: CallContext,
+    *,
+    kind: str = "chat",
+    on_chunk: ChunkSink | None = None,
+    total_timeout_s: float | None = None,
+) -> CallResult:
+    """Make one provider call. Streams deliver OpenAI chunks to `on_chunk` as they arrive."""
+    started = time.monotonic()
+    result = CallResult()
+    up = adapter.embeddings_request(ctx) if kind == "embeddings" else adapter.chat_request(ctx)
+    result.dropped_params = up.dropped_params
+    timeout = min(ctx.deployment.timeout_s, total_timeout_s or ctx.deployment.timeout_s)
+    try:
+        async with asyncio.timeout(max(0.001, timeout)):
+            request = _build(client, up, ctx.deployment.first_byte_timeout_s)
+            response = await client.send(request, stream=True)
+            try:
+                if response.status_code >= 400:
+                    body = await response.aread()
+                    raise adapter.map_error(response.status_code, body, response.headers)
+                if ctx.stream and kind == "chat":
+                    await _stream(adapter, ctx, response, result, on_chunk, started)
+                else:
+                    raw = await response.aread()
+                    try:
+                        data = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        raise GatewayError(502, f"{adapter.name}: upstream returned malformed JSON",
+                                           code="bad_upstream_response", retryable=True) from None
+                    if kind == "embeddings":
+                        result.response = adapter.parse_embeddings(data, ctx)
+                    else:
+                        result.response = adapter.parse_chat(data, ctx)
+                    result.usage = usage_from_openai(result.response.get("usage"))
+            finally:
+                await response.aclose()
+    except GatewayError as e:
+        raise CallFailed(e, result.chunks_sent, _ms(started)) from e
+    except TimeoutError:
+        err = GatewayError(504, f"{adapter.name}: upstream call exceeded {timeout:.1f}s", code="upstream_timeout",
+                           retryable=True)
+        raise CallFailed(err, result.chunks_sent, _ms(started)) from None
+    except (httpx.HTTPError, OSError) as e:
+        raise CallFailed(_transport_error(e, adapter.name), result.chunks_sent, _ms(started)) from e
+    except (ValueError, KeyError, TypeError) as e:
+        err = GatewayError(502, f"{adapter.name}: could not parse upstream response ({e})",
+                           code="bad_upstream_response", retryable=True)
+        raise CallFailed(err, result.chunks_sent, _ms(started)) from e
+    result.latency_ms = _ms(started)
+    return result
+
+
+async def _stream(adapter: ProviderAdapter, ctx: CallContext, response: httpx.Response, result: CallResult,
+                  on_chunk: ChunkSink | None, started: float) -> None:
+    parser = adapter.stream_parser(ctx)
+    async for event in adapter.events(response):
+        for c in parser.feed(event):
+            await _deliver(c, result, on_chunk, started)
+    for c in parser.finish():
+        await _deliver(c, result, on_chunk, started)
+    if not parser.done:
+        raise GatewayError(502, f"{adapter.name}: upstream stream ended before completion",
+                           code="stream_interrupted", retryable=True)
+
+
+async def _deliver(c: dict[str, Any], result: CallResult, on_chunk: ChunkSink | None, started: float) -> None:
+    if c.get("usage") and not c.get("choices"):
+        result.usage = usage_from_openai(c["usage"])
+        result.usage_chunk = c
+        return
+    if c.get("usage"):
+        result.usage = usage_from_openai(c["usage"])
+        c = {k: v for k, v in c.items() if k != "usage"}
+    if result.ttft_ms is None:
+        result.ttft_ms = _ms(started)
+    result.chunks_sent += 1
+    if on_chunk is not None:
+        await on_chunk(c)
+
+
+def _ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000.0
