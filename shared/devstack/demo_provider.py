@@ -51,7 +51,7 @@ def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
     if not tools or body.get("tool_choice") == "none" or (messages and messages[-1].get("role") == "tool"):
         return None
     fn = tools[0].get("function", {})
-    last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+    last_user: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
     args = orjson.dumps({"query": _text(last_user.get("content"))}).decode()
     call_id = "call_" + hashlib.sha1(args.encode()).hexdigest()[:12]
     return {"id": call_id, "type": "function", "function": {"name": fn.get("name", "tool"), "arguments": args}}
