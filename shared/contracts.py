@@ -53,6 +53,8 @@ class RequestEnvelope(BaseModel):
     custom_id: str | None = None
     key_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    route_headers: dict[str, str] = Field(default_factory=dict)
+    """Request headers that routing rules look at (only those the config names; never credentials)."""
     # Set by the router.
     attempt: int = 0
     model_group: str | None = None
@@ -66,6 +68,8 @@ class RequestEnvelope(BaseModel):
 
 
 ReplyType = Literal["response", "chunk", "end", "error"]
+OUT_OF_BAND = 1_000_000
+"""`seq` of a terminal error sent by a router or by a worker before any chunk: it ends the request at once."""
 
 
 class Reply(BaseModel):

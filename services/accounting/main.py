@@ -1,0 +1,108 @@
+"""`switchyard accounting`: consume `llm.usage`, price each event, store it in PostgreSQL.
+
+Offsets are committed only after the batch's transaction has committed, so a crash replays
+the batch and the unique event id drops what was already stored. While PostgreSQL is down
+the batch is retried and consumption waits: nothing is lost, lag grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from aiokafka import AIOKafkaConsumer
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from services.accounting.ledger import to_row, write_batch
+from shared import topics
+from shared.config import load_settings
+from shared.contracts import UsageEvent
+from shared.db import make_engine
+from shared.health import serve_health
+from shared.kafka import make_consumer, start_client
+from shared.logs import setup_logging
+
+log = logging.getLogger("switchyard.accounting")
+BATCH_MAX = 1000
+
+
+class Accounting:
+    def __init__(self, bootstrap: str, database_url: str) -> None:
+        if not database_url:
+            raise SystemExit("accounting needs DATABASE_URL (or a stack started by `switchyard up` here)")
+        self.engine = make_engine(database_url)
+        self.consumer: AIOKafkaConsumer = make_consumer(topics.USAGE, bootstrap=bootstrap, group_id="accounting",
+                                                        fetch_max_wait_ms=100, max_poll_records=BATCH_MAX)
+        self.ready = False
+        self.stored = 0
+
+    async def start(self) -> None:
+        await start_client(self.consumer, "accounting-consumer")
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self.engine.dispose()
+
+    async def run_forever(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=500, max_records=BATCH_MAX)
+            self.ready = True
+            rows = []
+            for records in batches.values():
+                for record in records:
+                    try:
+                        rows.append(to_row(UsageEvent.model_validate_json(record.value)))
+                    except ValidationError as e:
+                        log.error("dropping malformed usage event", extra={"offset": record.offset,
+                                                                           "error": str(e)[:300]})
+            if rows:
+                await self._write_until_stored(rows)
+            if batches:
+                await self.consumer.commit()
+
+    async def _write_until_stored(self, rows: list[dict[str, object]]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                self.stored += await write_batch(self.engine, rows)
+                return
+            except (OperationalError, DBAPIError, OSError) as e:
+                log.warning("database unavailable; retrying the batch", extra={"rows": len(rows),
+                                                                               "error": repr(e)[:300]})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--health-port", type=int, default=None, help="serve /health and /ready on this port")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    accounting = Accounting(settings.bootstrap_servers, settings.database_url)
+    await accounting.start()
+    if args.health_port:
+        await serve_health(args.health_port, lambda: accounting.ready)
+    log.info("accounting started")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    work = asyncio.create_task(accounting.run_forever())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
+    work.cancel()
+    stopper.cancel()
+    if work.done() and not work.cancelled() and work.exception():
+        log.error("accounting loop failed", exc_info=work.exception())
+    await accounting.stop()
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvloop
+
+    setup_logging("accounting")
+    uvloop.run(serve(args))

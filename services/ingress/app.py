@@ -1,0 +1,297 @@
+"""Ingress wiring: the OpenAI-compatible HTTP API in front of Kafka.
+
+A request is authenticated, validated, written to `llm.requests` as an envelope naming
+this instance's reply partition, and answered from that partition: JSON, or SSE relayed
+chunk by chunk. Every accepted request gets exactly one answer; the deadline bounds the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.ingress.auth import MASTER, Identity, bearer_token, is_master
+from services.ingress.replies import Pending, ReplyListener
+from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, parse_json, validate
+from shared import topics
+from shared.config import GatewayConfig, Settings
+from shared.contracts import Reply, RequestEnvelope, now_ms
+from shared.errors import GatewayError, timeout_error
+from shared.kafka import encode, make_producer, send, start_client
+
+log = logging.getLogger("switchyard.ingress")
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("SWITCHYARD_REQUEST_TIMEOUT", "300"))
+MAX_BODY_BYTES = int(os.environ.get("SWITCHYARD_MAX_BODY_BYTES", str(8 << 20)))
+REPLY_GRACE_S = 2.0
+"""How long past the deadline ingress still waits for the pipeline's own timeout answer."""
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(err: GatewayError, request_id: str | None = None) -> Response:
+    headers = err.response_headers()
+    if request_id:
+        headers[topics.HEADER_REQUEST_ID] = request_id
+    return json_response(err.body(), err.status, headers)
+
+
+class Gateway:
+    """The state one ingress process holds: Kafka clients, the reply listener, config."""
+
+    producer: AIOKafkaProducer
+    replies: ReplyListener
+
+    def __init__(self, settings: Settings, config: GatewayConfig, reply_partition: int) -> None:
+        self.settings = settings
+        self.config = config
+        self.reply_partition = reply_partition
+        self._engine: Any = None
+
+    async def start(self) -> None:
+        # aiokafka clients must be created inside the running event loop.
+        self.producer = make_producer(self.settings.bootstrap_servers)
+        self.replies = ReplyListener(self.settings.bootstrap_servers, topics.REPLIES, self.reply_partition)
+        await start_client(self.producer, "ingress-producer")
+        await self.replies.start()
+
+    async def stop(self) -> None:
+        await self.replies.stop()
+        await self.producer.stop()
+        if self._engine is not None:
+            await self._engine.dispose()
+
+    def engine(self) -> Any:
+        if not self.settings.database_url:
+            raise GatewayError(503, "No accounting database is configured (DATABASE_URL).", code="no_database")
+        if self._engine is None:
+            from shared.db import make_engine
+
+            self._engine = make_engine(self.settings.database_url, pool_size=2)
+        return self._engine
+
+    def authenticate(self, request: Request) -> Identity:
+        token = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if is_master(token, self.settings.master_key):
+            return Identity(key_id=MASTER, is_master=True)
+        raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def deadline_ms(self, request: Request) -> int:
+        timeout = DEFAULT_TIMEOUT_S
+        header = request.headers.get(topics.HEADER_TIMEOUT)
+        if header:
+            try:
+                timeout = float(header)
+            except ValueError:
+                raise GatewayError(400, f"{topics.HEADER_TIMEOUT} must be a number of seconds",
+                                   param=topics.HEADER_TIMEOUT) from None
+            if timeout <= 0:
+                raise GatewayError(400, f"{topics.HEADER_TIMEOUT} must be positive", param=topics.HEADER_TIMEOUT)
+        return now_ms() + int(timeout * 1000)
+
+    async def submit(self, envelope: RequestEnvelope) -> Pending:
+        """Register for the reply, then write the envelope and wait for the broker's acknowledgement."""
+        pending = self.replies.register(envelope.id)
+        try:
+            fut = await send(self.producer, topics.REQUESTS, encode(envelope), key=envelope.id.encode())
+            await fut
+        except Exception as e:
+            self.replies.unregister(envelope.id)
+            log.error("could not enqueue request", extra={"request_id": envelope.id, "error": repr(e)})
+            raise GatewayError(503, "The gateway could not accept the request (message broker unavailable).",
+                               code="broker_unavailable") from e
+        return pending
+
+
+async def _read_body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise GatewayError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).", code="body_too_large")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise GatewayError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).",
+                               code="body_too_large")
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def _reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
+    return {**reply.headers, topics.HEADER_REQUEST_ID: request_id}
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        log.info("ingress ready", extra={"reply_partition": gateway.reply_partition})
+        yield
+        await gateway.stop()
+
+    app = FastAPI(title="Switchyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+
+    @app.middleware("http")
+    async def request_id_middleware(request: Request, call_next: Any) -> Response:
+        request.state.request_id = uuid.uuid4().hex
+        try:
+            response: Response = await call_next(request)
+        except GatewayError as e:
+            response = error_response(e)
+        response.headers.setdefault(topics.HEADER_REQUEST_ID, request.state.request_id)
+        return response
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = "Not found." if exc.status_code == 404 else str(exc.detail)
+        return error_response(GatewayError(exc.status_code, message), getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(GatewayError(400, str(exc)), getattr(request.state, "request_id", None))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        ok = hasattr(gateway, "replies") and gateway.replies.ready
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        identity = gateway.authenticate(request)
+        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "switchyard"}
+                for m in gateway.config.models if identity.may_use(m.name)]
+        return json_response({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        identity = gateway.authenticate(request)
+        body = parse_json(await _read_body(request))
+        parsed = validate(ChatCompletionRequest, body)
+        assert isinstance(parsed, ChatCompletionRequest)
+        return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        identity = gateway.authenticate(request)
+        body = parse_json(await _read_body(request))
+        parsed = validate(EmbeddingsRequest, body)
+        assert isinstance(parsed, EmbeddingsRequest)
+        return await _dispatch(request, identity, body, parsed.model, "embeddings", False)
+
+    @app.get("/v1/spend")
+    async def spend_api(request: Request, by: str = "model", since: str = "30d") -> Response:
+        identity = gateway.authenticate(request)
+        if not identity.is_master:
+            raise GatewayError(403, "The spend API needs the master key.", code="forbidden")
+        from shared.spend import spend
+
+        try:
+            rows = await spend(gateway.engine(), by=by, since=since)
+        except ValueError as e:
+            raise GatewayError(400, str(e), param="by" if "by" in str(e).split()[0] else "since") from None
+        return json_response({"object": "list", "by": by, "since": since, "data": rows})
+
+    async def _dispatch(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
+                        stream: bool) -> Response:
+        request_id: str = request.state.request_id
+        if gateway.config.group(model) is None:
+            raise GatewayError(404, f"The model '{model}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
+        if not identity.may_use(model):
+            raise GatewayError(403, f"This key may not use the model '{model}'.", param="model",
+                               code="model_not_allowed")
+        envelope = RequestEnvelope(
+            id=request_id, kind=kind, model=model, body=body, stream=stream, reply_topic=topics.REPLIES,  # type: ignore[arg-type]
+            reply_partition=gateway.reply_partition, deadline_ms=gateway.deadline_ms(request),
+            key_id=identity.key_id, metadata=identity.metadata,
+        )
+        pending = await gateway.submit(envelope)
+        if stream:
+            return await _stream(request_id, envelope, pending)
+        try:
+            reply = await pending.next(_wait_s(envelope))
+        except TimeoutError:
+            raise timeout_error() from None
+        finally:
+            gateway.replies.unregister(request_id)
+        if reply.type == "error":
+            err = GatewayError.from_body(reply.status, reply.data, reply.headers)
+            return error_response(err, request_id)
+        return json_response(reply.data, reply.status, _reply_headers(reply, request_id))
+
+    async def _stream(request_id: str, envelope: RequestEnvelope, pending: Pending) -> Response:
+        try:
+            first = await pending.next(_wait_s(envelope))
+        except TimeoutError:
+            gateway.replies.unregister(request_id)
+            raise timeout_error() from None
+        if first.type == "error":
+            gateway.replies.unregister(request_id)
+            return error_response(GatewayError.from_body(first.status, first.data, first.headers), request_id)
+
+        async def relay() -> AsyncIterator[bytes]:
+            reply = first
+            try:
+                while True:
+                    if reply.type == "chunk":
+                        yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
+                    elif reply.type == "error":
+                        yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
+                        break
+                    elif reply.type == "end":
+                        break
+                    try:
+                        reply = await pending.next(_wait_s(envelope))
+                    except TimeoutError:
+                        yield b"data: " + orjson.dumps(timeout_error().body()) + b"\n\n"
+                        break
+                yield b"data: [DONE]\n\n"
+            finally:
+                gateway.replies.unregister(request_id)
+
+        headers = {**_reply_headers(first, request_id), "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+    return app
+
+
+def _wait_s(envelope: RequestEnvelope) -> float:
+    return (envelope.deadline_ms - time.time() * 1000) / 1000.0 + REPLY_GRACE_S
+
+
+def reply_partition_from_env(value: str | None) -> int:
+    """An explicit partition number, or `ordinal`: the trailing -N of the hostname (a StatefulSet pod)."""
+    if not value:
+        return 0
+    if value == "ordinal":
+        import socket
+
+        suffix = socket.gethostname().rsplit("-", 1)[-1]
+        if not suffix.isdigit():
+            raise ValueError(f"hostname {socket.gethostname()!r} has no -N ordinal suffix")
+        return int(suffix)
+    return int(value)
+

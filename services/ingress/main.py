@@ -1,0 +1,28 @@
+"""`switchyard ingress`: run one ingress instance under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import uvicorn
+
+from services.ingress.app import Gateway, create_app, reply_partition_from_env
+from shared.config import load_config, load_settings
+from shared.logs import setup_logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=os.environ.get("SWITCHYARD_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SWITCHYARD_PORT", "8080")))
+    parser.add_argument("--reply-partition", default=os.environ.get("SWITCHYARD_REPLY_PARTITION"),
+                        help="partition of llm.replies this instance owns (a number, or `ordinal`)")
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging("ingress")
+    settings = load_settings()
+    config = load_config(args.config)
+    gateway = Gateway(settings, config, reply_partition_from_env(args.reply_partition))
+    uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=10)

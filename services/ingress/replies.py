@@ -1,0 +1,121 @@
+"""The reply partition this ingress instance owns, and the callers waiting on it.
+
+Each instance reads exactly one partition of `llm.replies` (no consumer group, no
+rebalancing), so replies reach the instance holding the connection and no other.
+Redelivered messages are dropped by (attempt, seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
+
+from shared.contracts import OUT_OF_BAND, Reply
+from shared.kafka import make_consumer, start_client
+
+log = logging.getLogger("switchyard.ingress.replies")
+
+
+class Pending:
+    """The replies of one request, in `seq` order, without duplicates.
+
+    Messages of a newer attempt supersede an older one; a stream's chunks are re-ordered
+    if a retried delivery overtook them; an out-of-band error (seq >= OUT_OF_BAND) ends it at once.
+    """
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self.attempt = 0
+        self.next_seq = 0
+        self._ahead: dict[int, Reply] = {}
+        self.finished = False
+
+    def offer(self, reply: Reply) -> None:
+        if self.finished or reply.attempt < self.attempt:
+            return
+        if reply.attempt > self.attempt:
+            self.attempt, self.next_seq = reply.attempt, 0
+            self._ahead.clear()
+        if reply.seq >= OUT_OF_BAND:
+            self._emit(reply)
+            return
+        if reply.seq < self.next_seq:
+            return  # a duplicate delivery
+        self._ahead[reply.seq] = reply
+        while not self.finished and self.next_seq in self._ahead:
+            self._emit(self._ahead.pop(self.next_seq))
+            self.next_seq += 1
+
+    def _emit(self, reply: Reply) -> None:
+        if reply.type in ("response", "end", "error"):
+            self.finished = True
+        self.queue.put_nowait(reply)
+
+    async def next(self, timeout_s: float) -> Reply:
+        return await asyncio.wait_for(self.queue.get(), timeout=max(0.0, timeout_s))
+
+
+class ReplyListener:
+    def __init__(self, bootstrap: str, topic: str, partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self._consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None,
+                                                         fetch_max_wait_ms=2, auto_offset_reset="latest")
+        self._pending: dict[str, Pending] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.ready = False
+
+    async def start(self) -> None:
+        await start_client(self._consumer, "reply-listener")
+        tp = TopicPartition(self.topic, self.partition)
+        partitions = self._consumer.partitions_for_topic(self.topic) or set()
+        if partitions and self.partition not in partitions:
+            raise RuntimeError(f"{self.topic} has no partition {self.partition} (it has {len(partitions)})")
+        self._consumer.assign([tp])
+        await self._consumer.seek_to_end(tp)
+        await self._consumer.position(tp)  # resolve the position now, before any request is sent
+        self._task = asyncio.create_task(self._run())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()
+
+    def register(self, request_id: str) -> Pending:
+        pending = Pending()
+        self._pending[request_id] = pending
+        return pending
+
+    def unregister(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reply fetch failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            for records in batches.values():
+                for record in records:
+                    try:
+                        reply = Reply.model_validate_json(record.value)
+                    except ValidationError:
+                        log.error("dropping malformed reply", extra={"offset": record.offset})
+                        continue
+                    pending = self._pending.get(reply.id)
+                    if pending is not None:
+                        pending.offer(reply)

@@ -1,0 +1,155 @@
+"""`switchyard router`: consume `llm.requests`, pick a deployment, publish to its provider topic.
+
+Health comes from `llm.events` (read in full by every replica, from two minutes back on
+start), so routers hold no state that another replica lacks. Offsets are committed after
+every message of a batch has been acknowledged downstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import signal
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import ValidationError
+
+from services.router.health import HealthBook
+from services.router.routing import decide
+from shared import topics
+from shared.config import GatewayConfig, load_config, load_settings
+from shared.contracts import CONTRACT_VERSION, OUT_OF_BAND, AttemptEvent, Reply, RequestEnvelope, now_ms
+from shared.errors import GatewayError, timeout_error
+from shared.health import serve_health
+from shared.kafka import deliver, encode, make_consumer, make_producer, start_client
+from shared.logs import setup_logging
+
+log = logging.getLogger("switchyard.router")
+HEALTH_REPLAY_MS = 120_000
+
+
+class Router:
+    def __init__(self, bootstrap: str, config: GatewayConfig) -> None:
+        self.config = config
+        self.health = HealthBook()
+        self.rng = random.Random()
+        self.producer: AIOKafkaProducer = make_producer(bootstrap)
+        self.requests: AIOKafkaConsumer = make_consumer(topics.REQUESTS, bootstrap=bootstrap, group_id="router")
+        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, fetch_max_wait_ms=50)
+        self.ready = False
+
+    async def start(self) -> None:
+        await start_client(self.producer, "router-producer")
+        await start_client(self.events, "router-events")
+        parts = [TopicPartition(topics.EVENTS, p) for p in sorted(self.events.partitions_for_topic(topics.EVENTS)
+                                                                  or [])]
+        self.events.assign(parts)
+        offsets = await self.events.offsets_for_times({tp: now_ms() - HEALTH_REPLAY_MS for tp in parts})
+        for tp in parts:
+            found = offsets.get(tp)
+            if found is None:
+                await self.events.seek_to_end(tp)
+            else:
+                self.events.seek(tp, found.offset)
+        await start_client(self.requests, "router-requests")
+
+    async def stop(self) -> None:
+        await self.requests.stop()
+        await self.events.stop()
+        await self.producer.stop()
+
+    async def follow_events(self) -> None:
+        while True:
+            batches = await self.events.getmany(timeout_ms=500, max_records=2000)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        self.health.apply(AttemptEvent.model_validate_json(record.value))
+                    except ValidationError:
+                        log.error("dropping malformed event", extra={"offset": record.offset})
+
+    async def route_forever(self) -> None:
+        while True:
+            batches = await self.requests.getmany(timeout_ms=1000, max_records=500)
+            self.ready = True
+            if not batches:
+                continue
+            acks = []
+            for records in batches.values():
+                for record in records:
+                    acks.append(self.route(record.value))
+            await asyncio.gather(*acks)
+            await self.requests.commit()
+
+    def route(self, raw: bytes) -> asyncio.Future[Any]:
+        try:
+            env = RequestEnvelope.model_validate_json(raw)
+        except ValidationError as e:
+            log.error("dropping malformed envelope", extra={"error": str(e)[:500]})
+            return _done()
+        if env.v > CONTRACT_VERSION:
+            return self.answer(env, GatewayError(500, f"envelope version {env.v} is newer than this router"))
+        now = now_ms()
+        if env.expired(now):
+            return self.answer(env, timeout_error())
+        try:
+            decision = decide(env, self.config, self.health, now, self.rng)
+        except GatewayError as e:
+            return self.answer(env, e)
+        env.model_group = decision.group.name
+        env.deployment = decision.deployment.id
+        env.not_before_ms = decision.not_before_ms
+        topic = topics.provider_topic(decision.deployment.provider, batch=env.priority == "batch")
+        log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt})
+        return deliver(self.producer, topic, encode(env), key=env.id.encode())
+
+    def answer(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:
+        """The request's terminal answer, from the router: no deployment left, or its deadline passed."""
+        log.info("answering with error", extra={"request_id": env.id, "status": err.status, "code": err.code})
+        headers = err.response_headers()
+        reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
+                      data=err.body(), headers=headers, custom_id=env.custom_id)
+        return deliver(self.producer, env.reply_topic, encode(reply), key=env.id.encode(),
+                          partition=env.reply_partition)
+
+
+def _done() -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--health-port", type=int, default=None, help="serve /health and /ready on this port")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    router = Router(settings.bootstrap_servers, load_config(args.config))
+    await router.start()
+    if args.health_port:
+        await serve_health(args.health_port, lambda: router.ready)
+    log.info("router started")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(router.follow_events()), asyncio.create_task(router.route_forever())]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for task in [*tasks, stopper]:
+        task.cancel()
+    for task in done:
+        if task is not stopper and task.exception():
+            log.error("router task failed", exc_info=task.exception())
+    await router.stop()
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvloop
+
+    setup_logging("router")
+    uvloop.run(serve(args))

@@ -1,0 +1,275 @@
+"""`switchyard worker --provider NAME`: the provider's pool, one consumer group on its topics.
+
+Each message becomes a task; many calls are in flight per process. Offsets are committed
+only up to the oldest unfinished message, after everything that message owes (reply,
+usage, event, or its retry envelope) has been acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from services.workers.calls import CallFailed, CallResult, call, make_client
+from services.workers.pacing import Pacer
+from services.workers.providers import get_adapter
+from services.workers.providers.base import CallContext
+from shared import topics
+from shared.config import Deployment, GatewayConfig, load_config, load_settings
+from shared.contracts import OUT_OF_BAND, AttemptEvent, AttemptRecord, Reply, RequestEnvelope, UsageEvent, now_ms
+from shared.errors import GatewayError, timeout_error
+from shared.health import serve_health
+from shared.kafka import OffsetTracker, deliver, encode, make_consumer, make_producer, start_client
+from shared.logs import setup_logging
+
+log = logging.getLogger("switchyard.worker")
+MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_MAX_IN_FLIGHT", "512"))
+COMMIT_INTERVAL_S = 0.2
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.commit()
+        self.worker.tracker.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.worker.ready = True
+
+
+class Worker:
+    def __init__(self, provider: str, bootstrap: str, config: GatewayConfig) -> None:
+        self.provider = provider
+        self.adapter = get_adapter(provider)
+        self.config = config
+        self.producer: AIOKafkaProducer = make_producer(bootstrap)
+        self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=f"workers.{provider}",
+                                                        max_poll_records=MAX_IN_FLIGHT)
+        self.tracker = OffsetTracker()
+        self.pacer = Pacer()
+        self.client: httpx.AsyncClient = make_client()
+        self.ready = False
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await start_client(self.producer, "worker-producer")
+        await start_client(self.consumer, "worker-consumer")
+        self.consumer.subscribe([topics.provider_topic(self.provider), topics.provider_topic(self.provider, True)],
+                                listener=_Rebalance(self))
+
+    async def stop(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+        await self.commit()
+        await self.consumer.stop()
+        await self.producer.stop()
+        await self.client.aclose()
+
+    async def commit(self) -> None:
+        offsets = self.tracker.committable()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+            self.tracker.mark_committed(offsets)
+        except KafkaError as e:
+            log.warning("commit failed (rebalance?)", extra={"error": repr(e)})
+
+    async def consume_forever(self) -> None:
+        last_commit = time.monotonic()
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=100, max_records=MAX_IN_FLIGHT)
+            for tp, records in batches.items():
+                for record in records:
+                    await self._slots.acquire()
+                    self.tracker.started(tp, record.offset)
+                    task = asyncio.create_task(self._process(tp, record.offset, record.value))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
+                await self.commit()
+                last_commit = time.monotonic()
+
+    async def _process(self, tp: TopicPartition, offset: int, raw: bytes) -> None:
+        try:
+            acks = await self.handle(raw)
+            if acks:
+                await asyncio.gather(*acks)
+        except Exception:
+            # What this message owes could not be acknowledged even after retries: exit without
+            # committing, so the group redelivers it (to a restarted or another worker).
+            log.exception("could not deliver what a message owes; exiting for redelivery", extra={"offset": offset})
+            os._exit(3)
+        finally:
+            self._slots.release()
+        self.tracker.finished(tp, offset)
+
+    # ---- one message --------------------------------------------------------------------------
+
+    async def handle(self, raw: bytes) -> list[asyncio.Future[Any]]:
+        try:
+            env = RequestEnvelope.model_validate_json(raw)
+        except ValidationError as e:
+            log.error("dropping malformed envelope", extra={"error": str(e)[:300]})
+            return []
+        dep = self.config.deployment(env.deployment or "")
+        if dep is None:
+            err = GatewayError(500, f"deployment {env.deployment!r} is not configured on this worker",
+                               code="unknown_deployment", retryable=False)
+            return [self._reply_error(env, err)]
+        wait_s = (env.not_before_ms - now_ms()) / 1000.0
+        if wait_s > 0:
+            await asyncio.sleep(min(wait_s, max(0.0, (env.deadline_ms - now_ms()) / 1000.0)))
+        if env.expired():
+            return [self._reply_error(env, timeout_error())]
+        async with self.pacer.slot(dep, env) as api_key:
+            if env.expired():
+                return [self._reply_error(env, timeout_error())]
+            return await self._call(env, dep, api_key)
+
+    async def _call(self, env: RequestEnvelope, dep: Deployment, api_key: str | None) -> list[asyncio.Future[Any]]:
+        acks: list[asyncio.Future[Any]] = []
+        route = f"group={env.model_group}; deployment={dep.id}; attempt={env.attempt}"
+        ctx = CallContext(dep, env.body, env.stream, api_key, env.id, strict=bool(env.body.get("strict")))
+        seq = 0
+
+        async def on_chunk(c: dict[str, Any]) -> None:
+            nonlocal seq
+            reply = Reply(id=env.id, attempt=env.attempt, seq=seq, type="chunk", data=c,
+                          headers={topics.HEADER_ROUTE: route} if seq == 0 else {}, custom_id=env.custom_id)
+            seq += 1
+            acks.append(self._send_reply(env, reply))
+
+        remaining_s = (env.deadline_ms - now_ms()) / 1000.0
+        try:
+            result = await call(self.client, self.adapter, ctx, kind=env.kind, on_chunk=on_chunk,
+                                total_timeout_s=remaining_s)
+        except CallFailed as failed:
+            self.pacer.observe_failure(dep, api_key, failed.error)
+            acks.append(self._usage(env, dep, None, failed))
+            acks.append(self._event(env, dep, None, failed))
+            if failed.chunks_sent == 0:
+                acks.append(self._retry(env, dep, failed.error))
+            else:
+                err = failed.error
+                acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="error",
+                                                              status=err.status, data=err.body(),
+                                                              custom_id=env.custom_id)))
+            return acks
+        headers = {topics.HEADER_ROUTE: route}
+        if result.dropped_params:
+            headers[topics.HEADER_DROPPED_PARAMS] = ",".join(result.dropped_params)
+        if env.stream:
+            if (env.body.get("stream_options") or {}).get("include_usage"):
+                await on_chunk(_usage_chunk(result, env))
+            acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="end",
+                                                          headers=headers, custom_id=env.custom_id)))
+        else:
+            acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, type="response",
+                                                          data=result.response, headers=headers,
+                                                          custom_id=env.custom_id)))
+        acks.append(self._usage(env, dep, result, None))
+        acks.append(self._event(env, dep, result, None))
+        return acks
+
+    def _send_reply(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
+        return deliver(self.producer, env.reply_topic, encode(reply), key=env.id.encode(),
+                          partition=env.reply_partition)
+
+    def _reply_error(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:
+        reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
+                      data=err.body(), headers=err.response_headers(), custom_id=env.custom_id)
+        return self._send_reply(env, reply)
+
+    def _retry(self, env: RequestEnvelope, dep: Deployment, err: GatewayError) -> asyncio.Future[Any]:
+        """Hand the request back to the router with this attempt in its history; it picks what comes next."""
+        nxt = env.model_copy(deep=True)
+        nxt.attempt += 1
+        nxt.not_before_ms = 0
+        nxt.history.append(AttemptRecord(deployment=dep.id, status=err.status, error_type=err.type,
+                                         message=err.message, retry_after_s=err.retry_after_s, code=err.code))
+        return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode())
+
+    def _usage(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
+                     failed: CallFailed | None) -> asyncio.Future[Any]:
+        event = UsageEvent(
+            event_id=uuid.uuid4().hex, request_id=env.id, attempt=env.attempt, kind=env.kind,
+            provider=dep.provider, deployment=dep.id, model_group=env.model_group or env.model,
+            provider_model=dep.model, key_id=env.key_id, metadata=env.metadata,
+            usage=result.usage if result else CallResult().usage,
+            status=failed.error.status if failed else 200, ok=failed is None, stream=env.stream,
+            latency_ms=result.latency_ms if result else failed.latency_ms if failed else 0.0,
+            priority=env.priority,
+        )
+        return deliver(self.producer, topics.USAGE, encode(event), key=(env.key_id or env.id).encode())
+
+    def _event(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
+                     failed: CallFailed | None) -> asyncio.Future[Any]:
+        event = AttemptEvent(
+            request_id=env.id, attempt=env.attempt, deployment=dep.id, provider=dep.provider,
+            model_group=env.model_group or env.model, ok=failed is None,
+            status=failed.error.status if failed else 200, error_type=failed.error.type if failed else None,
+            retry_after_s=failed.error.retry_after_s if failed else None,
+            latency_ms=result.latency_ms if result else failed.latency_ms if failed else 0.0,
+            ttft_ms=result.ttft_ms if result else None,
+        )
+        return deliver(self.producer, topics.EVENTS, encode(event), key=dep.id.encode())
+
+
+def _usage_chunk(result: CallResult, env: RequestEnvelope) -> dict[str, Any]:
+    if result.usage_chunk is not None:
+        return result.usage_chunk
+    u = result.usage
+    return {"id": f"chatcmpl-{env.id}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": env.model, "choices": [],
+            "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                      "total_tokens": u.prompt_tokens + u.completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+                      "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", required=True, help="the provider whose topic this pool consumes")
+    parser.add_argument("--health-port", type=int, default=None, help="serve /health and /ready on this port")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    worker = Worker(args.provider, settings.bootstrap_servers, load_config(args.config))
+    await worker.start()
+    if args.health_port:
+        await serve_health(args.health_port, lambda: worker.ready)
+    log.info("worker started", extra={"provider": args.provider})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    consume = asyncio.create_task(worker.consume_forever())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([consume, stopper], return_when=asyncio.FIRST_COMPLETED)
+    consume.cancel()
+    stopper.cancel()
+    if consume.done() and not consume.cancelled() and consume.exception():
+        log.error("worker loop failed", exc_info=consume.exception())
+    await worker.stop()
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvloop
+
+    setup_logging(f"worker.{args.provider}")
+    uvloop.run(serve(args))

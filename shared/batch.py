@@ -1,0 +1,136 @@
+"""Batch jobs through Kafka, no HTTP: `switchyard batch run IN.jsonl --out OUT.jsonl`.
+
+Input lines are OpenAI batch lines (`custom_id`, `method`, `url`, `body`). Each becomes a
+request envelope with its own reply topic (`llm.batch.<job>`) and `priority: batch`, so the
+gateway paces it behind interactive traffic; results are written as they arrive, one line
+per request, in OpenAI's batch output format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+from aiokafka import TopicPartition
+
+from shared import topics
+from shared.contracts import Reply, RequestEnvelope, now_ms
+from shared.kafka import encode, ensure_topics, make_consumer, make_producer, send, start_client
+
+URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+DEFAULT_WINDOW_S = 24 * 3600
+
+
+def parse_line(number: int, line: str) -> tuple[str, str, dict[str, Any]]:
+    """(custom_id, kind, body) of one input line, or ValueError saying what is wrong with it."""
+    try:
+        item = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"line {number}: not valid JSON ({e})") from None
+    if not isinstance(item, dict):
+        raise ValueError(f"line {number}: expected a JSON object")
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise ValueError(f"line {number}: missing custom_id")
+    url = item.get("url", "/v1/chat/completions")
+    if url not in URL_KINDS:
+        raise ValueError(f"line {number}: url must be one of {', '.join(URL_KINDS)}")
+    body = item.get("body")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise ValueError(f"line {number}: body must be an object with a model")
+    return custom_id, URL_KINDS[url], {**body, "stream": False}
+
+
+def result_line(custom_id: str, request_id: str, status: int, body: Any) -> bytes:
+    return orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": custom_id,
+                         "response": {"status_code": status, "request_id": request_id, "body": body},
+                         "error": None}) + b"\n"
+
+
+class Progress:
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total, self.done, self.failed = total, 0, 0
+        self.stream = stream
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def tick(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        if time.monotonic() - self._last > 0.1 or self.done == self.total:
+            self._last = time.monotonic()
+            self.draw()
+
+    def draw(self) -> None:
+        width = 30
+        filled = int(width * self.done / self.total) if self.total else width
+        rate = self.done / max(1e-6, time.monotonic() - self.started)
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                          f"({self.failed} failed, {rate:.1f}/s)")
+        if self.done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: float = DEFAULT_WINDOW_S,
+                    key_id: str = "batch", quiet: bool = False) -> dict[str, int]:
+    job = uuid.uuid4().hex[:16]
+    reply_topic = f"{topics.BATCH_REPLY_PREFIX}{job}"
+    await ensure_topics(bootstrap, {reply_topic: 1})
+    producer = make_producer(bootstrap)
+    consumer = make_consumer(bootstrap=bootstrap, group_id=None, fetch_max_wait_ms=20)
+    await start_client(producer, "batch-producer")
+    await start_client(consumer, "batch-consumer")
+    tp = TopicPartition(reply_topic, 0)
+    consumer.assign([tp])
+    consumer.seek(tp, 0)
+    waiting: dict[str, str] = {}
+    lines = (await asyncio.to_thread(in_path.read_text)).splitlines()
+    progress = Progress(sum(1 for line in lines if line.strip()), io.StringIO() if quiet else sys.stderr)
+    counts = {"total": progress.total, "succeeded": 0, "failed": 0}
+    with out_path.open("wb") as out:  # noqa: ASYNC230 - small sequential appends
+        try:
+            acks = []
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    custom_id, kind, body = parse_line(number, line)
+                except ValueError as e:
+                    rid = uuid.uuid4().hex
+                    out.write(result_line(f"line-{number}", rid, 400, {"error": {
+                        "message": str(e), "type": "invalid_request_error", "param": None, "code": "invalid_line"}}))
+                    counts["failed"] += 1
+                    progress.tick(False)
+                    continue
+                rid = uuid.uuid4().hex
+                waiting[rid] = custom_id
+                env = RequestEnvelope(id=rid, kind=kind, model=body["model"], body=body,  # type: ignore[arg-type]
+                                      reply_topic=reply_topic, reply_partition=0, priority="batch",
+                                      custom_id=custom_id, deadline_ms=now_ms() + int(window_s * 1000),
+                                      key_id=key_id)
+                acks.append(await send(producer, topics.REQUESTS, encode(env), key=rid.encode()))
+            await asyncio.gather(*acks)
+            while waiting:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for record in records:
+                        reply = Reply.model_validate_json(record.value)
+                        if reply.id not in waiting or reply.type not in ("response", "error"):
+                            continue  # a duplicate delivery
+                        custom_id = waiting.pop(reply.id)
+                        ok = reply.type == "response"
+                        out.write(result_line(custom_id, reply.id, reply.status, reply.data))
+                        out.flush()
+                        counts["succeeded" if ok else "failed"] += 1
+                        progress.tick(ok)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+    return counts

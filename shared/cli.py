@@ -1,0 +1,201 @@
+"""The `switchyard` command: run the whole stack, one service, or talk to a running stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: $SWITCHYARD_CONFIG, else ./switchyard.yaml if present)")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from shared.devstack.supervisor import up
+
+    return up(args)
+
+
+def cmd_ingress(args: argparse.Namespace) -> int:
+    from services.ingress.main import run
+
+    run(args)
+    return 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from services.router.main import run
+
+    run(args)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from services.workers.main import run
+
+    run(args)
+    return 0
+
+
+def cmd_accounting(args: argparse.Namespace) -> int:
+    from services.accounting.main import run
+
+    run(args)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from shared.config import load_settings
+    from shared.db import upgrade_blocking
+
+    settings = load_settings()
+    if not settings.database_url:
+        print("switchyard: DATABASE_URL is not set", file=sys.stderr)
+        return 2
+    upgrade_blocking(settings.database_url)
+    print("database migrated to head")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from shared import topics
+    from shared.config import load_config, load_settings
+    from shared.kafka import ensure_topics
+
+    wanted = topics.all_topics(load_config(args.config).providers())
+    created = asyncio.run(ensure_topics(load_settings().bootstrap_servers, wanted, args.replication_factor))
+    print(f"{len(created)} topics created, {len(wanted) - len(created)} already existed")
+    return 0
+
+
+def cmd_batch_run(args: argparse.Namespace) -> int:
+    from shared.batch import run_batch
+    from shared.config import load_settings
+
+    counts = asyncio.run(run_batch(Path(args.input), Path(args.out), load_settings().bootstrap_servers,
+                                   window_s=args.window))
+    print(f"{counts['succeeded']} succeeded, {counts['failed']} failed; results in {args.out}")
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _print_table(rows: list[dict[str, Any]], by: str) -> None:
+    cols = [by, "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "errors"]
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") if c != "cost_usd" else f"{r[c]:.6f}" for c in cols]
+             for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    total = sum(r["cost_usd"] for r in rows)
+    print(f"total  ${total:.6f}  over {sum(r['requests'] for r in rows)} requests")
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    from shared.config import load_settings
+    from shared.db import make_engine
+    from shared.spend import spend
+
+    settings = load_settings()
+    if not settings.database_url:
+        print("switchyard: no database: start `switchyard up` here or set DATABASE_URL", file=sys.stderr)
+        return 2
+
+    async def query() -> list[dict[str, Any]]:
+        engine = make_engine(settings.database_url, pool_size=1)
+        try:
+            return await spend(engine, by=args.by, since=args.since)
+        finally:
+            await engine.dispose()
+
+    try:
+        rows = asyncio.run(query())
+    except ValueError as e:
+        print(f"switchyard: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_table(rows, args.by)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shared.spend import GROUPINGS
+
+    parser = argparse.ArgumentParser(prog="switchyard", description="OpenAI-compatible LLM gateway on Kafka")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run the whole gateway here (embedded broker and database unless configured)")
+    _config_arg(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--replicas", default=None, help="processes per stage, e.g. ingress=2,router=2,worker=3")
+    p.set_defaults(func=cmd_up)
+
+    from services.ingress.main import add_arguments as ingress_args
+
+    p = sub.add_parser("ingress", help="run one ingress instance (HTTP API)")
+    _config_arg(p)
+    ingress_args(p)
+    p.set_defaults(func=cmd_ingress)
+
+    from services.router.main import add_arguments as router_args
+
+    p = sub.add_parser("router", help="run one router instance")
+    _config_arg(p)
+    router_args(p)
+    p.set_defaults(func=cmd_router)
+
+    from services.workers.main import add_arguments as worker_args
+
+    p = sub.add_parser("worker", help="run one worker process for a provider")
+    _config_arg(p)
+    worker_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    from services.accounting.main import add_arguments as accounting_args
+
+    p = sub.add_parser("accounting", help="run one accounting consumer")
+    _config_arg(p)
+    accounting_args(p)
+    p.set_defaults(func=cmd_accounting)
+
+    p = sub.add_parser("migrate", help="apply database migrations (DATABASE_URL)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("topics", help="manage Kafka topics")
+    tsub = p.add_subparsers(dest="topics_command", required=True)
+    t = tsub.add_parser("create", help="create every topic the config needs (idempotent)")
+    _config_arg(t)
+    t.add_argument("--replication-factor", type=int, default=1)
+    t.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("batch", help="batch jobs through Kafka")
+    bsub = p.add_subparsers(dest="batch_command", required=True)
+    b = bsub.add_parser("run", help="run an OpenAI-format JSONL batch file")
+    b.add_argument("input", metavar="IN.jsonl")
+    b.add_argument("--out", required=True, metavar="OUT.jsonl")
+    b.add_argument("--window", type=float, default=24 * 3600, help="seconds each request may wait (default 24h)")
+    b.set_defaults(func=cmd_batch_run)
+
+    p = sub.add_parser("spend", help="spend from the accounting database")
+    p.add_argument("--by", choices=GROUPINGS, default="model")
+    p.add_argument("--since", default="30d", help="30m, 24h, 7d, 2w or an ISO date (default 30d)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_spend)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

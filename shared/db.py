@@ -1,0 +1,82 @@
+"""The accounting database: table definitions (SQLAlchemy Core), engine factory, migrations.
+
+Schema changes go through alembic migrations in shared/migrations/versions; these table
+objects mirror them for queries and inserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from shared.config import asyncpg_url
+
+metadata = MetaData()
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("event_id", Text, primary_key=True),
+    Column("request_id", Text, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("provider", Text, nullable=False),
+    Column("deployment", Text, nullable=False),
+    Column("model_group", Text, nullable=False),
+    Column("provider_model", Text, nullable=False),
+    Column("key_id", Text),
+    Column("team", Text),
+    Column("project", Text),
+    Column("user_id", Text),
+    Column("metadata", JSONB, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("cost_usd", Numeric(20, 10), nullable=False),
+    Column("priced", Boolean, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("ok", Boolean, nullable=False),
+    Column("stream", Boolean, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("priority", Text, nullable=False),
+    Column("redelivered", Boolean, nullable=False),
+)
+
+
+def make_engine(url: str, pool_size: int = 5) -> AsyncEngine:
+    return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True)
+
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def upgrade_blocking(url: str, revision: str = "head") -> None:
+    """Run alembic migrations up to `revision` (blocking; call from a thread inside async code)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", asyncpg_url(url).replace("%", "%%"))
+    command.upgrade(cfg, revision)
+
+
+async def upgrade(url: str) -> None:
+    await asyncio.to_thread(upgrade_blocking, url)

@@ -1,0 +1,255 @@
+"""`switchyard up`: the whole gateway on one machine, as supervised child processes.
+
+Starts (unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL point elsewhere) the embedded broker and
+PostgreSQL, creates topics, migrates, starts the demo provider when no models are configured,
+then ingress, router, one worker pool per provider and accounting. A child that dies is
+restarted. Ctrl-C / SIGTERM stops everything, children first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from shared import topics
+from shared.config import STATE_DIR, ConfigError, config_path, load_config, stack_file
+from shared.db import upgrade
+from shared.devstack.broker import free_port, start_broker, wait_port
+from shared.devstack.postgres import EmbeddedPostgres
+from shared.kafka import ensure_topics
+
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        self.started_at = time.time()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Stack:
+    base: Path
+    children: list[Child] = field(default_factory=list)
+    broker: subprocess.Popen[bytes] | None = None
+    postgres: EmbeddedPostgres | None = None
+    stopping: bool = False
+
+
+def parse_replicas(value: str | None) -> dict[str, int]:
+    """`ingress=2,router=2,worker=3` -> counts per stage (1 where not given)."""
+    counts = {"ingress": 1, "router": 1, "worker": 1, "accounting": 1}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        name, _, n = item.partition("=")
+        name = name.strip()
+        if name not in counts or not n.strip().isdigit() or int(n) < 1:
+            raise SystemExit(f"--replicas: expected e.g. ingress=2,router=2,worker=3; got {item!r}")
+        counts[name] = int(n)
+    if counts["ingress"] > topics.PARTITIONS[topics.REPLIES]:
+        raise SystemExit(f"--replicas: at most {topics.PARTITIONS[topics.REPLIES]} ingress replicas")
+    return counts
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def up(args: Any) -> int:
+    base = Path.cwd() / STATE_DIR
+    (base / "logs").mkdir(parents=True, exist_ok=True)
+    stack = Stack(base)
+    replicas = parse_replicas(getattr(args, "replicas", None))
+    env = dict(os.environ)
+    master_key = env.get("SWITCHYARD_MASTER_KEY") or ""
+    generated = not master_key
+    if generated:
+        master_key = "sk-sy-" + secrets.token_urlsafe(24)
+    env["SWITCHYARD_MASTER_KEY"] = master_key
+    path = config_path(args.config)
+    if path is not None:
+        env["SWITCHYARD_CONFIG"] = str(path.resolve())
+    try:
+        config = load_config(str(path) if path else None)
+    except ConfigError as e:
+        print(f"switchyard: {e}", file=sys.stderr)
+        return 2
+
+    def shutdown(*_: Any) -> None:
+        stack.stopping = True
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    try:
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            stack.broker, env["KAFKA_BOOTSTRAP_SERVERS"] = start_broker(base / "logs" / "broker.log")
+            _say(f"broker      embedded Tansu on {env['KAFKA_BOOTSTRAP_SERVERS']} (in-memory, development only)")
+        if not env.get("DATABASE_URL"):
+            stack.postgres = EmbeddedPostgres(base / "pg", free_port())
+            stack.postgres.start()
+            env["DATABASE_URL"] = stack.postgres.url
+            _say(f"database    embedded PostgreSQL on 127.0.0.1:{stack.postgres.port} (data in {base / 'pg'})")
+        if not config.models:
+            port = free_port()
+            env["SWITCHYARD_DEMO_URL"] = f"http://127.0.0.1:{port}/v1"
+            demo = Child("demo-provider", [sys.executable, "-m", "shared.devstack.demo_provider", "--port", str(port)],
+                         env, base / "logs" / "demo-provider.log")
+            demo.start()
+            stack.children.append(demo)
+            wait_port(port)
+            config = load_config(str(path) if path else None) if path else _with_demo(env)
+            _say(f"provider    no models configured: `demo` is served by the built-in fake on port {port}")
+        bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
+        asyncio.run(_prepare(bootstrap, env["DATABASE_URL"], config.providers()))
+        ingress_url = f"http://{_client_host(args.host)}:{args.port}"
+        _write_stack(stack_file(), {
+            "bootstrap_servers": bootstrap, "database_url": env["DATABASE_URL"], "ingress_url": ingress_url,
+            "master_key": master_key, "pid": os.getpid(), "config": env.get("SWITCHYARD_CONFIG"),
+        })
+        cli = [sys.executable, "-m", "shared.cli"]
+        for i in range(replicas["ingress"]):
+            stack.children.append(Child(f"ingress-{i}", [*cli, "ingress", "--host", args.host, "--port",
+                                                         str(args.port + i), "--reply-partition", str(i)],
+                                        env, base / "logs" / f"ingress-{i}.log"))
+        for i in range(replicas["router"]):
+            stack.children.append(Child(f"router-{i}", [*cli, "router"], env, base / "logs" / f"router-{i}.log"))
+        for provider in config.providers():
+            for i in range(replicas["worker"]):
+                stack.children.append(Child(f"worker-{provider}-{i}", [*cli, "worker", "--provider", provider], env,
+                                            base / "logs" / f"worker-{provider}-{i}.log"))
+        for i in range(replicas["accounting"]):
+            stack.children.append(Child(f"accounting-{i}", [*cli, "accounting"], env,
+                                        base / "logs" / f"accounting-{i}.log"))
+        for child in stack.children:
+            if not child.alive():
+                child.start()
+        ports = [args.port + i for i in range(replicas["ingress"])]
+        _wait_ready(stack, [f"http://{_client_host(args.host)}:{port}" for port in ports])
+        extra = f" (one replica per port: {ports[0]}-{ports[-1]})" if len(ports) > 1 else ""
+        _say(f"ingress     {ingress_url}/v1{extra}")
+        _say(f"models      {', '.join(m.name for m in config.models)}")
+        _say(f"master key  {master_key}" + ("  (generated; set SWITCHYARD_MASTER_KEY to choose one)"
+                                             if generated else ""))
+        _say(f"logs        {base / 'logs'}")
+        _say("Switchyard is up. Ctrl-C stops it.")
+        _supervise(stack)
+    except Exception as e:  # noqa: BLE001 - report any start-up failure plainly, then clean up
+        print(f"switchyard: could not start: {e}", file=sys.stderr)
+        _teardown(stack)
+        return 1
+    _teardown(stack)
+    return 0
+
+
+def _with_demo(env: dict[str, str]) -> Any:
+    os.environ["SWITCHYARD_DEMO_URL"] = env["SWITCHYARD_DEMO_URL"]
+    return load_config(None)
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+async def _prepare(bootstrap: str, database_url: str, providers: list[str]) -> None:
+    await ensure_topics(bootstrap, topics.all_topics(providers))
+    await upgrade(database_url)
+
+
+def _write_stack(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    tmp.chmod(0o600)  # holds the master key
+    tmp.replace(path)
+
+
+def _wait_ready(stack: Stack, urls: list[str], timeout_s: float = 60.0) -> None:
+    deadline = time.time() + timeout_s
+    pending = list(urls)
+    while pending:
+        if time.time() > deadline:
+            raise TimeoutError(f"ingress not ready after {timeout_s}s; see {stack.base / 'logs'}")
+        for child in stack.children:
+            if child.proc is not None and child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
+        try:
+            if httpx.get(f"{pending[0]}/ready", timeout=1.0).status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+def _supervise(stack: Stack) -> None:
+    while not stack.stopping:
+        for child in stack.children:
+            if stack.stopping:
+                break
+            if not child.alive():
+                code = child.proc.returncode if child.proc else None
+                backoff = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                if time.time() - child.started_at < backoff:
+                    continue
+                child.restarts += 1
+                print(f"switchyard: {child.name} exited ({code}); restarting (see {child.log_path})",
+                      file=sys.stderr, flush=True)
+                child.start()
+        if stack.broker is not None and stack.broker.poll() is not None:
+            print("switchyard: the embedded broker died; stopping", file=sys.stderr, flush=True)
+            break
+        time.sleep(0.2)
+
+
+def _teardown(stack: Stack) -> None:
+    _say("stopping...")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    live = [c for c in stack.children if c.alive()]
+    for child in live:
+        assert child.proc is not None
+        child.proc.terminate()
+    deadline = time.time() + STOP_GRACE_S
+    for child in live:
+        assert child.proc is not None
+        try:
+            child.proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+    if stack.postgres is not None:
+        stack.postgres.stop(quiet=True)
+    if stack.broker is not None and stack.broker.poll() is None:
+        stack.broker.terminate()
+        try:
+            stack.broker.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            stack.broker.kill()
+    stack_file().unlink(missing_ok=True)
+    _say("stopped.")
