@@ -79,10 +79,10 @@ async def call(
     """Make one provider call. Streams deliver OpenAI chunks to `on_chunk` as they arrive."""
     started = time.monotonic()
     result = CallResult()
-    up = adapter.embeddings_request(ctx) if kind == "embeddings" else adapter.chat_request(ctx)
-    result.dropped_params = up.dropped_params
     timeout = min(ctx.deployment.timeout_s, total_timeout_s or ctx.deployment.timeout_s)
     try:
+        up = adapter.embeddings_request(ctx) if kind == "embeddings" else adapter.chat_request(ctx)
+        result.dropped_params = up.dropped_params
         async with asyncio.timeout(max(0.001, timeout)):
             request = _build(client, up, ctx.deployment.first_byte_timeout_s)
             response = await client.send(request, stream=True)

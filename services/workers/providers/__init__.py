@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from services.workers.providers.anthropic import AnthropicAdapter
+from services.workers.providers.azure import AzureOpenAIAdapter
 from services.workers.providers.base import ProviderAdapter
+from services.workers.providers.cohere import CohereAdapter
+from services.workers.providers.gemini import GeminiAdapter
 from services.workers.providers.openai import PRESETS, OpenAICompatibleAdapter
 
 ADAPTERS: dict[str, Callable[[], ProviderAdapter]] = {
     **{name: (lambda n=name: OpenAICompatibleAdapter(n)) for name in PRESETS},  # type: ignore[misc]
+    "anthropic": AnthropicAdapter,
+    "gemini": GeminiAdapter,
+    "cohere": CohereAdapter,
+    "azure": AzureOpenAIAdapter,
 }
 
 

@@ -1,0 +1,83 @@
+"""Session fixtures: fake providers (real HTTP servers) and one real `switchyard up` stack serving them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.openai_fake import FakeOpenAI
+from tests.stack import RunningStack, start_stack, warm_up
+
+
+class Fakes:
+    def __init__(self) -> None:
+        self.main = FakeOpenAI().start()
+        self.faulty = FakeOpenAI().start()
+        self.primary = FakeOpenAI().start()
+        self.secondary = FakeOpenAI().start()
+
+    def all(self) -> list[FakeOpenAI]:
+        return [self.main, self.faulty, self.primary, self.secondary]
+
+    def stop(self) -> None:
+        for fake in self.all():
+            fake.stop()
+
+
+@pytest.fixture(scope="session")
+def fakes() -> Iterator[Fakes]:
+    f = Fakes()
+    yield f
+    f.stop()
+
+
+def stack_config(f: Fakes) -> str:
+    return f"""
+models:
+  - name: gpt-test
+    deployments:
+      - provider: openai
+        model: gpt-4o-mini
+        api_base: {f.main.url}/v1
+        api_key: ${{TEST_UPSTREAM_KEY}}
+  - name: faulty
+    deployments:
+      - provider: openai
+        model: gpt-4o-mini
+        api_base: {f.faulty.url}/v1
+        api_key: sk-faulty
+        first_byte_timeout_s: 2
+  - name: failover
+    deployments:
+      - provider: openai
+        model: gpt-4o-mini
+        api_base: {f.primary.url}/v1
+        api_key: sk-primary
+      - provider: openai
+        model: gpt-4o-mini
+        api_base: {f.secondary.url}/v1
+        api_key: sk-secondary
+"""
+
+
+@pytest.fixture(scope="session")
+def stack(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    cwd: Path = tmp_path_factory.mktemp("stack")
+    running = start_stack(cwd, stack_config(fakes), extra_env={"TEST_UPSTREAM_KEY": "sk-upstream-secret"})
+    try:
+        warm_up(running, "gpt-test")
+        for fake in fakes.all():
+            fake.reset()
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, f"switchyard up did not stop cleanly ({code}):\n{running.log()[-3000:]}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_fakes(request: pytest.FixtureRequest) -> None:
+    if "fakes" in request.fixturenames:
+        for fake in request.getfixturevalue("fakes").all():
+            fake.reset()

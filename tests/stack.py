@@ -1,0 +1,111 @@
+"""Running a real `switchyard up` (embedded Tansu broker + PostgreSQL + every service) for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from shared.config import read_stack
+from tests.fakes.server import free_port
+
+MASTER_KEY = "sk-test-master"
+
+
+@dataclass
+class RunningStack:
+    cwd: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    output: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def database_url(self) -> str:
+        return str(self.info["database_url"])
+
+    @property
+    def bootstrap(self) -> str:
+        return str(self.info["bootstrap_servers"])
+
+    def headers(self, key: str = MASTER_KEY) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    def cli(self, *args: str, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `switchyard ...` in the stack's folder, as a user would next to `switchyard up`."""
+        return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=self.cwd, capture_output=True,
+                              text=True, timeout=timeout, env=env or _child_env())
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL",
+                                                              "SWITCHYARD_CONFIG")}
+    env["SWITCHYARD_MASTER_KEY"] = MASTER_KEY
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env.update(extra or {})
+    return env
+
+
+def start_stack(cwd: Path, config_yaml: str | None, extra_env: dict[str, str] | None = None,
+                args: tuple[str, ...] = (), timeout_s: float = 90.0) -> RunningStack:
+    cwd.mkdir(parents=True, exist_ok=True)
+    if config_yaml is not None:
+        (cwd / "switchyard.yaml").write_text(config_yaml)
+    port = free_port()
+    output = cwd / "up.out"
+    with output.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), *args], cwd=cwd,
+                                stdout=out, stderr=subprocess.STDOUT, env=_child_env(extra_env),
+                                start_new_session=True)
+    stack = RunningStack(cwd, port, proc, output)
+    deadline = time.time() + timeout_s
+    while "Switchyard is up" not in stack.log():
+        if proc.poll() is not None or time.time() > deadline:
+            stack.stop()
+            raise RuntimeError(f"switchyard up failed:\n{stack.log()}")
+        time.sleep(0.1)
+    stack.info = read_stack(cwd)
+    return stack
+
+
+def warm_up(stack: RunningStack, model: str, timeout_s: float = 60.0) -> None:
+    """Wait until the router and the model's worker pool have joined their groups and answer."""
+    deadline = time.time() + timeout_s
+    body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "warm up"}]})
+    last = None
+    while time.time() < deadline:
+        try:
+            r = httpx.post(f"{stack.url}/v1/chat/completions", content=body, headers=stack.headers(), timeout=30)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise RuntimeError(f"stack did not answer {model}: {last}")

@@ -1,0 +1,126 @@
+"""Every provider call lands in PostgreSQL, priced, exactly once; spend is queryable by CLI, API and SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import text
+
+from services.accounting.ledger import to_row, write_batch
+from shared.contracts import Usage, UsageEvent
+from shared.db import make_engine
+from shared.pricing import cost, lookup
+from tests.stack import RunningStack
+
+
+async def _rows(database_url: str, request_id: str, wait_s: float = 20.0) -> list[dict[str, object]]:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        deadline = time.time() + wait_s
+        while True:
+            async with engine.connect() as conn:
+                rows = [dict(r) for r in (await conn.execute(
+                    text("SELECT * FROM usage WHERE request_id = :rid ORDER BY attempt"), {"rid": request_id}
+                )).mappings()]
+            if rows or time.time() > deadline:
+                return rows
+            await asyncio.sleep(0.2)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_request_becomes_one_priced_usage_row(stack: RunningStack) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        r = await client.post(f"{stack.url}/v1/chat/completions", headers=stack.headers(), json={
+            "model": "gpt-test", "messages": [{"role": "user", "content": "count my tokens please"}]})
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    rows = await _rows(stack.database_url, r.headers["x-request-id"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["model_group"] == "gpt-test" and row["provider"] == "openai" and row["provider_model"] == "gpt-4o-mini"
+    assert row["prompt_tokens"] == usage["prompt_tokens"]
+    assert row["completion_tokens"] == usage["completion_tokens"]
+    expected, priced = cost("openai", "gpt-4o-mini", Usage(prompt_tokens=usage["prompt_tokens"],
+                                                            completion_tokens=usage["completion_tokens"]))
+    assert priced and Decimal(row["cost_usd"]) == expected > 0  # type: ignore[arg-type]
+    assert row["key_id"] == "master" and row["ok"] is True
+
+
+async def test_streamed_requests_are_priced_too(stack: RunningStack) -> None:
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "stream me"}], "stream": True}
+    async with httpx.AsyncClient(timeout=60) as client, client.stream(
+            "POST", f"{stack.url}/v1/chat/completions", headers=stack.headers(), json=body) as r:
+        rid = r.headers["x-request-id"]
+        _ = [line async for line in r.aiter_lines()]
+    rows = await _rows(stack.database_url, rid)
+    assert len(rows) == 1 and rows[0]["stream"] is True and rows[0]["completion_tokens"] > 0  # type: ignore[operator]
+
+
+async def test_usage_writes_are_idempotent_by_event_id(stack: RunningStack) -> None:
+    event = UsageEvent(event_id="evt-idempotent-1", request_id="req-idem", attempt=0, provider="openai",
+                       deployment="gpt-test/0", model_group="gpt-test", provider_model="gpt-4o-mini",
+                       usage=Usage(prompt_tokens=10, completion_tokens=5))
+    engine = make_engine(stack.database_url, pool_size=1)
+    try:
+        first = await write_batch(engine, [to_row(event)])
+        again = await write_batch(engine, [to_row(event), to_row(event.model_copy(update={"event_id": "evt-2"}))])
+    finally:
+        await engine.dispose()
+    assert (first, again) == (1, 1)
+    assert len(await _rows(stack.database_url, "req-idem", wait_s=0)) == 2
+
+
+def test_pricing_catalogue_entries_have_source_and_date() -> None:
+    price = lookup("openai", "gpt-4o-mini")
+    assert price is not None and price.source.startswith("https://") and price.date
+    usd, priced = cost("openai", "gpt-4o-mini", Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000,
+                                                      cached_tokens=500_000))
+    assert priced and usd == price.input / 2 + price.cached_input / 2 + price.output
+    assert cost("nobody", "unknown-model", Usage(prompt_tokens=5)) == (Decimal(0), False)
+
+
+def test_spend_cli_and_api_agree(stack: RunningStack) -> None:
+    httpx.post(f"{stack.url}/v1/chat/completions", headers=stack.headers(), timeout=60,
+               json={"model": "gpt-test", "messages": [{"role": "user", "content": "spend"}]})
+    time.sleep(1.5)  # accounting writes in small batches
+    result = stack.cli("spend", "--by", "model", "--since", "1h", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["model"]: r for r in orjson.loads(result.stdout)}
+    assert rows["gpt-test"]["requests"] >= 1 and rows["gpt-test"]["cost_usd"] > 0
+    api = httpx.get(f"{stack.url}/v1/spend", params={"by": "model", "since": "1h"}, headers=stack.headers(),
+                    timeout=30)
+    assert api.status_code == 200
+    api_rows = {r["model"]: r for r in api.json()["data"]}
+    assert api_rows["gpt-test"]["requests"] >= rows["gpt-test"]["requests"]
+    table = stack.cli("spend", "--by", "day")
+    assert table.returncode == 0 and "total" in table.stdout
+
+
+def test_spend_rejects_bad_arguments(stack: RunningStack) -> None:
+    r = httpx.get(f"{stack.url}/v1/spend", params={"since": "yesterday-ish"}, headers=stack.headers(), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "since"
+    r = httpx.get(f"{stack.url}/v1/spend", params={"by": "colour"}, headers=stack.headers(), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "by"
+    r = httpx.get(f"{stack.url}/v1/spend", timeout=30)
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT model_group, sum(cost_usd) FROM usage WHERE ts > now() - interval '7 days' GROUP BY 1",
+    "SELECT key_id, date_trunc('day', ts) AS day, sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) "
+    "FROM usage GROUP BY 1, 2 ORDER BY 2",
+])
+async def test_readme_sql_runs(stack: RunningStack, sql: str) -> None:
+    engine = make_engine(stack.database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(sql))).all()
+    finally:
+        await engine.dispose()
+    assert rows

@@ -1,0 +1,43 @@
+"""`switchyard up` itself: config errors, and using an existing broker and database instead of its own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from shared.devstack.broker import start_broker
+from tests.stack import RunningStack, _child_env, start_stack, warm_up
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
+    (tmp_path / "switchyard.yaml").write_text("models:\n  - name: x\n    deployments:\n      - model: m\n")
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--port", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env=_child_env())
+    assert result.returncode == 2
+    assert "models[0].deployments[0].provider" in result.stderr
+
+
+def test_up_uses_external_broker_and_database(stack: RunningStack, tmp_path: Path) -> None:
+    """With KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL set, `up` starts neither broker nor database."""
+    broker, bootstrap = start_broker(tmp_path / "broker.log")
+    other = start_stack(tmp_path / "second", None, extra_env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                                                              "DATABASE_URL": stack.database_url})
+    try:
+        log = other.log()
+        assert "embedded Tansu" not in log and "embedded PostgreSQL" not in log
+        assert "`demo` is served by the built-in fake" in log
+        assert not (tmp_path / "second" / ".switchyard" / "pg").exists()
+        warm_up(other, "demo")
+        r = httpx.post(f"{other.url}/v1/chat/completions", headers=other.headers(), timeout=60,
+                       json={"model": "demo", "messages": [{"role": "user", "content": "offline"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Echo: offline"
+        spend = other.cli("spend", "--by", "provider", "--since", "1h", "--json")
+        assert spend.returncode == 0 and '"demo"' in spend.stdout  # the second stack's usage, in the shared DB
+    finally:
+        assert other.stop() == 0
+        broker.terminate()
+        broker.wait()
+    assert not (tmp_path / "second" / ".switchyard" / "stack.json").exists()
