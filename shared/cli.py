@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="topics_command", required=True)
     t = tsub.add_parser("create", help="create every topic the config needs (idempotent)")
     _config_arg(t)
-    t.add_argument("--replication-factor", type=int, default=1)
+    t.add_argument("--replication-factor", type=int, default=int(os.environ.get("KAFKA_REPLICATION_FACTOR", "1")),
+                   help="default: $KAFKA_REPLICATION_FACTOR, else 1")
     t.set_defaults(func=cmd_topics)
 
     p = sub.add_parser("batch", help="batch jobs through Kafka")

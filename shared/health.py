@@ -7,7 +7,13 @@ service's Kafka clients are up and it has partitions to work on (readiness), els
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
+
+
+def health_port_default() -> int | None:
+    value = os.environ.get("SWITCHYARD_HEALTH_PORT")
+    return int(value) if value else None
 
 
 async def serve_health(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> asyncio.Server:

@@ -21,7 +21,7 @@ from shared import topics
 from shared.config import load_settings
 from shared.contracts import UsageEvent
 from shared.db import make_engine
-from shared.health import serve_health
+from shared.health import health_port_default, serve_health
 from shared.kafka import make_consumer, start_client
 from shared.logs import setup_logging
 
@@ -77,7 +77,8 @@ class Accounting:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--health-port", type=int, default=None, help="serve /health and /ready on this port")
+    parser.add_argument("--health-port", type=int, default=health_port_default(),
+                        help="serve /health and /ready on this port (default: $SWITCHYARD_HEALTH_PORT)")
 
 
 async def serve(args: argparse.Namespace) -> None:

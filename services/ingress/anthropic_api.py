@@ -310,6 +310,8 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             assistant = _assistant_message(content, f"{param}.content")
             if assistant is not None:
                 out.append(assistant)
+    if not out:
+        raise _bad("'messages' must contain at least one message with content.", "messages")
     return out
 
 

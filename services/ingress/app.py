@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.ingress import anthropic_api
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, parse_json, validate
@@ -89,6 +90,11 @@ class Gateway:
         if is_master(token, self.settings.master_key):
             return Identity(key_id=MASTER, is_master=True)
         raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def route_headers(self, request: Request) -> dict[str, str]:
+        """Only the headers routing rules look at travel in the envelope (never credentials)."""
+        names = {name.lower() for rule in self.config.routing_rules for name in rule.headers}
+        return {name: request.headers[name] for name in names if name in request.headers}
 
     def deadline_ms(self, request: Request) -> int:
         timeout = DEFAULT_TIMEOUT_S
@@ -214,9 +220,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise GatewayError(400, str(e), param="by" if "by" in str(e).split()[0] else "since") from None
         return json_response({"object": "list", "by": by, "since": since, "data": rows})
 
-    async def _dispatch(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
-                        stream: bool) -> Response:
-        request_id: str = request.state.request_id
+    async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
+                      stream: bool) -> tuple[RequestEnvelope, Pending]:
         if gateway.config.group(model) is None:
             raise GatewayError(404, f"The model '{model}' does not exist or you do not have access to it.",
                                param="model", code="model_not_found")
@@ -224,58 +229,113 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise GatewayError(403, f"This key may not use the model '{model}'.", param="model",
                                code="model_not_allowed")
         envelope = RequestEnvelope(
-            id=request_id, kind=kind, model=model, body=body, stream=stream, reply_topic=topics.REPLIES,  # type: ignore[arg-type]
-            reply_partition=gateway.reply_partition, deadline_ms=gateway.deadline_ms(request),
-            key_id=identity.key_id, metadata=identity.metadata,
+            id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
+            reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
+            deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
+            route_headers=gateway.route_headers(request),
         )
-        pending = await gateway.submit(envelope)
-        if stream:
-            return await _stream(request_id, envelope, pending)
+        return envelope, await gateway.submit(envelope)
+
+    async def _first(envelope: RequestEnvelope, pending: Pending) -> Reply:
+        """The first reply; an error reply (or the deadline) becomes a GatewayError before any byte is sent."""
         try:
             reply = await pending.next(_wait_s(envelope))
         except TimeoutError:
+            gateway.replies.unregister(envelope.id)
             raise timeout_error() from None
-        finally:
-            gateway.replies.unregister(request_id)
         if reply.type == "error":
-            err = GatewayError.from_body(reply.status, reply.data, reply.headers)
-            return error_response(err, request_id)
-        return json_response(reply.data, reply.status, _reply_headers(reply, request_id))
+            gateway.replies.unregister(envelope.id)
+            raise GatewayError.from_body(reply.status, reply.data, reply.headers)
+        if reply.type != "chunk":
+            gateway.replies.unregister(envelope.id)
+        return reply
 
-    async def _stream(request_id: str, envelope: RequestEnvelope, pending: Pending) -> Response:
+    async def _rest(envelope: RequestEnvelope, pending: Pending, first: Reply) -> AsyncIterator[Reply]:
+        """A stream's replies from the first on; a deadline mid-stream ends it with a timeout error reply."""
+        reply = first
         try:
-            first = await pending.next(_wait_s(envelope))
-        except TimeoutError:
-            gateway.replies.unregister(request_id)
-            raise timeout_error() from None
-        if first.type == "error":
-            gateway.replies.unregister(request_id)
-            return error_response(GatewayError.from_body(first.status, first.data, first.headers), request_id)
+            while True:
+                yield reply
+                if reply.type != "chunk":
+                    return
+                try:
+                    reply = await pending.next(_wait_s(envelope))
+                except TimeoutError:
+                    yield Reply(id=envelope.id, type="error", status=504, data=timeout_error().body())
+                    return
+        finally:
+            gateway.replies.unregister(envelope.id)
+
+    async def _dispatch(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
+                        stream: bool) -> Response:
+        envelope, pending = await _submit(request, identity, body, model, kind, stream)
+        first = await _first(envelope, pending)
+        headers = _reply_headers(first, envelope.id)
+        if not stream:
+            return json_response(first.data, first.status, headers)
 
         async def relay() -> AsyncIterator[bytes]:
-            reply = first
-            try:
-                while True:
-                    if reply.type == "chunk":
-                        yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
-                    elif reply.type == "error":
-                        yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
-                        break
-                    elif reply.type == "end":
-                        break
-                    try:
-                        reply = await pending.next(_wait_s(envelope))
-                    except TimeoutError:
-                        yield b"data: " + orjson.dumps(timeout_error().body()) + b"\n\n"
-                        break
-                yield b"data: [DONE]\n\n"
-            finally:
-                gateway.replies.unregister(request_id)
+            async for reply in _rest(envelope, pending, first):
+                if reply.type in ("chunk", "error"):
+                    yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
+            yield b"data: [DONE]\n\n"
 
-        headers = {**_reply_headers(first, request_id), "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+
+    @app.post("/v1/messages")
+    async def anthropic_messages(request: Request) -> Response:
+        request_id: str = request.state.request_id
+        try:
+            identity = gateway.authenticate(request)
+            raw = parse_json(await _read_body(request))
+            body = anthropic_api.to_openai_request(raw)
+            validate(ChatCompletionRequest, body)
+            model, stream = str(raw["model"]), bool(body.get("stream"))
+            envelope, pending = await _submit(request, identity, body, model, "chat", stream)
+            first = await _first(envelope, pending)
+        except GatewayError as e:
+            return _anthropic_error(e, request_id)
+        headers = {**_reply_headers(first, request_id), "request-id": request_id}
+        dropped = anthropic_api.dropped_params(raw)
+        if dropped:
+            headers[topics.HEADER_DROPPED_PARAMS] = ",".join(dropped)
+        if not stream:
+            return json_response(anthropic_api.from_openai_response(first.data or {}, model), 200, headers)
+
+        async def relay() -> AsyncIterator[bytes]:
+            translator = anthropic_api.StreamTranslator(model)
+            async for reply in _rest(envelope, pending, first):
+                if reply.type == "chunk":
+                    for event, data in translator.feed(reply.data or {}):
+                        yield anthropic_api.format_sse(event, data)
+                elif reply.type == "error":
+                    err = GatewayError.from_body(reply.status, reply.data, reply.headers)
+                    yield anthropic_api.format_sse(*anthropic_api.error_event(err, request_id))
+                    return
+            for event, data in translator.finish():
+                yield anthropic_api.format_sse(event, data)
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(request: Request) -> Response:
+        request_id: str = request.state.request_id
+        try:
+            gateway.authenticate(request)
+            counted = anthropic_api.estimate_tokens(parse_json(await _read_body(request)))
+        except GatewayError as e:
+            return _anthropic_error(e, request_id)
+        return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})
 
     return app
+
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _anthropic_error(err: GatewayError, request_id: str) -> Response:
+    headers = {**err.response_headers(), topics.HEADER_REQUEST_ID: request_id, "request-id": request_id}
+    return json_response(anthropic_api.error_body(err, request_id), err.status, headers)
 
 
 def _wait_s(envelope: RequestEnvelope) -> float:

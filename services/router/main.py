@@ -23,7 +23,7 @@ from shared import topics
 from shared.config import GatewayConfig, load_config, load_settings
 from shared.contracts import CONTRACT_VERSION, OUT_OF_BAND, AttemptEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
-from shared.health import serve_health
+from shared.health import health_port_default, serve_health
 from shared.kafka import deliver, encode, make_consumer, make_producer, start_client
 from shared.logs import setup_logging
 
@@ -123,7 +123,8 @@ def _done() -> asyncio.Future[Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--health-port", type=int, default=None, help="serve /health and /ready on this port")
+    parser.add_argument("--health-port", type=int, default=health_port_default(),
+                        help="serve /health and /ready on this port (default: $SWITCHYARD_HEALTH_PORT)")
 
 
 async def serve(args: argparse.Namespace) -> None:

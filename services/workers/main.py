@@ -29,7 +29,7 @@ from shared import topics
 from shared.config import Deployment, GatewayConfig, load_config, load_settings
 from shared.contracts import OUT_OF_BAND, AttemptEvent, AttemptRecord, Reply, RequestEnvelope, UsageEvent, now_ms
 from shared.errors import GatewayError, timeout_error
-from shared.health import serve_health
+from shared.health import health_port_default, serve_health
 from shared.kafka import OffsetTracker, deliver, encode, make_consumer, make_producer, start_client
 from shared.logs import setup_logging
 
@@ -244,7 +244,8 @@ def _usage_chunk(result: CallResult, env: RequestEnvelope) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", required=True, help="the provider whose topic this pool consumes")
-    parser.add_argument("--health-port", type=int, default=None, help="serve /health and /ready on this port")
+    parser.add_argument("--health-port", type=int, default=health_port_default(),
+                        help="serve /health and /ready on this port (default: $SWITCHYARD_HEALTH_PORT)")
 
 
 async def serve(args: argparse.Namespace) -> None:
