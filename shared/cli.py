@@ -126,6 +126,82 @@ def cmd_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Call the ingress admin API of the stack here (or SWITCHYARD_URL) with the master key."""
+    import httpx
+
+    from shared.config import load_settings
+
+    settings = load_settings()
+    if not settings.master_key:
+        raise SystemExit("switchyard: no master key: start `switchyard up` here or set SWITCHYARD_MASTER_KEY")
+    try:
+        r = httpx.request(method, f"{settings.ingress_url}{path}", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {settings.master_key}"})
+    except httpx.HTTPError as e:
+        raise SystemExit(f"switchyard: cannot reach {settings.ingress_url}: {e}") from None
+    data = r.json()
+    if r.status_code >= 400:
+        raise SystemExit(f"switchyard: {r.status_code}: {data.get('error', {}).get('message', data)}")
+    return data
+
+
+def _key_spec(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    for name in ("name", "team", "project", "user", "rpm", "tpm", "max_parallel", "budget_period", "expires_in"):
+        value = getattr(args, name, None)
+        if value is not None:
+            spec[name] = value
+    if args.budget is not None:
+        spec["budget_usd"] = args.budget
+    if args.models is not None:
+        spec["models"] = [m for m in args.models.split(",") if m]
+    if args.metadata:
+        spec["metadata"] = dict(item.split("=", 1) for item in args.metadata)
+    return spec
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.keys_command == "create":
+        data = _admin("POST", "/v1/keys", _key_spec(args))
+        if args.json:
+            print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(f"key_id  {data['key_id']}")
+            print(f"key     {data['key']}   (shown once: store it now)")
+        return 0
+    if args.keys_command == "update":
+        data = _admin("PATCH", f"/v1/keys/{args.key_id}", _key_spec(args))
+    elif args.keys_command == "revoke":
+        data = _admin("POST", f"/v1/keys/{args.key_id}/revoke")
+    else:
+        data = _admin("GET", "/v1/keys")["data"]
+        if not args.json:
+            cols = ["key_id", "key_prefix", "status", "team", "project", "user_id", "rpm", "tpm", "budget_usd"]
+            print("  ".join(cols))
+            for row in data:
+                print("  ".join(str(row.get(c) if row.get(c) is not None else "-") for c in cols))
+            return 0
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name")
+    p.add_argument("--team")
+    p.add_argument("--project")
+    p.add_argument("--user")
+    p.add_argument("--models", help="comma-separated model groups this key may use (default: all)")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--max-parallel", type=int, dest="max_parallel", help="parallel requests (per ingress replica)")
+    p.add_argument("--budget", type=float, help="budget in USD per period")
+    p.add_argument("--budget-period", dest="budget_period", choices=["hour", "day", "week", "month"])
+    p.add_argument("--expires-in", dest="expires_in", help="e.g. 30d, 12h")
+    p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="free-form tag (repeatable)")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from shared.spend import GROUPINGS
 
@@ -185,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, metavar="OUT.jsonl")
     b.add_argument("--window", type=float, default=24 * 3600, help="seconds each request may wait (default 24h)")
     b.set_defaults(func=cmd_batch_run)
+
+    p = sub.add_parser("keys", help="virtual keys (through the admin API of the running gateway)")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("create", help="create a key (the key is shown once)")
+    _key_options(k)
+    k.set_defaults(func=cmd_keys)
+    k = ksub.add_parser("list", help="list keys")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_keys)
+    k = ksub.add_parser("update", help="change a key's owner, limits, budget or expiry")
+    k.add_argument("key_id")
+    _key_options(k)
+    k.set_defaults(func=cmd_keys)
+    k = ksub.add_parser("revoke", help="revoke a key (effective on every replica within seconds)")
+    k.add_argument("key_id")
+    k.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("spend", help="spend from the accounting database")
     p.add_argument("--by", choices=GROUPINGS, default="model")

@@ -151,6 +151,6 @@ class KeyEvent(BaseModel):
 
     v: int = CONTRACT_VERSION
     key_id: str
-    action: Literal["revoked", "updated", "budget_exceeded", "budget_reset", "budget_alert"]
+    action: Literal["created", "revoked", "updated", "budget_exceeded", "budget_reset", "budget_alert"]
     ts_ms: int = Field(default_factory=now_ms)
     detail: dict[str, Any] = Field(default_factory=dict)

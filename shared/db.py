@@ -60,6 +60,62 @@ usage = Table(
 )
 
 
+virtual_keys = Table(
+    "virtual_keys",
+    metadata,
+    Column("key_id", Text, primary_key=True),
+    Column("key_hash", Text, nullable=False, unique=True),
+    Column("key_prefix", Text, nullable=False),
+    Column("name", Text),
+    Column("team", Text),
+    Column("project", Text),
+    Column("user_id", Text),
+    Column("allowed_models", JSONB, nullable=False),
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("max_parallel", Integer),
+    Column("budget_usd", Numeric(20, 6)),
+    Column("budget_period", Text),
+    Column("alert_thresholds", JSONB, nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("metadata", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("scope_id", Text, primary_key=True),
+    Column("budget_usd", Numeric(20, 6), nullable=False),
+    Column("budget_period", Text, nullable=False),
+    Column("alert_thresholds", JSONB, nullable=False),
+)
+
+spend_totals = Table(
+    "spend_totals",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("scope_id", Text, primary_key=True),
+    Column("period", Text, primary_key=True),
+    Column("period_start", DateTime(timezone=True), primary_key=True),
+    Column("cost_usd", Numeric(20, 10), nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("requests", BigInteger, nullable=False),
+)
+
+rate_counters = Table(
+    "rate_counters",
+    metadata,
+    Column("key_id", Text, primary_key=True),
+    Column("kind", Text, primary_key=True),
+    Column("window_start", DateTime(timezone=True), primary_key=True),
+    Column("used", BigInteger, nullable=False),
+)
+
+
 def make_engine(url: str, pool_size: int = 5) -> AsyncEngine:
     return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True)
 

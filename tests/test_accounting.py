@@ -68,8 +68,8 @@ async def test_usage_writes_are_idempotent_by_event_id(stack: RunningStack) -> N
                        usage=Usage(prompt_tokens=10, completion_tokens=5))
     engine = make_engine(stack.database_url, pool_size=1)
     try:
-        first = await write_batch(engine, [to_row(event)])
-        again = await write_batch(engine, [to_row(event), to_row(event.model_copy(update={"event_id": "evt-2"}))])
+        first, _ = await write_batch(engine, [to_row(event)])
+        again, _ = await write_batch(engine, [to_row(event), to_row(event.model_copy(update={"event_id": "evt-2"}))])
     finally:
         await engine.dispose()
     assert (first, again) == (1, 1)

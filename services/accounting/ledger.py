@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.contracts import UsageEvent
+from services.accounting.budgets import update_totals
+from shared.contracts import KeyEvent, UsageEvent
 from shared.db import usage
 from shared.pricing import cost
 
@@ -46,11 +47,14 @@ def to_row(event: UsageEvent) -> dict[str, Any]:
     }
 
 
-async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> int:
-    """Insert rows in one transaction; rows already stored (same event id) are skipped. Returns rows inserted."""
+async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> tuple[int, list[KeyEvent]]:
+    """Insert rows and update spend totals in one transaction; rows already stored (same event id) are
+    skipped and add nothing to the totals. Returns (rows inserted, budget events to publish)."""
     if not rows:
-        return 0
+        return 0, []
     async with engine.begin() as conn:
         result = await conn.execute(insert(usage).on_conflict_do_nothing(index_elements=["event_id"])
                                     .returning(usage.c.event_id), rows)
-        return len(result.fetchall())
+        inserted = {r.event_id for r in result}
+        events = await update_totals(conn, [r for r in rows if r["event_id"] in inserted])
+        return len(inserted), events

@@ -11,8 +11,9 @@ import argparse
 import asyncio
 import logging
 import signal
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -22,7 +23,7 @@ from shared.config import load_settings
 from shared.contracts import UsageEvent
 from shared.db import make_engine
 from shared.health import health_port_default, serve_health
-from shared.kafka import make_consumer, start_client
+from shared.kafka import encode, make_consumer, make_producer, send_and_wait, start_client
 from shared.logs import setup_logging
 
 log = logging.getLogger("switchyard.accounting")
@@ -36,14 +37,17 @@ class Accounting:
         self.engine = make_engine(database_url)
         self.consumer: AIOKafkaConsumer = make_consumer(topics.USAGE, bootstrap=bootstrap, group_id="accounting",
                                                         fetch_max_wait_ms=100, max_poll_records=BATCH_MAX)
+        self.producer: AIOKafkaProducer = make_producer(bootstrap)
         self.ready = False
         self.stored = 0
 
     async def start(self) -> None:
+        await start_client(self.producer, "accounting-producer")
         await start_client(self.consumer, "accounting-consumer")
 
     async def stop(self) -> None:
         await self.consumer.stop()
+        await self.producer.stop()
         await self.engine.dispose()
 
     async def run_forever(self) -> None:
@@ -63,11 +67,14 @@ class Accounting:
             if batches:
                 await self.consumer.commit()
 
-    async def _write_until_stored(self, rows: list[dict[str, object]]) -> None:
+    async def _write_until_stored(self, rows: list[dict[str, Any]]) -> None:
         delay = 0.5
         while True:
             try:
-                self.stored += await write_batch(self.engine, rows)
+                stored, events = await write_batch(self.engine, rows)
+                self.stored += stored
+                for event in events:
+                    await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
                 return
             except (OperationalError, DBAPIError, OSError) as e:
                 log.warning("database unavailable; retrying the batch", extra={"rows": len(rows),

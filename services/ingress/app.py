@@ -7,30 +7,36 @@ chunk by chunk. Every accepted request gets exactly one answer; the deadline bou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.ingress import anthropic_api
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
+from services.ingress.keys import KEY_PREFIX, BudgetSpec, KeySpec, KeyStore, key_hash_secret
+from services.ingress.limits import RateLimiter
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, parse_json, validate
 from shared import topics
 from shared.config import GatewayConfig, Settings
-from shared.contracts import Reply, RequestEnvelope, now_ms
+from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
-from shared.kafka import encode, make_producer, send, start_client
+from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client
+from shared.tokens import estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress")
 
@@ -61,35 +67,107 @@ class Gateway:
         self.settings = settings
         self.config = config
         self.reply_partition = reply_partition
-        self._engine: Any = None
+        self._engine: AsyncEngine | None = None
+        self.keys: KeyStore | None = None
+        self.limiter: RateLimiter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
         self.producer = make_producer(self.settings.bootstrap_servers)
         self.replies = ReplyListener(self.settings.bootstrap_servers, topics.REPLIES, self.reply_partition)
         await start_client(self.producer, "ingress-producer")
+        if self.settings.database_url:
+            self.keys = KeyStore(self.engine(), key_hash_secret(self.settings))
+            self.limiter = RateLimiter(self.engine())
+            await self.keys.load_all()
+            self._tasks.append(asyncio.create_task(self._follow_key_events()))
         await self.replies.start()
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         await self.replies.stop()
         await self.producer.stop()
         if self._engine is not None:
             await self._engine.dispose()
 
-    def engine(self) -> Any:
+    def engine(self) -> AsyncEngine:
         if not self.settings.database_url:
             raise GatewayError(503, "No accounting database is configured (DATABASE_URL).", code="no_database")
         if self._engine is None:
             from shared.db import make_engine
 
-            self._engine = make_engine(self.settings.database_url, pool_size=2)
+            self._engine = make_engine(self.settings.database_url, pool_size=5)
         return self._engine
 
-    def authenticate(self, request: Request) -> Identity:
+    def key_store(self) -> KeyStore:
+        if self.keys is None:
+            raise GatewayError(503, "Virtual keys need the database (DATABASE_URL).", code="no_database")
+        return self.keys
+
+    async def _follow_key_events(self) -> None:
+        """Apply key changes from every replica (and budget blocks from accounting) within milliseconds."""
+        consumer = make_consumer(bootstrap=self.settings.bootstrap_servers, group_id=None, fetch_max_wait_ms=50,
+                                 auto_offset_reset="latest")
+        await start_client(consumer, "ingress-keys")
+        parts = [TopicPartition(topics.KEYS, p) for p in sorted(consumer.partitions_for_topic(topics.KEYS) or [0])]
+        consumer.assign(parts)
+        await consumer.seek_to_end(*parts)
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for record in records:
+                        try:
+                            await self.key_store().apply(KeyEvent.model_validate_json(record.value))
+                        except Exception:
+                            log.exception("could not apply key event")
+                try:
+                    await self.key_store().refresh_if_stale()
+                except Exception:
+                    log.exception("could not refresh keys")
+        finally:
+            await consumer.stop()
+
+    async def publish_key_event(self, event: KeyEvent) -> None:
+        await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
+
+    async def authenticate(self, request: Request) -> Identity:
         token = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if is_master(token, self.settings.master_key):
             return Identity(key_id=MASTER, is_master=True)
-        raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if self.keys is None or not token.startswith(KEY_PREFIX):
+            raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return (await self.keys.authenticate(token)).identity()
+
+    async def authenticate_admin(self, request: Request) -> None:
+        if not (await self.authenticate(request)).is_master:
+            raise GatewayError(403, "This endpoint needs the master key.", code="forbidden")
+
+    async def admit(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
+        """Apply the key's limits; returns the token estimate to correct later. Headers go on the response."""
+        if self.limiter is None or identity.is_master:
+            return 0
+        headers: dict[str, str] = request.state.extra_headers
+        estimate = estimate_total_tokens(body)
+        for kind, limit, amount in (("requests", identity.rpm, 1), ("tokens", identity.tpm, estimate)):
+            if limit:
+                try:
+                    allowance = await self.limiter.take(identity.key_id, kind, limit, amount)
+                except GatewayError as e:
+                    headers.update(e.headers)
+                    raise
+                headers.update(self.limiter.headers(kind, limit, allowance))
+        self.limiter.enter(identity.key_id, identity.max_parallel)
+        return estimate
+
+    def finish(self, identity: Identity, estimate: int, actual_tokens: int | None) -> None:
+        if self.limiter is None or identity.is_master:
+            return
+        self.limiter.leave(identity.key_id)
+        if identity.tpm and actual_tokens is not None:
+            self.limiter.correct(identity.key_id, actual_tokens - estimate)
 
     def route_headers(self, request: Request) -> dict[str, str]:
         """Only the headers routing rules look at travel in the envelope (never credentials)."""
@@ -155,11 +233,14 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.middleware("http")
     async def request_id_middleware(request: Request, call_next: Any) -> Response:
         request.state.request_id = uuid.uuid4().hex
+        request.state.extra_headers = {}
         try:
             response: Response = await call_next(request)
         except GatewayError as e:
             response = error_response(e)
         response.headers.setdefault(topics.HEADER_REQUEST_ID, request.state.request_id)
+        for name, value in request.state.extra_headers.items():
+            response.headers.setdefault(name, value)
         return response
 
     @app.exception_handler(GatewayError)
@@ -186,14 +267,14 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        identity = gateway.authenticate(request)
+        identity = await gateway.authenticate(request)
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "switchyard"}
                 for m in gateway.config.models if identity.may_use(m.name)]
         return json_response({"object": "list", "data": data})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        identity = gateway.authenticate(request)
+        identity = await gateway.authenticate(request)
         body = parse_json(await _read_body(request))
         parsed = validate(ChatCompletionRequest, body)
         assert isinstance(parsed, ChatCompletionRequest)
@@ -201,17 +282,66 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        identity = gateway.authenticate(request)
+        identity = await gateway.authenticate(request)
         body = parse_json(await _read_body(request))
         parsed = validate(EmbeddingsRequest, body)
         assert isinstance(parsed, EmbeddingsRequest)
         return await _dispatch(request, identity, body, parsed.model, "embeddings", False)
 
+    # ---- administration (master key) --------------------------------------------------------
+
+    @app.post("/v1/keys")
+    async def create_key(request: Request) -> Response:
+        await gateway.authenticate_admin(request)
+        spec = validate(KeySpec, parse_json(await _read_body(request)))
+        assert isinstance(spec, KeySpec)
+        record, token = await gateway.key_store().create(spec.columns())
+        await gateway.publish_key_event(KeyEvent(key_id=record.key_id, action="created"))
+        return json_response({**record.public(), "key": token}, 201)
+
+    @app.get("/v1/keys")
+    async def list_keys(request: Request) -> Response:
+        await gateway.authenticate_admin(request)
+        return json_response({"object": "list", "data": [r.public() for r in await gateway.key_store().all_keys()]})
+
+    @app.get("/v1/keys/{key_id}")
+    async def get_key(request: Request, key_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        await gateway.key_store().reload(key_id)
+        record = gateway.key_store().by_id.get(key_id)
+        if record is None:
+            raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
+        return json_response(record.public())
+
+    @app.patch("/v1/keys/{key_id}")
+    async def update_key(request: Request, key_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        spec = validate(KeySpec, parse_json(await _read_body(request)))
+        assert isinstance(spec, KeySpec)
+        record = await gateway.key_store().update(key_id, spec.columns())
+        await gateway.publish_key_event(KeyEvent(key_id=key_id, action="updated"))
+        return json_response(record.public())
+
+    @app.post("/v1/keys/{key_id}/revoke")
+    @app.delete("/v1/keys/{key_id}")
+    async def revoke_key(request: Request, key_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        record = await gateway.key_store().revoke(key_id)
+        await gateway.publish_key_event(KeyEvent(key_id=key_id, action="revoked"))
+        return json_response(record.public())
+
+    @app.put("/v1/budgets/{scope}/{scope_id}")
+    async def set_budget(request: Request, scope: str, scope_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        spec = validate(BudgetSpec, parse_json(await _read_body(request)))
+        assert isinstance(spec, BudgetSpec)
+        await gateway.key_store().set_budget(scope, scope_id, spec.budget_usd, spec.budget_period,
+                                             spec.alert_thresholds)
+        return json_response({"scope": scope, "scope_id": scope_id, **spec.model_dump(mode="json")})
+
     @app.get("/v1/spend")
     async def spend_api(request: Request, by: str = "model", since: str = "30d") -> Response:
-        identity = gateway.authenticate(request)
-        if not identity.is_master:
-            raise GatewayError(403, "The spend API needs the master key.", code="forbidden")
+        await gateway.authenticate_admin(request)
         from shared.spend import spend
 
         try:
@@ -221,61 +351,78 @@ def create_app(gateway: Gateway) -> FastAPI:
         return json_response({"object": "list", "by": by, "since": since, "data": rows})
 
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
-                      stream: bool) -> tuple[RequestEnvelope, Pending]:
+                      stream: bool) -> InFlight:
         if gateway.config.group(model) is None:
             raise GatewayError(404, f"The model '{model}' does not exist or you do not have access to it.",
                                param="model", code="model_not_found")
         if not identity.may_use(model):
             raise GatewayError(403, f"This key may not use the model '{model}'.", param="model",
                                code="model_not_allowed")
+        for fallback in body.get("fallbacks") or []:
+            if not identity.may_use(str(fallback)):
+                raise GatewayError(403, f"This key may not use the fallback model '{fallback}'.", param="fallbacks",
+                                   code="model_not_allowed")
+        estimate = await gateway.admit(request, identity, body)
         envelope = RequestEnvelope(
             id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
             reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
             route_headers=gateway.route_headers(request),
         )
-        return envelope, await gateway.submit(envelope)
+        call = InFlight(envelope, identity, estimate)
+        try:
+            call.pending = await gateway.submit(envelope)
+        except GatewayError:
+            gateway.finish(identity, estimate, None)
+            raise
+        return call
 
-    async def _first(envelope: RequestEnvelope, pending: Pending) -> Reply:
+    async def _first(call: InFlight) -> Reply:
         """The first reply; an error reply (or the deadline) becomes a GatewayError before any byte is sent."""
         try:
-            reply = await pending.next(_wait_s(envelope))
+            reply = await call.pending.next(_wait_s(call.envelope))
         except TimeoutError:
-            gateway.replies.unregister(envelope.id)
+            _settle(call, None)
             raise timeout_error() from None
         if reply.type == "error":
-            gateway.replies.unregister(envelope.id)
+            _settle(call, None)
             raise GatewayError.from_body(reply.status, reply.data, reply.headers)
         if reply.type != "chunk":
-            gateway.replies.unregister(envelope.id)
+            _settle(call, reply)
         return reply
 
-    async def _rest(envelope: RequestEnvelope, pending: Pending, first: Reply) -> AsyncIterator[Reply]:
+    def _settle(call: InFlight, last: Reply | None) -> None:
+        """The request is over: stop listening, release its limits, correct the token estimate."""
+        gateway.replies.unregister(call.envelope.id)
+        usage = (last.data or {}).get("usage") if last is not None else None
+        gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
+
+    async def _rest(call: InFlight, first: Reply) -> AsyncIterator[Reply]:
         """A stream's replies from the first on; a deadline mid-stream ends it with a timeout error reply."""
-        reply = first
+        reply: Reply | None = first
         try:
-            while True:
+            while reply is not None:
                 yield reply
                 if reply.type != "chunk":
                     return
                 try:
-                    reply = await pending.next(_wait_s(envelope))
+                    reply = await call.pending.next(_wait_s(call.envelope))
                 except TimeoutError:
-                    yield Reply(id=envelope.id, type="error", status=504, data=timeout_error().body())
-                    return
+                    reply = None
+                    yield Reply(id=call.envelope.id, type="error", status=504, data=timeout_error().body())
         finally:
-            gateway.replies.unregister(envelope.id)
+            _settle(call, reply)
 
     async def _dispatch(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                         stream: bool) -> Response:
-        envelope, pending = await _submit(request, identity, body, model, kind, stream)
-        first = await _first(envelope, pending)
-        headers = _reply_headers(first, envelope.id)
+        call = await _submit(request, identity, body, model, kind, stream)
+        first = await _first(call)
+        headers = _reply_headers(first, call.envelope.id)
         if not stream:
             return json_response(first.data, first.status, headers)
 
         async def relay() -> AsyncIterator[bytes]:
-            async for reply in _rest(envelope, pending, first):
+            async for reply in _rest(call, first):
                 if reply.type in ("chunk", "error"):
                     yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
             yield b"data: [DONE]\n\n"
@@ -286,15 +433,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def anthropic_messages(request: Request) -> Response:
         request_id: str = request.state.request_id
         try:
-            identity = gateway.authenticate(request)
+            identity = await gateway.authenticate(request)
             raw = parse_json(await _read_body(request))
             body = anthropic_api.to_openai_request(raw)
             validate(ChatCompletionRequest, body)
             model, stream = str(raw["model"]), bool(body.get("stream"))
-            envelope, pending = await _submit(request, identity, body, model, "chat", stream)
-            first = await _first(envelope, pending)
+            call = await _submit(request, identity, body, model, "chat", stream)
+            first = await _first(call)
         except GatewayError as e:
-            return _anthropic_error(e, request_id)
+            return _anthropic_error(e, request_id, request.state.extra_headers)
         headers = {**_reply_headers(first, request_id), "request-id": request_id}
         dropped = anthropic_api.dropped_params(raw)
         if dropped:
@@ -304,7 +451,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
         async def relay() -> AsyncIterator[bytes]:
             translator = anthropic_api.StreamTranslator(model)
-            async for reply in _rest(envelope, pending, first):
+            async for reply in _rest(call, first):
                 if reply.type == "chunk":
                     for event, data in translator.feed(reply.data or {}):
                         yield anthropic_api.format_sse(event, data)
@@ -321,7 +468,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def anthropic_count_tokens(request: Request) -> Response:
         request_id: str = request.state.request_id
         try:
-            gateway.authenticate(request)
+            await gateway.authenticate(request)
             counted = anthropic_api.estimate_tokens(parse_json(await _read_body(request)))
         except GatewayError as e:
             return _anthropic_error(e, request_id)
@@ -330,11 +477,22 @@ def create_app(gateway: Gateway) -> FastAPI:
     return app
 
 
+@dataclass
+class InFlight:
+    """One accepted request between submission and its last reply."""
+
+    envelope: RequestEnvelope
+    identity: Identity
+    estimate: int
+    pending: Pending = field(default_factory=Pending)
+
+
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-def _anthropic_error(err: GatewayError, request_id: str) -> Response:
-    headers = {**err.response_headers(), topics.HEADER_REQUEST_ID: request_id, "request-id": request_id}
+def _anthropic_error(err: GatewayError, request_id: str, extra: dict[str, str] | None = None) -> Response:
+    headers = {**(extra or {}), **err.response_headers(), topics.HEADER_REQUEST_ID: request_id,
+               "request-id": request_id}
     return json_response(anthropic_api.error_body(err, request_id), err.status, headers)
 
 

@@ -14,6 +14,9 @@ class Identity:
     is_master: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     allowed_models: list[str] = field(default_factory=list)
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
 
     def may_use(self, model: str) -> bool:
         return self.is_master or not self.allowed_models or model in self.allowed_models

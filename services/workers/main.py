@@ -177,7 +177,8 @@ class Worker:
             if (env.body.get("stream_options") or {}).get("include_usage"):
                 await on_chunk(_usage_chunk(result, env))
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="end",
-                                                          headers=headers, custom_id=env.custom_id)))
+                                                    headers=headers, custom_id=env.custom_id,
+                                                    data={"usage": _usage_chunk(result, env)["usage"]})))
         else:
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, type="response",
                                                           data=result.response, headers=headers,

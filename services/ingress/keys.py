@@ -1,0 +1,303 @@
+"""Virtual keys: issued once, stored as a keyed hash, cached in memory on every ingress replica.
+
+The hot path never reads the database: keys are loaded at start, refreshed every
+`REFRESH_S`, and changed within milliseconds through `llm.keys` events (revocations,
+updates, budget blocks) that every replica consumes. An unknown key is looked up once
+and remembered as unknown for a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import and_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.ingress.auth import Identity
+from shared.config import Settings
+from shared.contracts import KeyEvent
+from shared.db import budgets, spend_totals, virtual_keys
+from shared.errors import GatewayError
+from shared.periods import PERIODS, Period, period_end, period_start
+
+log = logging.getLogger("switchyard.ingress.keys")
+KEY_PREFIX = "sk-sy-"
+REFRESH_S = 10.0
+NEGATIVE_TTL_S = 5.0
+
+
+def key_hash_secret(settings: Settings) -> bytes:
+    """SWITCHYARD_KEY_SECRET, else a secret derived from the master key (set it explicitly in production,
+    so rotating the master key does not invalidate every virtual key)."""
+    explicit = os.environ.get("SWITCHYARD_KEY_SECRET")
+    if explicit:
+        return explicit.encode()
+    if not settings.master_key:
+        raise SystemExit("virtual keys need SWITCHYARD_KEY_SECRET or SWITCHYARD_MASTER_KEY")
+    return hmac.new(settings.master_key.encode(), b"switchyard virtual-key hashing", hashlib.sha256).digest()
+
+
+def hash_key(secret: bytes, token: str) -> str:
+    return hmac.new(secret, token.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass
+class KeyRecord:
+    key_id: str
+    key_hash: str
+    key_prefix: str
+    name: str | None = None
+    team: str | None = None
+    project: str | None = None
+    user_id: str | None = None
+    allowed_models: list[str] = field(default_factory=list)
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    budget_usd: Decimal | None = None
+    budget_period: str | None = None
+    alert_thresholds: list[float] = field(default_factory=lambda: [0.8])
+    expires_at: datetime | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> KeyRecord:
+        data = {k: row[k] for k in cls.__dataclass_fields__ if k in row}
+        return cls(**data)
+
+    def identity(self) -> Identity:
+        meta = {**{k: str(v) for k, v in self.metadata.items()}}
+        for name, value in (("team", self.team), ("project", self.project), ("user", self.user_id)):
+            if value:
+                meta[name] = value
+        return Identity(key_id=self.key_id, metadata=meta, allowed_models=list(self.allowed_models), rpm=self.rpm,
+                        tpm=self.tpm, max_parallel=self.max_parallel)
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows: everything but the hash."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "key_hash"}
+        for k in ("expires_at", "created_at", "revoked_at"):
+            out[k] = out[k].isoformat() if out[k] else None
+        out["budget_usd"] = float(self.budget_usd) if self.budget_usd is not None else None
+        out["status"] = "revoked" if self.revoked_at else "expired" if self.expired() else "active"
+        return out
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and (now or datetime.now(UTC)) >= self.expires_at
+
+
+class KeySpec(BaseModel):
+    """What an admin may set on a key (create and update); unset fields are left alone on update."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    team: str | None = None
+    project: str | None = None
+    user: str | None = None
+    models: list[str] | None = None
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_parallel: int | None = Field(default=None, ge=1)
+    budget_usd: Decimal | None = Field(default=None, ge=0)
+    budget_period: Period | None = None
+    alert_thresholds: list[float] | None = None
+    expires_at: datetime | None = None
+    expires_in: str | None = Field(default=None, description="e.g. 30d, 12h: sets expires_at from now")
+    metadata: dict[str, str] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        data = self.model_dump(exclude_unset=True)
+        if "user" in data:
+            data["user_id"] = data.pop("user")
+        if "models" in data:
+            data["allowed_models"] = data.pop("models") or []
+        if "expires_in" in data:
+            data["expires_at"] = _future(data.pop("expires_in"))
+        if data.get("budget_usd") is not None and not data.get("budget_period"):
+            data.setdefault("budget_period", "month")
+        return data
+
+
+class BudgetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    budget_usd: Decimal = Field(ge=0)
+    budget_period: Period = "month"
+    alert_thresholds: list[float] = Field(default_factory=lambda: [0.8])
+
+
+def _future(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if len(value) < 2 or value[-1] not in units or not value[:-1].isdigit():
+        raise GatewayError(400, "expires_in must look like 30m, 12h, 30d or 2w", param="expires_in")
+    return datetime.now(UTC) + timedelta(seconds=int(value[:-1]) * units[value[-1]])
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine, secret: bytes) -> None:
+        self.engine = engine
+        self.secret = secret
+        self.by_hash: dict[str, KeyRecord] = {}
+        self.by_id: dict[str, KeyRecord] = {}
+        self.blocked: dict[str, tuple[float, str]] = {}
+        """scope ("key:ID", "team:T", "project:P") -> (blocked until epoch seconds, reason)."""
+        self._unknown: dict[str, float] = {}
+        self.loaded_at = 0.0
+
+    # ---- cache -------------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(virtual_keys))).mappings().all()
+            blocks = await self._current_blocks(conn)
+        records = [KeyRecord.from_row(r) for r in rows]
+        self.by_hash = {r.key_hash: r for r in records}
+        self.by_id = {r.key_id: r for r in records}
+        self.blocked = blocks
+        self.loaded_at = time.time()
+
+    async def _current_blocks(self, conn: Any) -> dict[str, tuple[float, str]]:
+        """Scopes whose spend in their budget's current period has reached the budget."""
+        now = datetime.now(UTC)
+        limits: list[tuple[str, str, str, Decimal]] = []
+        for row in (await conn.execute(select(virtual_keys.c.key_id, virtual_keys.c.budget_usd,
+                                              virtual_keys.c.budget_period)
+                                       .where(virtual_keys.c.budget_usd.is_not(None)))).all():
+            limits.append(("key", row.key_id, row.budget_period or "month", row.budget_usd))
+        for row in (await conn.execute(select(budgets))).mappings().all():
+            limits.append((row["scope"], row["scope_id"], row["budget_period"], row["budget_usd"]))
+        out: dict[str, tuple[float, str]] = {}
+        for scope, scope_id, period, amount in limits:
+            total = (await conn.execute(select(spend_totals.c.cost_usd).where(and_(
+                spend_totals.c.scope == scope, spend_totals.c.scope_id == scope_id,
+                spend_totals.c.period == period, spend_totals.c.period_start == period_start(period, now))))).scalar()
+            if total is not None and Decimal(total) >= Decimal(amount):
+                out[f"{scope}:{scope_id}"] = (period_end(period, now).timestamp(), f"{period} budget of ${amount}")
+        return out
+
+    async def refresh_if_stale(self) -> None:
+        if time.time() - self.loaded_at > REFRESH_S:
+            await self.load_all()
+
+    async def reload(self, key_id: str) -> None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(virtual_keys).where(virtual_keys.c.key_id == key_id))).mappings().first()
+        old = self.by_id.pop(key_id, None)
+        if old is not None:
+            self.by_hash.pop(old.key_hash, None)
+        if row is not None:
+            record = KeyRecord.from_row(row)
+            self.by_id[key_id] = record
+            self.by_hash[record.key_hash] = record
+
+    async def apply(self, event: KeyEvent) -> None:
+        if event.action in ("revoked", "updated", "created"):
+            await self.reload(event.key_id)
+        elif event.action == "budget_exceeded":
+            self.blocked[event.key_id] = (float(event.detail.get("until", time.time() + 3600)),
+                                          str(event.detail.get("reason", "budget")))
+        elif event.action == "budget_reset":
+            self.blocked.pop(event.key_id, None)
+
+    # ---- authentication ---------------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> KeyRecord:
+        key_hash = hash_key(self.secret, token)
+        record = self.by_hash.get(key_hash)
+        if record is None:
+            if self._unknown.get(key_hash, 0) > time.time():
+                raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(select(virtual_keys).where(virtual_keys.c.key_hash == key_hash))
+                       ).mappings().first()
+            if row is None:
+                self._unknown[key_hash] = time.time() + NEGATIVE_TTL_S
+                if len(self._unknown) > 10_000:
+                    self._unknown.clear()
+                raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+            record = KeyRecord.from_row(row)
+            self.by_hash[key_hash], self.by_id[record.key_id] = record, record
+        if record.revoked_at is not None:
+            raise GatewayError(401, f"This API key was revoked at {record.revoked_at.isoformat()}.",
+                               code="key_revoked")
+        if record.expired():
+            assert record.expires_at is not None
+            raise GatewayError(401, f"This API key expired at {record.expires_at.isoformat()}.", code="key_expired")
+        self.check_budget(record)
+        return record
+
+    def check_budget(self, record: KeyRecord) -> None:
+        now = time.time()
+        for scope in (f"key:{record.key_id}", f"team:{record.team}" if record.team else None,
+                      f"project:{record.project}" if record.project else None):
+            if scope is None or scope not in self.blocked:
+                continue
+            until, reason = self.blocked[scope]
+            if now >= until:
+                del self.blocked[scope]  # a new period has begun
+                continue
+            reset = datetime.fromtimestamp(until, UTC).isoformat()
+            raise GatewayError(429, f"Budget exceeded for {scope.replace(':', ' ')} ({reason}); it resets at {reset}.",
+                               type="budget_exceeded", code="budget_exceeded", retry_after_s=until - now)
+
+    # ---- administration ---------------------------------------------------------------------
+
+    async def create(self, spec: dict[str, Any]) -> tuple[KeyRecord, str]:
+        token = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + secrets.token_hex(8)
+        values = {**spec, "key_id": key_id, "key_hash": hash_key(self.secret, token), "key_prefix": token[:10],
+                  "created_at": datetime.now(UTC), "updated_at": datetime.now(UTC)}
+        values.setdefault("allowed_models", [])
+        values.setdefault("metadata", {})
+        values.setdefault("alert_thresholds", [0.8])
+        async with self.engine.begin() as conn:
+            await conn.execute(virtual_keys.insert().values(**values))
+        await self.reload(key_id)
+        return self.by_id[key_id], token
+
+    async def update(self, key_id: str, changes: dict[str, Any]) -> KeyRecord:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(update(virtual_keys).where(virtual_keys.c.key_id == key_id)
+                                        .values(**changes, updated_at=datetime.now(UTC)))
+        if result.rowcount == 0:
+            raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
+        await self.reload(key_id)
+        return self.by_id[key_id]
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        return await self.update(key_id, {"revoked_at": datetime.now(UTC)})
+
+    async def all_keys(self) -> list[KeyRecord]:
+        await self.load_all()
+        return sorted(self.by_id.values(), key=lambda r: r.created_at or datetime.min.replace(tzinfo=UTC))
+
+    async def set_budget(self, scope: str, scope_id: str, amount: Decimal, period: str,
+                         thresholds: list[float]) -> None:
+        """A team or project budget (key budgets live on the key)."""
+        from sqlalchemy.dialects.postgresql import insert
+
+        if scope not in ("team", "project"):
+            raise GatewayError(400, "scope must be team or project", param="scope")
+        if period not in PERIODS:
+            raise GatewayError(400, f"period must be one of {', '.join(PERIODS)}", param="period")
+        stmt = insert(budgets).values(scope=scope, scope_id=scope_id, budget_usd=amount, budget_period=period,
+                                      alert_thresholds=thresholds)
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["scope", "scope_id"],
+                set_={"budget_usd": amount, "budget_period": period, "alert_thresholds": thresholds}))

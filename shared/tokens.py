@@ -1,0 +1,31 @@
+"""A cheap, conservative token estimate used before the provider reports the real count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_OUTPUT_TOKENS = 256
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def estimate_input_tokens(body: dict[str, Any]) -> int:
+    """About one token per four characters of every message, tool schema and embedding input."""
+    chars = sum(len(_text(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict))
+    if body.get("tools"):
+        chars += len(str(body["tools"]))
+    if isinstance(body.get("input"), str | list):
+        chars += len(str(body["input"]))
+    return chars // 4 + 1
+
+
+def estimate_total_tokens(body: dict[str, Any]) -> int:
+    """Input estimate plus the most the completion may use (max_tokens, or a default)."""
+    out = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_OUTPUT_TOKENS
+    return estimate_input_tokens(body) + (int(out) if "messages" in body else 0)
