@@ -54,7 +54,7 @@ class Deployment(BaseModel):
     context_window: int | None = Field(default=None, ge=1)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
 
-    def keys(self) -> list[str]:
+    def all_api_keys(self) -> list[str]:
         """Every API key of this deployment, in rotation order."""
         return [k for k in [self.api_key, *self.api_keys] if k]
 

@@ -17,9 +17,11 @@ class Fakes:
         self.faulty = FakeOpenAI().start()
         self.primary = FakeOpenAI().start()
         self.secondary = FakeOpenAI().start()
+        self.limited = FakeOpenAI(rpm_limit=600).start()
+        self.rotated = FakeOpenAI(rpm_limit=30).start()
 
     def all(self) -> list[FakeOpenAI]:
-        return [self.main, self.faulty, self.primary, self.secondary]
+        return [self.main, self.faulty, self.primary, self.secondary, self.limited, self.rotated]
 
     def stop(self) -> None:
         for fake in self.all():
@@ -59,6 +61,20 @@ models:
         model: gpt-4o-mini
         api_base: {f.secondary.url}/v1
         api_key: sk-secondary
+  - name: paced
+    deployments:
+      - provider: openai
+        model: gpt-4o-mini
+        api_base: {f.limited.url}/v1
+        api_key: sk-paced
+        rpm: 600
+  - name: rotated
+    deployments:
+      - provider: openai
+        model: gpt-4o-mini
+        api_base: {f.rotated.url}/v1
+        api_keys: [sk-rot-a, sk-rot-b]
+        rpm: 30
 """
 
 

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from services.workers.calls import CallFailed, CallResult, call, make_client
-from services.workers.pacing import Pacer
+from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
 from shared import topics
@@ -35,6 +35,8 @@ from shared.logs import setup_logging
 
 log = logging.getLogger("switchyard.worker")
 MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_MAX_IN_FLIGHT", "512"))
+BATCH_MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_BATCH_IN_FLIGHT", "256"))
+FETCH_MAX = 256
 COMMIT_INTERVAL_S = 0.2
 
 
@@ -57,13 +59,18 @@ class Worker:
         self.config = config
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
         self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=f"workers.{provider}",
-                                                        max_poll_records=MAX_IN_FLIGHT)
+                                                        max_poll_records=FETCH_MAX)
         self.tracker = OffsetTracker()
-        self.pacer = Pacer()
+        self.pacer = Pacer(share=self._share)
         self.client: httpx.AsyncClient = make_client()
         self.ready = False
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._in_flight = {False: 0, True: 0}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _share(self) -> float:
+        """The part of the provider's traffic this process sees: the partitions it owns, of all."""
+        owned = [tp for tp in self.consumer.assignment() if tp.topic == topics.provider_topic(self.provider)]
+        return len(owned) / topics.PROVIDER_PARTITIONS if owned else 1.0
 
     async def start(self) -> None:
         await start_client(self.producer, "worker-producer")
@@ -89,22 +96,35 @@ class Worker:
         except KafkaError as e:
             log.warning("commit failed (rebalance?)", extra={"error": repr(e)})
 
+    def _backpressure(self) -> None:
+        """Pause a class of partitions (interactive or batch) while that class has its fill of messages
+        in flight: the backlog stays in Kafka, and a batch backlog never takes the slots interactive
+        requests need."""
+        for is_batch, limit in ((False, MAX_IN_FLIGHT), (True, BATCH_MAX_IN_FLIGHT)):
+            parts = [tp for tp in self.consumer.assignment() if tp.topic.endswith(topics.BATCH_SUFFIX) == is_batch]
+            if self._in_flight[is_batch] >= limit:
+                self.consumer.pause(*parts)
+            else:
+                self.consumer.resume(*parts)
+
     async def consume_forever(self) -> None:
         last_commit = time.monotonic()
         while True:
-            batches = await self.consumer.getmany(timeout_ms=100, max_records=MAX_IN_FLIGHT)
+            self._backpressure()
+            batches = await self.consumer.getmany(timeout_ms=100, max_records=FETCH_MAX)
             for tp, records in batches.items():
+                is_batch = tp.topic.endswith(topics.BATCH_SUFFIX)
                 for record in records:
-                    await self._slots.acquire()
+                    self._in_flight[is_batch] += 1
                     self.tracker.started(tp, record.offset)
-                    task = asyncio.create_task(self._process(tp, record.offset, record.value))
+                    task = asyncio.create_task(self._process(tp, record.offset, record.value, is_batch))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
             if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                 await self.commit()
                 last_commit = time.monotonic()
 
-    async def _process(self, tp: TopicPartition, offset: int, raw: bytes) -> None:
+    async def _process(self, tp: TopicPartition, offset: int, raw: bytes, is_batch: bool) -> None:
         try:
             acks = await self.handle(raw)
             if acks:
@@ -115,7 +135,7 @@ class Worker:
             log.exception("could not deliver what a message owes; exiting for redelivery", extra={"offset": offset})
             os._exit(3)
         finally:
-            self._slots.release()
+            self._in_flight[is_batch] -= 1
         self.tracker.finished(tp, offset)
 
     # ---- one message --------------------------------------------------------------------------
@@ -136,15 +156,26 @@ class Worker:
             await asyncio.sleep(min(wait_s, max(0.0, (env.deadline_ms - now_ms()) / 1000.0)))
         if env.expired():
             return [self._reply_error(env, timeout_error())]
-        async with self.pacer.slot(dep, env) as api_key:
-            if env.expired():
-                return [self._reply_error(env, timeout_error())]
-            return await self._call(env, dep, api_key)
+        acks: list[asyncio.Future[Any]] = []
+        while True:
+            try:
+                async with self.pacer.slot(dep, env) as lease:
+                    if env.expired():
+                        return [*acks, self._reply_error(env, timeout_error())]
+                    done, retry_here = await self._call(env, dep, lease)
+                    acks.extend(done)
+            except GatewayError as e:  # no slot before an interactive request's deadline: let the router decide
+                return [*acks, self._retry(env, dep, e)]
+            if not retry_here:
+                return acks
 
-    async def _call(self, env: RequestEnvelope, dep: Deployment, api_key: str | None) -> list[asyncio.Future[Any]]:
+    async def _call(self, env: RequestEnvelope, dep: Deployment,
+                    lease: Lease) -> tuple[list[asyncio.Future[Any]], bool]:
+        """One provider call and everything it owes; True when the worker should call again itself
+        (a 429 that paused one key while another key, or for batch, time, can still serve it)."""
         acks: list[asyncio.Future[Any]] = []
         route = f"group={env.model_group}; deployment={dep.id}; attempt={env.attempt}"
-        ctx = CallContext(dep, env.body, env.stream, api_key, env.id, strict=bool(env.body.get("strict")))
+        ctx = CallContext(dep, env.body, env.stream, lease.key, env.id, strict=bool(env.body.get("strict")))
         seq = 0
 
         async def on_chunk(c: dict[str, Any]) -> None:
@@ -159,9 +190,12 @@ class Worker:
             result = await call(self.client, self.adapter, ctx, kind=env.kind, on_chunk=on_chunk,
                                 total_timeout_s=remaining_s)
         except CallFailed as failed:
-            self.pacer.observe_failure(dep, api_key, failed.error)
+            self.pacer.observe_failure(dep, lease, failed.error)
             acks.append(self._usage(env, dep, None, failed))
             acks.append(self._event(env, dep, None, failed))
+            if failed.chunks_sent == 0 and failed.error.status == 429 and (
+                    env.priority == "batch" or self.pacer.any_key_free(dep)):
+                return acks, True
             if failed.chunks_sent == 0:
                 acks.append(self._retry(env, dep, failed.error))
             else:
@@ -169,7 +203,8 @@ class Worker:
                 acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="error",
                                                               status=err.status, data=err.body(),
                                                               custom_id=env.custom_id)))
-            return acks
+            return acks, False
+        self.pacer.record_usage(lease, result.usage.prompt_tokens + result.usage.completion_tokens)
         headers = {topics.HEADER_ROUTE: route}
         if result.dropped_params:
             headers[topics.HEADER_DROPPED_PARAMS] = ",".join(result.dropped_params)
@@ -185,7 +220,7 @@ class Worker:
                                                           custom_id=env.custom_id)))
         acks.append(self._usage(env, dep, result, None))
         acks.append(self._event(env, dep, result, None))
-        return acks
+        return acks, False
 
     def _send_reply(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
         return deliver(self.producer, env.reply_topic, encode(reply), key=env.id.encode(),

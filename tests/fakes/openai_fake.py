@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict, deque
 from typing import Any
 
 import orjson
@@ -16,7 +18,43 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403:
 
 
 class FakeOpenAI(FakeProvider):
+    """`rpm_limit` makes it enforce a per-API-key limit over a sliding 60 s window, like a real provider:
+    calls beyond it get 429 with Retry-After and are counted in `rejected`."""
+
     name = "openai"
+
+    def __init__(self, rpm_limit: int | None = None) -> None:
+        self.rpm_limit = rpm_limit
+        self.windows: dict[str, deque[float]] = defaultdict(deque)
+        self.rejected = 0
+        self.max_in_window = 0
+        super().__init__()
+
+    def over_limit(self, request: Request) -> Response | None:
+        if self.rpm_limit is None:
+            return None
+        key = request.headers.get("authorization", "")
+        now = time.time()
+        with self._lock:
+            window = self.windows[key]
+            while window and window[0] <= now - 60:
+                window.popleft()
+            if len(window) >= self.rpm_limit:
+                self.rejected += 1
+                retry = window[0] + 60 - now
+                return Response(orjson.dumps(self.error_body(429, "Rate limit reached for requests")),
+                                status_code=429, headers={"retry-after": f"{retry:.0f}"},
+                                media_type="application/json")
+            window.append(now)
+            self.max_in_window = max(self.max_in_window, len(window))
+        return None
+
+    def reset(self) -> None:
+        super().reset()
+        with self._lock:
+            self.windows.clear()
+            self.rejected = 0
+            self.max_in_window = 0
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         code = None
@@ -34,6 +72,9 @@ class FakeOpenAI(FakeProvider):
         async def chat(request: Request) -> Response:
             await self.record(request)
             body = orjson.loads(await request.body())
+            limited = self.over_limit(request)
+            if limited is not None:
+                return limited
             fault = self.take_fault(request)
             early = await self.fault_response(fault)
             if early is not None:
