@@ -155,6 +155,9 @@ class Pacer:
         try:
             yield Lease(chosen, entry)
         finally:
+            # Count the call from when it ended: the provider saw it somewhere in between, so its window
+            # entry can only expire after ours (no 429 from sending the next call a little early).
+            entry[0] = max(entry[0], time.time())
             chosen.in_flight -= 1
             pace.notify()
 

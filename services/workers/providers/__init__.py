@@ -7,6 +7,7 @@ from collections.abc import Callable
 from services.workers.providers.anthropic import AnthropicAdapter
 from services.workers.providers.azure import AzureOpenAIAdapter
 from services.workers.providers.base import ProviderAdapter
+from services.workers.providers.bedrock import BedrockAdapter
 from services.workers.providers.cohere import CohereAdapter
 from services.workers.providers.gemini import GeminiAdapter
 from services.workers.providers.openai import PRESETS, OpenAICompatibleAdapter
@@ -17,6 +18,7 @@ ADAPTERS: dict[str, Callable[[], ProviderAdapter]] = {
     "gemini": GeminiAdapter,
     "cohere": CohereAdapter,
     "azure": AzureOpenAIAdapter,
+    "bedrock": BedrockAdapter,
 }
 
 
