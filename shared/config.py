@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STATE_DIR = ".switchyard"
 STACK_FILE = "stack.json"
@@ -53,6 +54,12 @@ class Deployment(BaseModel):
     first_byte_timeout_s: float = Field(default=60.0, gt=0)
     context_window: int | None = Field(default=None, ge=1)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _date_as_text(cls, value: Any) -> Any:
+        """YAML reads an unquoted `2024-10-21` as a date; Azure wants the text."""
+        return value.isoformat() if isinstance(value, date) else value
 
     def all_api_keys(self) -> list[str]:
         """Every API key of this deployment, in rotation order."""

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.anthropic_fake import FakeAnthropic
+from tests.fakes.azure_fake import FakeAzureOpenAI
+from tests.fakes.bedrock_fake import FakeBedrock
+from tests.fakes.cohere_fake import FakeCohere
+from tests.fakes.gemini_fake import FakeGemini
 from tests.fakes.openai_fake import FakeOpenAI
+from tests.fakes.server import FakeProvider
 from tests.stack import RunningStack, start_stack, warm_up
 
 
@@ -19,9 +25,15 @@ class Fakes:
         self.secondary = FakeOpenAI().start()
         self.limited = FakeOpenAI(rpm_limit=600).start()
         self.rotated = FakeOpenAI(rpm_limit=30).start()
+        self.anthropic = FakeAnthropic().start()
+        self.gemini = FakeGemini().start()
+        self.cohere = FakeCohere().start()
+        self.azure = FakeAzureOpenAI().start()
+        self.bedrock = FakeBedrock().start()
 
-    def all(self) -> list[FakeOpenAI]:
-        return [self.main, self.faulty, self.primary, self.secondary, self.limited, self.rotated]
+    def all(self) -> list[FakeProvider]:
+        return [self.main, self.faulty, self.primary, self.secondary, self.limited, self.rotated, self.anthropic,
+                self.gemini, self.cohere, self.azure, self.bedrock]
 
     def stop(self) -> None:
         for fake in self.all():
@@ -75,6 +87,22 @@ models:
         api_base: {f.rotated.url}/v1
         api_keys: [sk-rot-a, sk-rot-b]
         rpm: 30
+  - name: claude
+    deployments:
+      - {{provider: anthropic, model: claude-3-5-haiku-20241022, api_base: "{f.anthropic.url}", api_key: sk-ant}}
+  - name: gemini-flash
+    deployments:
+      - {{provider: gemini, model: gemini-2.0-flash, api_base: "{f.gemini.url}", api_key: goog-key}}
+  - name: command
+    deployments:
+      - {{provider: cohere, model: command-a-03-2025, api_base: "{f.cohere.url}", api_key: co-key}}
+  - name: azure-gpt
+    deployments:
+      - {{provider: azure, model: gpt-4o-mini, api_base: "{f.azure.url}", api_key: az-key, api_version: 2024-10-21}}
+  - name: nova
+    deployments:
+      - {{provider: bedrock, model: amazon.nova-lite-v1:0, api_base: "{f.bedrock.url}", region: us-west-2,
+          aws_access_key_id: AKIDFAKE, aws_secret_access_key: fake-secret/key+value}}
 """
 
 

@@ -52,3 +52,9 @@ def test_missing_env_var_names_the_field() -> None:
 def test_validation_errors_name_the_field(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(text, env={})
+
+
+def test_unquoted_azure_api_version_stays_text() -> None:
+    config = parse_config("models:\n  - name: a\n    deployments:\n      - {provider: azure, model: m, "
+                          "api_base: 'https://x.openai.azure.com', api_version: 2024-10-21}\n", env={})
+    assert config.models[0].deployments[0].api_version == "2024-10-21"
