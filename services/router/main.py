@@ -1,8 +1,9 @@
 """`switchyard router`: consume `llm.requests`, pick a deployment, publish to its provider topic.
 
 Health comes from `llm.events` (read in full by every replica, from two minutes back on
-start), so routers hold no state that another replica lacks. Offsets are committed after
-every message of a batch has been acknowledged downstream.
+start, and caught up before the first request is routed), so routers hold no state that
+another replica lacks. Offsets are committed after every message of a batch has been
+acknowledged downstream.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
-from services.router.health import HealthBook
+from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import decide
 from shared import topics
 from shared.config import GatewayConfig, load_config, load_settings
@@ -29,12 +30,13 @@ from shared.logs import setup_logging
 
 log = logging.getLogger("switchyard.router")
 HEALTH_REPLAY_MS = 120_000
+CATCH_UP_TIMEOUT_S = 15.0
 
 
 class Router:
     def __init__(self, bootstrap: str, config: GatewayConfig) -> None:
         self.config = config
-        self.health = HealthBook()
+        self.health = HealthBook(BreakerSettings.from_env())
         self.rng = random.Random()
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
         self.requests: AIOKafkaConsumer = make_consumer(topics.REQUESTS, bootstrap=bootstrap, group_id="router")
@@ -54,7 +56,22 @@ class Router:
                 await self.events.seek_to_end(tp)
             else:
                 self.events.seek(tp, found.offset)
+        await self.catch_up(parts)
         await start_client(self.requests, "router-requests")
+
+    async def catch_up(self, parts: list[TopicPartition]) -> None:
+        """Replay recent events up to the current end before routing, so a restarted router knows
+        which deployments are cooling down instead of sending them traffic."""
+        ends = await self.events.end_offsets(parts)
+        deadline = asyncio.get_running_loop().time() + CATCH_UP_TIMEOUT_S
+        while True:
+            behind = [tp for tp, end in ends.items() if await self.events.position(tp) < end]
+            if not behind:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("health replay incomplete; routing anyway", extra={"partitions": len(behind)})
+                return
+            await self.read_events(timeout_ms=200)
 
     async def stop(self) -> None:
         await self.requests.stop()
@@ -63,13 +80,19 @@ class Router:
 
     async def follow_events(self) -> None:
         while True:
-            batches = await self.events.getmany(timeout_ms=500, max_records=2000)
-            for records in batches.values():
-                for record in records:
-                    try:
-                        self.health.apply(AttemptEvent.model_validate_json(record.value))
-                    except ValidationError:
-                        log.error("dropping malformed event", extra={"offset": record.offset})
+            await self.read_events(timeout_ms=500)
+
+    async def read_events(self, timeout_ms: int) -> None:
+        batches = await self.events.getmany(timeout_ms=timeout_ms, max_records=2000)
+        for records in batches.values():
+            for record in records:
+                try:
+                    event = AttemptEvent.model_validate_json(record.value)
+                except ValidationError:
+                    log.error("dropping malformed event", extra={"offset": record.offset})
+                    continue
+                if event.v <= CONTRACT_VERSION:
+                    self.health.apply(event)
 
     async def route_forever(self) -> None:
         while True:
@@ -99,11 +122,17 @@ class Router:
             decision = decide(env, self.config, self.health, now, self.rng)
         except GatewayError as e:
             return self.answer(env, e)
+        except Exception:
+            # A bug must not leave the caller without an answer, nor crash-loop on this message.
+            log.exception("routing failed", extra={"request_id": env.id})
+            return self.answer(env, GatewayError(500, "The router could not route this request.",
+                                                 code="routing_error"))
         env.model_group = decision.group.name
         env.deployment = decision.deployment.id
         env.not_before_ms = decision.not_before_ms
         topic = topics.provider_topic(decision.deployment.provider, batch=env.priority == "batch")
-        log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt})
+        log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt,
+                                   "rule": decision.rule, "not_before_ms": env.not_before_ms})
         return deliver(self.producer, topic, encode(env), key=env.id.encode())
 
     def answer(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:

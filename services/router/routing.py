@@ -1,11 +1,17 @@
 """Choosing a deployment for an attempt: content rules, fallback chains, strategies, retries.
 
-Pure functions of (envelope, config, health, clock) so every router replica decides alike
-and the rules are testable without Kafka.
+Functions of (envelope, config, health, clock) so every router replica decides alike and the
+rules are testable without Kafka. The only state they touch is the HealthBook, where a decision
+is noted as in flight (least-busy) and takes a half-open deployment's probe.
+
+The chain of model groups an attempt may use is rebuilt from the envelope each time (rules,
+the context-window check, the group's and the request's fallbacks, and any context-length or
+content-policy switch recorded in the history), so any replica can continue any request.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -13,15 +19,21 @@ from functools import lru_cache
 from typing import Any
 
 from services.router.health import HealthBook
+from shared import topics
 from shared.config import Deployment, GatewayConfig, ModelGroup, RouteRule
-from shared.contracts import RequestEnvelope
-from shared.errors import GatewayError
+from shared.contracts import AttemptRecord, RequestEnvelope
+from shared.errors import RETRYABLE_STATUSES, GatewayError
 from shared.pricing import lookup
 
+log = logging.getLogger("switchyard.router")
+
 MAX_ATTEMPTS = 6
+"""Attempts after which a request that has no untried deployment left gets its last error."""
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 8.0
 DEFAULT_OUTPUT_TOKENS = 256
+LATENCY_TOLERANCE = 0.1
+"""`latency` picks at random among deployments within 10 % of the fastest, so equals share the load."""
 
 
 @dataclass
@@ -29,6 +41,7 @@ class Decision:
     group: ModelGroup
     deployment: Deployment
     not_before_ms: int = 0
+    rule: str | None = None
 
 
 # ---- request features -------------------------------------------------------------------------
@@ -38,13 +51,13 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return ""
 
 
 def estimate_input_tokens(body: dict[str, Any]) -> int:
     """About one token per four characters of every message (and tool schema): cheap and conservative."""
-    chars = sum(len(_text(m.get("content"))) for m in body.get("messages") or [])
+    chars = sum(len(_text(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict))
     if body.get("tools"):
         chars += len(str(body["tools"]))
     if isinstance(body.get("input"), str | list):
@@ -53,32 +66,41 @@ def estimate_input_tokens(body: dict[str, Any]) -> int:
 
 
 def has_images(body: dict[str, Any]) -> bool:
-    return any(isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"]
-                                                          if isinstance(p, dict))
-               for m in body.get("messages") or [])
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "image")
+                                             for p in content):
+            return True
+    return False
 
 
 def last_user_message(body: dict[str, Any]) -> str:
     for m in reversed(body.get("messages") or []):
-        if m.get("role") == "user":
+        if isinstance(m, dict) and m.get("role") == "user":
             return _text(m.get("content"))
     return ""
 
 
 @lru_cache(maxsize=256)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _regex(pattern: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        log.error("routing rule regex does not compile; the rule never matches",
+                  extra={"pattern": pattern, "error": str(e)})
+        return None
 
 
 def rule_matches(rule: RouteRule, env: RequestEnvelope) -> bool:
+    """All of a rule's conditions hold (a rule without conditions matches everything)."""
     body = env.body
     if rule.models and env.model not in rule.models:
         return False
-    meta = {**env.metadata, **{k: str(v) for k, v in (body.get("metadata") or {}).items()}}
+    body_meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    meta = {**env.metadata, **{k: str(v) for k, v in (body_meta or {}).items()}}
     if any(meta.get(k) != v for k, v in rule.metadata.items()):
         return False
-    headers = env.route_headers
-    if any(headers.get(k.lower()) != v for k, v in rule.headers.items()):
+    if any(env.route_headers.get(k.lower()) != v for k, v in rule.headers.items()):
         return False
     tokens = estimate_input_tokens(body)
     if rule.min_input_tokens is not None and tokens < rule.min_input_tokens:
@@ -89,16 +111,93 @@ def rule_matches(rule: RouteRule, env: RequestEnvelope) -> bool:
         return False
     if rule.has_images is not None and has_images(body) != rule.has_images:
         return False
-    return not (rule.last_user_message_regex and not _regex(rule.last_user_message_regex).search(
-        last_user_message(body)))
+    if rule.last_user_message_regex:
+        pattern = _regex(rule.last_user_message_regex)
+        if pattern is None or not pattern.search(last_user_message(body)):
+            return False
+    return True
 
 
-def first_group(env: RequestEnvelope, config: GatewayConfig) -> str:
-    """The model group for a new request: the first matching rule's target, else the requested model."""
-    for rule in config.routing_rules:
+def first_group(env: RequestEnvelope, config: GatewayConfig) -> tuple[str, str | None]:
+    """The model group for a request (the first matching rule's target, else the requested model) and the rule."""
+    for i, rule in enumerate(config.routing_rules):
         if rule_matches(rule, env):
-            return rule.route_to
-    return env.model
+            return rule.route_to, rule.name or f"rule[{i}]"
+    return env.model, None
+
+
+# ---- the chain of groups ----------------------------------------------------------------------
+
+
+def _too_small(group: ModelGroup, tokens: int) -> bool:
+    """Every deployment has a known context window and the estimate exceeds all of them."""
+    windows = [d.context_window for d in group.deployments]
+    return all(w is not None for w in windows) and all(tokens > w for w in windows if w is not None)
+
+
+def _fitting(group: ModelGroup, tokens: int) -> list[Deployment]:
+    """The deployments whose window fits the estimate; all of them when none does (the provider decides)."""
+    fits = [d for d in group.deployments if d.context_window is None or d.context_window >= tokens]
+    return fits or list(group.deployments)
+
+
+def _request_fallbacks(env: RequestEnvelope) -> list[str]:
+    return [f for f in env.body.get("fallbacks") or [] if isinstance(f, str)]
+
+
+def _groups(config: GatewayConfig, names: list[str]) -> list[ModelGroup]:
+    out: list[ModelGroup] = []
+    for name in names:
+        g = config.group(name)
+        if g is not None and g not in out:
+            out.append(g)
+    return out
+
+
+def _special_fallback(group: ModelGroup | None, code: str | None) -> str | None:
+    if group is None:
+        return None
+    if code == "context_length_exceeded":
+        return group.context_window_fallback
+    if code == "content_filter":
+        return group.content_policy_fallback
+    return None
+
+
+def retryable(record: AttemptRecord) -> bool:
+    """Connect errors (502), timeouts (408/504), 429 and 5xx: another attempt may succeed."""
+    return record.status in RETRYABLE_STATUSES
+
+
+def chain(env: RequestEnvelope, config: GatewayConfig) -> tuple[list[ModelGroup], str | None]:
+    """The model groups this attempt may use, in order, and the rule that chose the first one.
+
+    Raises the request's final error when its last attempt failed in a way no other attempt can fix.
+    """
+    name, rule = first_group(env, config)
+    root = config.group(name)
+    if root is None:
+        raise GatewayError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+    tokens = estimate_input_tokens(env.body)
+    if root.context_window_fallback and _too_small(root, tokens):
+        # Decided before calling: the prompt cannot fit any deployment of this group.
+        root = config.group(root.context_window_fallback) or root
+    groups = _groups(config, [root.name, *root.fallbacks, *_request_fallbacks(env)])
+
+    group_of = {d.id: g.name for g in config.models for d in g.deployments}
+    for i, record in enumerate(env.history):
+        if retryable(record):
+            continue
+        failed_in = config.group(group_of.get(record.deployment, ""))
+        target = _special_fallback(failed_in, record.code)
+        tried = {group_of.get(h.deployment) for h in env.history[: i + 1]}
+        target_group = config.group(target) if target else None
+        if target_group is None or target_group.name in tried:
+            if i == len(env.history) - 1:
+                raise final_error(env)
+            continue
+        groups = _groups(config, [target_group.name, *target_group.fallbacks, *_request_fallbacks(env)])
+    return groups, rule
 
 
 # ---- strategies -------------------------------------------------------------------------------
@@ -112,25 +211,27 @@ def _estimated_cost(dep: Deployment, body: dict[str, Any]) -> float:
     return float(price.input) * estimate_input_tokens(body) + float(price.output) * int(out)
 
 
-def pick(group: ModelGroup, candidates: list[Deployment], health: HealthBook, body: dict[str, Any],
-         rng: random.Random) -> Deployment:
+def pick(group: ModelGroup, candidates: list[Deployment], health: HealthBook, env: RequestEnvelope,
+         now: float, rng: random.Random) -> Deployment:
+    """One of `candidates` (all healthy, none tried by this request) by the group's strategy."""
     if group.strategy == "weighted":
         weights = [d.weight for d in candidates]
         if sum(weights) <= 0:
             return candidates[0]
         return rng.choices(candidates, weights=weights)[0]
     if group.strategy == "latency":
-        def score(d: Deployment) -> float:
-            h = health.deployments.get(d.id)
-            if h is None:
-                return 0.0  # unmeasured: try it so it gets measured
-            return h.ttft_ms if (h.ttft_ms is not None and body.get("stream")) else (h.latency_ms or 0.0)
-        best = min(score(d) for d in candidates)
-        return rng.choice([d for d in candidates if score(d) == best])
+        scores = {d.id: health.latency_score(d.id, env.stream, now) for d in candidates}
+        unmeasured = [d for d in candidates if scores[d.id] is None]
+        if unmeasured:
+            return rng.choice(unmeasured)  # measure it first
+        best = min(s for s in scores.values() if s is not None)
+        return rng.choice([d for d in candidates if (scores[d.id] or 0.0) <= best * (1 + LATENCY_TOLERANCE)])
     if group.strategy == "cost":
-        return min(candidates, key=lambda d: _estimated_cost(d, body))
+        return min(candidates, key=lambda d: _estimated_cost(d, env.body))
     if group.strategy == "least-busy":
-        return min(candidates, key=lambda d: health.get(d.id).in_flight)
+        busy = {d.id: health.in_flight(d.id, now) for d in candidates}
+        fewest = min(busy.values())
+        return rng.choice([d for d in candidates if busy[d.id] == fewest])
     return candidates[0]
 
 
@@ -144,68 +245,53 @@ def backoff_s(attempt: int, rng: random.Random) -> float:
 
 def decide(env: RequestEnvelope, config: GatewayConfig, health: HealthBook, now_ms: int,
            rng: random.Random | None = None) -> Decision:
-    """The deployment for this attempt, or a GatewayError (raised) that is the request's final answer."""
+    """The deployment for this attempt, or a GatewayError (raised) that is the request's final answer.
+
+    An untried, healthy deployment in the chain goes at once; when none is left, the request
+    retries the deployment that is free soonest after a jittered backoff (and at least the
+    last error's Retry-After), unless that would pass its deadline or it has had MAX_ATTEMPTS.
+    """
     rng = rng or random.Random()
-    start = env.model_group or first_group(env, config)
-    group = config.group(start)
-    if group is None:
-        raise GatewayError(404, f"The model '{start}' does not exist.", param="model", code="model_not_found")
-    if not env.history and group.context_window_fallback:
-        windows = [d.context_window for d in group.deployments if d.context_window]
-        if windows and estimate_input_tokens(env.body) > max(windows):
-            group = config.group(group.context_window_fallback) or group
-
-    chain = [group.name, *group.fallbacks, *[f for f in env.body.get("fallbacks") or [] if isinstance(f, str)]]
-    last = env.history[-1] if env.history else None
-    if last is not None and not _retryable(last.status, last.code):
-        target = None
-        if last.code == "context_length_exceeded":
-            target = group.context_window_fallback
-        elif last.code == "content_filter":
-            target = group.content_policy_fallback
-        tried_groups = {h.deployment.rsplit("/", 1)[0] for h in env.history}
-        if not target or target in tried_groups or config.group(target) is None:
-            raise _final_error(env)
-        chain = [target]
-
+    groups, rule = chain(env, config)
+    tokens = estimate_input_tokens(env.body)
     failed = {h.deployment for h in env.history}
     now = now_ms / 1000.0
-    seen: set[str] = set()
-    groups: list[ModelGroup] = []
-    for name in chain:
-        g = config.group(name)
-        if g is not None and name not in seen:
-            seen.add(name)
-            groups.append(g)
     for g in groups:
-        candidates = [d for d in g.deployments if d.id not in failed and health.available(d.id, now)]
+        candidates = [d for d in _fitting(g, tokens) if d.id not in failed and health.available(d.id, now)]
         if candidates:
-            return Decision(g, pick(g, candidates, health, env.body, rng))
+            dep = pick(g, candidates, health, env, now, rng)
+            health.note_routed(dep.id, env.id, env.attempt, now)
+            return Decision(g, dep, rule=rule)
 
-    # Every deployment has failed this request or is cooling down: retry the one free soonest.
     if len(env.history) >= MAX_ATTEMPTS:
-        raise _final_error(env)
-    options = [(health.cooldown_left(d.id, now), i, g, d) for g in groups for i, d in enumerate(g.deployments)]
+        raise final_error(env)
+    last = env.history[-1] if env.history else None
+    options: list[tuple[float, int, ModelGroup, Deployment]] = []
+    for g in groups:
+        for d in _fitting(g, tokens):
+            wait = health.cooldown_left(d.id, now)
+            if last is not None and last.deployment == d.id and last.retry_after_s:
+                wait = max(wait, last.retry_after_s)  # the events topic may not have told us yet
+            options.append((wait, len(options), g, d))
     if not options:
-        raise _final_error(env)
+        raise final_error(env)
     wait, _, g, dep = min(options, key=lambda o: (o[0], o[1]))
-    wait = max(wait, backoff_s(len(env.history), rng) if env.history else 0.0)
+    if env.history:
+        wait = max(wait, backoff_s(len(env.history), rng))
     if now_ms + wait * 1000 >= env.deadline_ms:
-        raise _final_error(env, waited_for=wait)
-    return Decision(g, dep, not_before_ms=int(now_ms + wait * 1000))
+        raise final_error(env, out_of_time=True)
+    health.note_routed(dep.id, env.id, env.attempt, now + wait)
+    return Decision(g, dep, not_before_ms=int(now_ms + wait * 1000), rule=rule)
 
 
-def _retryable(status: int, code: str | None) -> bool:
-    return status in (408, 429, 500, 502, 503, 504)
-
-
-def _final_error(env: RequestEnvelope, waited_for: float | None = None) -> GatewayError:
+def final_error(env: RequestEnvelope, out_of_time: bool = False) -> GatewayError:
+    """The answer when no attempt is left: the last provider error as the client should see it."""
     if not env.history:
         return GatewayError(503, "No deployment is available for this model right now.", code="no_deployment")
     last = env.history[-1]
-    if last.status in (408, 429, 500, 502, 503, 504) and waited_for is not None:
-        message = f"{last.message} (no deployment could take the request before its deadline)"
-    else:
-        message = last.message
+    message = last.message
+    if out_of_time and retryable(last):
+        message = f"{message} (no deployment could take the request before its deadline)"
+    route = f"group={env.model_group or env.model}; deployment={last.deployment}; attempt={len(env.history) - 1}"
     return GatewayError(last.status, message, type=last.error_type, code=last.code,
-                        retry_after_s=last.retry_after_s)
+                        retry_after_s=last.retry_after_s, headers={topics.HEADER_ROUTE: route})
