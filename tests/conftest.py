@@ -21,6 +21,7 @@ class Fakes:
     def __init__(self) -> None:
         self.main = FakeOpenAI().start()
         self.faulty = FakeOpenAI().start()
+        self.slow = FakeOpenAI().start()
         self.primary = FakeOpenAI().start()
         self.secondary = FakeOpenAI().start()
         self.limited = FakeOpenAI(rpm_limit=600).start()
@@ -32,7 +33,7 @@ class Fakes:
         self.bedrock = FakeBedrock().start()
 
     def all(self) -> list[FakeProvider]:
-        return [self.main, self.faulty, self.primary, self.secondary, self.limited, self.rotated, self.anthropic,
+        return [self.main, self.faulty, self.slow, self.primary, self.secondary, self.limited, self.rotated, self.anthropic,
                 self.gemini, self.cohere, self.azure, self.bedrock]
 
     def stop(self) -> None:
@@ -62,6 +63,13 @@ models:
         model: gpt-4o-mini
         api_base: {f.faulty.url}/v1
         api_key: sk-faulty
+        first_byte_timeout_s: 2
+  - name: slow
+    deployments:
+      - provider: openai
+        model: gpt-4o-mini
+        api_base: {f.slow.url}/v1
+        api_key: sk-slow
         first_byte_timeout_s: 2
   - name: failover
     deployments:

@@ -174,15 +174,15 @@ def test_unknown_route_is_openai_style_404(stack: RunningStack) -> None:
     _error(r)
 
 
-# Last: these leave the `faulty` deployment's breaker open for a while.
+# These use their own deployment: timeouts open its circuit breaker for a while.
 def test_deadline_exceeded_is_504(stack: RunningStack, fakes: Fakes) -> None:
-    fakes.faulty.inject(latency_ms=3000, times=10)
-    r = _post(stack, orjson.dumps({"model": "faulty", "messages": MSG}), {"x-switchyard-timeout": "1"})
+    fakes.slow.inject(latency_ms=3000, times=10)
+    r = _post(stack, orjson.dumps({"model": "slow", "messages": MSG}), {"x-switchyard-timeout": "1"})
     assert r.status_code == 504
     assert _error(r)["type"] == "timeout_error"
 
 
 def test_silent_upstream_hits_first_byte_timeout_then_504(stack: RunningStack, fakes: Fakes) -> None:
-    fakes.faulty.inject(silent=True, times=10)
-    r = _post(stack, orjson.dumps({"model": "faulty", "messages": MSG}), {"x-switchyard-timeout": "5"})
+    fakes.slow.inject(silent=True, times=10)
+    r = _post(stack, orjson.dumps({"model": "slow", "messages": MSG}), {"x-switchyard-timeout": "5"})
     assert r.status_code == 504

@@ -106,6 +106,7 @@ class FakeProvider:
     def stop(self) -> None:
         if self._server:
             self._server.should_exit = True
+            self._server.force_exit = True  # don't wait for connections a `silent` fault holds open
         if self._thread:
             self._thread.join(timeout=5)
 
