@@ -501,6 +501,23 @@ def test_429_retry_after_cools_the_deployment_for_exactly_that_long() -> None:
     assert health2.available("chat/0", at + 0.6)  # shorter than the default cooldown: honoured too
 
 
+def test_a_429_without_retry_after_counts_like_any_failure() -> None:
+    # One key of a multi-key deployment hitting its limit must not take the whole deployment out.
+    health = HealthBook(SETTINGS)
+    health.apply(event("chat/0", T0, ok=False, status=429))
+    health.apply(event("chat/0", T0 + 1, ok=False, status=429))
+    assert health.available("chat/0", T0 / 1000 + 0.1)
+    health.apply(event("chat/0", T0 + 2, ok=False, status=429))
+    assert not health.available("chat/0", T0 / 1000 + 0.1)
+
+
+def test_a_503_with_retry_after_is_honoured_too() -> None:
+    health = HealthBook(SETTINGS)
+    health.apply(event("chat/0", T0, ok=False, status=503, retry_after=3))
+    assert not health.available("chat/0", T0 / 1000 + 2.9)
+    assert health.available("chat/0", T0 / 1000 + 3.1)
+
+
 def test_half_open_lets_one_probe_through_then_closes_on_its_success() -> None:
     health = HealthBook(SETTINGS)
     for i in range(3):

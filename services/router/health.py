@@ -5,9 +5,12 @@ Circuit breaker per deployment, with three states:
 
 - closed: traffic flows. It trips (opens) after `failures_to_open` consecutive failures, or when
   more than `error_ratio` of at least `min_samples` outcomes in the last `window_s` failed, or at
-  once on a 429. Failures that are the request's own fault (400, 413, 422) do not count.
+  once when a failure carries Retry-After / retry-after-ms (a 429, or a 503 that says when to come
+  back). A 429 without it counts like any failure: with several API keys per deployment, one key's
+  limit does not mean the deployment is full. Failures that are the request's own fault (400, 413,
+  422) do not count.
 - open: the deployment gets no traffic for `cooldown_s`, or for as long as the provider's
-  Retry-After / retry-after-ms said (capped at `max_cooldown_s`).
+  Retry-After said (capped at `max_cooldown_s`).
 - half-open: once the cooldown is over, one probe call is let through (per router replica; a
   worker's `start` event also marks the probe as taken for every replica). A success of a call that
   began after the trip closes the breaker and forgets the old outcomes; a failure opens it again.
@@ -153,7 +156,7 @@ class HealthBook:
         if h.tripped:
             if began >= h.opened_at:
                 self._trip(h, at, s.cooldown_s)  # the half-open probe (or a later call) failed: open again
-        elif event.status == 429 or h.consecutive_failures >= s.failures_to_open or ratio_trips:
+        elif h.consecutive_failures >= s.failures_to_open or ratio_trips:
             self._trip(h, at, s.cooldown_s)
 
     def note_routed(self, deployment: str, request_id: str, attempt: int, now: float) -> None:
