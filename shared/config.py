@@ -102,6 +102,16 @@ class RouteRule(BaseModel):
     has_images: bool | None = None
     last_user_message_regex: str | None = None
 
+    @field_validator("last_user_message_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return value
+
 
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

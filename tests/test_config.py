@@ -58,3 +58,10 @@ def test_unquoted_azure_api_version_stays_text() -> None:
     config = parse_config("models:\n  - name: a\n    deployments:\n      - {provider: azure, model: m, "
                           "api_base: 'https://x.openai.azure.com', api_version: 2024-10-21}\n", env={})
     assert config.models[0].deployments[0].api_version == "2024-10-21"
+
+
+def test_bad_rule_regex_is_a_config_error() -> None:
+    text = ("models:\n  - name: a\n    deployments:\n      - {provider: openai, model: m}\n"
+            "routing_rules:\n  - {route_to: a, last_user_message_regex: '(unclosed'}\n")
+    with pytest.raises(ConfigError, match=r"routing_rules\[0\]\.last_user_message_regex"):
+        parse_config(text, env={})

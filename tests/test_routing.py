@@ -250,7 +250,6 @@ RULES = cfg("""
       - {name: images, has_images: true, route_to: vision}
       - {name: code, last_user_message_regex: "(?i)\\\\b(python|sql)\\\\b", route_to: code}
       - {name: only-other, models: [other], max_input_tokens: 5, route_to: short}
-      - {name: broken-regex, last_user_message_regex: "(unclosed", route_to: other}
 """)
 
 

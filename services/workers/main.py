@@ -185,6 +185,7 @@ class Worker:
             seq += 1
             acks.append(self._send_reply(env, reply))
 
+        acks.append(self._started(env, dep))
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
             result = await call(self.client, self.adapter, ctx, kind=env.kind, on_chunk=on_chunk,
@@ -239,6 +240,12 @@ class Worker:
         nxt.history.append(AttemptRecord(deployment=dep.id, status=err.status, error_type=err.type,
                                          message=err.message, retry_after_s=err.retry_after_s, code=err.code))
         return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode())
+
+    def _started(self, env: RequestEnvelope, dep: Deployment) -> asyncio.Future[Any]:
+        """Tell every router a call began: least-busy counts it, and it takes a half-open breaker's probe."""
+        event = AttemptEvent(request_id=env.id, attempt=env.attempt, deployment=dep.id, provider=dep.provider,
+                             model_group=env.model_group or env.model, ok=True, phase="start")
+        return deliver(self.producer, topics.EVENTS, encode(event), key=dep.id.encode())
 
     def _usage(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
                      failed: CallFailed | None) -> asyncio.Future[Any]:

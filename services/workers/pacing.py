@@ -141,6 +141,11 @@ class Pacer:
                 if chosen is not None:
                     break
                 wait = min(waits) if waits else 0.05  # inf: free only when a call ends
+                if interactive and all(kp.paused_until > now for kp in pace.keys):
+                    # The provider said stop on every key: let the router fail over now instead of waiting here.
+                    raise GatewayError(429, f"Deployment {dep.id} is rate limited by the provider.",
+                                       code="rate_limit_exceeded",
+                                       retry_after_s=min(kp.paused_until for kp in pace.keys) - now)
                 if interactive and now + (0.0 if wait == math.inf else wait) >= env.deadline_ms / 1000:
                     raise GatewayError(429, f"Deployment {dep.id} is at its configured rate limit.",
                                        code="rate_limit_exceeded", retry_after_s=1.0 if wait == math.inf else wait)
