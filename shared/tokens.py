@@ -7,17 +7,18 @@ from typing import Any
 DEFAULT_OUTPUT_TOKENS = 256
 
 
-def _text(content: Any) -> str:
+def text_of(content: Any) -> str:
+    """The text of an OpenAI message content, whether a string or a list of parts."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return ""
 
 
 def estimate_input_tokens(body: dict[str, Any]) -> int:
     """About one token per four characters of every message, tool schema and embedding input."""
-    chars = sum(len(_text(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict))
+    chars = sum(len(text_of(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict))
     if body.get("tools"):
         chars += len(str(body["tools"]))
     if isinstance(body.get("input"), str | list):

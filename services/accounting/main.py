@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -25,6 +24,7 @@ from shared.db import make_engine
 from shared.health import health_port_default, serve_health
 from shared.kafka import encode, make_consumer, make_producer, send_and_wait, start_client
 from shared.logs import setup_logging
+from shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.accounting")
 BATCH_MAX = 1000
@@ -95,17 +95,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.health_port:
         await serve_health(args.health_port, lambda: accounting.ready)
     log.info("accounting started")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    work = asyncio.create_task(accounting.run_forever())
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
-    work.cancel()
-    stopper.cancel()
-    if work.done() and not work.cancelled() and work.exception():
-        log.error("accounting loop failed", exc_info=work.exception())
+    await run_until_signal(log, accounting.run_forever())
     await accounting.stop()
 
 

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import random
-import signal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -27,6 +26,7 @@ from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
 from shared.kafka import deliver, encode, make_consumer, make_producer, start_client
 from shared.logs import setup_logging
+from shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.router")
 HEALTH_REPLAY_MS = 120_000
@@ -163,18 +163,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.health_port:
         await serve_health(args.health_port, lambda: router.ready)
     log.info("router started")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(router.follow_events()), asyncio.create_task(router.route_forever())]
-    stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    for task in [*tasks, stopper]:
-        task.cancel()
-    for task in done:
-        if task is not stopper and task.exception():
-            log.error("router task failed", exc_info=task.exception())
+    await run_until_signal(log, router.follow_events(), router.route_forever())
     await router.stop()
 
 

@@ -24,6 +24,7 @@ from shared.config import Deployment, GatewayConfig, ModelGroup, RouteRule
 from shared.contracts import AttemptRecord, RequestEnvelope
 from shared.errors import RETRYABLE_STATUSES, GatewayError
 from shared.pricing import lookup
+from shared.tokens import DEFAULT_OUTPUT_TOKENS, estimate_input_tokens, text_of
 
 log = logging.getLogger("switchyard.router")
 
@@ -31,7 +32,6 @@ MAX_ATTEMPTS = 6
 """Attempts after which a request that has no untried deployment left gets its last error."""
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 8.0
-DEFAULT_OUTPUT_TOKENS = 256
 LATENCY_TOLERANCE = 0.1
 """`latency` picks at random among deployments within 10 % of the fastest, so equals share the load."""
 
@@ -47,24 +47,6 @@ class Decision:
 # ---- request features -------------------------------------------------------------------------
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-def estimate_input_tokens(body: dict[str, Any]) -> int:
-    """About one token per four characters of every message (and tool schema): cheap and conservative."""
-    chars = sum(len(_text(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict))
-    if body.get("tools"):
-        chars += len(str(body["tools"]))
-    if isinstance(body.get("input"), str | list):
-        chars += len(str(body["input"]))
-    return chars // 4 + 1
-
-
 def has_images(body: dict[str, Any]) -> bool:
     for m in body.get("messages") or []:
         content = m.get("content") if isinstance(m, dict) else None
@@ -77,7 +59,7 @@ def has_images(body: dict[str, Any]) -> bool:
 def last_user_message(body: dict[str, Any]) -> str:
     for m in reversed(body.get("messages") or []):
         if isinstance(m, dict) and m.get("role") == "user":
-            return _text(m.get("content"))
+            return text_of(m.get("content"))
     return ""
 
 

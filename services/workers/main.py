@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import time
 import uuid
 from typing import Any
@@ -32,6 +31,7 @@ from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
 from shared.kafka import OffsetTracker, deliver, encode, make_consumer, make_producer, start_client
 from shared.logs import setup_logging
+from shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.worker")
 MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_MAX_IN_FLIGHT", "512"))
@@ -298,17 +298,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.health_port:
         await serve_health(args.health_port, lambda: worker.ready)
     log.info("worker started", extra={"provider": args.provider})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    consume = asyncio.create_task(worker.consume_forever())
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([consume, stopper], return_when=asyncio.FIRST_COMPLETED)
-    consume.cancel()
-    stopper.cancel()
-    if consume.done() and not consume.cancelled() and consume.exception():
-        log.error("worker loop failed", exc_info=consume.exception())
+    await run_until_signal(log, worker.consume_forever())
     await worker.stop()
 
 

@@ -2,13 +2,24 @@
 
 Starts (unless KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL point elsewhere) the embedded broker and
 PostgreSQL, creates topics, migrates, starts the demo provider when no models are configured,
-then ingress, router, one worker pool per provider and accounting. A child that dies is
-restarted. Ctrl-C / SIGTERM stops everything, children first.
+then ingress, router, one worker pool per provider and accounting (`--replicas` processes per
+stage). Ctrl-C / SIGTERM stops everything, children first.
+
+Supervision, so that a local stack survives what the chaos tests do to it:
+- a child that dies is restarted (backoff doubles for a crash loop, resets after a healthy run);
+- the embedded broker that dies is restarted on the same address and the gateway's topics are
+  re-created. It keeps everything in memory, so what it held is lost (in-flight requests, usage
+  not yet stored, batch reply topics): it is for development only. While it restarts, the
+  children are paused (SIGSTOP/SIGCONT) so that none of them makes the broker auto-create a
+  topic with its default partition count before the real one exists; they reconnect by themselves.
+- `.switchyard/stack.json` names every child's pid (rewritten on each restart), the broker's pid
+  and the PostgreSQL data folder, so tests and operators can kill or stop exactly one process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -21,6 +32,7 @@ from typing import Any
 
 import httpx
 import orjson
+from aiokafka.admin import AIOKafkaAdminClient
 
 from shared import topics
 from shared.config import STATE_DIR, ConfigError, config_path, load_config, stack_file
@@ -30,6 +42,8 @@ from shared.devstack.postgres import EmbeddedPostgres
 from shared.kafka import ensure_topics
 
 STOP_GRACE_S = 10.0
+HEALTHY_RUN_S = 20.0
+"""A child that ran this long before dying was not crash-looping: its restart backoff starts over."""
 
 
 @dataclass
@@ -60,6 +74,22 @@ class Stack:
     broker: subprocess.Popen[bytes] | None = None
     postgres: EmbeddedPostgres | None = None
     stopping: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    """What stack.json says besides the pids (bootstrap, database URL, master key...)."""
+    topics: dict[str, int] = field(default_factory=dict)
+    """The topics (and partition counts) this stack needs: re-created when the embedded broker restarts."""
+    broker_restarts: int = 0
+
+    def publish(self) -> None:
+        """Rewrite stack.json with the current pids (after a start or any restart)."""
+        data = dict(self.info)
+        data["children"] = {c.name: c.proc.pid for c in self.children if c.proc is not None and c.alive()}
+        if self.broker is not None:
+            data["broker"] = {"pid": self.broker.pid, "restarts": self.broker_restarts}
+        if self.postgres is not None:
+            data["postgres"] = {"data": str(self.postgres.data), "port": self.postgres.port,
+                                "bin": str(self.postgres.bin)}
+        _write_stack(stack_file(), data)
 
 
 def parse_replicas(value: str | None) -> dict[str, int]:
@@ -127,12 +157,15 @@ def up(args: Any) -> int:
             config = load_config(str(path) if path else None) if path else _with_demo(env)
             _say(f"provider    no models configured: `demo` is served by the built-in fake on port {port}")
         bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
-        asyncio.run(_prepare(bootstrap, env["DATABASE_URL"], config.providers()))
+        stack.topics = topics.all_topics(config.providers())
+        asyncio.run(_prepare(bootstrap, env["DATABASE_URL"], stack.topics))
         ingress_url = f"http://{_client_host(args.host)}:{args.port}"
-        _write_stack(stack_file(), {
+        stack.info = {
             "bootstrap_servers": bootstrap, "database_url": env["DATABASE_URL"], "ingress_url": ingress_url,
+            "ingress_urls": [f"http://{_client_host(args.host)}:{args.port + i}" for i in range(replicas["ingress"])],
             "master_key": master_key, "pid": os.getpid(), "config": env.get("SWITCHYARD_CONFIG"),
-        })
+        }
+        stack.publish()
         cli = [sys.executable, "-m", "shared.cli"]
         for i in range(replicas["ingress"]):
             stack.children.append(Child(f"ingress-{i}", [*cli, "ingress", "--host", args.host, "--port",
@@ -150,6 +183,7 @@ def up(args: Any) -> int:
         for child in stack.children:
             if not child.alive():
                 child.start()
+        stack.publish()
         ports = [args.port + i for i in range(replicas["ingress"])]
         _wait_ready(stack, [f"http://{_client_host(args.host)}:{port}" for port in ports])
         extra = f" (one replica per port: {ports[0]}-{ports[-1]})" if len(ports) > 1 else ""
@@ -177,8 +211,8 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-async def _prepare(bootstrap: str, database_url: str, providers: list[str]) -> None:
-    await ensure_topics(bootstrap, topics.all_topics(providers))
+async def _prepare(bootstrap: str, database_url: str, wanted: dict[str, int]) -> None:
+    await ensure_topics(bootstrap, wanted)
     await upgrade(database_url)
 
 
@@ -210,22 +244,82 @@ def _wait_ready(stack: Stack, urls: list[str], timeout_s: float = 60.0) -> None:
 
 def _supervise(stack: Stack) -> None:
     while not stack.stopping:
+        restarted = False
         for child in stack.children:
             if stack.stopping:
                 break
             if not child.alive():
                 code = child.proc.returncode if child.proc else None
-                backoff = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
-                if time.time() - child.started_at < backoff:
+                if child.restarts and time.time() - child.started_at >= HEALTHY_RUN_S + _backoff(child.restarts):
+                    child.restarts = 0  # it died after a healthy run, not in a crash loop
+                if time.time() - child.started_at < _backoff(child.restarts):
                     continue
                 child.restarts += 1
                 print(f"switchyard: {child.name} exited ({code}); restarting (see {child.log_path})",
                       file=sys.stderr, flush=True)
                 child.start()
-        if stack.broker is not None and stack.broker.poll() is not None:
-            print("switchyard: the embedded broker died; stopping", file=sys.stderr, flush=True)
-            break
+                restarted = True
+        if stack.broker is not None and stack.broker.poll() is not None and not stack.stopping:
+            _restart_broker(stack)
+            restarted = True
+        if restarted:
+            stack.publish()
         time.sleep(0.2)
+
+
+def _backoff(restarts: int) -> float:
+    """Seconds to wait before restarting a child that has been restarted `restarts` times in a row."""
+    return min(30.0, 0.5 * 2 ** min(restarts, 6))
+
+
+def _signal_children(stack: Stack, sig: int) -> None:
+    for child in stack.children:
+        if child.alive():
+            assert child.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, sig)  # each child leads its own session (start_new_session)
+
+
+def _restart_broker(stack: Stack) -> None:
+    """Bring the embedded broker back on the same address, with the gateway's topics, before any child sees it.
+
+    Children keep their bootstrap address, so the broker must come back on the same port. Tansu
+    auto-creates a topic on first use with its own default partition count; children are paused
+    meanwhile, and a topic an outside client created too early is dropped and re-created.
+    """
+    assert stack.broker is not None
+    code = stack.broker.returncode
+    bootstrap = str(stack.info["bootstrap_servers"])
+    port = int(bootstrap.rsplit(":", 1)[1])
+    print(f"switchyard: the embedded broker exited ({code}); restarting it on {bootstrap}. It keeps its data in "
+          "memory: topics, in-flight requests and unstored usage are lost (development only)",
+          file=sys.stderr, flush=True)
+    _signal_children(stack, signal.SIGSTOP)
+    try:
+        stack.broker, _ = start_broker(stack.base / "logs" / "broker.log", port=port)
+        stack.broker_restarts += 1
+        asyncio.run(_recreate_topics(bootstrap, stack.topics))
+    except Exception as e:  # noqa: BLE001 - a broker that cannot come back stops the stack, plainly
+        print(f"switchyard: could not restart the embedded broker: {e}; stopping", file=sys.stderr, flush=True)
+        stack.stopping = True
+    finally:
+        _signal_children(stack, signal.SIGCONT)
+
+
+async def _recreate_topics(bootstrap: str, wanted: dict[str, int]) -> None:
+    """Create `wanted`; a topic that exists with another partition count (auto-created) is re-created."""
+    await ensure_topics(bootstrap, wanted)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="switchyard-supervisor")
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(wanted))
+        wrong = [t["topic"] for t in described if len(t.get("partitions") or []) != wanted.get(t["topic"])]
+        if wrong:
+            await admin.delete_topics(wrong)
+    finally:
+        await admin.close()
+    if wrong:
+        await ensure_topics(bootstrap, {name: wanted[name] for name in wrong})
 
 
 def _teardown(stack: Stack) -> None:

@@ -21,6 +21,7 @@ import httpx
 import orjson
 
 from services.workers.providers.base import (
+    GATEWAY_FIELDS,
     CallContext,
     ProviderAdapter,
     ServerEvent,
@@ -34,7 +35,6 @@ from services.workers.providers.base import (
     retry_after_seconds,
     split_data_url,
 )
-from services.workers.providers.openai import _GATEWAY_FIELDS
 from shared.errors import GatewayError
 
 DEFAULT_BASE = "https://api.anthropic.com"
@@ -71,7 +71,7 @@ FINISH_REASONS = {
 _HANDLED = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop",
     "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls", "response_format", "user",
-    "metadata", *_GATEWAY_FIELDS,
+    "metadata", *GATEWAY_FIELDS,
 })
 # Anthropic's own request fields, passed through when a caller sends them.
 _NATIVE = frozenset({"top_k", "thinking", "output_config", "context_management", "mcp_servers", "container"})

@@ -20,6 +20,9 @@ from shared.config import Deployment
 from shared.contracts import Usage
 from shared.errors import GatewayError
 
+GATEWAY_FIELDS = ("fallbacks", "strict")
+"""Body fields Switchyard reads itself and never forwards upstream."""
+
 
 @dataclass
 class CallContext:

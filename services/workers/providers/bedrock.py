@@ -71,6 +71,7 @@ import orjson
 
 from services.workers.providers import sigv4
 from services.workers.providers.base import (
+    GATEWAY_FIELDS,
     CallContext,
     ProviderAdapter,
     ServerEvent,
@@ -84,7 +85,6 @@ from services.workers.providers.base import (
     retry_after_seconds,
     split_data_url,
 )
-from services.workers.providers.openai import _GATEWAY_FIELDS
 from shared.config import Deployment
 from shared.errors import GatewayError
 
@@ -135,7 +135,7 @@ _CONTEXT_RE = re.compile(r"too long|too many (input )?tokens|input tokens exceed
 # Parameters this adapter translates or that Switchyard reads itself; never forwarded as they are.
 _HANDLED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                       "stop", "temperature", "top_p", "tools", "tool_choice", "response_format", "user",
-                      "metadata", *_GATEWAY_FIELDS})
+                      "metadata", *GATEWAY_FIELDS})
 # Converse's own request fields, passed through when a caller sends them.
 _NATIVE = frozenset({"additionalModelRequestFields", "additionalModelResponseFieldPaths", "guardrailConfig",
                      "performanceConfig", "promptVariables", "requestMetadata"})
@@ -724,7 +724,7 @@ class BedrockAdapter(ProviderAdapter):
         texts = [raw] if isinstance(raw, str) else list(raw or []) if isinstance(raw, list) else []
         if not texts or not all(isinstance(t, str) and t for t in texts):
             raise _bad("embeddings take text input only (a non-empty string or a list of them)", "input")
-        handled = {"model", "input", "encoding_format", "dimensions", "user", "metadata", *_GATEWAY_FIELDS}
+        handled = {"model", "input", "encoding_format", "dimensions", "user", "metadata", *GATEWAY_FIELDS}
         out: dict[str, Any]
         if family == "titan":
             if len(texts) != 1:

@@ -31,6 +31,7 @@ import httpx
 import orjson
 
 from services.workers.providers.base import (
+    GATEWAY_FIELDS,
     CallContext,
     ProviderAdapter,
     ServerEvent,
@@ -44,7 +45,6 @@ from services.workers.providers.base import (
     retry_after_seconds,
     text_of,
 )
-from services.workers.providers.openai import _GATEWAY_FIELDS
 from shared.errors import GatewayError
 
 DEFAULT_BASE = "https://api.cohere.com"
@@ -53,7 +53,7 @@ DEFAULT_BASE = "https://api.cohere.com"
 _HANDLED = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "seed", "stop", "frequency_penalty", "presence_penalty", "tools", "tool_choice", "response_format", "user",
-    "metadata", *_GATEWAY_FIELDS,
+    "metadata", *GATEWAY_FIELDS,
 })
 # Values of unsupported parameters that ask for nothing, so leaving them out loses nothing.
 _HARMLESS: dict[str, tuple[Any, ...]] = {
@@ -274,7 +274,7 @@ class CohereAdapter(ProviderAdapter):
             if name in body:
                 out[name] = body[name]
         handled = {"model", "input", "dimensions", "encoding_format", "user", "metadata", *_NATIVE_EMBED,
-                   *_GATEWAY_FIELDS}
+                   *GATEWAY_FIELDS}
         dropped = [k for k, v in body.items() if k not in handled and v is not None]
         _refuse_if_strict(ctx, dropped)
         return UpstreamRequest("POST", self._url(ctx, "/v2/embed"), self._headers(ctx), content=orjson.dumps(out),

@@ -44,6 +44,7 @@ import httpx
 import orjson
 
 from services.workers.providers.base import (
+    GATEWAY_FIELDS,
     CallContext,
     ProviderAdapter,
     ServerEvent,
@@ -65,7 +66,7 @@ SKIP_SIGNATURE = "skip_thought_signature_validator"
 
 # Never forwarded and never reported as dropped: gateway controls and caller-side bookkeeping.
 _IGNORED = frozenset({"model", "messages", "stream", "stream_options", "user", "metadata", "store",
-                      "fallbacks", "metadata_route", "strict", "switchyard"})
+                      *GATEWAY_FIELDS})
 
 _CHAT_HANDLED = frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n",
                            "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from services.workers.providers.base import (
+    GATEWAY_FIELDS,
     CallContext,
     ProviderAdapter,
     ServerEvent,
@@ -31,8 +32,6 @@ PRESETS: dict[str, str] = {
     "demo": "",
 }
 
-# Fields Switchyard reads itself and never forwards upstream.
-_GATEWAY_FIELDS = ("fallbacks", "metadata_route", "strict", "switchyard")
 
 
 class OpenAICompatibleStream(StreamParser):
@@ -74,7 +73,7 @@ class OpenAICompatibleAdapter(ProviderAdapter):
         return headers
 
     def chat_request(self, ctx: CallContext) -> UpstreamRequest:
-        body = {k: v for k, v in ctx.body.items() if k not in _GATEWAY_FIELDS}
+        body = {k: v for k, v in ctx.body.items() if k not in GATEWAY_FIELDS}
         body["model"] = ctx.deployment.model
         body["stream"] = ctx.stream
         if ctx.stream:
@@ -95,7 +94,7 @@ class OpenAICompatibleAdapter(ProviderAdapter):
         return OpenAICompatibleStream()
 
     def embeddings_request(self, ctx: CallContext) -> UpstreamRequest:
-        body = {k: v for k, v in ctx.body.items() if k not in _GATEWAY_FIELDS}
+        body = {k: v for k, v in ctx.body.items() if k not in GATEWAY_FIELDS}
         body["model"] = ctx.deployment.model
         return UpstreamRequest("POST", f"{self._base(ctx)}/embeddings", self._headers(ctx),
                                content=orjson.dumps(body))
