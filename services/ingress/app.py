@@ -26,11 +26,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.ingress import anthropic_api
+from services.ingress.admin import add_admin_routes
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
-from services.ingress.keys import KEY_PREFIX, BudgetSpec, KeySpec, KeyStore, key_hash_secret
+from services.ingress.keys import KEY_PREFIX, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.replies import Pending, ReplyListener
-from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, parse_json, validate
+from services.ingress.responses import error_response, json_response
+from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, parse_json, read_body, validate
 from shared import topics
 from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
@@ -41,20 +43,8 @@ from shared.tokens import estimate_total_tokens
 log = logging.getLogger("switchyard.ingress")
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SWITCHYARD_REQUEST_TIMEOUT", "300"))
-MAX_BODY_BYTES = int(os.environ.get("SWITCHYARD_MAX_BODY_BYTES", str(8 << 20)))
 REPLY_GRACE_S = 2.0
 """How long past the deadline ingress still waits for the pipeline's own timeout answer."""
-
-
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
-
-
-def error_response(err: GatewayError, request_id: str | None = None) -> Response:
-    headers = err.response_headers()
-    if request_id:
-        headers[topics.HEADER_REQUEST_ID] = request_id
-    return json_response(err.body(), err.status, headers)
 
 
 class Gateway:
@@ -201,20 +191,6 @@ class Gateway:
         return pending
 
 
-async def _read_body(request: Request) -> bytes:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise GatewayError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).", code="body_too_large")
-    chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > MAX_BODY_BYTES:
-            raise GatewayError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).",
-                               code="body_too_large")
-        chunks.append(part)
-    return b"".join(chunks)
-
-
 def _reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
     return {**reply.headers, topics.HEADER_REQUEST_ID: request_id}
 
@@ -275,7 +251,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         identity = await gateway.authenticate(request)
-        body = parse_json(await _read_body(request))
+        body = parse_json(await read_body(request))
         parsed = validate(ChatCompletionRequest, body)
         assert isinstance(parsed, ChatCompletionRequest)
         return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream)
@@ -283,72 +259,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         identity = await gateway.authenticate(request)
-        body = parse_json(await _read_body(request))
+        body = parse_json(await read_body(request))
         parsed = validate(EmbeddingsRequest, body)
         assert isinstance(parsed, EmbeddingsRequest)
         return await _dispatch(request, identity, body, parsed.model, "embeddings", False)
 
-    # ---- administration (master key) --------------------------------------------------------
-
-    @app.post("/v1/keys")
-    async def create_key(request: Request) -> Response:
-        await gateway.authenticate_admin(request)
-        spec = validate(KeySpec, parse_json(await _read_body(request)))
-        assert isinstance(spec, KeySpec)
-        record, token = await gateway.key_store().create(spec.columns())
-        await gateway.publish_key_event(KeyEvent(key_id=record.key_id, action="created"))
-        return json_response({**record.public(), "key": token}, 201)
-
-    @app.get("/v1/keys")
-    async def list_keys(request: Request) -> Response:
-        await gateway.authenticate_admin(request)
-        return json_response({"object": "list", "data": [r.public() for r in await gateway.key_store().all_keys()]})
-
-    @app.get("/v1/keys/{key_id}")
-    async def get_key(request: Request, key_id: str) -> Response:
-        await gateway.authenticate_admin(request)
-        await gateway.key_store().reload(key_id)
-        record = gateway.key_store().by_id.get(key_id)
-        if record is None:
-            raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
-        return json_response(record.public())
-
-    @app.patch("/v1/keys/{key_id}")
-    async def update_key(request: Request, key_id: str) -> Response:
-        await gateway.authenticate_admin(request)
-        spec = validate(KeySpec, parse_json(await _read_body(request)))
-        assert isinstance(spec, KeySpec)
-        record = await gateway.key_store().update(key_id, spec.columns())
-        await gateway.publish_key_event(KeyEvent(key_id=key_id, action="updated"))
-        return json_response(record.public())
-
-    @app.post("/v1/keys/{key_id}/revoke")
-    @app.delete("/v1/keys/{key_id}")
-    async def revoke_key(request: Request, key_id: str) -> Response:
-        await gateway.authenticate_admin(request)
-        record = await gateway.key_store().revoke(key_id)
-        await gateway.publish_key_event(KeyEvent(key_id=key_id, action="revoked"))
-        return json_response(record.public())
-
-    @app.put("/v1/budgets/{scope}/{scope_id}")
-    async def set_budget(request: Request, scope: str, scope_id: str) -> Response:
-        await gateway.authenticate_admin(request)
-        spec = validate(BudgetSpec, parse_json(await _read_body(request)))
-        assert isinstance(spec, BudgetSpec)
-        await gateway.key_store().set_budget(scope, scope_id, spec.budget_usd, spec.budget_period,
-                                             spec.alert_thresholds)
-        return json_response({"scope": scope, "scope_id": scope_id, **spec.model_dump(mode="json")})
-
-    @app.get("/v1/spend")
-    async def spend_api(request: Request, by: str = "model", since: str = "30d") -> Response:
-        await gateway.authenticate_admin(request)
-        from shared.spend import spend
-
-        try:
-            rows = await spend(gateway.engine(), by=by, since=since)
-        except ValueError as e:
-            raise GatewayError(400, str(e), param="by" if "by" in str(e).split()[0] else "since") from None
-        return json_response({"object": "list", "by": by, "since": since, "data": rows})
+    add_admin_routes(app, gateway)
 
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                       stream: bool) -> InFlight:
@@ -434,7 +350,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         request_id: str = request.state.request_id
         try:
             identity = await gateway.authenticate(request)
-            raw = parse_json(await _read_body(request))
+            raw = parse_json(await read_body(request))
             body = anthropic_api.to_openai_request(raw)
             validate(ChatCompletionRequest, body)
             model, stream = str(raw["model"]), bool(body.get("stream"))
@@ -469,7 +385,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         request_id: str = request.state.request_id
         try:
             await gateway.authenticate(request)
-            counted = anthropic_api.estimate_tokens(parse_json(await _read_body(request)))
+            counted = anthropic_api.estimate_tokens(parse_json(await read_body(request)))
         except GatewayError as e:
             return _anthropic_error(e, request_id)
         return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})

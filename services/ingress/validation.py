@@ -6,12 +6,16 @@ are checked for type and range so bad input costs nothing downstream.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import orjson
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import GatewayError, invalid_request
+
+MAX_BODY_BYTES = int(os.environ.get("SWITCHYARD_MAX_BODY_BYTES", str(8 << 20)))
 
 
 class Message(BaseModel):
@@ -108,3 +112,17 @@ def validate(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
             message = f"Invalid value for '{param}': {err['msg']}."
         raise GatewayError(400, message, param=param or None, code="missing_required_parameter"
                            if kind == "missing" else "invalid_value") from None
+
+
+async def read_body(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise GatewayError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).", code="body_too_large")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise GatewayError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).",
+                               code="body_too_large")
+        chunks.append(part)
+    return b"".join(chunks)

@@ -1,0 +1,79 @@
+"""The admin API on ingress (master key only): virtual keys, team/project budgets, spend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from services.ingress.keys import BudgetSpec, KeySpec
+from services.ingress.responses import json_response
+from services.ingress.validation import parse_json, read_body, validate
+from shared.contracts import KeyEvent
+from shared.errors import GatewayError
+
+if TYPE_CHECKING:
+    from services.ingress.app import Gateway
+
+
+def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
+    @app.post("/v1/keys")
+    async def create_key(request: Request) -> Response:
+        await gateway.authenticate_admin(request)
+        spec = validate(KeySpec, parse_json(await read_body(request)))
+        assert isinstance(spec, KeySpec)
+        record, token = await gateway.key_store().create(spec.columns())
+        await gateway.publish_key_event(KeyEvent(key_id=record.key_id, action="created"))
+        return json_response({**record.public(), "key": token}, 201)
+
+    @app.get("/v1/keys")
+    async def list_keys(request: Request) -> Response:
+        await gateway.authenticate_admin(request)
+        return json_response({"object": "list", "data": [r.public() for r in await gateway.key_store().all_keys()]})
+
+    @app.get("/v1/keys/{key_id}")
+    async def get_key(request: Request, key_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        await gateway.key_store().reload(key_id)
+        record = gateway.key_store().by_id.get(key_id)
+        if record is None:
+            raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
+        return json_response(record.public())
+
+    @app.patch("/v1/keys/{key_id}")
+    async def update_key(request: Request, key_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        spec = validate(KeySpec, parse_json(await read_body(request)))
+        assert isinstance(spec, KeySpec)
+        record = await gateway.key_store().update(key_id, spec.columns())
+        await gateway.publish_key_event(KeyEvent(key_id=key_id, action="updated"))
+        return json_response(record.public())
+
+    @app.post("/v1/keys/{key_id}/revoke")
+    @app.delete("/v1/keys/{key_id}")
+    async def revoke_key(request: Request, key_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        record = await gateway.key_store().revoke(key_id)
+        await gateway.publish_key_event(KeyEvent(key_id=key_id, action="revoked"))
+        return json_response(record.public())
+
+    @app.put("/v1/budgets/{scope}/{scope_id}")
+    async def set_budget(request: Request, scope: str, scope_id: str) -> Response:
+        await gateway.authenticate_admin(request)
+        spec = validate(BudgetSpec, parse_json(await read_body(request)))
+        assert isinstance(spec, BudgetSpec)
+        await gateway.key_store().set_budget(scope, scope_id, spec.budget_usd, spec.budget_period,
+                                             spec.alert_thresholds)
+        return json_response({"scope": scope, "scope_id": scope_id, **spec.model_dump(mode="json")})
+
+    @app.get("/v1/spend")
+    async def spend_api(request: Request, by: str = "model", since: str = "30d") -> Response:
+        await gateway.authenticate_admin(request)
+        from shared.spend import spend
+
+        try:
+            rows = await spend(gateway.engine(), by=by, since=since)
+        except ValueError as e:
+            raise GatewayError(400, str(e), param="by" if "by" in str(e).split()[0] else "since") from None
+        return json_response({"object": "list", "by": by, "since": since, "data": rows})
