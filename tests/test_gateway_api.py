@@ -186,3 +186,27 @@ def test_silent_upstream_hits_first_byte_timeout_then_504(stack: RunningStack, f
     fakes.slow.inject(silent=True, times=10)
     r = _post(stack, orjson.dumps({"model": "slow", "messages": MSG}), {"x-switchyard-timeout": "5"})
     assert r.status_code == 504
+
+
+def test_embeddings_through_the_pipeline(client: openai.OpenAI, fakes: Fakes) -> None:
+    resp = client.embeddings.create(model="gpt-test", input=["first text", "second text"])
+    assert [d.index for d in resp.data] == [0, 1] and len(resp.data[0].embedding) == 16
+    assert resp.usage.prompt_tokens > 0
+    assert fakes.main.calls("/embeddings")[0].body["input"] == ["first text", "second text"]
+
+
+def test_legacy_completions_map_onto_chat(client: openai.OpenAI, fakes: Fakes) -> None:
+    resp = client.completions.create(model="gpt-test", prompt="say this", max_tokens=20)
+    assert resp.object == "text_completion" and resp.choices[0].text == "Echo: say this"
+    assert resp.choices[0].finish_reason == "stop" and resp.usage is not None
+    sent = fakes.main.calls("/chat/completions")[0].body
+    assert sent["messages"] == [{"role": "user", "content": "say this"}] and sent["max_tokens"] == 20
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="gpt-test", prompt="stream this", stream=True) if c.choices)
+    assert streamed == "Echo: stream this"
+
+
+def test_legacy_completions_refuse_what_chat_cannot_do(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="gpt-test", prompt="x", echo=True)
+    assert info.value.body["param"] == "echo"  # type: ignore[index]

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +25,10 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.ingress import anthropic_api
+from services.ingress import anthropic_api, completions
 from services.ingress.admin import add_admin_routes
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
+from services.ingress.completions import CompletionRequest
 from services.ingress.keys import KEY_PREFIX, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.replies import Pending, ReplyListener
@@ -256,6 +257,17 @@ def create_app(gateway: Gateway) -> FastAPI:
         assert isinstance(parsed, ChatCompletionRequest)
         return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream)
 
+    @app.post("/v1/completions")
+    async def legacy_completions(request: Request) -> Response:
+        identity = await gateway.authenticate(request)
+        raw = parse_json(await read_body(request))
+        parsed = validate(CompletionRequest, raw)
+        assert isinstance(parsed, CompletionRequest)
+        body = completions.to_chat(raw, parsed)
+        validate(ChatCompletionRequest, body)
+        return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream,
+                               completions.from_chat, completions.chunk_from_chat)
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         identity = await gateway.authenticate(request)
@@ -330,16 +342,19 @@ def create_app(gateway: Gateway) -> FastAPI:
             _settle(call, reply)
 
     async def _dispatch(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
-                        stream: bool) -> Response:
+                        stream: bool, shape: Shape = _same, shape_chunk: Shape = _same) -> Response:
+        """Submit, then answer in OpenAI's shape (or another, through `shape` / `shape_chunk`)."""
         call = await _submit(request, identity, body, model, kind, stream)
         first = await _first(call)
         headers = _reply_headers(first, call.envelope.id)
         if not stream:
-            return json_response(first.data, first.status, headers)
+            return json_response(shape(first.data or {}), first.status, headers)
 
         async def relay() -> AsyncIterator[bytes]:
             async for reply in _rest(call, first):
-                if reply.type in ("chunk", "error"):
+                if reply.type == "chunk":
+                    yield b"data: " + orjson.dumps(shape_chunk(reply.data or {})) + b"\n\n"
+                elif reply.type == "error":
                     yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
             yield b"data: [DONE]\n\n"
 
@@ -391,6 +406,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})
 
     return app
+
+
+Shape = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _same(data: dict[str, Any]) -> dict[str, Any]:
+    return data
 
 
 @dataclass
