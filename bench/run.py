@@ -316,7 +316,8 @@ def table(doc: dict[str, Any]) -> str:
             cpu = sy["cpu_by_process_at_max"].get(lab)
             rss = sy["peak_rss_mb_by_process"].get(lab)
             lines.append(f"| {lab} | {'' if cpu is None else f'{cpu:.3f}'} | {'' if rss is None else f'{rss:.0f}'} |")
-    lines += ["", f"Raw results: `bench/results/{doc['file']}` (git {doc['git']})."]
+    dirty = f", uncommitted changes in {', '.join(doc['git_dirty'])}" if doc.get("git_dirty") else ""
+    lines += ["", f"Raw results: `bench/results/{doc['file']}` (git {doc['git']}{dirty})."]
     return "\n".join(lines)
 
 
@@ -362,9 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     parser.add_argument("--repo", type=Path, default=None,
                         help="run Switchyard from this source tree (a patched copy) instead of the checkout")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
-                        help="also measure Switchyard from source tree PATH as `switchyard-NAME`, interleaved with "
-                             "the others in the same run (A/B of a proposed change under the same machine load)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH[:LIBDIR]",
+                        help="also measure Switchyard from source tree PATH (PYTHONPATH; extra `:`-separated entries "
+                             "allowed) as `switchyard-NAME`, interleaved with the others in the same run (A/B of a "
+                             "proposed change under the same machine load)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V",
                         help="extra environment for the Switchyard stack (e.g. to try a tuning knob)")
     args = parser.parse_args(argv)
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now().isoformat(timespec="seconds"), "mode": mode_name, "plan": asdict(plan),
         "command": " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": procstat.machine(), "python": sys.version.split()[0], "targets": {}, "summary": {},
-        "overhead": {}, "git": _git_head(), "switchyard_env": extra_env,
+        "overhead": {}, "git": _git_head(), "git_dirty": _git_dirty(), "switchyard_env": extra_env,
         "switchyard_repo": str(args.repo) if args.repo else "",
     }
     if "litellm" in wanted:
@@ -463,6 +465,16 @@ def main(argv: list[str] | None = None) -> int:
         _say("README table updated")
     ok = all(summary["max_rps"]["median"] > 0 for summary in doc["summary"].values())
     return 0 if ok else 1
+
+
+def _git_dirty() -> list[str]:
+    """Uncommitted changes to the services' code at run time (others may be editing the same tree)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "services", "shared"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10).stdout
+        return [line[3:] for line in out.splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        return []
 
 
 def _git_head() -> str:

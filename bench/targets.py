@@ -94,21 +94,23 @@ class Switchyard:
     def __init__(self, api_base: str, extra_env: dict[str, str] | None = None, repo: Path | None = None) -> None:
         self.api_base = api_base
         self.extra_env = extra_env or {}
-        self.repo = (repo or REPO).resolve()
-        """The source tree the services import (PYTHONPATH): a patched copy measures a proposed change."""
+        self.pythonpath = str(repo) if repo else str(REPO)
+        """What the services import first (PYTHONPATH, `:`-separated): a patched copy of the source tree
+        measures a proposed change; a second entry may hold a library the change needs."""
         WORK.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="switchyard-", dir=WORK))
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
-    def start(self, timeout_s: float = 120.0) -> None:
+    def start(self, timeout_s: float = 240.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "bench.yaml").write_text(
             f"models:\n  - name: {MODEL}\n    deployments:\n      - provider: openai\n        model: gpt-4o-mini\n"
             f"        api_base: {self.api_base}\n        api_key: x\n")
         env = {k: v for k, v in os.environ.items()
                if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "SWITCHYARD_CONFIG")}
-        env.update({"SWITCHYARD_MASTER_KEY": SWITCHYARD_KEY, "PYTHONPATH": str(self.repo), **self.extra_env})
+        pythonpath = ":".join(str(Path(p).resolve()) for p in self.pythonpath.split(":"))
+        env.update({"SWITCHYARD_MASTER_KEY": SWITCHYARD_KEY, "PYTHONPATH": pythonpath, **self.extra_env})
         self.port = free_port()
         out = open(self.dir / "up.out", "wb")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(self.port),

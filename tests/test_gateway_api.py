@@ -44,7 +44,8 @@ def test_sdk_chat_streaming_in_order_with_usage(client: openai.OpenAI) -> None:
 
 
 def test_streaming_without_include_usage_has_no_usage_chunk(client: openai.OpenAI, fakes: Fakes) -> None:
-    chunks = list(client.chat.completions.create(model="gpt-test", messages=MSG, stream=True))  # type: ignore[arg-type]
+    chunks: list[Any] = list(client.chat.completions.create(model="gpt-test", messages=MSG,  # type: ignore[arg-type]
+                                                            stream=True))
     assert all(c.usage is None for c in chunks)
     assert all(c.choices for c in chunks)
     # ...while upstream we always ask for usage, so the call can be priced.
