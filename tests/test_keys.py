@@ -29,17 +29,19 @@ def second_ingress(stack: RunningStack) -> Iterator[str]:
     env = _child_env({"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": stack.database_url,
                       "SWITCHYARD_CONFIG": str(stack.cwd / "switchyard.yaml"),
                       "TEST_UPSTREAM_KEY": "sk-upstream-secret"})
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "ingress", "--port", str(port), "--reply-partition",
-                             "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = stack.cwd / "second-ingress.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "ingress", "--port", str(port),
+                                 "--reply-partition", "1"], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
+    deadline = time.time() + 120  # generous: CI machines are shared and slow to start Python processes
     while True:
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
-        assert time.time() < deadline and proc.poll() is None, "second ingress did not start"
+        assert time.time() < deadline and proc.poll() is None, f"second ingress did not start:\n{log.read_text()}"
         time.sleep(0.1)
     yield url
     proc.terminate()
