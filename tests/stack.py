@@ -73,7 +73,7 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start_stack(cwd: Path, config_yaml: str | None, extra_env: dict[str, str] | None = None,
-                args: tuple[str, ...] = (), timeout_s: float = 90.0) -> RunningStack:
+                args: tuple[str, ...] = (), timeout_s: float = 180.0) -> RunningStack:
     cwd.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         (cwd / "switchyard.yaml").write_text(config_yaml)
@@ -94,7 +94,7 @@ def start_stack(cwd: Path, config_yaml: str | None, extra_env: dict[str, str] | 
     return stack
 
 
-def warm_up(stack: RunningStack, model: str, timeout_s: float = 60.0) -> None:
+def warm_up(stack: RunningStack, model: str, timeout_s: float = 120.0) -> None:
     """Wait until the router and the model's worker pool have joined their groups and answer."""
     deadline = time.time() + timeout_s
     body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "warm up"}]})
