@@ -317,7 +317,7 @@ def table(doc: dict[str, Any]) -> str:
             rss = sy["peak_rss_mb_by_process"].get(lab)
             lines.append(f"| {lab} | {'' if cpu is None else f'{cpu:.3f}'} | {'' if rss is None else f'{rss:.0f}'} |")
     dirty = f", uncommitted changes in {', '.join(doc['git_dirty'])}" if doc.get("git_dirty") else ""
-    lines += ["", f"Raw results: `bench/results/{doc['file']}` (git {doc['git']}{dirty})."]
+    lines += ["", f"Raw results: `{doc['file']}` (git {doc['git']}{dirty})."]
     return "\n".join(lines)
 
 
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = args.name or mode_name
     path = out_dir / f"{date}-{name}.json"
-    doc["file"] = path.name
+    doc["file"] = str(path.relative_to(REPO))
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     md = table(doc)
     print(md)
