@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run everything at this niceness (e.g. -5 on a machine others share; needs root)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="first wait up to this long for the 1-minute load average to drop below the core count")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only rewrite the README table from an earlier results file")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     parser.add_argument("--repo", type=Path, default=None,
                         help="run Switchyard from this source tree (a patched copy) instead of the checkout")
@@ -372,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="K=V",
                         help="extra environment for the Switchyard stack (e.g. to try a tuning knob)")
     args = parser.parse_args(argv)
+    if args.render:
+        earlier: dict[str, Any] = json.loads(args.render.read_text())
+        if "/" not in earlier.get("file", "/"):
+            earlier["file"] = f"bench/results/{earlier['file']}"
+        update_readme(table(earlier))
+        _say(f"README table rendered from {args.render}")
+        return 0
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = PLANS[mode_name]
     if args.repeats:
@@ -460,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = args.name or mode_name
     path = out_dir / f"{date}-{name}.json"
+    if path.exists():  # never overwrite an earlier run of the same day
+        path = out_dir / f"{date}-{name}-{dt.datetime.now().strftime('%H%M')}.json"
     doc["file"] = str(path.relative_to(REPO))
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     md = table(doc)
