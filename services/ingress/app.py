@@ -8,6 +8,7 @@ chunk by chunk. Every accepted request gets exactly one answer; the deadline bou
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
@@ -196,6 +197,45 @@ def _reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
     return {**reply.headers, topics.HEADER_REQUEST_ID: request_id}
 
 
+# FastAPI >= 0.16x asks OpenTelemetry for its tracer/meter/logger providers on every request (each a
+# read of os.environ), ~5% of ingress CPU under load; Switchyard has no OpenTelemetry set-up to feed.
+_NO_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
+)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (`request.state.request_id`) and a dict of extra response headers
+    (`request.state.extra_headers`, e.g. rate-limit headers), added to the response unless already set.
+
+    Pure ASGI on purpose: `@app.middleware("http")` (BaseHTTPMiddleware) runs every request through
+    an anyio task group and memory streams, about a fifth of ingress CPU under load (bench/README.md).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id = uuid.uuid4().hex
+        state["extra_headers"] = {}
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                wanted = {topics.HEADER_REQUEST_ID: request_id, **state["extra_headers"]}
+                headers += [(k.encode(), v.encode()) for k, v in wanted.items() if k.lower().encode() not in present]
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -204,21 +244,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         yield
         await gateway.stop()
 
-    app = FastAPI(title="Switchyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="Switchyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  **_NO_TELEMETRY)
     app.state.gateway = gateway
 
-    @app.middleware("http")
-    async def request_id_middleware(request: Request, call_next: Any) -> Response:
-        request.state.request_id = uuid.uuid4().hex
-        request.state.extra_headers = {}
-        try:
-            response: Response = await call_next(request)
-        except GatewayError as e:
-            response = error_response(e)
-        response.headers.setdefault(topics.HEADER_REQUEST_ID, request.state.request_id)
-        for name, value in request.state.extra_headers.items():
-            response.headers.setdefault(name, value)
-        return response
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from shared.contracts import OUT_OF_BAND, Reply
-from shared.kafka import make_consumer, start_client
+from shared.kafka import hot_fetch_wait_ms, make_consumer, start_client
 
 log = logging.getLogger("switchyard.ingress.replies")
 
@@ -63,7 +63,8 @@ class ReplyListener:
         self.topic = topic
         self.partition = partition
         self._consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None,
-                                                         fetch_max_wait_ms=2, auto_offset_reset="latest")
+                                                         fetch_max_wait_ms=hot_fetch_wait_ms(2),
+                                                         auto_offset_reset="latest")
         self._pending: dict[str, Pending] = {}
         self._task: asyncio.Task[None] | None = None
         self.ready = False

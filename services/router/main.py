@@ -30,6 +30,7 @@ from shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.router")
 HEALTH_REPLAY_MS = 120_000
+COMMIT_INTERVAL_S = 0.2
 CATCH_UP_TIMEOUT_S = 15.0
 
 
@@ -95,17 +96,27 @@ class Router:
                     self.health.apply(event)
 
     async def route_forever(self) -> None:
+        """Route batch after batch; commit at most every COMMIT_INTERVAL_S (and when the topic goes quiet).
+
+        Every routed message is acknowledged downstream before its batch's offsets may be committed,
+        so a crash only redelivers (at least once); committing each batch cost a broker round trip
+        per batch, which at low load is one per request.
+        """
+        loop = asyncio.get_running_loop()
+        last_commit, dirty = loop.time(), False
         while True:
-            batches = await self.requests.getmany(timeout_ms=1000, max_records=500)
+            batches = await self.requests.getmany(timeout_ms=100 if dirty else 1000, max_records=500)
             self.ready = True
-            if not batches:
-                continue
-            acks = []
-            for records in batches.values():
-                for record in records:
-                    acks.append(self.route(record.value))
-            await asyncio.gather(*acks)
-            await self.requests.commit()
+            if batches:
+                acks = []
+                for records in batches.values():
+                    for record in records:
+                        acks.append(self.route(record.value))
+                await asyncio.gather(*acks)
+                dirty = True
+            if dirty and (not batches or loop.time() - last_commit >= COMMIT_INTERVAL_S):
+                await self.requests.commit()
+                last_commit, dirty = loop.time(), False
 
     def route(self, raw: bytes) -> asyncio.Future[Any]:
         try:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import orjson
 
+from services.workers.aiohttp_transport import AiohttpTransport
 from services.workers.providers.base import CallContext, ProviderAdapter, UpstreamRequest, usage_from_openai
 from shared.contracts import Usage
 from shared.errors import GatewayError
@@ -44,9 +45,9 @@ class CallFailed(Exception):
 
 
 def make_client(max_connections: int = 512) -> httpx.AsyncClient:
-    """The pooled client a worker process shares across all its calls."""
+    """The pooled client a worker process shares across all its calls (httpx's interface, aiohttp's pool)."""
     return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        transport=AiohttpTransport(max_connections),
         timeout=httpx.Timeout(600.0, connect=10.0),
         follow_redirects=False,
     )
