@@ -33,8 +33,8 @@ class Fakes:
         self.bedrock = FakeBedrock().start()
 
     def all(self) -> list[FakeProvider]:
-        return [self.main, self.faulty, self.slow, self.primary, self.secondary, self.limited, self.rotated, self.anthropic,
-                self.gemini, self.cohere, self.azure, self.bedrock]
+        return [self.main, self.faulty, self.slow, self.primary, self.secondary, self.limited, self.rotated,
+                self.anthropic, self.gemini, self.cohere, self.azure, self.bedrock]
 
     def stop(self) -> None:
         for fake in self.all():

@@ -40,7 +40,7 @@ def _clean(fake: FakeAnthropic) -> None:
 def ctx(fake: FakeAnthropic, body: dict[str, Any], stream: bool = False, strict: bool = False,
         api_base: str | None = None) -> CallContext:
     dep = Deployment(provider="anthropic", model=MODEL, api_base=api_base or fake.url, api_key="sk-ant-upstream",
-                     first_byte_timeout_s=1.0, id="claude/0")
+                     first_byte_timeout_s=5.0, id="claude/0")
     return CallContext(deployment=dep, body={"model": "my-group", **body}, stream=stream, api_key="sk-ant-upstream",
                        request_id="r1", strict=strict)
 

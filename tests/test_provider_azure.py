@@ -36,7 +36,7 @@ def _clean(fake: FakeAzureOpenAI) -> None:
 def ctx(fake: FakeAzureOpenAI, body: dict[str, Any], stream: bool = False, deployment: str = DEPLOYMENT,
         api_key: str | None = "az-key", **dep: Any) -> CallContext:
     dep_ = Deployment(provider="azure", model=deployment, api_base=dep.pop("api_base", fake.url), api_key=api_key,
-                      first_byte_timeout_s=1.0, id="a/0", **dep)
+                      first_byte_timeout_s=5.0, id="a/0", **dep)
     return CallContext(deployment=dep_, body=body, stream=stream, api_key=api_key, request_id="r1")
 
 

@@ -62,7 +62,7 @@ CREDS: dict[str, dict[str, Any]] = {
 def ctx(fake: FakeBedrock, body: dict[str, Any], stream: bool = False, creds: str = "akid", model: str = MODEL,
         strict: bool = False, region: str | None = REGION, api_base: str | None = "") -> CallContext:
     dep = Deployment(provider="bedrock", model=model, api_base=fake.url if api_base == "" else api_base,
-                     region=region, first_byte_timeout_s=2.0, id="b/0", **CREDS[creds])
+                     region=region, first_byte_timeout_s=5.0, id="b/0", **CREDS[creds])
     return CallContext(deployment=dep, body=body, stream=stream, api_key=dep.api_key, request_id="r1", strict=strict)
 
 

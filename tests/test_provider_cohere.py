@@ -42,7 +42,7 @@ def _clean(fake: FakeCohere) -> None:
 def ctx(fake: FakeCohere, body: dict[str, Any], stream: bool = False, strict: bool = False,
         api_key: str | None = "co-upstream") -> CallContext:
     dep = Deployment(provider="cohere", model="command-a-03-2025", api_base=fake.url, api_key=api_key,
-                     first_byte_timeout_s=1.0, id="c/0")
+                     first_byte_timeout_s=5.0, id="c/0")
     return CallContext(deployment=dep, body=body, stream=stream, api_key=api_key, request_id="r1", strict=strict)
 
 

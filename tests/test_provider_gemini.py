@@ -41,7 +41,7 @@ PNG = "data:image/png;base64,iVBORw0KGgo="
 
 def ctx(fake: FakeGemini, body: dict[str, Any], stream: bool = False, key: str = "g-key", model: str = MODEL,
         strict: bool = False) -> CallContext:
-    dep = Deployment(provider="gemini", model=model, api_base=fake.url, api_key=key, first_byte_timeout_s=1.0,
+    dep = Deployment(provider="gemini", model=model, api_base=fake.url, api_key=key, first_byte_timeout_s=5.0,
                      id="g/0")
     return CallContext(deployment=dep, body=body, stream=stream, api_key=key, request_id="r1", strict=strict)
 

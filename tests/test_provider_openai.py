@@ -29,7 +29,7 @@ def _clean(fake: FakeOpenAI) -> None:
 
 def ctx(fake: FakeOpenAI, body: dict[str, Any], stream: bool = False, provider: str = "openai") -> CallContext:
     dep = Deployment(provider=provider, model="gpt-4o-mini", api_base=f"{fake.url}/v1", api_key="sk-upstream",
-                     first_byte_timeout_s=1.0, id="g/0")
+                     first_byte_timeout_s=5.0, id="g/0")
     return CallContext(deployment=dep, body=body, stream=stream, api_key="sk-upstream", request_id="r1")
 
 
