@@ -131,8 +131,14 @@ def test_admin_api_needs_the_master_key(stack: RunningStack) -> None:
 
 
 def test_rpm_limit_429_with_retry_after_and_ratelimit_headers(stack: RunningStack) -> None:
-    key = create_key(stack, rpm=5)
-    responses = [chat(stack.url, key["key"]) for _ in range(7)]
+    for _ in range(3):  # limits are per minute window: retry if the requests straddled two windows
+        if time.time() % 60 > 40:
+            time.sleep(61 - time.time() % 60)
+        window = int(time.time() // 60)
+        key = create_key(stack, rpm=5)
+        responses = [chat(stack.url, key["key"]) for _ in range(7)]
+        if int(time.time() // 60) == window:
+            break
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 5 and statuses.count(429) == 2, statuses
     for r in responses:

@@ -217,15 +217,16 @@ def test_least_busy_counts_started_calls_and_its_own_decisions() -> None:
               - {provider: openai, model: m, api_key: k}
     """)
     health = HealthBook()
+    now = now_ms()  # start events count only while recent: not the module-level T0
     for dep, n in (("lb/0", 3), ("lb/1", 1), ("lb/2", 2)):
         for i in range(n):
-            health.apply(event(dep, T0, phase="start", request_id=f"{dep}-{i}"))
+            health.apply(event(dep, now, phase="start", request_id=f"{dep}-{i}"))
     first = pick(config, env_for("lb"), health)
     assert first.deployment.id == "lb/1"
     # That decision is now in flight too (1 + 1 = 2): lb/1 and lb/2 tie, lb/0 (3) is never chosen.
     assert pick(config, env_for("lb"), health, seed=3).deployment.id in {"lb/1", "lb/2"}
     for i in range(3):
-        health.apply(event("lb/0", T0 + 50, request_id=f"lb/0-{i}"))  # lb/0's calls end
+        health.apply(event("lb/0", now + 50, request_id=f"lb/0-{i}"))  # lb/0's calls end
     assert pick(config, env_for("lb"), health).deployment.id == "lb/0"
 
 
