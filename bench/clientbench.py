@@ -5,7 +5,7 @@
 Why: py-spy showed the worker spending over half its CPU in httpx/httpcore/anyio (see
 bench/README.md, "Profile findings"). This isolates the client: the same POST + JSON decode, at
 the same concurrency, with (a) httpx's own pool as the worker configures it, (b) httpx's
-interface over an aiohttp transport (the proposed change, bench/aiohttp_transport.py), (c) aiohttp
+interface over an aiohttp transport (the worker's, services/workers/aiohttp_transport.py), (c) aiohttp
 directly. It needs aiohttp, which the LiteLLM venv has (the project's venv does not).
 """
 
@@ -46,8 +46,8 @@ async def main_async(url: str, concurrency: int, n: int) -> None:
     import aiohttp
     import httpx
 
-    sys.path.insert(0, str(BENCH))
-    from aiohttp_transport import AiohttpTransport
+    sys.path.insert(0, str(BENCH.parent))
+    from services.workers.aiohttp_transport import AiohttpTransport
 
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
                                timeout=httpx.Timeout(600.0, connect=10.0))
