@@ -54,6 +54,8 @@ class Child:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    """Restarts in a row (the backoff's exponent); reset after a healthy run."""
+    total_restarts: int = 0
     started_at: float = 0.0
 
     def start(self) -> None:
@@ -84,6 +86,7 @@ class Stack:
         """Rewrite stack.json with the current pids (after a start or any restart)."""
         data = dict(self.info)
         data["children"] = {c.name: c.proc.pid for c in self.children if c.proc is not None and c.alive()}
+        data["restarts"] = {c.name: c.total_restarts for c in self.children}
         if self.broker is not None:
             data["broker"] = {"pid": self.broker.pid, "restarts": self.broker_restarts}
         if self.postgres is not None:
@@ -255,6 +258,7 @@ def _supervise(stack: Stack) -> None:
                 if time.time() - child.started_at < _backoff(child.restarts):
                     continue
                 child.restarts += 1
+                child.total_restarts += 1
                 print(f"switchyard: {child.name} exited ({code}); restarting (see {child.log_path})",
                       file=sys.stderr, flush=True)
                 child.start()
