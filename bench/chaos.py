@@ -406,7 +406,7 @@ async def _usage_rows(database_url: str) -> list[dict[str, Any]]:
     try:
         async with engine.connect() as conn:
             result = await conn.execute(text(
-                "SELECT event_id, request_id, attempt, ok, status, redelivered, priority, ts FROM usage"))
+                "SELECT event_id, request_id, attempt, call_seq, ok, status, redelivered, priority, ts FROM usage"))
             return [dict(r) for r in result.mappings()]
     finally:
         await engine.dispose()
@@ -439,19 +439,19 @@ def drain(stack: RunningStack, fake: FakeOpenAI, exclude: set[str], timeout_s: f
 def audit(outcomes: list[Outcome], batch: Batch | None, rows: list[dict[str, Any]], calls: int) -> dict[str, Any]:
     """Compare what callers saw, the provider's own count and the usage table."""
     by_request: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    by_attempt: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    by_call: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_request[row["request_id"]].append(row)
-        by_attempt[(row["request_id"], row["attempt"])].append(row)
+        by_call[(row["request_id"], row["attempt"], row["call_seq"])].append(row)
     answered = [o for o in outcomes if o.status == 200]
     statuses = Counter(str(o.status) for o in outcomes if o.status not in (None, 200))
     lost = [o for o in outcomes if o.status is None]
     answered_without_usage = [o.request_id for o in answered
                               if not any(r["ok"] for r in by_request.get(o.request_id or "", []))]
-    # One request attempt is one provider call; more calls for it come from at-least-once redelivery
-    # and must be marked as such. An extra row that is not marked is a duplicate.
-    duplicates = sum(max(0, sum(1 for r in group if not r["redelivered"]) - 1) for group in by_attempt.values())
-    ok_twice_unmarked = [rid for (rid, _), group in by_attempt.items()
+    # One call of a request attempt is one provider call; more calls for it come from at-least-once
+    # redelivery and must be marked as such. An extra row that is not marked is a duplicate.
+    duplicates = sum(max(0, sum(1 for r in group if not r["redelivered"]) - 1) for group in by_call.values())
+    ok_twice_unmarked = [rid for (rid, _, _), group in by_call.items()
                          if sum(1 for r in group if r["ok"] and not r["redelivered"]) > 1]
     in_doubt = sum(1 for r in rows if r["status"] == 0)
     http = {"sent": len(outcomes), "answered": len(answered), "errors": dict(statuses), "lost": len(lost),

@@ -86,7 +86,7 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
 
 
 def _print_table(rows: list[dict[str, Any]], by: str) -> None:
-    cols = [by, "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "errors"]
+    cols = [by, "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "errors", "in_doubt"]
     cells = [[str(r.get(c) if r.get(c) is not None else "-") if c != "cost_usd" else f"{r[c]:.6f}" for c in cols]
              for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]

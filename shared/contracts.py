@@ -98,11 +98,20 @@ class Usage(BaseModel):
     reasoning_tokens: int = 0
 
 
+IN_DOUBT = 0
+"""UsageEvent.status of a call recorded before it was made; stays so if its worker died mid-call."""
+
+
 class UsageEvent(BaseModel):
     """One provider call, published by a worker to `llm.usage`; accounting prices and stores it.
 
     `event_id` is unique per provider call, so a redelivered event is stored once and a
-    call redone after a crash is stored as its own row.
+    call redone after a crash is stored as its own row. A worker publishes each call twice
+    with the same `event_id`: with `status` 0 before calling (the write-ahead record: a call
+    whose worker dies mid-call stays stored "in doubt") and with its outcome afterwards, which
+    completes that row. `call_seq` counts the calls one delivery of an attempt made (a 429
+    retried on another key is the next call); accounting marks `redelivered` on every call
+    after the first for the same (request, attempt, call_seq): work redone after a crash.
     """
 
     v: int = CONTRACT_VERSION
@@ -118,12 +127,15 @@ class UsageEvent(BaseModel):
     key_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     usage: Usage = Field(default_factory=Usage)
+    call_seq: int = 0
     status: int = 200
+    """The provider's status, or IN_DOUBT (0) in the record published before the call."""
     ok: bool = True
     stream: bool = False
     latency_ms: float = 0.0
     priority: Priority = "interactive"
     redelivered: bool = False
+    """Set by accounting, never by workers: not the first call stored for this attempt."""
 
 
 class AttemptEvent(BaseModel):

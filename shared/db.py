@@ -34,6 +34,7 @@ usage = Table(
     Column("event_id", Text, primary_key=True),
     Column("request_id", Text, nullable=False),
     Column("attempt", Integer, nullable=False),
+    Column("call_seq", Integer, nullable=False),
     Column("ts", DateTime(timezone=True), nullable=False),
     Column("kind", Text, nullable=False),
     Column("provider", Text, nullable=False),

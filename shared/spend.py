@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.contracts import IN_DOUBT
 from shared.db import usage
 
 GROUPINGS = ("key", "model", "provider", "deployment", "day", "team", "project")
@@ -59,7 +60,8 @@ async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d") -> l
             func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
             func.coalesce(func.sum(usage.c.cached_tokens), 0).label("cached_tokens"),
             func.coalesce(func.sum(usage.c.cost_usd), 0).label("cost_usd"),
-            func.count().filter(usage.c.ok.is_(False)).label("errors"),
+            func.count().filter(usage.c.ok.is_(False), usage.c.status != IN_DOUBT).label("errors"),
+            func.count().filter(usage.c.status == IN_DOUBT).label("in_doubt"),
         )
         .where(usage.c.ts >= parse_since(since))
         .group_by(col)
@@ -72,7 +74,7 @@ async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d") -> l
         item = dict(row)
         item[by] = item.pop("group")
         item["cost_usd"] = float(Decimal(item["cost_usd"]))
-        for k in ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "errors"):
+        for k in ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "errors", "in_doubt"):
             item[k] = int(item[k])
         out.append(item)
     return out

@@ -1,15 +1,24 @@
-"""Usage events to priced rows, written in batches, idempotently (unique event id)."""
+"""Usage events to priced rows, written in batches, idempotently (unique event id).
+
+Each provider call arrives twice under one event id: the worker's write-ahead record (status
+IN_DOUBT, sent before calling) and its outcome. The outcome completes the in-doubt row; a
+record that arrives again (Kafka delivers at least once) never undoes an outcome. Spend totals
+count outcomes only. When an attempt's call was made more than once (a worker died after
+calling but before committing, and the request was redelivered), every call but the first
+by start time is marked `redelivered`, whatever order the rows arrive in.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.accounting.budgets import update_totals
-from shared.contracts import KeyEvent, UsageEvent
+from shared.contracts import IN_DOUBT, KeyEvent, UsageEvent
 from shared.db import usage
 from shared.pricing import cost
 
@@ -21,6 +30,7 @@ def to_row(event: UsageEvent) -> dict[str, Any]:
         "event_id": event.event_id,
         "request_id": event.request_id,
         "attempt": event.attempt,
+        "call_seq": event.call_seq,
         "ts": datetime.fromtimestamp(event.ts_ms / 1000.0, tz=UTC),
         "kind": event.kind,
         "provider": event.provider,
@@ -47,14 +57,54 @@ def to_row(event: UsageEvent) -> dict[str, Any]:
     }
 
 
+_KEPT = ("event_id", "ts", "redelivered")
+"""Columns an outcome leaves as its write-ahead record stored them (the call's identity and start)."""
+
+_MARK_REPEATED_CALLS = text("""
+UPDATE usage AS u SET redelivered = r.n > 1
+FROM (SELECT event_id, row_number() OVER (PARTITION BY request_id, attempt, call_seq ORDER BY ts, event_id) AS n
+      FROM usage
+      WHERE (request_id, attempt, call_seq) IN (
+          SELECT * FROM unnest(CAST(:request_ids AS text[]), CAST(:attempts AS int[]), CAST(:calls AS int[])))
+     ) AS r
+WHERE u.event_id = r.event_id AND u.redelivered <> (r.n > 1)
+""")
+
+
+def _one_per_call(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per event id, the outcome where the batch has it: an UPSERT may touch a row only once."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        seen = best.get(row["event_id"])
+        if seen is None or (seen["status"] == IN_DOUBT and row["status"] != IN_DOUBT):
+            best[row["event_id"]] = row
+    return list(best.values())
+
+
+async def _mark_repeated_calls(conn: AsyncConnection, calls: set[tuple[str, int, int]]) -> None:
+    if calls:
+        request_ids, attempts, seqs = (list(column) for column in zip(*sorted(calls), strict=True))
+        await conn.execute(_MARK_REPEATED_CALLS, {"request_ids": request_ids, "attempts": attempts, "calls": seqs})
+
+
 async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> tuple[int, list[KeyEvent]]:
-    """Insert rows and update spend totals in one transaction; rows already stored (same event id) are
-    skipped and add nothing to the totals. Returns (rows inserted, budget events to publish)."""
+    """Store rows, complete in-doubt ones, mark repeated calls, and update spend totals, in one transaction.
+
+    Returns (rows inserted or completed, budget events to publish). A row already stored with an
+    outcome is left alone and adds nothing to the totals, so a replayed batch changes nothing.
+    """
+    rows = _one_per_call(rows)
     if not rows:
         return 0, []
+    new_rows = insert(usage)
+    stmt = new_rows.on_conflict_do_update(
+        index_elements=["event_id"],
+        set_={c.name: new_rows.excluded[c.name] for c in usage.columns if c.name not in _KEPT},
+        where=(usage.c.status == IN_DOUBT) & (new_rows.excluded.status != IN_DOUBT),
+    ).returning(usage.c.event_id)
     async with engine.begin() as conn:
-        result = await conn.execute(insert(usage).on_conflict_do_nothing(index_elements=["event_id"])
-                                    .returning(usage.c.event_id), rows)
-        inserted = {r.event_id for r in result}
-        events = await update_totals(conn, [r for r in rows if r["event_id"] in inserted])
-        return len(inserted), events
+        written = {r.event_id for r in await conn.execute(stmt, rows)}
+        new = [r for r in rows if r["event_id"] in written]
+        await _mark_repeated_calls(conn, {(r["request_id"], r["attempt"], r["call_seq"]) for r in new})
+        events = await update_totals(conn, [r for r in new if r["status"] != IN_DOUBT])
+        return len(written), events

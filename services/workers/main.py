@@ -3,6 +3,11 @@
 Each message becomes a task; many calls are in flight per process. Offsets are committed
 only up to the oldest unfinished message, after everything that message owes (reply,
 usage, event, or its retry envelope) has been acknowledged by the broker.
+
+Every provider call is recorded on `llm.usage` before it is made (acknowledged by the broker
+first), so a worker killed mid-call leaves a usage row "in doubt" rather than a call nobody
+counted. When the group rebalances, a worker finishes the calls it has in flight (up to
+SWITCHYARD_WORKER_DRAIN_S) before giving its partitions up, so the new owner does not call again.
 """
 
 from __future__ import annotations
@@ -26,10 +31,19 @@ from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
 from shared import topics
 from shared.config import Deployment, GatewayConfig, load_config, load_settings
-from shared.contracts import OUT_OF_BAND, AttemptEvent, AttemptRecord, Reply, RequestEnvelope, UsageEvent, now_ms
+from shared.contracts import (
+    IN_DOUBT,
+    OUT_OF_BAND,
+    AttemptEvent,
+    AttemptRecord,
+    Reply,
+    RequestEnvelope,
+    UsageEvent,
+    now_ms,
+)
 from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
-from shared.kafka import OffsetTracker, deliver, encode, make_consumer, make_producer, start_client
+from shared.kafka import OffsetTracker, deliver, encode, make_consumer, make_producer, send_and_wait, start_client
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -38,6 +52,7 @@ MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_MAX_IN_FLIGHT", "512"))
 BATCH_MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_BATCH_IN_FLIGHT", "256"))
 FETCH_MAX = 256
 COMMIT_INTERVAL_S = 0.2
+DRAIN_S = float(os.environ.get("SWITCHYARD_WORKER_DRAIN_S", "30"))
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -45,6 +60,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.worker.drain(revoked)
         await self.worker.commit()
         self.worker.tracker.forget(revoked)
 
@@ -65,7 +81,7 @@ class Worker:
         self.client: httpx.AsyncClient = make_client()
         self.ready = False
         self._in_flight = {False: 0, True: 0}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
 
     def _share(self) -> float:
         """The part of the provider's traffic this process sees: the partitions it owns, of all."""
@@ -79,12 +95,25 @@ class Worker:
                                 listener=_Rebalance(self))
 
     async def stop(self) -> None:
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10)
+        await self.drain(list(self._tasks), timeout_s=10)
         await self.commit()
         await self.consumer.stop()
         await self.producer.stop()
         await self.client.aclose()
+
+    async def drain(self, partitions: list[TopicPartition], timeout_s: float = DRAIN_S) -> None:
+        """Let the messages in flight from these partitions finish, so their offsets can be committed.
+
+        Called before partitions are given up: a call still running when they move would be
+        made a second time by their next owner (stored and marked `redelivered`, but paid twice).
+        """
+        running = [t for tp in partitions for t in self._tasks.get(tp, ())]
+        if running:
+            log.info("finishing calls in flight before a rebalance", extra={"calls": len(running)})
+            _, pending = await asyncio.wait(running, timeout=timeout_s)
+            if pending:
+                log.warning("calls still in flight after the drain; their next owner will redo them",
+                            extra={"calls": len(pending)})
 
     async def commit(self) -> None:
         offsets = self.tracker.committable()
@@ -118,8 +147,9 @@ class Worker:
                     self._in_flight[is_batch] += 1
                     self.tracker.started(tp, record.offset)
                     task = asyncio.create_task(self._process(tp, record.offset, record.value, is_batch))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    running = self._tasks.setdefault(tp, set())
+                    running.add(task)
+                    task.add_done_callback(running.discard)
             if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                 await self.commit()
                 last_commit = time.monotonic()
@@ -157,20 +187,22 @@ class Worker:
         if env.expired():
             return [self._reply_error(env, timeout_error())]
         acks: list[asyncio.Future[Any]] = []
+        call_seq = 0
         while True:
             try:
                 async with self.pacer.slot(dep, env) as lease:
                     if env.expired():
                         return [*acks, self._reply_error(env, timeout_error())]
-                    done, retry_here = await self._call(env, dep, lease)
+                    done, retry_here = await self._call(env, dep, lease, call_seq)
                     acks.extend(done)
+                    call_seq += 1
             except GatewayError as e:  # no slot before an interactive request's deadline: let the router decide
                 return [*acks, self._retry(env, dep, e)]
             if not retry_here:
                 return acks
 
-    async def _call(self, env: RequestEnvelope, dep: Deployment,
-                    lease: Lease) -> tuple[list[asyncio.Future[Any]], bool]:
+    async def _call(self, env: RequestEnvelope, dep: Deployment, lease: Lease,
+                    call_seq: int) -> tuple[list[asyncio.Future[Any]], bool]:
         """One provider call and everything it owes; True when the worker should call again itself
         (a 429 that paused one key while another key, or for batch, time, can still serve it)."""
         acks: list[asyncio.Future[Any]] = []
@@ -185,6 +217,8 @@ class Worker:
             seq += 1
             acks.append(self._send_reply(env, reply))
 
+        started = self._write_ahead(env, dep, call_seq)
+        await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started))
         acks.append(self._started(env, dep))
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
@@ -192,7 +226,7 @@ class Worker:
                                 total_timeout_s=remaining_s)
         except CallFailed as failed:
             self.pacer.observe_failure(dep, lease, failed.error)
-            acks.append(self._usage(env, dep, None, failed))
+            acks.append(self._usage(started, None, failed))
             acks.append(self._event(env, dep, None, failed))
             if failed.chunks_sent == 0 and failed.error.status == 429 and (
                     env.priority == "batch" or self.pacer.any_key_free(dep)):
@@ -219,7 +253,7 @@ class Worker:
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, type="response",
                                                           data=result.response, headers=headers,
                                                           custom_id=env.custom_id)))
-        acks.append(self._usage(env, dep, result, None))
+        acks.append(self._usage(started, result, None))
         acks.append(self._event(env, dep, result, None))
         return acks, False
 
@@ -247,18 +281,25 @@ class Worker:
                              model_group=env.model_group or env.model, ok=True, phase="start")
         return deliver(self.producer, topics.EVENTS, encode(event), key=dep.id.encode())
 
-    def _usage(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
-                     failed: CallFailed | None) -> asyncio.Future[Any]:
-        event = UsageEvent(
-            event_id=uuid.uuid4().hex, request_id=env.id, attempt=env.attempt, kind=env.kind,
+    @staticmethod
+    def _write_ahead(env: RequestEnvelope, dep: Deployment, call_seq: int) -> UsageEvent:
+        """The usage record of a call about to be made: stored "in doubt" until its outcome arrives."""
+        return UsageEvent(
+            event_id=uuid.uuid4().hex, request_id=env.id, attempt=env.attempt, call_seq=call_seq, kind=env.kind,
             provider=dep.provider, deployment=dep.id, model_group=env.model_group or env.model,
-            provider_model=dep.model, key_id=env.key_id, metadata=env.metadata,
-            usage=result.usage if result else CallResult().usage,
-            status=failed.error.status if failed else 200, ok=failed is None, stream=env.stream,
-            latency_ms=result.latency_ms if result else failed.latency_ms if failed else 0.0,
-            priority=env.priority,
+            provider_model=dep.model, key_id=env.key_id, metadata=env.metadata, status=IN_DOUBT, ok=False,
+            stream=env.stream, priority=env.priority,
         )
-        return deliver(self.producer, topics.USAGE, encode(event), key=(env.key_id or env.id).encode())
+
+    def _usage(self, started: UsageEvent, result: CallResult | None,
+               failed: CallFailed | None) -> asyncio.Future[Any]:
+        """The call's outcome, under its write-ahead record's event id (accounting completes that row)."""
+        event = started.model_copy(update={
+            "usage": result.usage if result else started.usage,
+            "status": failed.error.status if failed else 200, "ok": failed is None,
+            "latency_ms": result.latency_ms if result else failed.latency_ms if failed else 0.0,
+        })
+        return deliver(self.producer, topics.USAGE, encode(event), key=_usage_key(event))
 
     def _event(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
                      failed: CallFailed | None) -> asyncio.Future[Any]:
@@ -271,6 +312,11 @@ class Worker:
             ttft_ms=result.ttft_ms if result else None,
         )
         return deliver(self.producer, topics.EVENTS, encode(event), key=dep.id.encode())
+
+
+def _usage_key(event: UsageEvent) -> bytes:
+    """By virtual key, else by request: a call's two records share a partition, so they stay in order."""
+    return (event.key_id or event.request_id).encode()
 
 
 def _usage_chunk(result: CallResult, env: RequestEnvelope) -> dict[str, Any]:
