@@ -1,13 +1,19 @@
-"""The admin API on ingress (master key only): virtual keys, team/project budgets, spend."""
+"""The admin API on ingress (master key only): virtual keys, team/project budgets, spend.
+
+Every call here needs PostgreSQL; while it is unreachable they answer 503 `database_unavailable`
+with Retry-After (OpenAI-style body), never a 500.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from services.ingress.keys import BudgetSpec, KeySpec
+from services.ingress.keys import BudgetSpec, KeySpec, database_errors_as_503
 from services.ingress.responses import json_response
 from services.ingress.validation import parse_json, read_body, validate
 from shared.contracts import KeyEvent
@@ -17,8 +23,22 @@ if TYPE_CHECKING:
     from services.ingress.app import Gateway
 
 
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Response]])
+
+
+def needs_database(handler: Handler) -> Handler:
+    """A failed or timed-out PostgreSQL call in `handler` answers 503 + Retry-After instead of a 500."""
+    @functools.wraps(handler)
+    async def wrapped(*args: Any, **kwargs: Any) -> Response:
+        with database_errors_as_503("The admin API"):
+            return await handler(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
 def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v1/keys")
+    @needs_database
     async def create_key(request: Request) -> Response:
         await gateway.authenticate_admin(request)
         spec = validate(KeySpec, parse_json(await read_body(request)))
@@ -28,11 +48,13 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return json_response({**record.public(), "key": token}, 201)
 
     @app.get("/v1/keys")
+    @needs_database
     async def list_keys(request: Request) -> Response:
         await gateway.authenticate_admin(request)
         return json_response({"object": "list", "data": [r.public() for r in await gateway.key_store().all_keys()]})
 
     @app.get("/v1/keys/{key_id}")
+    @needs_database
     async def get_key(request: Request, key_id: str) -> Response:
         await gateway.authenticate_admin(request)
         await gateway.key_store().reload(key_id)
@@ -42,6 +64,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return json_response(record.public())
 
     @app.patch("/v1/keys/{key_id}")
+    @needs_database
     async def update_key(request: Request, key_id: str) -> Response:
         await gateway.authenticate_admin(request)
         spec = validate(KeySpec, parse_json(await read_body(request)))
@@ -52,6 +75,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/v1/keys/{key_id}/revoke")
     @app.delete("/v1/keys/{key_id}")
+    @needs_database
     async def revoke_key(request: Request, key_id: str) -> Response:
         await gateway.authenticate_admin(request)
         record = await gateway.key_store().revoke(key_id)
@@ -59,6 +83,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return json_response(record.public())
 
     @app.put("/v1/budgets/{scope}/{scope_id}")
+    @needs_database
     async def set_budget(request: Request, scope: str, scope_id: str) -> Response:
         await gateway.authenticate_admin(request)
         spec = validate(BudgetSpec, parse_json(await read_body(request)))
@@ -68,6 +93,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         return json_response({"scope": scope, "scope_id": scope_id, **spec.model_dump(mode="json")})
 
     @app.get("/v1/spend")
+    @needs_database
     async def spend_api(request: Request, by: str = "model", since: str = "30d") -> Response:
         await gateway.authenticate_admin(request)
         from shared.spend import spend

@@ -3,6 +3,10 @@
 A request is authenticated, validated, written to `llm.requests` as an envelope naming
 this instance's reply partition, and answered from that partition: JSON, or SSE relayed
 chunk by chunk. Every accepted request gets exactly one answer; the deadline bounds the wait.
+
+PostgreSQL is optional at run time: ingress starts and serves the master key without it, loads
+the virtual keys in the background until it answers (`/ready` waits for them), limits keys on
+its own count while it is down, and answers admin calls that need it with a 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from services.ingress import anthropic_api, completions
 from services.ingress.admin import add_admin_routes
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
-from services.ingress.keys import KEY_PREFIX, KeyStore, key_hash_secret
+from services.ingress.keys import (
+    DATABASE_ERRORS,
+    KEY_PREFIX,
+    REFRESH_S,
+    KeyStore,
+    database_unavailable,
+    key_hash_secret,
+)
 from services.ingress.limits import RateLimiter
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.responses import error_response, json_response
@@ -48,6 +59,36 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("SWITCHYARD_REQUEST_TIMEOUT", "300"))
 REPLY_GRACE_S = 2.0
 """How long past the deadline ingress still waits for the pipeline's own timeout answer."""
 
+KEY_LOAD_RETRY_S = (0.5, 4.0)
+"""Backoff between attempts to load the virtual keys while PostgreSQL does not answer (first, most)."""
+KEY_LOAD_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class DatabaseTimeouts:
+    """Per-engine PostgreSQL timeouts, so that a stopped or hanging server fails calls instead of hanging them."""
+
+    connect_s: float
+    command_s: float
+    pool_s: float
+
+
+ADMIN_DB = DatabaseTimeouts(connect_s=5.0, command_s=30.0, pool_s=5.0)
+"""Loading keys and the admin API (a spend report may take a while)."""
+REQUEST_DB = DatabaseTimeouts(connect_s=2.0, command_s=2.0, pool_s=1.0)
+"""The request path: rate-limit reservations and lookups of keys not in the cache."""
+
+
+def make_engine(url: str, timeouts: DatabaseTimeouts, pool_size: int = 5) -> AsyncEngine:
+    """shared.db.make_engine's settings plus asyncpg connect/command timeouts and a pool checkout timeout."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from shared.config import asyncpg_url
+
+    return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True,
+                               pool_timeout=timeouts.pool_s,
+                               connect_args={"timeout": timeouts.connect_s, "command_timeout": timeouts.command_s})
+
 
 class Gateway:
     """The state one ingress process holds: Kafka clients, the reply listener, config."""
@@ -60,6 +101,7 @@ class Gateway:
         self.config = config
         self.reply_partition = reply_partition
         self._engine: AsyncEngine | None = None
+        self._request_engine: AsyncEngine | None = None
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,28 +112,62 @@ class Gateway:
         self.replies = ReplyListener(self.settings.bootstrap_servers, topics.REPLIES, self.reply_partition)
         await start_client(self.producer, "ingress-producer")
         if self.settings.database_url:
-            self.keys = KeyStore(self.engine(), key_hash_secret(self.settings))
-            self.limiter = RateLimiter(self.engine())
-            await self.keys.load_all()
+            # Nothing here waits for PostgreSQL: the keys load in the background (see `ready`).
+            self.keys = KeyStore(self.engine(), key_hash_secret(self.settings), request_engine=self.request_engine())
+            self.limiter = RateLimiter(self.request_engine())
             self._tasks.append(asyncio.create_task(self._follow_key_events()))
+            self._tasks.append(asyncio.create_task(self._keep_keys_loaded()))
         await self.replies.start()
+
+    @property
+    def ready(self) -> bool:
+        """Replies are flowing and, with a database, the virtual keys have been loaded once."""
+        return hasattr(self, "replies") and self.replies.ready and (self.keys is None or self.keys.loaded)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await self.replies.stop()
         await self.producer.stop()
-        if self._engine is not None:
-            await self._engine.dispose()
+        for engine in (self._engine, self._request_engine):
+            if engine is not None:
+                await engine.dispose()
 
     def engine(self) -> AsyncEngine:
         if not self.settings.database_url:
             raise GatewayError(503, "No accounting database is configured (DATABASE_URL).", code="no_database")
         if self._engine is None:
-            from shared.db import make_engine
-
-            self._engine = make_engine(self.settings.database_url, pool_size=5)
+            self._engine = make_engine(self.settings.database_url, ADMIN_DB)
         return self._engine
+
+    def request_engine(self) -> AsyncEngine:
+        """The engine of the request path, with short timeouts (a failure there degrades, never waits long)."""
+        if self._request_engine is None:
+            self.engine()  # the same 503 without a DATABASE_URL
+            self._request_engine = make_engine(self.settings.database_url, REQUEST_DB)
+        return self._request_engine
+
+    async def _keep_keys_loaded(self) -> None:
+        """Load the virtual keys now, retrying with backoff until PostgreSQL answers, then every REFRESH_S."""
+        store = self.key_store()
+        delay = KEY_LOAD_RETRY_S[0]
+        while True:
+            first = not store.loaded
+            try:
+                await asyncio.wait_for(store.load_all(), KEY_LOAD_TIMEOUT_S)
+            except DATABASE_ERRORS as e:
+                store.outage.failed(e)  # one warning per outage
+            except Exception:
+                log.exception("could not load the virtual keys")
+            else:
+                if first or store.outage.down:
+                    log.info("virtual keys loaded", extra={"keys": len(store.by_id)})
+                store.outage.recovered()
+                delay = KEY_LOAD_RETRY_S[0]
+                await asyncio.sleep(REFRESH_S)
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, KEY_LOAD_RETRY_S[1])
 
     def key_store(self) -> KeyStore:
         if self.keys is None:
@@ -115,10 +191,6 @@ class Gateway:
                             await self.key_store().apply(KeyEvent.model_validate_json(record.value))
                         except Exception:
                             log.exception("could not apply key event")
-                try:
-                    await self.key_store().refresh_if_stale()
-                except Exception:
-                    log.exception("could not refresh keys")
         finally:
             await consumer.stop()
 
@@ -254,6 +326,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
         return error_response(exc, getattr(request.state, "request_id", None))
 
+    async def database_error(request: Request, exc: Exception) -> Response:
+        """A safety net: a PostgreSQL failure that escaped its handler is a 503 + Retry-After, never a 500."""
+        log.warning("database call failed", extra={"path": request.url.path, "error": repr(exc)[:300]})
+        return error_response(database_unavailable(), getattr(request.state, "request_id", None))
+
+    for error_type in DATABASE_ERRORS:
+        if error_type not in (OSError, TimeoutError):  # too broad to claim for the database
+            app.add_exception_handler(error_type, database_error)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = "Not found." if exc.status_code == 404 else str(exc.detail)
@@ -269,8 +350,11 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Response:
-        ok = hasattr(gateway, "replies") and gateway.replies.ready
-        return json_response({"ready": ok}, 200 if ok else 503)
+        ok = gateway.ready
+        body: dict[str, Any] = {"ready": ok}
+        if gateway.keys is not None:
+            body["keys_loaded"] = gateway.keys.loaded
+        return json_response(body, 200 if ok else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

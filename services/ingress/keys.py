@@ -1,26 +1,36 @@
 """Virtual keys: issued once, stored as a keyed hash, cached in memory on every ingress replica.
 
-The hot path never reads the database: keys are loaded at start, refreshed every
-`REFRESH_S`, and changed within milliseconds through `llm.keys` events (revocations,
-updates, budget blocks) that every replica consumes. An unknown key is looked up once
-and remembered as unknown for a few seconds.
+The hot path never reads the database: keys are loaded in the background (retried with
+backoff until PostgreSQL answers), refreshed every `REFRESH_S`, and changed within
+milliseconds through `llm.keys` events (revocations, updates, budget blocks) that every
+replica consumes. An unknown key is looked up once and remembered as unknown for a few seconds.
+
+Without PostgreSQL, keys already in the cache keep working (revocation, expiry and budget
+blocks are checked in memory); a key that cannot be checked (the cache is not loaded yet,
+or the key is not in it) gets a 503 `keys_unavailable` with Retry-After, never a 401: it
+may well be valid.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingress.auth import Identity
@@ -34,6 +44,80 @@ log = logging.getLogger("switchyard.ingress.keys")
 KEY_PREFIX = "sk-sy-"
 REFRESH_S = 10.0
 NEGATIVE_TTL_S = 5.0
+LOOKUP_TIMEOUT_S = 3.0
+"""Bound on a request-path key lookup (the engine's own connect/command timeouts come first)."""
+RETRY_AFTER_S = 3.0
+"""Retry-After of the 503s answered while PostgreSQL is unreachable."""
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    SQLAlchemyError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+    asyncpg.InternalClientError)
+"""What a call to an unreachable, stopping or hanging PostgreSQL raises: refused or timed-out connections
+(OSError, TimeoutError), errors SQLAlchemy wraps (DBAPIError, pool timeouts) and asyncpg's own."""
+
+
+def database_unavailable(what: str = "This request") -> GatewayError:
+    return GatewayError(503, f"{what} needs the accounting database (PostgreSQL), which is unreachable right now. "
+                        "Please retry shortly.", code="database_unavailable", retry_after_s=RETRY_AFTER_S)
+
+
+def keys_unavailable() -> GatewayError:
+    return GatewayError(503, "This API key cannot be checked right now: the virtual keys are not loaded yet "
+                        "(the key database is unreachable). Please retry shortly.", code="keys_unavailable",
+                        retry_after_s=RETRY_AFTER_S)
+
+
+@contextmanager
+def database_errors_as_503(what: str = "This request") -> Iterator[None]:
+    """Turn a failed or timed-out PostgreSQL call into a 503 + Retry-After OpenAI-style error (never a 500)."""
+    try:
+        yield
+    except DATABASE_ERRORS as e:
+        log.warning("database call failed", extra={"what": what, "error": repr(e)[:300]})
+        raise database_unavailable(what) from e
+
+
+class DatabaseOutage:
+    """Whether PostgreSQL failed this component's last call: one warning per outage, not one per call.
+
+    While it is down, `may_try` lets one caller through every `retry_s` to probe, so requests do not
+    each wait for a connection attempt; the first call that succeeds ends the outage.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, consequence: str, retry_s: float = 2.0) -> None:
+        self.log = logger
+        self.what = what
+        self.consequence = consequence
+        self.retry_s = retry_s
+        self.since: float | None = None
+        self._next_try = 0.0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def may_try(self) -> bool:
+        if self.since is None:
+            return True
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
+        self._next_try = now + self.retry_s
+        return True
+
+    def failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        self._next_try = now + self.retry_s
+        if self.since is None:
+            self.since = now
+            self.log.warning(f"PostgreSQL unreachable for {self.what}: {self.consequence}",
+                             extra={"error": repr(error)[:300]})
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            self.log.warning(f"PostgreSQL answers again for {self.what}",
+                             extra={"outage_s": round(time.monotonic() - self.since, 1)})
+            self.since = None
 
 
 def key_hash_secret(settings: Settings) -> bytes:
@@ -149,8 +233,11 @@ def _future(value: str | None) -> datetime | None:
 
 
 class KeyStore:
-    def __init__(self, engine: AsyncEngine, secret: bytes) -> None:
+    def __init__(self, engine: AsyncEngine, secret: bytes, request_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        """For loading and administration."""
+        self.request_engine = request_engine or engine
+        """For lookups on the request path (short timeouts)."""
         self.secret = secret
         self.by_hash: dict[str, KeyRecord] = {}
         self.by_id: dict[str, KeyRecord] = {}
@@ -158,6 +245,13 @@ class KeyStore:
         """scope ("key:ID", "team:T", "project:P") -> (blocked until epoch seconds, reason)."""
         self._unknown: dict[str, float] = {}
         self.loaded_at = 0.0
+        self.outage = DatabaseOutage(log, "virtual keys", "keys already loaded keep working; other keys get 503 "
+                                     "keys_unavailable until it answers")
+
+    @property
+    def loaded(self) -> bool:
+        """The keys were loaded from PostgreSQL at least once (until then only the master key works)."""
+        return self.loaded_at > 0
 
     # ---- cache -------------------------------------------------------------------------------
 
@@ -190,10 +284,6 @@ class KeyStore:
                 out[f"{scope}:{scope_id}"] = (period_end(period, now).timestamp(), f"{period} budget of ${amount}")
         return out
 
-    async def refresh_if_stale(self) -> None:
-        if time.time() - self.loaded_at > REFRESH_S:
-            await self.load_all()
-
     async def reload(self, key_id: str) -> None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(virtual_keys).where(virtual_keys.c.key_id == key_id))).mappings().first()
@@ -207,7 +297,17 @@ class KeyStore:
 
     async def apply(self, event: KeyEvent) -> None:
         if event.action in ("revoked", "updated", "created"):
-            await self.reload(event.key_id)
+            try:
+                await asyncio.wait_for(self.reload(event.key_id), LOOKUP_TIMEOUT_S)
+            except DATABASE_ERRORS as e:
+                # The next full load (retried until PostgreSQL answers) picks the change up; a revocation
+                # takes effect at once all the same.
+                self.outage.failed(e)
+                record = self.by_id.get(event.key_id)
+                if event.action == "revoked" and record is not None and record.revoked_at is None:
+                    record.revoked_at = datetime.now(UTC)
+            else:
+                self.outage.recovered()
         elif event.action == "budget_exceeded":
             self.blocked[event.key_id] = (float(event.detail.get("until", time.time() + 3600)),
                                           str(event.detail.get("reason", "budget")))
@@ -222,9 +322,7 @@ class KeyStore:
         if record is None:
             if self._unknown.get(key_hash, 0) > time.time():
                 raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
-            async with self.engine.connect() as conn:
-                row = (await conn.execute(select(virtual_keys).where(virtual_keys.c.key_hash == key_hash))
-                       ).mappings().first()
+            row = await self._lookup(key_hash)
             if row is None:
                 self._unknown[key_hash] = time.time() + NEGATIVE_TTL_S
                 if len(self._unknown) > 10_000:
@@ -240,6 +338,20 @@ class KeyStore:
             raise GatewayError(401, f"This API key expired at {record.expires_at.isoformat()}.", code="key_expired")
         self.check_budget(record)
         return record
+
+    async def _lookup(self, key_hash: str) -> Any:
+        """The key's row, or None; a 503 (never a 401) when PostgreSQL cannot tell."""
+        if not self.outage.may_try():
+            raise keys_unavailable()
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S), self.request_engine.connect() as conn:
+                row = (await conn.execute(select(virtual_keys).where(virtual_keys.c.key_hash == key_hash))
+                       ).mappings().first()
+        except DATABASE_ERRORS as e:
+            self.outage.failed(e)
+            raise keys_unavailable() from e
+        self.outage.recovered()
+        return row
 
     def check_budget(self, record: KeyRecord) -> None:
         now = time.time()

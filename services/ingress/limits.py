@@ -7,12 +7,23 @@ never admit more than the limit per window: a reservation never takes the counte
 Unused reservations lapse with their window (replicas may under-admit by at most one block
 each). Tokens are reserved by estimate and corrected by the actual usage afterwards.
 Parallel requests are counted per replica.
+
+When PostgreSQL is unreachable (or a reservation fails or times out), a replica limits on its
+own count instead of failing the request: it spends what it had reserved, then admits up to
+`local_share` of the limit per window counting everything it admitted in that window
+(SWITCHYARD_LOCAL_LIMIT_SHARE, default 1.0: the whole limit, so one replica alone keeps the limit
+and N replicas admit at most N x the limit; set 1/N to keep N replicas within it, at the price of
+under-admitting when traffic is uneven). It logs one warning per outage, probes PostgreSQL again
+every `RETRY_DB_S`, and on the first reservation that succeeds adds what it admitted unreserved in
+that window to the shared counter, so the other replicas see it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,10 +31,26 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.ingress.keys import DATABASE_ERRORS, DatabaseOutage
 from shared.errors import GatewayError
+
+log = logging.getLogger("switchyard.ingress.limits")
 
 WINDOW_S = 60
 BLOCK_FRACTION = 0.05
+RESERVE_TIMEOUT_S = 3.0
+"""Bound on one reservation (the engine's connect/command timeouts come first); past it, count locally."""
+RETRY_DB_S = 2.0
+"""While PostgreSQL is unreachable, one reservation every this many seconds probes it; others count locally."""
+LOCAL_SHARE_ENV = "SWITCHYARD_LOCAL_LIMIT_SHARE"
+
+
+def local_share_from_env() -> float:
+    value = float(os.environ.get(LOCAL_SHARE_ENV) or 1.0)
+    if not 0 < value <= 1:
+        raise ValueError(f"{LOCAL_SHARE_ENV} must be in (0, 1], not {value}")
+    return value
+
 
 @dataclass
 class Allowance:
@@ -32,6 +59,16 @@ class Allowance:
     """Reserved for this replica and not yet spent."""
     used_global: int = 0
     """The shared counter after this replica's last reservation (for the remaining-header)."""
+    spent: int = 0
+    """What this replica admitted in this window (reserved or not): its local count."""
+    unreserved: int = 0
+    """Admitted while PostgreSQL was unreachable beyond what was reserved: added to the counter later."""
+    local_cap: int | None = None
+    """Set while the last admission was on the local count (PostgreSQL unreachable): the local limit."""
+
+    def reset(self, window: int) -> None:
+        self.window, self.local, self.used_global, self.spent, self.unreserved = window, 0, 0, 0, 0
+        self.local_cap = None
 
 
 def _window(now: float) -> int:
@@ -39,14 +76,21 @@ def _window(now: float) -> int:
 
 
 class RateLimiter:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, local_share: float | None = None) -> None:
         self.engine = engine
+        """Used on the request path: give it short connect/command/pool timeouts."""
+        self.local_share = local_share_from_env() if local_share is None else local_share
         self._allowances: dict[tuple[str, str], Allowance] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._in_flight: dict[str, int] = {}
+        self.outage = DatabaseOutage(log, "rate limits", f"each key is limited on this replica's own count "
+                                     f"({self.local_share:g} of its limit per minute) until it answers",
+                                     retry_s=RETRY_DB_S)
 
-    async def _reserve(self, key_id: str, kind: str, window: int, want: int, limit: int) -> tuple[int, int]:
-        """Atomically take up to `want` from the shared counter; returns (granted, counter after)."""
+    async def _reserve(self, key_id: str, kind: str, window: int, want: int, limit: int,
+                       unreserved: int = 0) -> tuple[int, int]:
+        """Atomically take up to `want` from the shared counter, first adding `unreserved` (what this replica
+        admitted on its own count while PostgreSQL was unreachable); returns (granted, counter after)."""
         params = {"key_id": key_id, "kind": kind, "window": datetime.fromtimestamp(window, UTC), "limit": limit}
         async with self.engine.begin() as conn:
             await conn.execute(text("INSERT INTO rate_counters (key_id, kind, window_start, used) "
@@ -54,11 +98,30 @@ class RateLimiter:
             before = int((await conn.execute(text(
                 "SELECT used FROM rate_counters WHERE key_id = :key_id AND kind = :kind AND window_start = :window "
                 "FOR UPDATE"), params)).scalar_one())
-            granted = max(0, min(want, limit - before))
-            if granted:
-                await conn.execute(text("UPDATE rate_counters SET used = used + :granted WHERE key_id = :key_id "
-                                        "AND kind = :kind AND window_start = :window"), {**params, "granted": granted})
-        return granted, before + granted
+            granted = max(0, min(want, limit - before - unreserved))
+            if granted or unreserved:
+                await conn.execute(text("UPDATE rate_counters SET used = used + :add WHERE key_id = :key_id "
+                                        "AND kind = :kind AND window_start = :window"),
+                                   {**params, "add": granted + unreserved})
+        return granted, before + granted + unreserved
+
+    async def _try_reserve(self, key_id: str, kind: str, window: int, want: int, limit: int,
+                           unreserved: int) -> tuple[int, int] | None:
+        """`_reserve`, or None when PostgreSQL is unreachable (known down, failing, or too slow)."""
+        if not self.outage.may_try():
+            return None
+        try:
+            result = await asyncio.wait_for(self._reserve(key_id, kind, window, want, limit, unreserved),
+                                            RESERVE_TIMEOUT_S)
+        except DATABASE_ERRORS as e:
+            self.outage.failed(e)
+            return None
+        self.outage.recovered()
+        return result
+
+    def local_cap(self, limit: int) -> int:
+        """What one replica admits per window on its own count while PostgreSQL is unreachable."""
+        return max(1, math.floor(limit * self.local_share))
 
     async def take(self, key_id: str, kind: str, limit: int, amount: int, now: float | None = None) -> Allowance:
         """Spend `amount` of this minute's allowance, reserving a block when the local share runs out."""
@@ -68,30 +131,53 @@ class RateLimiter:
         async with lock:
             allowance = self._allowances.setdefault((key_id, kind), Allowance())
             if allowance.window != window:
-                allowance.window, allowance.local, allowance.used_global = window, 0, 0
+                allowance.reset(window)
             if allowance.local < amount:
                 block = max(amount - allowance.local, math.ceil(limit * BLOCK_FRACTION))
-                granted, allowance.used_global = await self._reserve(key_id, kind, window, block, limit)
+                reserved = await self._try_reserve(key_id, kind, window, block, limit, allowance.unreserved)
+                if reserved is None:
+                    return self._take_locally(allowance, kind, limit, amount, now)
+                granted, allowance.used_global = reserved
                 allowance.local += granted
+                allowance.unreserved, allowance.local_cap = 0, None
             if allowance.local < amount:
-                reset = window + WINDOW_S - now
-                unit = "requests" if kind == "requests" else "tokens"
-                raise GatewayError(429, f"Rate limit reached for this key: {limit} {unit} per minute. "
-                                   f"Try again in {math.ceil(reset)}s.", code="rate_limit_exceeded",
-                                   retry_after_s=reset, headers=self.headers(kind, limit, allowance, now))
+                raise self._limited(kind, limit, allowance, now)
             allowance.local -= amount
+            allowance.spent += amount
             return allowance
+
+    def _take_locally(self, allowance: Allowance, kind: str, limit: int, amount: int, now: float) -> Allowance:
+        """PostgreSQL is unreachable: admit on this replica's own count, up to `local_share` of the limit."""
+        allowance.local_cap = self.local_cap(limit)
+        if allowance.spent + amount > allowance.local_cap:
+            raise self._limited(kind, limit, allowance, now)
+        covered = min(max(allowance.local, 0), amount)
+        allowance.local -= covered
+        allowance.unreserved += amount - covered
+        allowance.spent += amount
+        return allowance
+
+    def _limited(self, kind: str, limit: int, allowance: Allowance, now: float) -> GatewayError:
+        reset = allowance.window + WINDOW_S - now
+        unit = "requests" if kind == "requests" else "tokens"
+        return GatewayError(429, f"Rate limit reached for this key: {limit} {unit} per minute. "
+                            f"Try again in {math.ceil(reset)}s.", code="rate_limit_exceeded",
+                            retry_after_s=reset, headers=self.headers(kind, limit, allowance, now))
 
     def correct(self, key_id: str, delta_tokens: int) -> None:
         """Apply actual usage minus the admission estimate to this replica's token allowance."""
         allowance = self._allowances.get((key_id, "tokens"))
         if allowance is not None and allowance.window == _window(time.time()):
             allowance.local -= delta_tokens
+            allowance.spent += delta_tokens
 
     @staticmethod
     def headers(kind: str, limit: int, allowance: Allowance, now: float | None = None) -> dict[str, str]:
         now = now or time.time()
-        remaining = max(0, limit - allowance.used_global) + max(0, allowance.local)
+        if allowance.local_cap is not None:  # counting locally: what this replica may still admit
+            remaining = max(0, allowance.local_cap - allowance.spent)
+        else:
+            remaining = max(0, limit - allowance.used_global) + max(0, allowance.local)
         reset = max(0.0, allowance.window + WINDOW_S - now)
         return {f"x-ratelimit-limit-{kind}": str(limit), f"x-ratelimit-remaining-{kind}": str(min(limit, remaining)),
                 f"x-ratelimit-reset-{kind}": f"{reset:.0f}s"}
