@@ -4,6 +4,11 @@ Input lines are OpenAI batch lines (`custom_id`, `method`, `url`, `body`). Each 
 request envelope with its own reply topic (`llm.batch.<job>`) and `priority: batch`, so the
 gateway paces it behind interactive traffic; results are written as they arrive, one line
 per request, in OpenAI's batch output format.
+
+A job outlives a restart of the embedded broker (`switchyard up`), which loses every queued message:
+the job writes a marker into its reply partition first, checks every LOST_CHECK_S that the marker is still
+there, and when the broker lost it, re-creates the reply topic, reads it from its beginning and sends
+the requests still unanswered again (same ids: an answer that arrives twice is written once).
 """
 
 from __future__ import annotations
@@ -18,13 +23,28 @@ from typing import Any, TextIO
 
 import orjson
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 
 from shared import topics
 from shared.contracts import Reply, RequestEnvelope, now_ms
-from shared.kafka import encode, ensure_topics, make_consumer, make_producer, send, start_client
+from shared.kafka import (
+    Consumer,
+    Producer,
+    encode,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    send,
+    send_and_wait,
+    start_client,
+)
 
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 DEFAULT_WINDOW_S = 24 * 3600
+LOST_CHECK_S = 5.0
+"""How often a waiting job checks that the broker still holds its marker (one fetch of one record)."""
+MARKER_KEY = b"switchyard.batch.marker"
+"""The key of the record a job writes into its own reply partition (and skips when reading replies)."""
 
 
 def parse_line(number: int, line: str) -> tuple[str, str, dict[str, Any]]:
@@ -78,6 +98,35 @@ class Progress:
         self.stream.flush()
 
 
+async def _submit(producer: Producer, envelopes: dict[str, bytes]) -> None:
+    acks = [await send(producer, topics.REQUESTS, raw, key=rid.encode()) for rid, raw in envelopes.items()]
+    await asyncio.gather(*acks)
+
+
+async def _mark(producer: Producer, tp: TopicPartition) -> int:
+    """Write the job's marker into its reply partition; returns its offset."""
+    meta = await send_and_wait(producer, tp.topic, b"{}", key=MARKER_KEY, partition=tp.partition)
+    return int(meta.offset)
+
+
+async def marker_lost(probe: Consumer, tp: TopicPartition, offset: int) -> bool:
+    """True when the reply partition no longer holds the job's marker at `offset`: the broker lost the log,
+    and the requests and replies it held with it (the embedded broker restarted; Apache Kafka keeps a log
+    for days). False while the broker cannot answer. `probe` is assigned `tp` and kept paused between
+    checks, so that it fetches one record per check, not every reply."""
+    polled = probe.last_poll_timestamp(tp)
+    probe.seek(tp, offset)
+    probe.resume(tp)
+    try:
+        records = (await probe.getmany(tp, timeout_ms=2000, max_records=1)).get(tp) or []
+    finally:
+        probe.pause(tp)
+    if records:
+        return bool(records[0].offset != offset or records[0].key != MARKER_KEY)
+    highwater = probe.highwater(tp)  # from a fetch at `offset`, if one was answered just now
+    return probe.last_poll_timestamp(tp) != polled and highwater is not None and highwater <= offset
+
+
 async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: float = DEFAULT_WINDOW_S,
                     key_id: str = "batch", quiet: bool = False) -> dict[str, int]:
     job = uuid.uuid4().hex[:16]
@@ -85,18 +134,24 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
     await ensure_topics(bootstrap, {reply_topic: 1})
     producer = make_producer(bootstrap)
     consumer = make_consumer(bootstrap=bootstrap, group_id=None, fetch_max_wait_ms=20)
+    probe = make_consumer(bootstrap=bootstrap, group_id=None, fetch_max_wait_ms=20)
     await start_client(producer, "batch-producer")
     await start_client(consumer, "batch-consumer")
+    await start_client(probe, "batch-probe")
     tp = TopicPartition(reply_topic, 0)
     consumer.assign([tp])
     consumer.seek(tp, 0)
+    probe.assign([tp])
+    probe.pause(tp)
     waiting: dict[str, str] = {}
+    envelopes: dict[str, bytes] = {}
     lines = (await asyncio.to_thread(in_path.read_text)).splitlines()
     progress = Progress(sum(1 for line in lines if line.strip()), io.StringIO() if quiet else sys.stderr)
     counts = {"total": progress.total, "succeeded": 0, "failed": 0}
+    loop = asyncio.get_running_loop()
     with out_path.open("wb") as out:  # noqa: ASYNC230 - small sequential appends
         try:
-            acks = []
+            marker = await _mark(producer, tp)
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -115,22 +170,40 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
                                       reply_topic=reply_topic, reply_partition=0, priority="batch",
                                       custom_id=custom_id, deadline_ms=now_ms() + int(window_s * 1000),
                                       key_id=key_id)
-                acks.append(await send(producer, topics.REQUESTS, encode(env), key=rid.encode()))
-            await asyncio.gather(*acks)
+                envelopes[rid] = encode(env)
+            await _submit(producer, envelopes)
+            next_check = loop.time() + LOST_CHECK_S
             while waiting:
                 batches = await consumer.getmany(timeout_ms=1000)
                 for records in batches.values():
                     for record in records:
+                        if record.key == MARKER_KEY:
+                            continue
                         reply = Reply.model_validate_json(record.value)
                         if reply.id not in waiting or reply.type not in ("response", "error"):
                             continue  # a duplicate delivery
                         custom_id = waiting.pop(reply.id)
+                        envelopes.pop(reply.id, None)
                         ok = reply.type == "response"
                         out.write(result_line(custom_id, reply.id, reply.status, reply.data))
                         out.flush()
                         counts["succeeded" if ok else "failed"] += 1
                         progress.tick(ok)
+                if waiting and loop.time() >= next_check:
+                    try:
+                        lost = bool(await ensure_topics(bootstrap, {reply_topic: 1}, timeout_s=10.0)
+                                    or await marker_lost(probe, tp, marker))
+                    except (KafkaError, OSError):
+                        lost = False  # the broker is away: check again later
+                    if lost:
+                        progress.stream.write(f"\nthe broker lost this job's {len(waiting)} unanswered requests "
+                                              "(it restarted?); sending them again\n")
+                        marker = await _mark(producer, tp)
+                        await consumer.seek_to_beginning(tp)  # the new log holds only what was written since
+                        await _submit(producer, envelopes)
+                    next_check = loop.time() + LOST_CHECK_S
         finally:
+            await probe.stop()
             await consumer.stop()
             await producer.stop()
     return counts

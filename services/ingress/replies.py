@@ -62,9 +62,12 @@ class ReplyListener:
     def __init__(self, bootstrap: str, topic: str, partition: int) -> None:
         self.topic = topic
         self.partition = partition
+        # Starts at the end (see start); should the position ever fall outside the log, the earliest offset is
+        # the one that skips no reply: a re-created log (the embedded broker restarted) holds only replies
+        # written since, which callers may still wait for (`Consumer` rewinds such a partition by itself).
         self._consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None,
                                                          fetch_max_wait_ms=hot_fetch_wait_ms(2),
-                                                         auto_offset_reset="latest")
+                                                         auto_offset_reset="earliest")
         self._pending: dict[str, Pending] = {}
         self._task: asyncio.Task[None] | None = None
         self.ready = False

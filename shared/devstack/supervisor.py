@@ -11,7 +11,9 @@ Supervision, so that a local stack survives what the chaos tests do to it:
   re-created. It keeps everything in memory, so what it held is lost (in-flight requests, usage
   not yet stored, batch reply topics): it is for development only. While it restarts, the
   children are paused (SIGSTOP/SIGCONT) so that none of them makes the broker auto-create a
-  topic with its default partition count before the real one exists; they reconnect by themselves.
+  topic with its default partition count before the real one exists; they reconnect by themselves,
+  and their consumers, still positioned in the old logs, read the new ones from their beginning
+  (`shared.kafka.Consumer`): ingress answers again within seconds.
 - `.switchyard/stack.json` names every child's pid (rewritten on each restart), the broker's pid
   and the PostgreSQL data folder, so tests and operators can kill or stop exactly one process.
 """
@@ -303,6 +305,8 @@ def _restart_broker(stack: Stack) -> None:
         stack.broker, _ = start_broker(stack.base / "logs" / "broker.log", port=port)
         stack.broker_restarts += 1
         asyncio.run(_recreate_topics(bootstrap, stack.topics))
+        print(f"switchyard: the embedded broker is back on {bootstrap} with the gateway's topics; the services "
+              "resume by themselves", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - a broker that cannot come back stops the stack, plainly
         print(f"switchyard: could not restart the embedded broker: {e}; stopping", file=sys.stderr, flush=True)
         stack.stopping = True
