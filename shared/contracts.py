@@ -89,6 +89,9 @@ class Reply(BaseModel):
     data: dict[str, Any] | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     custom_id: str | None = None
+    call: str | None = None
+    """The event id of the provider call that produced it: a stream whose call was redone after a crash
+    cannot be continued by the new call's chunks (ingress ends it with an error instead)."""
 
 
 class Usage(BaseModel):

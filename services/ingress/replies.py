@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from shared.contracts import OUT_OF_BAND, Reply
+from shared.errors import GatewayError
 from shared.kafka import hot_fetch_wait_ms, make_consumer, start_client
 
 log = logging.getLogger("switchyard.ingress.replies")
@@ -24,12 +25,16 @@ class Pending:
 
     Messages of a newer attempt supersede an older one; a stream's chunks are re-ordered
     if a retried delivery overtook them; an out-of-band error (seq >= OUT_OF_BAND) ends it at once.
+    Within an attempt, only the provider call whose messages reached the caller first is followed:
+    the same attempt called again (its first worker died before committing) answers differently, so
+    a stream it interrupted ends with an error rather than with another generation's text.
     """
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Reply] = asyncio.Queue()
         self.attempt = 0
         self.next_seq = 0
+        self.call: str | None = None
         self._ahead: dict[int, Reply] = {}
         self.finished = False
 
@@ -37,11 +42,18 @@ class Pending:
         if self.finished or reply.attempt < self.attempt:
             return
         if reply.attempt > self.attempt:
-            self.attempt, self.next_seq = reply.attempt, 0
+            self.attempt, self.next_seq, self.call = reply.attempt, 0, None
             self._ahead.clear()
         if reply.seq >= OUT_OF_BAND:
             self._emit(reply)
             return
+        if reply.call is not None:
+            if self.call is None:
+                self.call = reply.call
+            elif reply.call != self.call:
+                if self.next_seq > 0:
+                    self._emit(_interrupted(reply))
+                return
         if reply.seq < self.next_seq:
             return  # a duplicate delivery
         self._ahead[reply.seq] = reply
@@ -56,6 +68,14 @@ class Pending:
 
     async def next(self, timeout_s: float) -> Reply:
         return await asyncio.wait_for(self.queue.get(), timeout=max(0.0, timeout_s))
+
+
+def _interrupted(reply: Reply) -> Reply:
+    err = GatewayError(502, "the provider call streaming this response was interrupted (its worker stopped) and "
+                            "the request was called again; retry the request", type="api_error",
+                       code="stream_interrupted")
+    return Reply(id=reply.id, attempt=reply.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
+                 data=err.body(), custom_id=reply.custom_id)
 
 
 class ReplyListener:

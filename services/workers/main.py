@@ -208,16 +208,17 @@ class Worker:
         acks: list[asyncio.Future[Any]] = []
         route = f"group={env.model_group}; deployment={dep.id}; attempt={env.attempt}"
         ctx = CallContext(dep, env.body, env.stream, lease.key, env.id, strict=bool(env.body.get("strict")))
+        started = self._write_ahead(env, dep, call_seq)
         seq = 0
 
         async def on_chunk(c: dict[str, Any]) -> None:
             nonlocal seq
             reply = Reply(id=env.id, attempt=env.attempt, seq=seq, type="chunk", data=c,
-                          headers={topics.HEADER_ROUTE: route} if seq == 0 else {}, custom_id=env.custom_id)
+                          headers={topics.HEADER_ROUTE: route} if seq == 0 else {}, custom_id=env.custom_id,
+                          call=started.event_id)
             seq += 1
             acks.append(self._send_reply(env, reply))
 
-        started = self._write_ahead(env, dep, call_seq)
         await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started))
         acks.append(self._started(env, dep))
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
@@ -237,7 +238,7 @@ class Worker:
                 err = failed.error
                 acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="error",
                                                               status=err.status, data=err.body(),
-                                                              custom_id=env.custom_id)))
+                                                              custom_id=env.custom_id, call=started.event_id)))
             return acks, False
         self.pacer.record_usage(lease, result.usage.prompt_tokens + result.usage.completion_tokens)
         headers = {topics.HEADER_ROUTE: route}
@@ -247,12 +248,12 @@ class Worker:
             if (env.body.get("stream_options") or {}).get("include_usage"):
                 await on_chunk(_usage_chunk(result, env))
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="end",
-                                                    headers=headers, custom_id=env.custom_id,
+                                                    headers=headers, custom_id=env.custom_id, call=started.event_id,
                                                     data={"usage": _usage_chunk(result, env)["usage"]})))
         else:
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, type="response",
                                                           data=result.response, headers=headers,
-                                                          custom_id=env.custom_id)))
+                                                          custom_id=env.custom_id, call=started.event_id)))
         acks.append(self._usage(started, result, None))
         acks.append(self._event(env, dep, result, None))
         return acks, False

@@ -1,0 +1,52 @@
+"""What a caller receives when replies arrive twice, out of order, or from a call redone after a crash."""
+
+from __future__ import annotations
+
+from services.ingress.replies import Pending
+from shared.contracts import OUT_OF_BAND, Reply
+
+
+def _chunk(seq: int, call: str, attempt: int = 0) -> Reply:
+    return Reply(id="r1", attempt=attempt, seq=seq, type="chunk", data={"text": f"{call}{seq}"}, call=call)
+
+
+def _received(pending: Pending) -> list[tuple[str, int, str | None]]:
+    out: list[tuple[str, int, str | None]] = []
+    while not pending.queue.empty():
+        r = pending.queue.get_nowait()
+        out.append((r.type, r.seq, (r.data or {}).get("text") or (r.data or {}).get("error", {}).get("code")))
+    return out
+
+
+def test_duplicates_are_dropped_and_chunks_reordered() -> None:
+    pending = Pending()
+    for reply in (_chunk(1, "a"), _chunk(0, "a"), _chunk(0, "a"), _chunk(2, "a")):
+        pending.offer(reply)
+    assert _received(pending) == [("chunk", 0, "a0"), ("chunk", 1, "a1"), ("chunk", 2, "a2")]
+
+
+def test_a_stream_redone_by_another_call_ends_with_an_error_not_spliced_text() -> None:
+    pending = Pending()
+    pending.offer(_chunk(0, "a"))
+    pending.offer(_chunk(1, "a"))  # then the worker streaming call "a" dies; the request is called again
+    for seq in range(4):
+        pending.offer(_chunk(seq, "b"))
+    received = _received(pending)
+    assert received[:2] == [("chunk", 0, "a0"), ("chunk", 1, "a1")]
+    assert received[2][0] == "error" and received[2][1] >= OUT_OF_BAND and received[2][2] == "stream_interrupted"
+    assert len(received) == 3 and pending.finished
+
+
+def test_a_finished_answer_ignores_the_repeated_call() -> None:
+    pending = Pending()
+    pending.offer(Reply(id="r1", type="response", data={"text": "first"}, call="a"))
+    pending.offer(Reply(id="r1", type="response", data={"text": "second"}, call="b"))
+    assert _received(pending) == [("response", 0, "first")]
+
+
+def test_a_new_attempt_follows_its_own_call() -> None:
+    pending = Pending()
+    pending.offer(_chunk(0, "a"))
+    pending.offer(_chunk(0, "b", attempt=1))  # the router retried elsewhere: a new attempt, not a redone call
+    pending.offer(_chunk(1, "b", attempt=1))
+    assert _received(pending) == [("chunk", 0, "a0"), ("chunk", 0, "b0"), ("chunk", 1, "b1")]
