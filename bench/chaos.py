@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -421,15 +422,18 @@ def provider_calls(fake: FakeOpenAI) -> int:
     return len(fake.calls("/chat/completions"))
 
 
-def drain(stack: RunningStack, fake: FakeOpenAI, exclude: set[str], timeout_s: float) -> list[dict[str, Any]]:
-    """Wait until the usage table holds as many rows as the fake provider got calls (and stays so)."""
+def drain(stack: RunningStack, fake: FakeOpenAI, exclude: set[str], timeout_s: float,
+          answered: AbstractSet[str] = frozenset()) -> list[dict[str, Any]]:
+    """Wait until the usage table holds a row for every call the fake provider got, and an outcome for every
+    answered request (a row is stored "in doubt" before its call and completed after it), and stays so."""
     deadline = time.monotonic() + timeout_s
     rows: list[dict[str, Any]] = []
     stable = 0
     while time.monotonic() < deadline:
         rows = usage_rows(stack, exclude)
         calls = provider_calls(fake)
-        stable = stable + 1 if len(rows) >= calls else 0
+        done = {r["request_id"] for r in rows if r["ok"]}
+        stable = stable + 1 if len(rows) >= calls and answered <= done else 0
         if stable >= 3:
             break
         time.sleep(0.5)
@@ -671,7 +675,10 @@ def run_chaos(plan: Plan, workdir: Path, say: Any = print) -> dict[str, Any]:
             thread.join()
         say(f"chaos: load stopped after {time.monotonic() - started:.0f}s; waiting for the batch and accounting")
         batch_done = batch.join(plan.drain_timeout_s + plan.request_timeout_s) if batch is not None else True
-        rows = drain(stack, fake, baseline, plan.drain_timeout_s)
+        answered = {o.request_id for o in traffic.outcomes if o.status == 200 and o.request_id}
+        answered |= {r["response"]["request_id"] for r in (batch.results() if batch is not None else [])
+                     if r["response"]["status_code"] == 200}
+        rows = drain(stack, fake, baseline, plan.drain_timeout_s, answered)
         report.update(audit(traffic.outcomes, batch, rows, provider_calls(fake)))
         report["batch"]["finished"] = batch_done
         report["kills"] = kills
