@@ -117,8 +117,13 @@ rate_counters = Table(
 )
 
 
-def make_engine(url: str, pool_size: int = 5) -> AsyncEngine:
-    return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True)
+def make_engine(url: str, pool_size: int = 5, *, connect_timeout_s: float = 60.0,
+                command_timeout_s: float | None = None, pool_timeout_s: float = 30.0) -> AsyncEngine:
+    """An asyncpg engine. The timeouts (asyncpg's and SQLAlchemy's defaults unless given) let a caller that
+    must not hang on a stopped or silent PostgreSQL fail its call instead."""
+    return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True,
+                               pool_timeout=pool_timeout_s,
+                               connect_args={"timeout": connect_timeout_s, "command_timeout": command_timeout_s})
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"

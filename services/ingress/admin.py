@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from services.ingress.keys import BudgetSpec, KeySpec, database_errors_as_503
+from services.ingress.database import database_errors_as_503
+from services.ingress.keys import BudgetSpec, KeySpec
 from services.ingress.responses import json_response
 from services.ingress.validation import parse_json, read_body, validate
 from shared.contracts import KeyEvent

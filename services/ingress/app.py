@@ -34,14 +34,8 @@ from services.ingress import anthropic_api, completions
 from services.ingress.admin import add_admin_routes
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
-from services.ingress.keys import (
-    DATABASE_ERRORS,
-    KEY_PREFIX,
-    REFRESH_S,
-    KeyStore,
-    database_unavailable,
-    key_hash_secret,
-)
+from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.responses import error_response, json_response
@@ -62,32 +56,6 @@ REPLY_GRACE_S = 2.0
 KEY_LOAD_RETRY_S = (0.5, 4.0)
 """Backoff between attempts to load the virtual keys while PostgreSQL does not answer (first, most)."""
 KEY_LOAD_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class DatabaseTimeouts:
-    """Per-engine PostgreSQL timeouts, so that a stopped or hanging server fails calls instead of hanging them."""
-
-    connect_s: float
-    command_s: float
-    pool_s: float
-
-
-ADMIN_DB = DatabaseTimeouts(connect_s=5.0, command_s=30.0, pool_s=5.0)
-"""Loading keys and the admin API (a spend report may take a while)."""
-REQUEST_DB = DatabaseTimeouts(connect_s=2.0, command_s=2.0, pool_s=1.0)
-"""The request path: rate-limit reservations and lookups of keys not in the cache."""
-
-
-def make_engine(url: str, timeouts: DatabaseTimeouts, pool_size: int = 5) -> AsyncEngine:
-    """shared.db.make_engine's settings plus asyncpg connect/command timeouts and a pool checkout timeout."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    from shared.config import asyncpg_url
-
-    return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True,
-                               pool_timeout=timeouts.pool_s,
-                               connect_args={"timeout": timeouts.connect_s, "command_timeout": timeouts.command_s})
 
 
 class Gateway:
@@ -137,14 +105,14 @@ class Gateway:
         if not self.settings.database_url:
             raise GatewayError(503, "No accounting database is configured (DATABASE_URL).", code="no_database")
         if self._engine is None:
-            self._engine = make_engine(self.settings.database_url, ADMIN_DB)
+            self._engine = admin_engine(self.settings.database_url)
         return self._engine
 
     def request_engine(self) -> AsyncEngine:
         """The engine of the request path, with short timeouts (a failure there degrades, never waits long)."""
         if self._request_engine is None:
             self.engine()  # the same 503 without a DATABASE_URL
-            self._request_engine = make_engine(self.settings.database_url, REQUEST_DB)
+            self._request_engine = request_engine(self.settings.database_url)
         return self._request_engine
 
     async def _keep_keys_loaded(self) -> None:

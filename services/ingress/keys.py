@@ -20,20 +20,17 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import and_, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingress.auth import Identity
+from services.ingress.database import DATABASE_ERRORS, RETRY_AFTER_S, DatabaseOutage
 from shared.config import Settings
 from shared.contracts import KeyEvent
 from shared.db import budgets, spend_totals, virtual_keys
@@ -46,78 +43,12 @@ REFRESH_S = 10.0
 NEGATIVE_TTL_S = 5.0
 LOOKUP_TIMEOUT_S = 3.0
 """Bound on a request-path key lookup (the engine's own connect/command timeouts come first)."""
-RETRY_AFTER_S = 3.0
-"""Retry-After of the 503s answered while PostgreSQL is unreachable."""
-
-DATABASE_ERRORS: tuple[type[Exception], ...] = (
-    SQLAlchemyError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-    asyncpg.InternalClientError)
-"""What a call to an unreachable, stopping or hanging PostgreSQL raises: refused or timed-out connections
-(OSError, TimeoutError), errors SQLAlchemy wraps (DBAPIError, pool timeouts) and asyncpg's own."""
-
-
-def database_unavailable(what: str = "This request") -> GatewayError:
-    return GatewayError(503, f"{what} needs the accounting database (PostgreSQL), which is unreachable right now. "
-                        "Please retry shortly.", code="database_unavailable", retry_after_s=RETRY_AFTER_S)
 
 
 def keys_unavailable() -> GatewayError:
     return GatewayError(503, "This API key cannot be checked right now: the virtual keys are not loaded yet "
                         "(the key database is unreachable). Please retry shortly.", code="keys_unavailable",
                         retry_after_s=RETRY_AFTER_S)
-
-
-@contextmanager
-def database_errors_as_503(what: str = "This request") -> Iterator[None]:
-    """Turn a failed or timed-out PostgreSQL call into a 503 + Retry-After OpenAI-style error (never a 500)."""
-    try:
-        yield
-    except DATABASE_ERRORS as e:
-        log.warning("database call failed", extra={"what": what, "error": repr(e)[:300]})
-        raise database_unavailable(what) from e
-
-
-class DatabaseOutage:
-    """Whether PostgreSQL failed this component's last call: one warning per outage, not one per call.
-
-    While it is down, `may_try` lets one caller through every `retry_s` to probe, so requests do not
-    each wait for a connection attempt; the first call that succeeds ends the outage.
-    """
-
-    def __init__(self, logger: logging.Logger, what: str, consequence: str, retry_s: float = 2.0) -> None:
-        self.log = logger
-        self.what = what
-        self.consequence = consequence
-        self.retry_s = retry_s
-        self.since: float | None = None
-        self._next_try = 0.0
-
-    @property
-    def down(self) -> bool:
-        return self.since is not None
-
-    def may_try(self) -> bool:
-        if self.since is None:
-            return True
-        now = time.monotonic()
-        if now < self._next_try:
-            return False
-        self._next_try = now + self.retry_s
-        return True
-
-    def failed(self, error: BaseException) -> None:
-        now = time.monotonic()
-        self._next_try = now + self.retry_s
-        if self.since is None:
-            self.since = now
-            self.log.warning(f"PostgreSQL unreachable for {self.what}: {self.consequence}",
-                             extra={"error": repr(error)[:300]})
-
-    def recovered(self) -> None:
-        if self.since is not None:
-            self.log.warning(f"PostgreSQL answers again for {self.what}",
-                             extra={"outage_s": round(time.monotonic() - self.since, 1)})
-            self.since = None
 
 
 def key_hash_secret(settings: Settings) -> bytes:

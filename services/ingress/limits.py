@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.ingress.keys import DATABASE_ERRORS, DatabaseOutage
+from services.ingress.database import DATABASE_ERRORS, DatabaseOutage
 from shared.errors import GatewayError
 
 log = logging.getLogger("switchyard.ingress.limits")

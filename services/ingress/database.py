@@ -1,0 +1,99 @@
+"""PostgreSQL as ingress sees it: optional at run time, and never a reason for a 500 or a hung request.
+
+Two engines with timeouts (the request path fails fast; loading keys and the admin API may take
+longer), the errors an unreachable, stopping or silent server raises, the 503 answered for them,
+and `DatabaseOutage`, which keeps one component from logging or probing once per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import asyncpg
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.db import make_engine
+from shared.errors import GatewayError
+
+log = logging.getLogger("switchyard.ingress.database")
+
+RETRY_AFTER_S = 3.0
+"""Retry-After of the 503s answered while PostgreSQL is unreachable."""
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    SQLAlchemyError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+    asyncpg.InternalClientError)
+"""What a call to an unreachable, stopping or hanging PostgreSQL raises: refused or timed-out connections
+(OSError, TimeoutError), errors SQLAlchemy wraps (DBAPIError, pool timeouts) and asyncpg's own."""
+
+
+def admin_engine(url: str) -> AsyncEngine:
+    """Loading keys and the admin API (a spend report may take a while)."""
+    return make_engine(url, connect_timeout_s=5.0, command_timeout_s=30.0, pool_timeout_s=5.0)
+
+
+def request_engine(url: str) -> AsyncEngine:
+    """The request path: rate-limit reservations and lookups of keys not in the cache."""
+    return make_engine(url, connect_timeout_s=2.0, command_timeout_s=2.0, pool_timeout_s=1.0)
+
+
+def database_unavailable(what: str = "This request") -> GatewayError:
+    return GatewayError(503, f"{what} needs the accounting database (PostgreSQL), which is unreachable right now. "
+                        "Please retry shortly.", code="database_unavailable", retry_after_s=RETRY_AFTER_S)
+
+
+@contextmanager
+def database_errors_as_503(what: str = "This request") -> Iterator[None]:
+    """Turn a failed or timed-out PostgreSQL call into a 503 + Retry-After OpenAI-style error (never a 500)."""
+    try:
+        yield
+    except DATABASE_ERRORS as e:
+        log.warning("database call failed", extra={"what": what, "error": repr(e)[:300]})
+        raise database_unavailable(what) from e
+
+
+class DatabaseOutage:
+    """Whether PostgreSQL failed this component's last call: one warning per outage, not one per call.
+
+    While it is down, `may_try` lets one caller through every `retry_s` to probe, so requests do not
+    each wait for a connection attempt; the first call that succeeds ends the outage.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, consequence: str, retry_s: float = 2.0) -> None:
+        self.log = logger
+        self.what = what
+        self.consequence = consequence
+        self.retry_s = retry_s
+        self.since: float | None = None
+        self._next_try = 0.0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def may_try(self) -> bool:
+        if self.since is None:
+            return True
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
+        self._next_try = now + self.retry_s
+        return True
+
+    def failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        self._next_try = now + self.retry_s
+        if self.since is None:
+            self.since = now
+            self.log.warning(f"PostgreSQL unreachable for {self.what}: {self.consequence}",
+                             extra={"error": repr(error)[:300]})
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            self.log.warning(f"PostgreSQL answers again for {self.what}",
+                             extra={"outage_s": round(time.monotonic() - self.since, 1)})
+            self.since = None
