@@ -1,6 +1,7 @@
 """One Kafka hop, measured: produce acknowledgement and produce-to-consume latency per fetch wait.
 
-    .venv/bin/python bench/kafka_probe.py                      # starts its own Tansu, waits 5, 100, 500 ms
+    .venv/bin/python bench/kafka_probe.py                      # its own embedded Apache Kafka: waits 5, 100, 500 ms
+    .venv/bin/python bench/kafka_probe.py --broker tansu       # the same on the Tansu fallback
     .venv/bin/python bench/kafka_probe.py --bootstrap HOST:PORT --waits 5,500   # against another broker
 
 Why: every Switchyard request crosses three hops (ingress -> router -> worker -> ingress), so a
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiokafka import TopicPartition  # noqa: E402
 
+from shared.devstack.apache_kafka import EmbeddedKafka  # noqa: E402
+from shared.devstack.broker import EmbeddedBroker, EmbeddedTansu  # noqa: E402
 from shared.kafka import ensure_topics, make_consumer, make_producer  # noqa: E402
+from shared.tansu import BROKER_ENV  # noqa: E402
 
 
 async def probe(bootstrap: str, wait_ms: int, n: int, linger_ms: int = 1) -> dict[str, float]:
@@ -60,19 +65,23 @@ async def probe(bootstrap: str, wait_ms: int, n: int, linger_ms: int = 1) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bootstrap", default=None, help="an existing broker (default: start an embedded Tansu)")
+    parser.add_argument("--bootstrap", default=None, help="an existing broker (default: start an embedded one)")
+    parser.add_argument("--broker", choices=["kafka", "tansu"], default="kafka", help="which embedded broker")
     parser.add_argument("--waits", default="5,100,500", help="fetch_max_wait_ms values to try")
     parser.add_argument("-n", type=int, default=40, help="messages per wait")
     parser.add_argument("--lingers", default="1", help="producer linger_ms values to try (the services use 1)")
     args = parser.parse_args()
-    broker: subprocess.Popen[bytes] | None = None
+    os.environ.setdefault(BROKER_ENV, args.broker)  # the services' producer and consumer settings for this broker
+    broker: EmbeddedBroker | None = None
     bootstrap = args.bootstrap
     if bootstrap is None:
-        from shared.devstack.broker import start_broker
-
-        log = Path(__file__).resolve().parent / ".work" / "kafka_probe-broker.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        broker, bootstrap = start_broker(log)
+        work = Path(__file__).resolve().parent / ".work"
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work / "kafka_probe-kafka", ignore_errors=True)
+        broker = (EmbeddedTansu(work / "kafka_probe-broker.log") if args.broker == "tansu"
+                  else EmbeddedKafka(work / "kafka_probe-kafka", work / "kafka_probe-broker.log"))
+        broker.start()
+        bootstrap = broker.bootstrap
     try:
         import uvloop
 
@@ -80,9 +89,9 @@ def main() -> None:
             for wait in (int(w) for w in args.waits.split(",")):
                 print(uvloop.run(probe(bootstrap, wait, args.n, linger)), flush=True)
     finally:
-        if broker is not None:
-            broker.terminate()
-            broker.wait()
+        if broker is not None and broker.proc is not None:
+            broker.proc.terminate()
+            broker.proc.wait()
 
 
 if __name__ == "__main__":

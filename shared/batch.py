@@ -5,7 +5,7 @@ request envelope with its own reply topic (`llm.batch.<job>`) and `priority: bat
 gateway paces it behind interactive traffic; results are written as they arrive, one line
 per request, in OpenAI's batch output format.
 
-A job outlives a restart of the embedded broker (`switchyard up`), which loses every queued message:
+A job outlives a restart of the Tansu fallback broker (`switchyard up`), which loses every queued message:
 the job writes a marker into its reply partition first, checks every LOST_CHECK_S that the marker is still
 there, and when the broker lost it, re-creates the reply topic, reads it from its beginning and sends
 the requests still unanswered again (same ids: an answer that arrives twice is written once).
@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared import topics
 from shared.contracts import Reply, RequestEnvelope, now_ms
 from shared.kafka import (
-    Consumer,
     Producer,
     encode,
     ensure_topics,
@@ -38,6 +37,7 @@ from shared.kafka import (
     send_and_wait,
     start_client,
 )
+from shared.tansu import is_tansu
 
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 DEFAULT_WINDOW_S = 24 * 3600
@@ -109,11 +109,11 @@ async def _mark(producer: Producer, tp: TopicPartition) -> int:
     return int(meta.offset)
 
 
-async def marker_lost(probe: Consumer, tp: TopicPartition, offset: int) -> bool:
+async def marker_lost(probe: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> bool:
     """True when the reply partition no longer holds the job's marker at `offset`: the broker lost the log,
-    and the requests and replies it held with it (the embedded broker restarted; Apache Kafka keeps a log
-    for days). False while the broker cannot answer. `probe` is assigned `tp` and kept paused between
-    checks, so that it fetches one record per check, not every reply."""
+    and the requests and replies it held with it (the embedded Tansu restarted; Apache Kafka keeps a log for
+    days, so only a job on Tansu checks). False while the broker cannot answer. `probe` is assigned `tp` and
+    kept paused between checks, so that it fetches one record per check, not every reply."""
     polled = probe.last_poll_timestamp(tp)
     probe.seek(tp, offset)
     probe.resume(tp)
@@ -133,8 +133,8 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
     reply_topic = f"{topics.BATCH_REPLY_PREFIX}{job}"
     await ensure_topics(bootstrap, {reply_topic: 1})
     producer = make_producer(bootstrap)
-    consumer = make_consumer(bootstrap=bootstrap, group_id=None, fetch_max_wait_ms=20)
-    probe = make_consumer(bootstrap=bootstrap, group_id=None, fetch_max_wait_ms=20)
+    consumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=20)
+    probe = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=20)
     await start_client(producer, "batch-producer")
     await start_client(consumer, "batch-consumer")
     await start_client(probe, "batch-probe")
@@ -189,7 +189,7 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
                         out.flush()
                         counts["succeeded" if ok else "failed"] += 1
                         progress.tick(ok)
-                if waiting and loop.time() >= next_check:
+                if waiting and is_tansu() and loop.time() >= next_check:
                     try:
                         lost = bool(await ensure_topics(bootstrap, {reply_topic: 1}, timeout_s=10.0)
                                     or await marker_lost(probe, tp, marker))

@@ -23,6 +23,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(args)
 
 
+def cmd_kafka_install(args: argparse.Namespace) -> int:
+    from shared.devstack import apache_kafka
+
+    if apache_kafka.installed():
+        print(f"Apache Kafka {apache_kafka.KAFKA_VERSION} is installed in {apache_kafka.libs_dir()}")
+        return 0
+    if apache_kafka.java_binary() is None:
+        print(f"switchyard: warning: no Java {apache_kafka.MIN_JAVA}+ here; `switchyard up` will fall back to Tansu "
+              "until one is installed", file=sys.stderr)
+    print(f"fetching Apache Kafka {apache_kafka.KAFKA_VERSION} from Maven Central...", flush=True)
+    try:
+        libs = apache_kafka.install()
+    except RuntimeError as e:
+        print(f"switchyard: {e}", file=sys.stderr)
+        return 1
+    print(f"Apache Kafka {apache_kafka.KAFKA_VERSION} installed in {libs}")
+    return 0
+
+
 def cmd_ingress(args: argparse.Namespace) -> int:
     from services.ingress.main import run
 
@@ -213,7 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--replicas", default=None, help="processes per stage, e.g. ingress=2,router=2,worker=3")
+    p.add_argument("--broker", choices=["kafka", "tansu"], default=None,
+                   help="embedded broker (default: Apache Kafka where Java 17+ is present, else Tansu); "
+                        "KAFKA_BOOTSTRAP_SERVERS wins over both")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("kafka", help="the embedded Apache Kafka broker")
+    ksub = p.add_subparsers(dest="kafka_command", required=True)
+    k = ksub.add_parser("install", help="fetch the pinned Apache Kafka's jars from Maven Central (once; then a no-op)")
+    k.set_defaults(func=cmd_kafka_install)
 
     from services.ingress.main import add_arguments as ingress_args
 

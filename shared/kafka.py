@@ -1,11 +1,11 @@
 """Kafka plumbing every service shares: client factories, topic creation, safe sends, offset tracking.
 
 Delivery is at-least-once everywhere: a consumer commits an offset only after what it owes
-for that message is acknowledged. Idempotent producers are off because the embedded
-broker does not support them; duplicates are dropped downstream by id instead.
+for that message is acknowledged. Duplicates are dropped downstream by id.
 
-Every consumer made here is a `Consumer`, which rewinds a partition whose log was re-created under
-it (the embedded broker restarted): see its docstring.
+The factories are tuned for Apache Kafka: idempotent, compressing producers; consumers with long
+fetch waits (the broker answers a waiting fetch as soon as data arrives); static group membership
+where the process knows its replica index. On the Tansu fallback, shared/tansu.py's quirks apply instead.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from pydantic import BaseModel
 from pydantic_core import to_json
+
+from shared.tansu import TANSU_FETCH_WAIT_MS, RewindingConsumer, is_tansu
+from shared.topics import MAX_MESSAGE_BYTES, topic_configs
 
 log = logging.getLogger("switchyard.kafka")
 
@@ -53,156 +56,86 @@ class Producer(AIOKafkaProducer):  # type: ignore[misc]
         return result
 
 
+REPLICA_ENV = "SWITCHYARD_REPLICA"
+"""This process's index among its stage's replicas (`switchyard up` sets it; a StatefulSet's ordinal in deploy/)."""
+
+KAFKA_FETCH_WAIT_MS = 500
+"""How long Apache Kafka may hold an empty fetch: it answers as soon as data arrives, so a long wait costs no
+latency and ends idle polling (SWITCHYARD_FETCH_WAIT_MS overrides)."""
+
+
 def make_producer(bootstrap: str, **overrides: Any) -> Producer:
     """A producer tuned for small messages at low latency (see `Producer` for its metadata fix).
 
     No linger: aiokafka still batches whatever is queued while the previous request to the partition's
     leader is in flight, so bursts batch by themselves; a 1 ms linger added ~1.2 ms to every send's
     acknowledgement and ~2 ms to every hop (bench/kafka_probe.py), three hops per request.
+
+    On Apache Kafka the producer is idempotent (a retried send is never written twice) and compresses
+    with LZ4, which a large body needs to fit and a small one pays microseconds for. Tansu gets neither:
+    it does not implement idempotent producers.
     """
+    acks = _acks()
+    kafka = not is_tansu()
     options: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "linger_ms": 0,
-        "acks": _acks(),
+        "acks": acks,
+        "enable_idempotence": kafka and acks == "all",
+        "compression_type": "lz4" if kafka else None,
         "request_timeout_ms": 15000,
         "retry_backoff_ms": 50,
         "max_batch_size": 1 << 20,
-        "max_request_size": 8 << 20,
+        "max_request_size": MAX_MESSAGE_BYTES,
         "client_id": "switchyard",
     }
     options.update(overrides)
     return Producer(**options)
 
 
-def hot_fetch_wait_ms(default: int = 5) -> int:
-    """How long the broker may hold an empty fetch of a latency-critical consumer (requests, provider
-    topics, replies): SWITCHYARD_FETCH_WAIT_MS, else `default`.
-
-    Apache Kafka answers a waiting fetch as soon as data arrives, so there a long wait (deploy/ sets
-    500) costs no latency and saves the idle polling: with 5 ms, each idle consumer sends ~200 empty
-    fetches a second (an idle stack burns ~0.5 core, half of it in the broker; bench/README.md). The
-    embedded Tansu broker answers only when the wait ends (bench/kafka_probe.py), so `switchyard up`
-    keeps it short.
-    """
+def fetch_wait_ms(tansu_ms: int = TANSU_FETCH_WAIT_MS) -> int:
+    """How long the broker may hold a consumer's empty fetch: SWITCHYARD_FETCH_WAIT_MS, else
+    KAFKA_FETCH_WAIT_MS on Apache Kafka, else `tansu_ms` (Tansu answers only when the wait ends, so each
+    consumer passes how much latency it can afford there)."""
     value = os.environ.get("SWITCHYARD_FETCH_WAIT_MS", "")
-    return int(value) if value.strip().isdigit() else default
+    if value.strip().isdigit():
+        return int(value)
+    return tansu_ms if is_tansu() else KAFKA_FETCH_WAIT_MS
 
 
-RECREATED_LOG_CHECK_S = 1.0
-"""How often a `Consumer` compares its positions with the partitions' high watermarks (a local check)."""
+def group_instance_id(group: str) -> str | None:
+    """The static member id of this process in `group`, from its replica index (SWITCHYARD_REPLICA); None
+    without one, or on Tansu.
 
-
-class Consumer(AIOKafkaConsumer):  # type: ignore[misc]
-    """An AIOKafkaConsumer that notices when a partition's log was re-created under it, and reads the new log
-    from its beginning.
-
-    Why: the embedded broker (`switchyard up`) keeps everything in memory. When it restarts, the supervisor
-    re-creates the topics and every log starts again at offset 0, but each consumer keeps its position in the
-    old log (say 5000). Tansu answers a fetch past the log end with an empty response and the new high
-    watermark, not OFFSET_OUT_OF_RANGE, so aiokafka's `auto_offset_reset` never fires: the consumer waits,
-    silently, until the new log grows past 5000, and then skips everything before. Group consumers
-    usually rejoin (the new broker does not know their member id) and find no committed offset, but a
-    manually assigned one never does (each ingress replica's reply partition, the ingress key events, the
-    router's health events, a batch job's replies), and a group member that committed its old position
-    to the new broker before rejoining is stuck the same way.
-
-    How: at most every RECREATED_LOG_CHECK_S, `getmany`/`getone` compare each assigned, unpaused partition's
-    position with the high watermark of its last fetch response: both are local, so the hot path costs no
-    broker round trip. A position beyond the high watermark on two checks in a row is confirmed with one
-    ListOffsets (`end_offsets`); the partitions still beyond their log end are sought to the *beginning*,
-    not to the end: everything in a re-created log was written after the restart (replies and requests
-    the services still owe), so it is read, not skipped. Duplicates this may redeliver are dropped by id
-    downstream, as for any redelivery.
-
-    Harmless on Apache Kafka: a log there never shrinks below what a consumer has read (a consumer
-    reads only up to the high watermark, and unclean leader election is off), and a fetch past its end
-    gets OFFSET_OUT_OF_RANGE. The two checks in a row, a second apart, and the ListOffsets confirmation
-    ride out a high watermark that is briefly stale (right after a seek, or just after a leader moved).
-    (Tansu's ListOffsets may report less than the true end after a multi-record batch, never more, so on
-    Tansu the confirmation never holds back a real rewind; its fetch high watermark is exact.)
+    A static member that restarts within the session timeout gets its partitions back without a rebalance
+    of the group: the other members keep working. Two live processes must never share an index.
     """
-
-    def __init__(self, *topics: str, **options: Any) -> None:
-        super().__init__(*topics, **options)
-        self._next_log_check = 0.0
-        self._suspects: set[TopicPartition] = set()
-        self.rewinds = 0
-        """Partitions sought to their beginning because their log was re-created (for logs and tests)."""
-
-    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
-                      max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
-        await self._maybe_check_logs()
-        return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
-
-    async def getone(self, *partitions: TopicPartition) -> ConsumerRecord:
-        await self._maybe_check_logs()
-        return await super().getone(*partitions)
-
-    async def _maybe_check_logs(self) -> None:
-        now = asyncio.get_running_loop().time()
-        if now < self._next_log_check:
-            return
-        self._next_log_check = now + RECREATED_LOG_CHECK_S
-        try:
-            await self.rewind_recreated_logs()
-        except Exception as e:  # noqa: BLE001 - a failed check must never stop consumption; the next one retries
-            log.warning("could not check for re-created logs", extra={"error": repr(e)})
-
-    def _beyond_highwater(self) -> dict[TopicPartition, int]:
-        """Assigned, unpaused partitions whose position is past the high watermark of their last fetch."""
-        subscription = self._subscription.subscription
-        assignment = subscription.assignment if subscription is not None else None
-        if assignment is None:
-            return {}
-        out: dict[TopicPartition, int] = {}
-        for tp in assignment.tps:
-            state = assignment.state_value(tp)
-            if (state is None or state.paused or not state.has_valid_position or state.highwater is None
-                    or state.position <= state.highwater):
-                continue
-            out[tp] = state.position
-        return out
-
-    async def rewind_recreated_logs(self) -> list[TopicPartition]:
-        """Seek to the beginning the partitions whose log ends before this consumer's position (seen on two
-        calls in a row, then confirmed by the broker); returns them. `getmany` calls it every
-        RECREATED_LOG_CHECK_S by itself."""
-        beyond = self._beyond_highwater()
-        confirm = {tp: pos for tp, pos in beyond.items() if tp in self._suspects}
-        self._suspects = set(beyond)
-        if not confirm:
-            return []
-        ends = await asyncio.wait_for(self.end_offsets(list(confirm)), timeout=5.0)
-        assigned = self.assignment()
-        recreated = [tp for tp, pos in confirm.items() if tp in assigned and ends.get(tp, pos) < pos]
-        if not recreated:
-            return []
-        log.warning("log re-created under this consumer (broker restarted?): reading it from the beginning",
-                    extra={"partitions": {f"{tp.topic}[{tp.partition}]": [confirm[tp], ends[tp]]
-                                          for tp in recreated}})
-        await self.seek_to_beginning(*recreated)
-        self._suspects.difference_update(recreated)
-        self.rewinds += len(recreated)
-        return recreated
+    replica = os.environ.get(REPLICA_ENV, "").strip()
+    if not replica.isdigit() or is_tansu():
+        return None
+    return f"{group}-{replica}"
 
 
-def make_consumer(*topics: str, bootstrap: str, group_id: str | None, **overrides: Any) -> Consumer:
-    """A consumer with manual commits and a short fetch wait (the broker holds empty fetches that long)
-    that rewinds a partition whose log was re-created (see `Consumer`)."""
+def make_consumer(*topics: str, bootstrap: str, group_id: str | None, tansu_fetch_wait_ms: int = TANSU_FETCH_WAIT_MS,
+                  **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer with manual commits and the broker's fetch wait (`fetch_wait_ms`); on Tansu, one that rewinds
+    a partition whose log was re-created (shared/tansu.py)."""
     options: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": hot_fetch_wait_ms(),
+        "fetch_max_wait_ms": fetch_wait_ms(tansu_fetch_wait_ms),
         "max_poll_records": 500,
         "session_timeout_ms": 10000,
         "heartbeat_interval_ms": 1000,
-        "max_partition_fetch_bytes": 8 << 20,
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
         "client_id": "switchyard",
     }
     options.update(overrides)
-    return Consumer(*topics, **options)
+    if is_tansu():
+        return RewindingConsumer(*topics, **options)
+    return AIOKafkaConsumer(*topics, **options)
 
 
 async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, what: str, timeout_s: float = 60.0) -> None:
@@ -236,7 +169,8 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_fact
             await asyncio.sleep(0.3)
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, parts, replication_factor) for name, parts in topics.items() if name not in existing]
+        missing = [NewTopic(name, parts, replication_factor, topic_configs=topic_configs(name))
+                   for name, parts in topics.items() if name not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)

@@ -35,6 +35,27 @@ PARTITIONS: dict[str, int] = {
 PROVIDER_PARTITIONS = 16
 """Upper bound on worker processes per provider pool (one consumer per partition)."""
 
+MAX_MESSAGE_BYTES = 16 << 20
+"""The largest message any topic accepts: the largest body ingress accepts (8 MiB) as an envelope, with room.
+
+Topics are created with it (`max.message.bytes`), producers may send it and consumers may fetch it.
+"""
+
+RETENTION_MS: dict[str, int] = {
+    REPLIES: 3_600_000,
+    EVENTS: 3_600_000,
+}
+"""Topics whose messages are worthless after an hour (read within seconds; routers replay two minutes of
+events): kept short so the logs stay small. Every other topic keeps the broker's default retention."""
+
+
+def topic_configs(topic: str) -> dict[str, str]:
+    """The configuration every gateway topic is created with (`switchyard up`, `switchyard topics create`)."""
+    configs = {"max.message.bytes": str(MAX_MESSAGE_BYTES), "compression.type": "producer"}
+    if topic in RETENTION_MS:
+        configs["retention.ms"] = str(RETENTION_MS[topic])
+    return configs
+
 
 def provider_topic(provider: str, batch: bool = False) -> str:
     """The topic a provider's worker pool consumes; batch traffic has its own, lower-priority topic."""

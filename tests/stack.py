@@ -1,4 +1,7 @@
-"""Running a real `switchyard up` (embedded Tansu broker + PostgreSQL + every service) for tests."""
+"""Running a real `switchyard up` (embedded Apache Kafka + PostgreSQL + every service) for tests.
+
+SWITCHYARD_TEST_BROKER=tansu runs the same stacks on the Tansu fallback instead.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from shared.config import read_stack
 from tests.fakes.server import free_port
 
 MASTER_KEY = "sk-test-master"
+TEST_BROKER = os.environ.get("SWITCHYARD_TEST_BROKER", "kafka")
 
 
 @dataclass
@@ -79,6 +83,8 @@ def start_stack(cwd: Path, config_yaml: str | None, extra_env: dict[str, str] | 
         (cwd / "switchyard.yaml").write_text(config_yaml)
     port = free_port()
     output = cwd / "up.out"
+    if "KAFKA_BOOTSTRAP_SERVERS" not in (extra_env or {}) and "--broker" not in args:
+        args = ("--broker", TEST_BROKER, *args)
     with output.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), *args], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT, env=_child_env(extra_env),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.devstack.broker import start_broker
+from shared.devstack.apache_kafka import EmbeddedKafka
 from tests.stack import RunningStack, _child_env, start_stack, warm_up
 
 
@@ -22,12 +22,14 @@ def test_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
 
 def test_up_uses_external_broker_and_database(stack: RunningStack, tmp_path: Path) -> None:
     """With KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL set, `up` starts neither broker nor database."""
-    broker, bootstrap = start_broker(tmp_path / "broker.log")
-    other = start_stack(tmp_path / "second", None, extra_env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+    broker = EmbeddedKafka(tmp_path / "kafka", tmp_path / "broker.log")
+    broker.start()
+    other = start_stack(tmp_path / "second", None, extra_env={"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
                                                               "DATABASE_URL": stack.database_url})
     try:
         log = other.log()
-        assert "embedded Tansu" not in log and "embedded PostgreSQL" not in log
+        assert "embedded" not in log.split("provider")[0]  # neither an embedded broker nor an embedded database
+        assert f"broker      {broker.bootstrap} (KAFKA_BOOTSTRAP_SERVERS)" in log
         assert "`demo` is served by the built-in fake" in log
         assert not (tmp_path / "second" / ".switchyard" / "pg").exists()
         warm_up(other, "demo")
@@ -38,6 +40,7 @@ def test_up_uses_external_broker_and_database(stack: RunningStack, tmp_path: Pat
         assert spend.returncode == 0 and '"demo"' in spend.stdout  # the second stack's usage, in the shared DB
     finally:
         assert other.stop() == 0
-        broker.terminate()
-        broker.wait()
+        assert broker.proc is not None
+        broker.proc.terminate()
+        broker.proc.wait()
     assert not (tmp_path / "second" / ".switchyard" / "stack.json").exists()

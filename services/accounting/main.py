@@ -22,7 +22,7 @@ from shared.config import load_settings
 from shared.contracts import UsageEvent
 from shared.db import make_engine
 from shared.health import health_port_default, serve_health
-from shared.kafka import encode, make_consumer, make_producer, send_and_wait, start_client
+from shared.kafka import encode, group_instance_id, make_consumer, make_producer, send_and_wait, start_client
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -36,7 +36,8 @@ class Accounting:
             raise SystemExit("accounting needs DATABASE_URL (or a stack started by `switchyard up` here)")
         self.engine = make_engine(database_url)
         self.consumer: AIOKafkaConsumer = make_consumer(topics.USAGE, bootstrap=bootstrap, group_id="accounting",
-                                                        fetch_max_wait_ms=100, max_poll_records=BATCH_MAX)
+                                                        group_instance_id=group_instance_id("accounting"),
+                                                        tansu_fetch_wait_ms=100, max_poll_records=BATCH_MAX)
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
         self.ready = False
         self.stored = 0

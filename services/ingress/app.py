@@ -144,7 +144,7 @@ class Gateway:
 
     async def _follow_key_events(self) -> None:
         """Apply key changes from every replica (and budget blocks from accounting) within milliseconds."""
-        consumer = make_consumer(bootstrap=self.settings.bootstrap_servers, group_id=None, fetch_max_wait_ms=50,
+        consumer = make_consumer(bootstrap=self.settings.bootstrap_servers, group_id=None, tansu_fetch_wait_ms=50,
                                  auto_offset_reset="latest")
         await start_client(consumer, "ingress-keys")
         parts = [TopicPartition(topics.KEYS, p) for p in sorted(consumer.partitions_for_topic(topics.KEYS) or [0])]

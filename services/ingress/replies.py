@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from shared.contracts import OUT_OF_BAND, Reply
 from shared.errors import GatewayError
-from shared.kafka import hot_fetch_wait_ms, make_consumer, start_client
+from shared.kafka import make_consumer, start_client
 
 log = logging.getLogger("switchyard.ingress.replies")
 
@@ -83,10 +83,10 @@ class ReplyListener:
         self.topic = topic
         self.partition = partition
         # Starts at the end (see start); should the position ever fall outside the log, the earliest offset is
-        # the one that skips no reply: a re-created log (the embedded broker restarted) holds only replies
-        # written since, which callers may still wait for (`Consumer` rewinds such a partition by itself).
+        # the one that skips no reply: a re-created log (Tansu restarted) holds only replies written since,
+        # which callers may still wait for (`RewindingConsumer` rewinds such a partition by itself).
         self._consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None,
-                                                         fetch_max_wait_ms=hot_fetch_wait_ms(2),
+                                                         tansu_fetch_wait_ms=2,
                                                          auto_offset_reset="earliest")
         self._pending: dict[str, Pending] = {}
         self._task: asyncio.Task[None] | None = None

@@ -24,7 +24,7 @@ from shared.config import GatewayConfig, load_config, load_settings
 from shared.contracts import CONTRACT_VERSION, OUT_OF_BAND, AttemptEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
-from shared.kafka import deliver, encode, make_consumer, make_producer, start_client
+from shared.kafka import deliver, encode, group_instance_id, make_consumer, make_producer, start_client
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -40,8 +40,9 @@ class Router:
         self.health = HealthBook(BreakerSettings.from_env())
         self.rng = random.Random()
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
-        self.requests: AIOKafkaConsumer = make_consumer(topics.REQUESTS, bootstrap=bootstrap, group_id="router")
-        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, fetch_max_wait_ms=50)
+        self.requests: AIOKafkaConsumer = make_consumer(topics.REQUESTS, bootstrap=bootstrap, group_id="router",
+                                                       group_instance_id=group_instance_id("router"))
+        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=50)
         self.ready = False
 
     async def start(self) -> None:

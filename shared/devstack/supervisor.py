@@ -7,13 +7,12 @@ stage). Ctrl-C / SIGTERM stops everything, children first.
 
 Supervision, so that a local stack survives what the chaos tests do to it:
 - a child that dies is restarted (backoff doubles for a crash loop, resets after a healthy run);
-- the embedded broker that dies is restarted on the same address and the gateway's topics are
-  re-created. It keeps everything in memory, so what it held is lost (in-flight requests, usage
-  not yet stored, batch reply topics): it is for development only. While it restarts, the
-  children are paused (SIGSTOP/SIGCONT) so that none of them makes the broker auto-create a
-  topic with its default partition count before the real one exists; they reconnect by themselves,
-  and their consumers, still positioned in the old logs, read the new ones from their beginning
-  (`shared.kafka.Consumer`): ingress answers again within seconds.
+- the embedded broker that dies is restarted on the same address. Apache Kafka recovers its log
+  from `.switchyard/kafka/` and the services reconnect by themselves: nothing acknowledged is lost.
+  Tansu (the fallback) keeps everything in memory, so what it held is lost; its topics are re-created
+  while the children are paused (SIGSTOP/SIGCONT), so that none of them makes it auto-create a topic
+  with its default partition count first, and their consumers read the new logs from their beginning
+  (shared/tansu.py).
 - `.switchyard/stack.json` names every child's pid (rewritten on each restart), the broker's pid
   and the PostgreSQL data folder, so tests and operators can kill or stop exactly one process.
 """
@@ -34,14 +33,14 @@ from typing import Any
 
 import httpx
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient
 
 from shared import topics
 from shared.config import STATE_DIR, ConfigError, config_path, load_config, stack_file
 from shared.db import upgrade
-from shared.devstack.broker import free_port, start_broker, wait_port
+from shared.devstack.broker import EmbeddedBroker, choose_broker, free_port, wait_port
 from shared.devstack.postgres import EmbeddedPostgres
-from shared.kafka import ensure_topics
+from shared.kafka import REPLICA_ENV, ensure_topics
+from shared.tansu import BROKER_ENV, recreate_topics
 
 STOP_GRACE_S = 10.0
 HEALTHY_RUN_S = 20.0
@@ -75,7 +74,7 @@ class Child:
 class Stack:
     base: Path
     children: list[Child] = field(default_factory=list)
-    broker: subprocess.Popen[bytes] | None = None
+    broker: EmbeddedBroker | None = None
     postgres: EmbeddedPostgres | None = None
     stopping: bool = False
     info: dict[str, Any] = field(default_factory=dict)
@@ -89,8 +88,8 @@ class Stack:
         data = dict(self.info)
         data["children"] = {c.name: c.proc.pid for c in self.children if c.proc is not None and c.alive()}
         data["restarts"] = {c.name: c.total_restarts for c in self.children}
-        if self.broker is not None:
-            data["broker"] = {"pid": self.broker.pid, "restarts": self.broker_restarts}
+        if self.broker is not None and self.broker.proc is not None:
+            data["broker"] = {"pid": self.broker.proc.pid, "kind": self.broker.kind, "restarts": self.broker_restarts}
         if self.postgres is not None:
             data["postgres"] = {"data": str(self.postgres.data), "port": self.postgres.port,
                                 "bin": str(self.postgres.bin)}
@@ -143,9 +142,18 @@ def up(args: Any) -> int:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     try:
-        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
-            stack.broker, env["KAFKA_BOOTSTRAP_SERVERS"] = start_broker(base / "logs" / "broker.log")
-            _say(f"broker      embedded Tansu on {env['KAFKA_BOOTSTRAP_SERVERS']} (in-memory, development only)")
+        if env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            env.setdefault(BROKER_ENV, "kafka")
+            _say(f"broker      {env['KAFKA_BOOTSTRAP_SERVERS']} (KAFKA_BOOTSTRAP_SERVERS)")
+        else:
+            stack.broker = choose_broker(getattr(args, "broker", None), base, _say)
+            stack.broker.start()
+            env["KAFKA_BOOTSTRAP_SERVERS"] = stack.broker.bootstrap
+            env[BROKER_ENV] = stack.broker.kind
+            if stack.broker.kind == "kafka":
+                _say(f"broker      embedded Apache Kafka on {stack.broker.bootstrap} (data in {base / 'kafka'})")
+            else:
+                _say(f"broker      embedded Tansu on {stack.broker.bootstrap} (in-memory, development only)")
         if not env.get("DATABASE_URL"):
             stack.postgres = EmbeddedPostgres(base / "pg", free_port())
             stack.postgres.start()
@@ -169,22 +177,25 @@ def up(args: Any) -> int:
             "bootstrap_servers": bootstrap, "database_url": env["DATABASE_URL"], "ingress_url": ingress_url,
             "ingress_urls": [f"http://{_client_host(args.host)}:{args.port + i}" for i in range(replicas["ingress"])],
             "master_key": master_key, "pid": os.getpid(), "config": env.get("SWITCHYARD_CONFIG"),
+            "broker_kind": env[BROKER_ENV],
         }
         stack.publish()
         cli = [sys.executable, "-m", "shared.cli"]
+        def add(name: str, argv: list[str], replica: int) -> None:
+            """A service process; its replica index makes it a static member of its consumer group."""
+            stack.children.append(Child(name, [*cli, *argv], {**env, REPLICA_ENV: str(replica)},
+                                        base / "logs" / f"{name}.log"))
+
         for i in range(replicas["ingress"]):
-            stack.children.append(Child(f"ingress-{i}", [*cli, "ingress", "--host", args.host, "--port",
-                                                         str(args.port + i), "--reply-partition", str(i)],
-                                        env, base / "logs" / f"ingress-{i}.log"))
+            add(f"ingress-{i}", ["ingress", "--host", args.host, "--port", str(args.port + i),
+                                   "--reply-partition", str(i)], i)
         for i in range(replicas["router"]):
-            stack.children.append(Child(f"router-{i}", [*cli, "router"], env, base / "logs" / f"router-{i}.log"))
+            add(f"router-{i}", ["router"], i)
         for provider in config.providers():
             for i in range(replicas["worker"]):
-                stack.children.append(Child(f"worker-{provider}-{i}", [*cli, "worker", "--provider", provider], env,
-                                            base / "logs" / f"worker-{provider}-{i}.log"))
+                add(f"worker-{provider}-{i}", ["worker", "--provider", provider], i)
         for i in range(replicas["accounting"]):
-            stack.children.append(Child(f"accounting-{i}", [*cli, "accounting"], env,
-                                        base / "logs" / f"accounting-{i}.log"))
+            add(f"accounting-{i}", ["accounting"], i)
         for child in stack.children:
             if not child.alive():
                 child.start()
@@ -265,7 +276,8 @@ def _supervise(stack: Stack) -> None:
                       file=sys.stderr, flush=True)
                 child.start()
                 restarted = True
-        if stack.broker is not None and stack.broker.poll() is not None and not stack.stopping:
+        if (stack.broker is not None and stack.broker.proc is not None and stack.broker.proc.poll() is not None
+                and not stack.stopping):
             _restart_broker(stack)
             restarted = True
         if restarted:
@@ -287,47 +299,34 @@ def _signal_children(stack: Stack, sig: int) -> None:
 
 
 def _restart_broker(stack: Stack) -> None:
-    """Bring the embedded broker back on the same address, with the gateway's topics, before any child sees it.
+    """Bring the embedded broker back on the same address (children keep their bootstrap address).
 
-    Children keep their bootstrap address, so the broker must come back on the same port. Tansu
-    auto-creates a topic on first use with its own default partition count; children are paused
-    meanwhile, and a topic an outside client created too early is dropped and re-created.
+    Apache Kafka recovers its log from disk; the services reconnect by themselves. Tansu comes back
+    empty: the children are paused while the gateway's topics are re-created, so that none of them
+    makes it auto-create a topic with its default partition count first.
     """
-    assert stack.broker is not None
-    code = stack.broker.returncode
-    bootstrap = str(stack.info["bootstrap_servers"])
-    port = int(bootstrap.rsplit(":", 1)[1])
-    print(f"switchyard: the embedded broker exited ({code}); restarting it on {bootstrap}. It keeps its data in "
-          "memory: topics, in-flight requests and unstored usage are lost (development only)",
+    broker = stack.broker
+    assert broker is not None and broker.proc is not None
+    code = broker.proc.returncode
+    lost = (" It keeps its data in memory: topics, in-flight requests and unstored usage are lost (development "
+            "only)." if broker.loses_data else "")
+    print(f"switchyard: the embedded broker exited ({code}); restarting it on {broker.bootstrap}.{lost}",
           file=sys.stderr, flush=True)
-    _signal_children(stack, signal.SIGSTOP)
+    if broker.loses_data:
+        _signal_children(stack, signal.SIGSTOP)
     try:
-        stack.broker, _ = start_broker(stack.base / "logs" / "broker.log", port=port)
+        broker.start()
         stack.broker_restarts += 1
-        asyncio.run(_recreate_topics(bootstrap, stack.topics))
-        print(f"switchyard: the embedded broker is back on {bootstrap} with the gateway's topics; the services "
-              "resume by themselves", file=sys.stderr, flush=True)
+        if broker.loses_data:
+            asyncio.run(recreate_topics(broker.bootstrap, stack.topics))
+        print(f"switchyard: the embedded broker is back on {broker.bootstrap}; the services resume by themselves",
+              file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - a broker that cannot come back stops the stack, plainly
         print(f"switchyard: could not restart the embedded broker: {e}; stopping", file=sys.stderr, flush=True)
         stack.stopping = True
     finally:
-        _signal_children(stack, signal.SIGCONT)
-
-
-async def _recreate_topics(bootstrap: str, wanted: dict[str, int]) -> None:
-    """Create `wanted`; a topic that exists with another partition count (auto-created) is re-created."""
-    await ensure_topics(bootstrap, wanted)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="switchyard-supervisor")
-    await admin.start()
-    try:
-        described = await admin.describe_topics(list(wanted))
-        wrong = [t["topic"] for t in described if len(t.get("partitions") or []) != wanted.get(t["topic"])]
-        if wrong:
-            await admin.delete_topics(wrong)
-    finally:
-        await admin.close()
-    if wrong:
-        await ensure_topics(bootstrap, {name: wanted[name] for name in wrong})
+        if broker.loses_data:
+            _signal_children(stack, signal.SIGCONT)
 
 
 def _teardown(stack: Stack) -> None:
@@ -347,11 +346,12 @@ def _teardown(stack: Stack) -> None:
             child.proc.wait()
     if stack.postgres is not None:
         stack.postgres.stop(quiet=True)
-    if stack.broker is not None and stack.broker.poll() is None:
-        stack.broker.terminate()
+    if stack.broker is not None and stack.broker.proc is not None and stack.broker.proc.poll() is None:
+        stack.broker.proc.terminate()
         try:
-            stack.broker.wait(timeout=5)
+            stack.broker.proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            stack.broker.kill()
+            stack.broker.proc.kill()
+            stack.broker.proc.wait()
     stack_file().unlink(missing_ok=True)
     _say("stopped.")

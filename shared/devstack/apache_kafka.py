@@ -1,0 +1,252 @@
+"""The embedded Apache Kafka broker for local use: one KRaft node (broker and controller in one JVM).
+
+`switchyard kafka install` fetches the broker's jars from Maven Central once, with Maven, into a
+cache outside the repository (SWITCHYARD_KAFKA_HOME, else ~/.cache/switchyard/kafka-<version>);
+a second run finds them and does nothing. `switchyard up` then runs the broker from those jars with
+its data under `.switchyard/kafka/`, so topics, messages and committed offsets survive a restart
+of `up` and a SIGKILL of the broker.
+
+The broker is configured for one machine: replication factor 1 everywhere, no initial rebalance
+delay (a consumer group forms in milliseconds), few threads, a small heap, topic auto-creation off
+as in deploy/ (every topic the gateway uses is created explicitly, with its partition count).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from base64 import urlsafe_b64encode
+from pathlib import Path
+
+from shared.topics import MAX_MESSAGE_BYTES
+
+KAFKA_VERSION = "4.1.1"
+"""The pinned Apache Kafka release (Scala 2.13 build); its jars come from Maven Central."""
+LOG4J_VERSION = "2.24.3"
+"""SLF4J -> Log4j2 binding: the broker's POM leaves it out (the release tarball adds it)."""
+KAFKA_HOME_ENV = "SWITCHYARD_KAFKA_HOME"
+HEAP_ENV = "SWITCHYARD_KAFKA_HEAP"
+MIN_JAVA = 17
+
+_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.switchyard</groupId>
+  <artifactId>embedded-kafka</artifactId>
+  <version>{KAFKA_VERSION}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{KAFKA_VERSION}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>{LOG4J_VERSION}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
+      <version>{LOG4J_VERSION}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2 = """status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+logger.kafka.name = kafka.server.KafkaServer
+logger.kafka.level = INFO
+logger.raft.name = kafka.server.KafkaRaftServer
+logger.raft.level = INFO
+"""
+
+
+def kafka_home() -> Path:
+    """Where the jars live: SWITCHYARD_KAFKA_HOME, else ~/.cache/switchyard/kafka-<version> (outside the repo)."""
+    explicit = os.environ.get(KAFKA_HOME_ENV)
+    if explicit:
+        return Path(explicit)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "switchyard" / f"kafka-{KAFKA_VERSION}"
+
+
+def libs_dir() -> Path:
+    return kafka_home() / "libs"
+
+
+def installed() -> bool:
+    """True when every jar of the pinned release is in place (the marker is written last)."""
+    return (kafka_home() / "installed").is_file() and (libs_dir() / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file()
+
+
+def java_binary() -> str | None:
+    """A `java` of version 17 or newer ($JAVA_HOME first, then PATH), or None."""
+    home = os.environ.get("JAVA_HOME")
+    candidates = [str(Path(home) / "bin" / "java")] if home else []
+    found = shutil.which("java")
+    if found:
+        candidates.append(found)
+    for java in candidates:
+        if Path(java).is_file() and _java_major(java) >= MIN_JAVA:
+            return java
+    return None
+
+
+def _java_major(java: str) -> int:
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not match:
+        return 0
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major  # "1.8" is Java 8
+
+
+def install(quiet: bool = False) -> Path:
+    """Fetch the broker's jars into `libs_dir()` with Maven; a no-op when they are there already.
+
+    Maven resolves `kafka_2.13` with its runtime dependencies (and keeps its own copy in ~/.m2);
+    the jars are copied to a temporary folder that replaces `libs/` only once complete, so an
+    interrupted install never looks installed.
+    """
+    if installed():
+        return libs_dir()
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise RuntimeError("Maven (`mvn`) is needed to fetch Apache Kafka's jars: apt-get install maven")
+    home = kafka_home()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "pom.xml").write_text(_POM)
+    staging = home / "libs.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [mvn, "-B", "-q", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
+               "-DincludeScope=runtime", f"-DoutputDirectory={staging}"]
+    result = subprocess.run(command, capture_output=quiet, text=True)
+    if result.returncode != 0:
+        detail = (result.stdout or "")[-2000:] if quiet else ""
+        raise RuntimeError(f"Maven could not fetch Apache Kafka {KAFKA_VERSION} (exit {result.returncode}) {detail}")
+    shutil.rmtree(libs_dir(), ignore_errors=True)
+    staging.rename(libs_dir())
+    (home / "log4j2.properties").write_text(_LOG4J2)
+    (home / "installed").write_text(KAFKA_VERSION + "\n")
+    return libs_dir()
+
+
+def _server_properties(data: Path, port: int, controller_port: int) -> str:
+    return f"""# Written by `switchyard up`: one KRaft node for local use (deploy/ has the production settings).
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data}
+auto.create.topics.enable=false
+message.max.bytes={MAX_MESSAGE_BYTES}
+group.initial.rebalance.delay.ms=0
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+num.network.threads=2
+num.io.threads=2
+background.threads=2
+num.recovery.threads.per.data.dir=1
+log.retention.hours=24
+log.retention.bytes=1073741824
+log.segment.bytes=134217728
+"""
+
+
+def _read_ports(properties: Path) -> tuple[int, int] | None:
+    if not properties.is_file():
+        return None
+    text = properties.read_text()
+    listeners = re.search(r"^listeners=PLAINTEXT://[^:]+:(\d+),CONTROLLER://[^:]+:(\d+)", text, re.MULTILINE)
+    return (int(listeners.group(1)), int(listeners.group(2))) if listeners else None
+
+
+def _cluster_id() -> str:
+    """A Kafka cluster id: a random UUID in URL-safe base64 without padding (what `StorageTool random-uuid` gives)."""
+    return urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class EmbeddedKafka:
+    """One Apache Kafka node whose data, configuration and ports live in `base` (.switchyard/kafka).
+
+    The ports are chosen once and kept in `server.properties`, so clients that outlive the broker
+    (every service, when the supervisor restarts a dead broker) find it again at the same address.
+    """
+
+    kind = "kafka"
+    loses_data = False
+
+    def __init__(self, base: Path, log_path: Path) -> None:
+        self.base = base
+        self.log_path = log_path
+        self.data = base / "data"
+        self.properties = base / "server.properties"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.controller_port = 0
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _choose_ports(self) -> None:
+        from shared.devstack.broker import free_port, port_is_free
+
+        kept = _read_ports(self.properties)
+        if kept and all(port_is_free(p) for p in kept):
+            self.port, self.controller_port = kept
+        else:
+            self.port, self.controller_port = free_port(), free_port()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.properties.write_text(_server_properties(self.data.resolve(), self.port, self.controller_port))
+
+    def _java(self) -> list[str]:
+        java = java_binary()
+        if java is None:
+            raise RuntimeError(f"Apache Kafka needs Java {MIN_JAVA}+ (none found on PATH or in $JAVA_HOME)")
+        if not installed():
+            raise RuntimeError("Apache Kafka's jars are not installed: run `switchyard kafka install`")
+        home = kafka_home()
+        return [java, f"-Xmx{os.environ.get(HEAP_ENV, '512m')}", "-Xms128m", "-XX:+UseSerialGC",
+                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={home / 'log4j2.properties'}",
+                f"-Dkafka.logs.dir={self.base / 'logs'}", "-cp", f"{libs_dir()}/*"]
+
+    def _format(self, java: list[str]) -> None:
+        """Format the data folder once (a KRaft node needs a cluster id before its first start)."""
+        if (self.data / "meta.properties").is_file():
+            return
+        self.data.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run([*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(),
+                                 "-c", str(self.properties), "--ignore-formatted"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"could not format Kafka's data folder {self.data}: {result.stdout}{result.stderr}")
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the node (formatting its data folder the first time) and wait until its port answers.
+
+        On a restart the same ports are used; the log is recovered from disk by the broker itself.
+        """
+        from shared.devstack.broker import wait_port
+
+        if self.port == 0:
+            self._choose_ports()
+        java = self._java()
+        self._format(java)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen([*java, "kafka.Kafka", str(self.properties)], stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_port(self.port, timeout_s=timeout_s, alive=self.proc)
