@@ -153,6 +153,27 @@ async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, what: str, t
             await asyncio.sleep(0.5)
 
 
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[TopicPartition]:
+    """Every partition of `topic`, for a consumer that assigns them itself (no subscription).
+
+    Such a consumer's metadata holds no topic until one is asked for: Apache Kafka answers a metadata
+    request for no topics with none (Tansu answered with all of them, so `partitions_for_topic` used to
+    work by accident, and on Kafka a router read no health events at all). Waits while the topic is
+    being created.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        await consumer._client.add_topic(topic)  # tracked from now on (the first call refreshes the metadata)
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return [TopicPartition(topic, p) for p in sorted(found)]
+        if loop.time() > deadline:
+            raise KafkaError(f"topic {topic} has no partitions after {timeout_s}s")
+        await asyncio.sleep(0.2)
+        await consumer._client.force_metadata_update()
+
+
 async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_factor: int = 1,
                         timeout_s: float = 60.0) -> list[str]:
     """Create the topics that do not exist yet (idempotent); returns the names created."""

@@ -77,14 +77,17 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start_stack(cwd: Path, config_yaml: str | None, extra_env: dict[str, str] | None = None,
-                args: tuple[str, ...] = (), timeout_s: float = 180.0) -> RunningStack:
+                args: tuple[str, ...] = (), timeout_s: float = 180.0,
+                broker: str | None = TEST_BROKER) -> RunningStack:
+    """`switchyard up` in `cwd`; `broker` is passed as `--broker` (None: let `up` choose) unless the stack
+    uses an external broker."""
     cwd.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         (cwd / "switchyard.yaml").write_text(config_yaml)
     port = free_port()
     output = cwd / "up.out"
-    if "KAFKA_BOOTSTRAP_SERVERS" not in (extra_env or {}) and "--broker" not in args:
-        args = ("--broker", TEST_BROKER, *args)
+    if broker is not None and "KAFKA_BOOTSTRAP_SERVERS" not in (extra_env or {}):
+        args = ("--broker", broker, *args)
     with output.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), *args], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT, env=_child_env(extra_env),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
@@ -44,7 +44,7 @@ from shared import topics
 from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
-from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client
+from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client, topic_partitions
 from shared.tokens import estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress")
@@ -147,7 +147,7 @@ class Gateway:
         consumer = make_consumer(bootstrap=self.settings.bootstrap_servers, group_id=None, tansu_fetch_wait_ms=50,
                                  auto_offset_reset="latest")
         await start_client(consumer, "ingress-keys")
-        parts = [TopicPartition(topics.KEYS, p) for p in sorted(consumer.partitions_for_topic(topics.KEYS) or [0])]
+        parts = await topic_partitions(consumer, topics.KEYS)
         consumer.assign(parts)
         await consumer.seek_to_end(*parts)
         try:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from shared.contracts import OUT_OF_BAND, Reply
 from shared.errors import GatewayError
-from shared.kafka import make_consumer, start_client
+from shared.kafka import make_consumer, start_client, topic_partitions
 
 log = logging.getLogger("switchyard.ingress.replies")
 
@@ -95,8 +95,8 @@ class ReplyListener:
     async def start(self) -> None:
         await start_client(self._consumer, "reply-listener")
         tp = TopicPartition(self.topic, self.partition)
-        partitions = self._consumer.partitions_for_topic(self.topic) or set()
-        if partitions and self.partition not in partitions:
+        partitions = await topic_partitions(self._consumer, self.topic)
+        if tp not in partitions:
             raise RuntimeError(f"{self.topic} has no partition {self.partition} (it has {len(partitions)})")
         self._consumer.assign([tp])
         await self._consumer.seek_to_end(tp)

@@ -24,7 +24,7 @@ from shared.config import GatewayConfig, load_config, load_settings
 from shared.contracts import CONTRACT_VERSION, OUT_OF_BAND, AttemptEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
-from shared.kafka import deliver, encode, group_instance_id, make_consumer, make_producer, start_client
+from shared.kafka import deliver, encode, group_instance_id, make_consumer, make_producer, start_client, topic_partitions
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -48,8 +48,7 @@ class Router:
     async def start(self) -> None:
         await start_client(self.producer, "router-producer")
         await start_client(self.events, "router-events")
-        parts = [TopicPartition(topics.EVENTS, p) for p in sorted(self.events.partitions_for_topic(topics.EVENTS)
-                                                                  or [])]
+        parts = await topic_partitions(self.events, topics.EVENTS)
         self.events.assign(parts)
         offsets = await self.events.offsets_for_times({tp: now_ms() - HEALTH_REPLAY_MS for tp in parts})
         for tp in parts:
