@@ -1,16 +1,18 @@
 """Chaos run: SIGKILL the services of a multi-process `switchyard up` under steady load, then audit.
 
 The long version of tests/test_chaos.py (which runs the same code with a short plan in CI).
-It starts its own stack (embedded Tansu broker and PostgreSQL, `--replicas ingress=2,router=2,
+It starts its own stack (embedded Apache Kafka and PostgreSQL, `--replicas ingress=2,router=2,
 worker=2` by default) in front of a fake OpenAI server that counts every call, and then, while
 HTTP requests (plain and streamed, spread over every ingress port) and a batch job (through the
 request topic, `shared.batch.run_batch`) keep flowing:
 
 - SIGKILLs routers, workers, accounting and ingress replicas (the supervisor restarts them;
   callers of a killed ingress see a connection error and retry on another port);
+- SIGKILLs the broker (Apache Kafka only): the supervisor restarts it on the same address, it
+  recovers its log from disk, and nothing it acknowledged may be lost;
 - stops PostgreSQL (`pg_ctl stop` on .switchyard/pg) for a while and starts it again;
-- at the end, kills the embedded broker: the supervisor restarts it with its topics, and the
-  services must serve again without a manual step (what the in-memory broker held is lost).
+- at the end, kills the embedded broker once more, with no load: the services must serve again
+  without a manual step (on the Tansu fallback, what the in-memory broker held is lost).
 
 The audit compares what callers saw, what the fake provider was asked, and the `usage` table.
 
@@ -89,6 +91,8 @@ class Plan:
     """Every other request uses a virtual key with this RPM limit (None: master key only). Its replicas
     reserve 5% blocks of the limit in PostgreSQL, so during the outage they must run on their own count."""
     min_kill_gap_s: float = 3.0
+    broker_kill_at_s: float | None = 24.0
+    """When the broker is SIGKILLed under load (Apache Kafka only: Tansu loses what it held, by design)."""
     broker_restart: bool = True
     drain_timeout_s: float = 60.0
     seed: int = 7
@@ -107,7 +111,8 @@ def long_plan(duration_s: float = 300.0, rps: float = 12.0, kill_every_s: float 
         t += kill_every_s * rng.uniform(0.7, 1.3)
     outages = [(duration_s * (i + 0.5) / (pg_outages + 0.5), 30.0) for i in range(pg_outages)]
     return Plan(duration_s=duration_s, rps=rps, batch_lines=400, batch_at_s=2.0, kills=kills, pg_outages=outages,
-                replicas="ingress=2,router=2,worker=3", seed=seed, min_kill_gap_s=kill_every_s * 0.6)
+                replicas="ingress=2,router=2,worker=3", seed=seed, min_kill_gap_s=kill_every_s * 0.6,
+                broker_kill_at_s=round(duration_s * 0.6, 1))
 
 
 # ---- the stack under test -------------------------------------------------------------------------
@@ -135,8 +140,12 @@ def ingress_urls(stack: RunningStack) -> list[str]:
 
 
 def children(stack: RunningStack) -> dict[str, int]:
-    """Child name -> pid, as the supervisor last wrote them to stack.json."""
-    return {str(k): int(v) for k, v in (read_stack(stack.cwd).get("children") or {}).items()}
+    """Child name -> pid, as the supervisor last wrote them to stack.json; the embedded broker is `broker`."""
+    info = read_stack(stack.cwd)
+    pids = {str(k): int(v) for k, v in (info.get("children") or {}).items()}
+    if info.get("broker"):
+        pids["broker"] = int(info["broker"]["pid"])
+    return pids
 
 
 def pg_for(stack: RunningStack) -> EmbeddedPostgres:
@@ -634,6 +643,8 @@ def run_chaos(plan: Plan, workdir: Path, say: Any = print) -> dict[str, Any]:
         kills: list[dict[str, Any]] = []
         side: list[threading.Thread] = []
         events: list[tuple[float, str, Any]] = [(t, "kill", name) for t, name in plan.kills]
+        if plan.broker_kill_at_s is not None and stack.info.get("broker_kind") == "kafka":
+            events.append((plan.broker_kill_at_s, "kill", "broker"))
         events += [(t, "pg", length) for t, length in plan.pg_outages]
         if batch is not None:
             events.append((plan.batch_at_s, "batch", None))
@@ -683,6 +694,8 @@ def run_chaos(plan: Plan, workdir: Path, say: Any = print) -> dict[str, Any]:
         report["batch"]["finished"] = batch_done
         report["kills"] = kills
         report["restarts"] = read_stack(stack.cwd).get("restarts")
+        report["broker_kind"] = stack.info.get("broker_kind")
+        report["broker_restarts"] = (read_stack(stack.cwd).get("broker") or {}).get("restarts")
         report["pg_outages"] = outages
         report["load_s"] = round(time.monotonic() - started, 1)
         if plan.broker_restart:

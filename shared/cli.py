@@ -104,6 +104,37 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
     return 0 if counts["failed"] == 0 else 1
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from shared.config import load_settings
+    from shared.dead import read_dead, replay
+
+    bootstrap = load_settings().bootstrap_servers
+    if args.dead_command == "list":
+        letters = asyncio.run(read_dead(bootstrap))[-args.limit:] if args.limit > 0 else []
+        if args.json:
+            print(orjson.dumps([d.summary() for d in letters], option=orjson.OPT_INDENT_2).decode())
+            return 0
+        cols = ["id", "time", "reason", "destination", "request_id", "service", "replayed"]
+        rows = [[d.id, datetime.fromtimestamp(d.ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"), d.reason,
+                 d.topic if d.partition is None else f"{d.topic}[{d.partition}]", d.request_id or "-", d.service,
+                 "yes" if d.replayed else "no"] for d in letters]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+        for row in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print(f"{len(letters)} dead letters, {sum(not d.replayed for d in letters)} not replayed")
+        return 0
+    results = asyncio.run(replay(bootstrap, None if args.all else args.ids))
+    for r in results:
+        where = r.topic if r.partition is None else f"{r.topic}[{r.partition}]"
+        print(f"{r.id}  {'replayed to ' + where if r.error is None else 'FAILED: ' + r.error}")
+    failed = sum(r.error is not None for r in results)
+    print(f"{len(results) - failed} replayed, {failed} failed")
+    return 1 if failed else 0
+
+
 def _print_table(rows: list[dict[str, Any]], by: str) -> None:
     cols = [by, "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "errors", "in_doubt"]
     cells = [[str(r.get(c) if r.get(c) is not None else "-") if c != "cost_usd" else f"{r[c]:.6f}" for c in cols]
@@ -304,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     k = ksub.add_parser("revoke", help="revoke a key (effective on every replica within seconds)")
     k.add_argument("key_id")
     k.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("dead", help="dead letters: messages that could not be delivered (llm.dead)")
+    dsub = p.add_subparsers(dest="dead_command", required=True)
+    d = dsub.add_parser("list", help="list dead letters: reason, destination, request id, time")
+    d.add_argument("--json", action="store_true", help="print JSON (with the error in words) instead of a table")
+    d.add_argument("--limit", type=int, default=100, help="the newest N (default 100)")
+    d.set_defaults(func=cmd_dead)
+    d = dsub.add_parser("replay", help="send dead letters to their destination again")
+    which = d.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="ids", action="append", metavar="ID", help="a dead letter's id (repeatable)")
+    which.add_argument("--all", action="store_true", help="every dead letter not replayed yet")
+    d.set_defaults(func=cmd_dead)
 
     p = sub.add_parser("spend", help="spend from the accounting database")
     p.add_argument("--by", choices=GROUPINGS, default="model")

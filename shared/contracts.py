@@ -21,6 +21,43 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of objects and arrays a request body may have (the body object itself is level 1).
+
+Every stage must be able to read what ingress accepts, and the tightest limit downstream is the JSON
+parser of pydantic-core (jiter) that decodes envelopes in the router and the workers: it refuses more
+than 200 levels, and a body sits one level down in its envelope. Serialising (orjson, pydantic-core)
+stops at 255 levels. Translations add a level or two (an Anthropic `input_schema` becomes
+`function.parameters`, provider adapters wrap messages), so 64 leaves a wide margin everywhere while
+being far deeper than any real request (JSON Schemas of tools, structured output) needs.
+"""
+
+
+_CONTAINERS = (dict, list)
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` (parsed JSON) nests objects/arrays more than `limit` levels deep.
+
+    Walks one level at a time, iteratively (no recursion limit of its own): each element of each
+    container is looked at once at most (about 5 µs for a 2 KB chat body, about what orjson takes to
+    parse it), and it returns as soon as the level past `limit` is not empty, without walking it.
+    """
+    if not isinstance(value, _CONTAINERS):
+        return False
+    level: list[Any] = [value]
+    for _ in range(limit):
+        below: list[Any] = []
+        for node in level:
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, _CONTAINERS):
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
+
+
 class AttemptRecord(BaseModel):
     """One failed attempt, carried in the envelope so any router replica can continue the request."""
 

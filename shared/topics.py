@@ -21,6 +21,10 @@ USAGE = "llm.usage"
 KEYS = "llm.keys"
 """Virtual-key changes (revocations, budget blocks) that every ingress replica applies."""
 
+DEAD = "llm.dead"
+"""Dead letters: messages the broker can never accept where they were meant to go (too large, no such
+topic or partition), each with the DEAD_HEADER_* headers saying why and where (shared/dead.py)."""
+
 PROVIDER_PREFIX = "llm.provider."
 BATCH_SUFFIX = ".batch"
 BATCH_REPLY_PREFIX = "llm.batch."
@@ -31,6 +35,7 @@ PARTITIONS: dict[str, int] = {
     EVENTS: 4,
     USAGE: 8,
     KEYS: 1,
+    DEAD: 1,
 }
 PROVIDER_PARTITIONS = 16
 """Upper bound on worker processes per provider pool (one consumer per partition)."""
@@ -44,9 +49,11 @@ Topics are created with it (`max.message.bytes`), producers may send it and cons
 RETENTION_MS: dict[str, int] = {
     REPLIES: 3_600_000,
     EVENTS: 3_600_000,
+    DEAD: 7 * 24 * 3_600_000,
 }
-"""Topics whose messages are worthless after an hour (read within seconds; routers replay two minutes of
-events): kept short so the logs stay small. Every other topic keeps the broker's default retention."""
+"""Per-topic retention where the broker's default does not fit. Replies and events are worthless after an
+hour (read within seconds; routers replay two minutes of events), so their logs stay small; dead letters
+wait for an operator, so they outlive a long weekend. Every other topic keeps the broker's default."""
 
 
 def topic_configs(topic: str) -> dict[str, str]:
@@ -70,6 +77,24 @@ def all_topics(providers: list[str]) -> dict[str, int]:
         topics[provider_topic(provider, batch=True)] = PROVIDER_PARTITIONS
     return topics
 
+
+# Kafka headers of a dead letter on DEAD (values are UTF-8); the message keeps its own key, value and headers.
+DEAD_HEADER_REASON = "x-dead-reason"
+"""Why it could not be delivered, as a stable code (shared.kafka.REFUSED_*)."""
+DEAD_HEADER_ERROR = "x-dead-error"
+"""The same, in words (sizes, limits, the missing topic or partition)."""
+DEAD_HEADER_TOPIC = "x-dead-topic"
+"""Where it was meant to go: the topic a replay sends it to."""
+DEAD_HEADER_PARTITION = "x-dead-partition"
+"""The partition it was meant for; absent when the key chose it."""
+DEAD_HEADER_SERVICE = "x-dead-service"
+"""The process that gave up on it (`router`, `worker.openai`, ...)."""
+DEAD_HEADER_TS = "x-dead-ts-ms"
+"""When it was given up on, in epoch milliseconds."""
+DEAD_HEADER_REQUEST_ID = "x-dead-request-id"
+"""The request it belongs to."""
+DEAD_HEADER_REPLAYED = "x-dead-replayed"
+"""On a marker message only (empty value): the id of a dead letter `switchyard dead replay` delivered."""
 
 # HTTP headers Switchyard reads or writes.
 HEADER_REQUEST_ID = "x-request-id"

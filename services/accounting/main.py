@@ -2,7 +2,9 @@
 
 Offsets are committed only after the batch's transaction has committed, so a crash replays
 the batch and the unique event id drops what was already stored. While PostgreSQL is down
-the batch is retried and consumption waits: nothing is lost, lag grows.
+the batch is retried and consumption waits: nothing is lost, lag grows. A rebalance commits what
+was stored before the partitions move, and a commit the group refuses is logged, not fatal: the
+batch is redelivered and stored once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from shared.config import load_settings
 from shared.contracts import UsageEvent
 from shared.db import make_engine
 from shared.health import health_port_default, serve_health
-from shared.kafka import encode, group_instance_id, make_consumer, make_producer, send_and_wait, start_client
+from shared.kafka import (
+    BatchOffsets,
+    encode,
+    group_instance_id,
+    make_consumer,
+    make_producer,
+    send_and_wait,
+    start_client,
+)
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -35,9 +45,10 @@ class Accounting:
         if not database_url:
             raise SystemExit("accounting needs DATABASE_URL (or a stack started by `switchyard up` here)")
         self.engine = make_engine(database_url)
-        self.consumer: AIOKafkaConsumer = make_consumer(topics.USAGE, bootstrap=bootstrap, group_id="accounting",
+        self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id="accounting",
                                                         group_instance_id=group_instance_id("accounting"),
                                                         tansu_fetch_wait_ms=100, max_poll_records=BATCH_MAX)
+        self.offsets = BatchOffsets(self.consumer)
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
         self.ready = False
         self.stored = 0
@@ -45,6 +56,7 @@ class Accounting:
     async def start(self) -> None:
         await start_client(self.producer, "accounting-producer")
         await start_client(self.consumer, "accounting-consumer")
+        self.consumer.subscribe([topics.USAGE], listener=self.offsets)
 
     async def stop(self) -> None:
         await self.consumer.stop()
@@ -55,6 +67,9 @@ class Accounting:
         while True:
             batches = await self.consumer.getmany(timeout_ms=500, max_records=BATCH_MAX)
             self.ready = True
+            if not batches:
+                continue
+            self.offsets.begin(batches)
             rows = []
             for records in batches.values():
                 for record in records:
@@ -65,8 +80,8 @@ class Accounting:
                                                                            "error": str(e)[:300]})
             if rows:
                 await self._write_until_stored(rows)
-            if batches:
-                await self.consumer.commit()
+            self.offsets.done()
+            await self.offsets.commit()
 
     async def _write_until_stored(self, rows: list[dict[str, Any]]) -> None:
         delay = 0.5

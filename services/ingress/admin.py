@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response
 
 from services.ingress.database import database_errors_as_503
 from services.ingress.keys import BudgetSpec, KeySpec
+from services.ingress.openapi import json_body
 from services.ingress.responses import json_response
-from services.ingress.validation import parse_json, read_body, validate
+from services.ingress.validation import read_json, validate
 from shared.contracts import KeyEvent
 from shared.errors import GatewayError
+from shared.spend import GROUPINGS
+
+# Documented values of the admin routes' parameters (the document only: the routes check them with clearer 400s).
+Scope = Annotated[str, Path(json_schema_extra={"enum": ["team", "project"]})]
+By = Annotated[str, Query(json_schema_extra={"enum": list(GROUPINGS)})]
+Since = Annotated[str, Query(description="30m, 24h, 7d, 2w, or an ISO date/time (UTC when no zone is given)",
+                             json_schema_extra={"pattern": r"^(\d+[mhdw]|\d{4}-\d{2}-\d{2}.*)$"})]
 
 if TYPE_CHECKING:
     from services.ingress.app import Gateway
@@ -38,11 +46,11 @@ def needs_database(handler: Handler) -> Handler:
 
 
 def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
-    @app.post("/v1/keys")
+    @app.post("/v1/keys", openapi_extra=json_body(KeySpec))
     @needs_database
     async def create_key(request: Request) -> Response:
         await gateway.authenticate_admin(request)
-        spec = validate(KeySpec, parse_json(await read_body(request)))
+        spec = validate(KeySpec, await read_json(request))
         assert isinstance(spec, KeySpec)
         record, token = await gateway.key_store().create(spec.columns())
         await gateway.publish_key_event(KeyEvent(key_id=record.key_id, action="created"))
@@ -64,11 +72,11 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
         return json_response(record.public())
 
-    @app.patch("/v1/keys/{key_id}")
+    @app.patch("/v1/keys/{key_id}", openapi_extra=json_body(KeySpec))
     @needs_database
     async def update_key(request: Request, key_id: str) -> Response:
         await gateway.authenticate_admin(request)
-        spec = validate(KeySpec, parse_json(await read_body(request)))
+        spec = validate(KeySpec, await read_json(request))
         assert isinstance(spec, KeySpec)
         record = await gateway.key_store().update(key_id, spec.columns())
         await gateway.publish_key_event(KeyEvent(key_id=key_id, action="updated"))
@@ -83,11 +91,11 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         await gateway.publish_key_event(KeyEvent(key_id=key_id, action="revoked"))
         return json_response(record.public())
 
-    @app.put("/v1/budgets/{scope}/{scope_id}")
+    @app.put("/v1/budgets/{scope}/{scope_id}", openapi_extra=json_body(BudgetSpec))
     @needs_database
-    async def set_budget(request: Request, scope: str, scope_id: str) -> Response:
+    async def set_budget(request: Request, scope: Scope, scope_id: str) -> Response:
         await gateway.authenticate_admin(request)
-        spec = validate(BudgetSpec, parse_json(await read_body(request)))
+        spec = validate(BudgetSpec, await read_json(request))
         assert isinstance(spec, BudgetSpec)
         await gateway.key_store().set_budget(scope, scope_id, spec.budget_usd, spec.budget_period,
                                              spec.alert_thresholds)
@@ -95,12 +103,14 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/v1/spend")
     @needs_database
-    async def spend_api(request: Request, by: str = "model", since: str = "30d") -> Response:
+    async def spend_api(request: Request, by: By = "model", since: Since = "30d") -> Response:
         await gateway.authenticate_admin(request)
         from shared.spend import spend
 
         try:
             rows = await spend(gateway.engine(), by=by, since=since)
+        except OverflowError:
+            raise GatewayError(400, "'since' is too far in the past.", param="since") from None
         except ValueError as e:
             raise GatewayError(400, str(e), param="by" if "by" in str(e).split()[0] else "since") from None
         return json_response({"object": "list", "by": by, "since": since, "data": rows})

@@ -30,16 +30,17 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.ingress import anthropic_api, completions
+from services.ingress import anthropic_api, completions, openapi
 from services.ingress.admin import add_admin_routes
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
+from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
 from services.ingress.replies import Pending, ReplyListener
-from services.ingress.responses import error_response, json_response
-from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, parse_json, read_body, validate
+from services.ingress.responses import error_response, header_value, json_response, safe_headers
+from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
 from shared import topics
 from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
@@ -221,9 +222,10 @@ class Gateway:
 
     async def submit(self, envelope: RequestEnvelope) -> Pending:
         """Register for the reply, then write the envelope and wait for the broker's acknowledgement."""
+        value = encode(envelope)  # before the try: a body that cannot be encoded is not a broker outage
         pending = self.replies.register(envelope.id)
         try:
-            fut = await send(self.producer, topics.REQUESTS, encode(envelope), key=envelope.id.encode())
+            fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode())
             await fut
         except Exception as e:
             self.replies.unregister(envelope.id)
@@ -234,7 +236,7 @@ class Gateway:
 
 
 def _reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
-    return {**reply.headers, topics.HEADER_REQUEST_ID: request_id}
+    return {**safe_headers(reply.headers), topics.HEADER_REQUEST_ID: request_id}
 
 
 # FastAPI >= 0.16x asks OpenTelemetry for its tracer/meter/logger providers on every request (each a
@@ -284,9 +286,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         yield
         await gateway.stop()
 
-    app = FastAPI(title="Switchyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+    app = FastAPI(title="Switchyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL,
                   **_NO_TELEMETRY)
     app.state.gateway = gateway
+    openapi.install(app)
 
     app.add_middleware(RequestIdMiddleware)
 
@@ -312,9 +315,20 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return error_response(GatewayError(400, str(exc)), getattr(request.state, "request_id", None))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        """The last safety net: a bug answers a 500 in the route's error shape (never plain text), logged."""
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        err = GatewayError(500, "The gateway failed to handle this request.", code="internal_error")
+        request_id = getattr(request.state, "request_id", None)
+        if request.url.path in ANTHROPIC_PATHS and request_id:
+            return _anthropic_error(err, request_id)
+        return error_response(err, request_id)
+
     @app.get("/health")
     async def health() -> Response:
-        return json_response({"status": "ok"})
+        """Liveness, and how many callers wait for a reply here (the supervisor empties Tansu only at 0)."""
+        return json_response({"status": "ok", "waiting": gateway.replies.waiting})
 
     @app.get("/ready")
     async def ready() -> Response:
@@ -331,18 +345,18 @@ def create_app(gateway: Gateway) -> FastAPI:
                 for m in gateway.config.models if identity.may_use(m.name)]
         return json_response({"object": "list", "data": data})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         identity = await gateway.authenticate(request)
-        body = parse_json(await read_body(request))
+        body = await read_json(request)
         parsed = validate(ChatCompletionRequest, body)
         assert isinstance(parsed, ChatCompletionRequest)
         return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def legacy_completions(request: Request) -> Response:
         identity = await gateway.authenticate(request)
-        raw = parse_json(await read_body(request))
+        raw = await read_json(request)
         parsed = validate(CompletionRequest, raw)
         assert isinstance(parsed, CompletionRequest)
         body = completions.to_chat(raw, parsed)
@@ -350,10 +364,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream,
                                completions.from_chat, completions.chunk_from_chat)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingsRequest))
     async def embeddings(request: Request) -> Response:
         identity = await gateway.authenticate(request)
-        body = parse_json(await read_body(request))
+        body = await read_json(request)
         parsed = validate(EmbeddingsRequest, body)
         assert isinstance(parsed, EmbeddingsRequest)
         return await _dispatch(request, identity, body, parsed.model, "embeddings", False)
@@ -442,12 +456,12 @@ def create_app(gateway: Gateway) -> FastAPI:
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", openapi_extra=json_body("AnthropicMessagesRequest"))
     async def anthropic_messages(request: Request) -> Response:
         request_id: str = request.state.request_id
         try:
             identity = await gateway.authenticate(request)
-            raw = parse_json(await read_body(request))
+            raw = await read_json(request)
             body = anthropic_api.to_openai_request(raw)
             validate(ChatCompletionRequest, body)
             model, stream = str(raw["model"]), bool(body.get("stream"))
@@ -458,7 +472,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         headers = {**_reply_headers(first, request_id), "request-id": request_id}
         dropped = anthropic_api.dropped_params(raw)
         if dropped:
-            headers[topics.HEADER_DROPPED_PARAMS] = ",".join(dropped)
+            headers[topics.HEADER_DROPPED_PARAMS] = header_value(",".join(dropped))
         if not stream:
             return json_response(anthropic_api.from_openai_response(first.data or {}, model), 200, headers)
 
@@ -477,12 +491,12 @@ def create_app(gateway: Gateway) -> FastAPI:
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
 
-    @app.post("/v1/messages/count_tokens")
+    @app.post("/v1/messages/count_tokens", openapi_extra=json_body("AnthropicCountTokensRequest"))
     async def anthropic_count_tokens(request: Request) -> Response:
         request_id: str = request.state.request_id
         try:
             await gateway.authenticate(request)
-            counted = anthropic_api.estimate_tokens(parse_json(await read_body(request)))
+            counted = anthropic_api.estimate_tokens(await read_json(request))
         except GatewayError as e:
             return _anthropic_error(e, request_id)
         return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})

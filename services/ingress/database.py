@@ -41,6 +41,27 @@ def request_engine(url: str) -> AsyncEngine:
     return make_engine(url, connect_timeout_s=2.0, command_timeout_s=2.0, pool_timeout_s=1.0)
 
 
+REFUSED_VALUE_ERRORS: tuple[type[Exception], ...] = (asyncpg.DataError, ValueError, OverflowError)
+"""A value the request carried that PostgreSQL refused (class 22 data exceptions: a number out of range, text
+with a NUL character) or that asyncpg refused to send (a ValueError, e.g. an integer past int32): the
+request's fault, a 400, not an outage."""
+
+
+def refused_value(error: BaseException) -> bool:
+    """Whether `error`, or what it wraps (SQLAlchemy's `orig`, exception causes), is a REFUSED_VALUE_ERRORS."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, REFUSED_VALUE_ERRORS):
+            return True
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    return False
+
+
 def database_unavailable(what: str = "This request") -> GatewayError:
     return GatewayError(503, f"{what} needs the accounting database (PostgreSQL), which is unreachable right now. "
                         "Please retry shortly.", code="database_unavailable", retry_after_s=RETRY_AFTER_S)
@@ -48,10 +69,14 @@ def database_unavailable(what: str = "This request") -> GatewayError:
 
 @contextmanager
 def database_errors_as_503(what: str = "This request") -> Iterator[None]:
-    """Turn a failed or timed-out PostgreSQL call into a 503 + Retry-After OpenAI-style error (never a 500)."""
+    """Turn a failed or timed-out PostgreSQL call into a 503 + Retry-After OpenAI-style error (never a 500),
+    and a value PostgreSQL refused into a 400 (`refused_value`)."""
     try:
         yield
     except DATABASE_ERRORS as e:
+        if refused_value(e):
+            raise GatewayError(400, "A value in the request cannot be stored (out of range, or text with a NUL "
+                               "character).", code="invalid_value") from e
         log.warning("database call failed", extra={"what": what, "error": repr(e)[:300]})
         raise database_unavailable(what) from e
 

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -66,6 +66,27 @@ def hash_key(secret: bytes, token: str) -> str:
     return hmac.new(secret, token.encode(), hashlib.sha256).hexdigest()
 
 
+def _aware(value: Any) -> Any:
+    """A naive datetime as UTC; anything else as is. asyncpg reads a TIMESTAMPTZ at either end of Python's
+    range (0001-01-01 or 9999-12-31 UTC, which it uses for -infinity/infinity) as a naive datetime.min/max,
+    and comparing that with an aware `now` raises."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+EXPIRY_RANGE = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC))
+"""Accepted `expires_at` values: far from the ends of Python's datetime range, where a value stored with a
+zone may read back out of range (and then no key could be loaded)."""
+
+
+def _expiry(value: datetime) -> datetime:
+    aware: datetime = _aware(value)
+    if not EXPIRY_RANGE[0] <= aware < EXPIRY_RANGE[1]:
+        raise ValueError(f"must be between {EXPIRY_RANGE[0].year} and {EXPIRY_RANGE[1].year}")
+    return aware
+
+
 @dataclass
 class KeyRecord:
     key_id: str
@@ -89,7 +110,7 @@ class KeyRecord:
 
     @classmethod
     def from_row(cls, row: Any) -> KeyRecord:
-        data = {k: row[k] for k in cls.__dataclass_fields__ if k in row}
+        data = {k: _aware(row[k]) for k in cls.__dataclass_fields__ if k in row}
         return cls(**data)
 
     def identity(self) -> Identity:
@@ -113,6 +134,14 @@ class KeyRecord:
         return self.expires_at is not None and (now or datetime.now(UTC)) >= self.expires_at
 
 
+MAX_INT4 = 2**31 - 1
+"""rpm, tpm and max_parallel are INTEGER columns."""
+MAX_BUDGET_USD = Decimal(10) ** 14
+"""Budgets are NUMERIC(20, 6) columns: below 10^14 dollars."""
+Threshold = Annotated[float, Field(ge=0, le=1)]
+"""An alert threshold: the fraction of the budget spent that raises an alert."""
+
+
 class KeySpec(BaseModel):
     """What an admin may set on a key (create and update); unset fields are left alone on update."""
 
@@ -123,13 +152,14 @@ class KeySpec(BaseModel):
     project: str | None = None
     user: str | None = None
     models: list[str] | None = None
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_parallel: int | None = Field(default=None, ge=1)
-    budget_usd: Decimal | None = Field(default=None, ge=0)
+    rpm: int | None = Field(default=None, ge=1, le=MAX_INT4)
+    tpm: int | None = Field(default=None, ge=1, le=MAX_INT4)
+    max_parallel: int | None = Field(default=None, ge=1, le=MAX_INT4)
+    budget_usd: Decimal | None = Field(default=None, ge=0, lt=MAX_BUDGET_USD)
     budget_period: Period | None = None
-    alert_thresholds: list[float] | None = None
-    expires_at: datetime | None = None
+    alert_thresholds: list[Threshold] | None = None
+    expires_at: Annotated[datetime, AfterValidator(_expiry)] | None = Field(
+        default=None, description="ISO 8601; UTC when no zone is given")
     expires_in: str | None = Field(default=None, description="e.g. 30d, 12h: sets expires_at from now")
     metadata: dict[str, str] | None = None
 
@@ -149,18 +179,21 @@ class KeySpec(BaseModel):
 class BudgetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    budget_usd: Decimal = Field(ge=0)
+    budget_usd: Decimal = Field(ge=0, lt=MAX_BUDGET_USD)
     budget_period: Period = "month"
-    alert_thresholds: list[float] = Field(default_factory=lambda: [0.8])
+    alert_thresholds: list[Threshold] = Field(default_factory=lambda: [0.8])
 
 
 def _future(value: str | None) -> datetime | None:
     if value is None:
         return None
     units = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if len(value) < 2 or value[-1] not in units or not value[:-1].isdigit():
+    if len(value) < 2 or value[-1] not in units or not (value[:-1].isascii() and value[:-1].isdigit()):
         raise GatewayError(400, "expires_in must look like 30m, 12h, 30d or 2w", param="expires_in")
-    return datetime.now(UTC) + timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        return datetime.now(UTC) + timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    except OverflowError:
+        raise GatewayError(400, "expires_in is too far in the future", param="expires_in") from None
 
 
 class KeyStore:

@@ -13,6 +13,7 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shared.contracts import MAX_JSON_DEPTH, json_depth_exceeds
 from shared.errors import GatewayError, invalid_request
 
 MAX_BODY_BYTES = int(os.environ.get("SWITCHYARD_MAX_BODY_BYTES", str(8 << 20)))
@@ -89,13 +90,29 @@ def _param(loc: tuple[Any, ...]) -> str:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object no deeper than MAX_JSON_DEPTH, or a 400 that says what is wrong.
+
+    The depth is checked here, before any validation or translation, because every body ingress
+    accepts must also be readable by the router and the workers (see MAX_JSON_DEPTH).
+    """
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
+        if e.msg.startswith("depth limit"):  # orjson's own limit (1024), far past ours
+            raise too_deep(None) from None
         raise invalid_request(f"The request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid_request("The request body must be a JSON object.", code="invalid_json")
+    if json_depth_exceeds(data):
+        raise too_deep(next((k for k, v in data.items() if json_depth_exceeds(v, MAX_JSON_DEPTH - 1)), None))
     return data
+
+
+def too_deep(param: str | None) -> GatewayError:
+    """The 400 for a body nested past MAX_JSON_DEPTH; `param` is the top-level field holding the nesting."""
+    where = f" (in '{param}')" if param else ""
+    return invalid_request(f"The request body is nested too deeply{where}: objects and arrays may nest at most "
+                           f"{MAX_JSON_DEPTH} levels.", param=param, code="nesting_too_deep")
 
 
 def validate(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
@@ -114,7 +131,13 @@ def validate(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
                            if kind == "missing" else "invalid_value") from None
 
 
+async def read_json(request: Request) -> dict[str, Any]:
+    """The one way a route reads its JSON body: size-limited (`read_body`), then `parse_json`."""
+    return parse_json(await read_body(request))
+
+
 async def read_body(request: Request) -> bytes:
+    """The raw body, refused with a 413 past MAX_BODY_BYTES (by Content-Length, or while it streams in)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise GatewayError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).", code="body_too_large")

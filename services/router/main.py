@@ -3,7 +3,12 @@
 Health comes from `llm.events` (read in full by every replica, from two minutes back on
 start, and caught up before the first request is routed), so routers hold no state that
 another replica lacks. Offsets are committed after every message of a batch has been
-acknowledged downstream.
+acknowledged downstream, and when the group takes partitions away (a rebalance ends no loop:
+what was not committed is redelivered, and duplicates are dropped downstream by id).
+
+An envelope's reply destination is checked before anything else: one naming a reply topic or
+partition that does not exist has nowhere to be answered, so it goes to the dead letters
+(`llm.dead`, shared/dead.py) with the reason, to be replayed once the topic exists.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import random
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from services.router.health import BreakerSettings, HealthBook
@@ -22,13 +27,26 @@ from services.router.routing import decide
 from shared import topics
 from shared.config import GatewayConfig, load_config, load_settings
 from shared.contracts import CONTRACT_VERSION, OUT_OF_BAND, AttemptEvent, Reply, RequestEnvelope, now_ms
+from shared.dead import bury, send_or_bury
 from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
-from shared.kafka import deliver, encode, group_instance_id, make_consumer, make_producer, start_client, topic_partitions
+from shared.kafka import (
+    BatchOffsets,
+    DeliveryRefused,
+    check_destination,
+    encode,
+    group_instance_id,
+    make_consumer,
+    make_producer,
+    send_and_wait,
+    start_client,
+    topic_partitions,
+)
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.router")
+SERVICE = "router"
 HEALTH_REPLAY_MS = 120_000
 COMMIT_INTERVAL_S = 0.2
 CATCH_UP_TIMEOUT_S = 15.0
@@ -40,8 +58,9 @@ class Router:
         self.health = HealthBook(BreakerSettings.from_env())
         self.rng = random.Random()
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
-        self.requests: AIOKafkaConsumer = make_consumer(topics.REQUESTS, bootstrap=bootstrap, group_id="router",
+        self.requests: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id="router",
                                                        group_instance_id=group_instance_id("router"))
+        self.offsets = BatchOffsets(self.requests)
         self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=50)
         self.ready = False
 
@@ -59,6 +78,7 @@ class Router:
                 self.events.seek(tp, found.offset)
         await self.catch_up(parts)
         await start_client(self.requests, "router-requests")
+        self.requests.subscribe([topics.REQUESTS], listener=self.offsets)
 
     async def catch_up(self, parts: list[TopicPartition]) -> None:
         """Replay recent events up to the current end before routing, so a restarted router knows
@@ -103,63 +123,75 @@ class Router:
         per batch, which at low load is one per request.
         """
         loop = asyncio.get_running_loop()
-        last_commit, dirty = loop.time(), False
+        last_commit = loop.time()
         while True:
+            dirty = self.offsets.dirty
             batches = await self.requests.getmany(timeout_ms=100 if dirty else 1000, max_records=500)
             self.ready = True
             if batches:
-                acks = []
-                for records in batches.values():
-                    for record in records:
-                        acks.append(self.route(record.value))
-                await asyncio.gather(*acks)
-                dirty = True
-            if dirty and (not batches or loop.time() - last_commit >= COMMIT_INTERVAL_S):
-                await self.requests.commit()
-                last_commit, dirty = loop.time(), False
+                self.offsets.begin(batches)
+                await asyncio.gather(*(self.route(record) for records in batches.values() for record in records))
+                self.offsets.done()
+            if self.offsets.dirty and (not batches or loop.time() - last_commit >= COMMIT_INTERVAL_S):
+                await self.offsets.commit()
+                last_commit = loop.time()
 
-    def route(self, raw: bytes) -> asyncio.Future[Any]:
+    async def route(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Route one envelope, or answer it, or dead-letter it; returns once that is acknowledged."""
         try:
-            env = RequestEnvelope.model_validate_json(raw)
+            await self._route(record)
+        except DeliveryRefused as refused:  # not even llm.dead takes it (a cluster without the topic)
+            log.error("dropping an envelope that can be neither routed, answered nor dead-lettered",
+                      extra={"reason": refused.reason, "error": refused.message, "offset": record.offset})
+
+    async def _route(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            env = RequestEnvelope.model_validate_json(record.value)
         except ValidationError as e:
             log.error("dropping malformed envelope", extra={"error": str(e)[:500]})
-            return _done()
+            return
+        try:
+            await check_destination(self.producer, env.reply_topic, env.reply_partition)
+        except DeliveryRefused as refused:
+            # Nowhere to answer it: keep it as it came, for a replay to llm.requests once the topic exists.
+            await bury(self.producer, refused, record.value or b"", key=record.key, service=SERVICE,
+                       request_id=env.id, headers=record.headers, replay_to=(topics.REQUESTS, None))
+            return
         if env.v > CONTRACT_VERSION:
-            return self.answer(env, GatewayError(500, f"envelope version {env.v} is newer than this router"))
+            return await self.answer(env, GatewayError(500, f"envelope version {env.v} is newer than this router"))
         now = now_ms()
         if env.expired(now):
-            return self.answer(env, timeout_error())
+            return await self.answer(env, timeout_error())
         try:
             decision = decide(env, self.config, self.health, now, self.rng)
         except GatewayError as e:
-            return self.answer(env, e)
+            return await self.answer(env, e)
         except Exception:
             # A bug must not leave the caller without an answer, nor crash-loop on this message.
             log.exception("routing failed", extra={"request_id": env.id})
-            return self.answer(env, GatewayError(500, "The router could not route this request.",
-                                                 code="routing_error"))
+            return await self.answer(env, GatewayError(500, "The router could not route this request.",
+                                                       code="routing_error"))
         env.model_group = decision.group.name
         env.deployment = decision.deployment.id
         env.not_before_ms = decision.not_before_ms
         topic = topics.provider_topic(decision.deployment.provider, batch=env.priority == "batch")
         log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt,
                                    "rule": decision.rule, "not_before_ms": env.not_before_ms})
-        return deliver(self.producer, topic, encode(env), key=env.id.encode())
+        try:
+            await send_and_wait(self.producer, topic, encode(env), key=env.id.encode())
+        except DeliveryRefused as refused:  # e.g. routing made a batch producer's largest envelope too large
+            await self.answer(env, GatewayError(refused.status, f"The request cannot be routed: {refused.message}.",
+                                                code="delivery_refused", retryable=False))
 
-    def answer(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:
-        """The request's terminal answer, from the router: no deployment left, or its deadline passed."""
+    async def answer(self, env: RequestEnvelope, err: GatewayError) -> Any:
+        """The request's terminal answer, from the router: no deployment left, or its deadline passed.
+        Dead-lettered if its reply destination vanished since it was checked."""
         log.info("answering with error", extra={"request_id": env.id, "status": err.status, "code": err.code})
         headers = err.response_headers()
         reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
                       data=err.body(), headers=headers, custom_id=env.custom_id)
-        return deliver(self.producer, env.reply_topic, encode(reply), key=env.id.encode(),
-                          partition=env.reply_partition)
-
-
-def _done() -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    fut.set_result(None)
-    return fut
+        return await send_or_bury(self.producer, env.reply_topic, encode(reply), key=env.id.encode(),
+                                  partition=env.reply_partition, service=SERVICE, request_id=env.id)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,12 +1,18 @@
 """One provider call, start to finish: send what the adapter built, decode, normalise, time it.
 
-Transport faults become `GatewayError`s a client understands: connect errors and broken
-streams 502, silence past the first-byte timeout or the deadline 504; all retryable.
+Every fault ends as a `CallFailed` carrying a `GatewayError` a client understands, so no body
+and no upstream answer can take the worker down:
+- a request the adapter cannot translate: 400, not retryable (it fails the same everywhere);
+- an upstream answer that cannot be read (body, stream event, error body): 502 `bad_upstream_response`;
+- transport faults: connect errors and broken streams 502, silence past the first-byte timeout or
+  the deadline 504; all retryable.
+Task cancellation is never caught.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,11 +22,24 @@ import httpx
 import orjson
 
 from services.workers.aiohttp_transport import AiohttpTransport
-from services.workers.providers.base import CallContext, ProviderAdapter, UpstreamRequest, usage_from_openai
+from services.workers.providers.base import (
+    CallContext,
+    ProviderAdapter,
+    UpstreamRequest,
+    faults_as,
+    request_fault,
+    response_fault,
+    usage_from_openai,
+)
 from shared.contracts import Usage
 from shared.errors import GatewayError
 
 ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
+
+log = logging.getLogger("switchyard.worker")
+
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, OSError, TimeoutError)
+"""Faults of the connection, not of what came over it: they keep their own mapping (`_transport_error`)."""
 
 
 @dataclass
@@ -82,29 +101,14 @@ async def call(
     result = CallResult()
     timeout = min(ctx.deployment.timeout_s, total_timeout_s or ctx.deployment.timeout_s)
     try:
-        up = adapter.embeddings_request(ctx) if kind == "embeddings" else adapter.chat_request(ctx)
+        up = translate(adapter, ctx, kind)
         result.dropped_params = up.dropped_params
         async with asyncio.timeout(max(0.001, timeout)):
             request = _build(client, up, ctx.deployment.first_byte_timeout_s)
             response = await client.send(request, stream=True)
             try:
-                if response.status_code >= 400:
-                    body = await response.aread()
-                    raise adapter.map_error(response.status_code, body, response.headers)
-                if ctx.stream and kind == "chat":
-                    await _stream(adapter, ctx, response, result, on_chunk, started)
-                else:
-                    raw = await response.aread()
-                    try:
-                        data = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        raise GatewayError(502, f"{adapter.name}: upstream returned malformed JSON",
-                                           code="bad_upstream_response", retryable=True) from None
-                    if kind == "embeddings":
-                        result.response = adapter.parse_embeddings(data, ctx)
-                    else:
-                        result.response = adapter.parse_chat(data, ctx)
-                    result.usage = usage_from_openai(result.response.get("usage"))
+                with faults_as(response_fault, adapter.name, passing=TRANSPORT_ERRORS):
+                    await _answer(adapter, ctx, kind, response, result, on_chunk, started)
             finally:
                 await response.aclose()
     except GatewayError as e:
@@ -115,12 +119,38 @@ async def call(
         raise CallFailed(err, result.chunks_sent, _ms(started)) from None
     except (httpx.HTTPError, OSError) as e:
         raise CallFailed(_transport_error(e, adapter.name), result.chunks_sent, _ms(started)) from e
-    except (ValueError, KeyError, TypeError) as e:
-        err = GatewayError(502, f"{adapter.name}: could not parse upstream response ({e})",
-                           code="bad_upstream_response", retryable=True)
+    except Exception as e:
+        log.exception("%s: provider call failed outside translation and parsing", adapter.name)
+        err = GatewayError(502, f"{adapter.name}: provider call failed ({type(e).__name__})", code="upstream_error",
+                           retryable=True)
         raise CallFailed(err, result.chunks_sent, _ms(started)) from e
     result.latency_ms = _ms(started)
     return result
+
+
+def translate(adapter: ProviderAdapter, ctx: CallContext, kind: str) -> UpstreamRequest:
+    """The adapter's upstream request for `ctx`; any fault translating it is a 400 (`request_fault`)."""
+    with faults_as(request_fault, adapter.name):
+        return adapter.embeddings_request(ctx) if kind == "embeddings" else adapter.chat_request(ctx)
+
+
+async def _answer(adapter: ProviderAdapter, ctx: CallContext, kind: str, response: httpx.Response,
+                  result: CallResult, on_chunk: ChunkSink | None, started: float) -> None:
+    """Read the upstream answer into `result` (or deliver its stream); an error status raises its mapping."""
+    if response.status_code >= 400:
+        body = await response.aread()
+        raise adapter.map_error(response.status_code, body, response.headers)
+    if ctx.stream and kind == "chat":
+        await _stream(adapter, ctx, response, result, on_chunk, started)
+        return
+    raw = await response.aread()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise GatewayError(502, f"{adapter.name}: upstream returned malformed JSON",
+                           code="bad_upstream_response", retryable=True) from None
+    result.response = adapter.parse_embeddings(data, ctx) if kind == "embeddings" else adapter.parse_chat(data, ctx)
+    result.usage = usage_from_openai(result.response.get("usage"))
 
 
 async def _stream(adapter: ProviderAdapter, ctx: CallContext, response: httpx.Response, result: CallResult,

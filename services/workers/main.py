@@ -6,8 +6,15 @@ usage, event, or its retry envelope) has been acknowledged by the broker.
 
 Every provider call is recorded on `llm.usage` before it is made (acknowledged by the broker
 first), so a worker killed mid-call leaves a usage row "in doubt" rather than a call nobody
-counted. When the group rebalances, a worker finishes the calls it has in flight (up to
-SWITCHYARD_WORKER_DRAIN_S) before giving its partitions up, so the new owner does not call again.
+counted. When the group rebalances, a worker cancels the work that has not begun its provider call
+(queued in the pacer, or waiting for its not-before time: the next owner gets it again) and finishes
+the calls it has in flight (up to SWITCHYARD_WORKER_DRAIN_S) before giving its partitions up, so the
+next owner does not call again.
+
+A message never stops the process: a reply the broker refuses as too large is answered with a 413;
+one whose topic or partition does not exist is dead-lettered (shared/dead.py); any other failure of
+one message becomes an error reply to its request. Only a broker that stays unreachable makes the
+worker exit, uncommitted, so the group redelivers what it held.
 """
 
 from __future__ import annotations
@@ -41,10 +48,15 @@ from shared.contracts import (
     UsageEvent,
     now_ms,
 )
+from shared.dead import bury, deliver_or_bury
 from shared.errors import GatewayError, timeout_error
 from shared.health import health_port_default, serve_health
 from shared.kafka import (
+    REFUSED_TOO_LARGE,
+    Claim,
+    DeliveryRefused,
     OffsetTracker,
+    commit,
     deliver,
     encode,
     group_instance_id,
@@ -69,9 +81,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.worker.drain(revoked)
-        await self.worker.commit()
-        self.worker.tracker.forget(revoked)
+        await self.worker.give_up(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.worker.ready = True
@@ -80,6 +90,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Worker:
     def __init__(self, provider: str, bootstrap: str, config: GatewayConfig) -> None:
         self.provider = provider
+        self.service = f"worker.{provider}"
         self.adapter = get_adapter(provider)
         self.config = config
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
@@ -96,6 +107,9 @@ class Worker:
         self.ready = False
         self._in_flight = {False: 0, True: 0}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self._calling: set[asyncio.Task[Any]] = set()
+        """Tasks past the point of no return: their provider call has begun, or they are delivering what
+        their message owes. A revocation drains these and cancels every other task."""
 
     def _share(self) -> float:
         """The part of the provider's traffic this process sees: the partitions it owns, of all."""
@@ -109,35 +123,49 @@ class Worker:
                                 listener=_Rebalance(self))
 
     async def stop(self) -> None:
-        await self.drain(list(self._tasks), timeout_s=10)
-        await self.commit()
+        await self.give_up(list(self._tasks), timeout_s=10)
         await self.consumer.stop()
         await self.producer.stop()
         await self.client.aclose()
 
-    async def drain(self, partitions: list[TopicPartition], timeout_s: float = DRAIN_S) -> None:
-        """Let the messages in flight from these partitions finish, so their offsets can be committed.
+    async def give_up(self, partitions: list[TopicPartition], timeout_s: float = DRAIN_S) -> None:
+        """Hand partitions over (revoked, or the worker stops): cancel, drain, commit, forget.
 
-        Called before partitions are given up: a call still running when they move would be
-        made a second time by their next owner (stored and marked `redelivered`, but paid twice).
+        Work that has not begun its provider call is cancelled at once: it costs nothing to redo, and
+        waiting for it could take hours (batch work queued for its provider's limits). The calls in
+        flight are drained (up to `timeout_s`), since a call still running when its partition moves is
+        made a second time by the next owner (stored and marked `redelivered`, but paid twice). Then the
+        finished offsets are committed and the partitions forgotten, which fences any task that outlives
+        the drain: its end no longer counts for the partition's next assignment (OffsetTracker).
         """
-        running = [t for tp in partitions for t in self._tasks.get(tp, ())]
-        if running:
-            log.info("finishing calls in flight before a rebalance", extra={"calls": len(running)})
-            _, pending = await asyncio.wait(running, timeout=timeout_s)
+        tasks = [t for tp in partitions for t in self._tasks.pop(tp, ())]
+        queued = [t for t in tasks if t not in self._calling]
+        for task in queued:
+            task.cancel()
+        calling = [t for t in tasks if t in self._calling]
+        if tasks:
+            log.info("giving partitions up", extra={"cancelled": len(queued), "calls": len(calling)})
+        if calling:
+            _, pending = await asyncio.wait(calling, timeout=timeout_s)
             if pending:
                 log.warning("calls still in flight after the drain; their next owner will redo them",
                             extra={"calls": len(pending)})
+        await self.commit()
+        self.tracker.forget(partitions)
 
     async def commit(self) -> None:
         offsets = self.tracker.committable()
-        if not offsets:
-            return
-        try:
-            await self.consumer.commit(offsets)
+        if offsets and await commit(self.consumer, offsets):
             self.tracker.mark_committed(offsets)
-        except KafkaError as e:
-            log.warning("commit failed (rebalance?)", extra={"error": repr(e)})
+
+    def _no_return(self, now: bool = True) -> None:
+        """Mark the current task as past the point of no return (or, `now=False`, back to waiting)."""
+        task = asyncio.current_task()
+        if task is not None:
+            if now:
+                self._calling.add(task)
+            else:
+                self._calling.discard(task)
 
     def _backpressure(self) -> None:
         """Pause a class of partitions (interactive or batch) while that class has its fill of messages
@@ -159,28 +187,70 @@ class Worker:
                 is_batch = tp.topic.endswith(topics.BATCH_SUFFIX)
                 for record in records:
                     self._in_flight[is_batch] += 1
-                    self.tracker.started(tp, record.offset)
-                    task = asyncio.create_task(self._process(tp, record.offset, record.value, is_batch))
+                    claim = self.tracker.started(tp, record.offset)
+                    task = asyncio.create_task(self._process(claim, record.value, is_batch))
                     running = self._tasks.setdefault(tp, set())
                     running.add(task)
                     task.add_done_callback(running.discard)
+                    task.add_done_callback(self._calling.discard)
             if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                 await self.commit()
                 last_commit = time.monotonic()
 
-    async def _process(self, tp: TopicPartition, offset: int, raw: bytes, is_batch: bool) -> None:
+    async def _process(self, claim: Claim, raw: bytes, is_batch: bool) -> None:
+        """Handle one message and deliver what it owes; then its offset may be committed.
+
+        A failure of this message alone (a bug, a delivery the broker refuses) is answered with an error
+        reply, once every other delivery it started has ended, and the worker moves on. A KafkaError here
+        means the broker stayed unreachable through every retry: the worker exits without committing, so
+        the group redelivers the message (to a restarted or another worker). Cancellation (a revocation)
+        leaves the offset unfinished: redelivered.
+        """
         try:
-            acks = await self.handle(raw)
-            if acks:
-                await asyncio.gather(*acks)
-        except Exception:
-            # What this message owes could not be acknowledged even after retries: exit without
-            # committing, so the group redelivers it (to a restarted or another worker).
-            log.exception("could not deliver what a message owes; exiting for redelivery", extra={"offset": offset})
+            try:
+                acks = await self.handle(raw)
+                self._no_return()
+                for outcome in await asyncio.gather(*acks, return_exceptions=True):
+                    if isinstance(outcome, Exception):
+                        raise outcome
+            except KafkaError:
+                raise
+            except Exception as e:
+                self._no_return()
+                await self._answer_failure(raw, e)
+        except KafkaError:
+            log.exception("could not deliver what a message owes; exiting for redelivery",
+                          extra={"offset": claim.offset})
             os._exit(3)
         finally:
             self._in_flight[is_batch] -= 1
-        self.tracker.finished(tp, offset)
+        self.tracker.finished(claim)
+
+    async def _answer_failure(self, raw: bytes, error: Exception) -> None:
+        """Answer a message whose handling failed with an error reply (502 when the broker refused what it
+        owed, 500 otherwise), so its caller is not left waiting and the offset moves on."""
+        try:
+            env = RequestEnvelope.model_validate_json(raw)
+        except ValidationError:
+            log.exception("dropping a message that failed and is not an envelope")
+            return
+        if isinstance(error, DeliveryRefused):
+            log.error("the broker refused what a request owes; answering with an error",
+                      extra={"request_id": env.id, "reason": error.reason, "error": error.message})
+            err = GatewayError(502, f"The gateway could not deliver this request's messages: {error.message}.",
+                               code="delivery_refused", retryable=False)
+        else:
+            log.error("handling a request failed; answering with an error", exc_info=error,
+                      extra={"request_id": env.id})
+            err = GatewayError(500, "The worker failed while handling this request.", code="worker_error",
+                               retryable=False)
+        try:
+            await self._reply_error(env, err)
+        except KafkaError:
+            raise
+        except Exception:
+            log.exception("dropping a request that can be neither answered nor dead-lettered",
+                          extra={"request_id": env.id})
 
     # ---- one message --------------------------------------------------------------------------
 
@@ -205,6 +275,7 @@ class Worker:
         while True:
             try:
                 async with self.pacer.slot(dep, env) as lease:
+                    self._no_return()
                     if env.expired():
                         return [*acks, self._reply_error(env, timeout_error())]
                     done, retry_here = await self._call(env, dep, lease, call_seq)
@@ -214,6 +285,7 @@ class Worker:
                 return [*acks, self._retry(env, dep, e)]
             if not retry_here:
                 return acks
+            self._no_return(False)  # waiting for a key again: nothing in flight to lose
 
     async def _call(self, env: RequestEnvelope, dep: Deployment, lease: Lease,
                     call_seq: int) -> tuple[list[asyncio.Future[Any]], bool]:
@@ -273,8 +345,23 @@ class Worker:
         return acks, False
 
     def _send_reply(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
-        return deliver(self.producer, env.reply_topic, encode(reply), key=env.id.encode(),
-                          partition=env.reply_partition)
+        return asyncio.ensure_future(self._deliver_reply(env, reply))
+
+    async def _deliver_reply(self, env: RequestEnvelope, reply: Reply, replaceable: bool = True) -> Any:
+        """Deliver a reply; one the broker refuses as too large becomes a 413 error reply in its place, and
+        one whose topic or partition does not exist goes to the dead letters (no error could reach the
+        caller there either)."""
+        value = encode(reply)
+        try:
+            return await send_and_wait(self.producer, env.reply_topic, value, key=env.id.encode(),
+                                       partition=env.reply_partition)
+        except DeliveryRefused as refused:
+            if refused.reason == REFUSED_TOO_LARGE and replaceable:
+                log.warning("reply too large; answering with an error", extra={"request_id": env.id,
+                                                                              "bytes": refused.size})
+                return await self._deliver_reply(env, _too_large_reply(env, reply, refused), replaceable=False)
+            return await bury(self.producer, refused, value, key=env.id.encode(), service=self.service,
+                              request_id=env.id)
 
     def _reply_error(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:
         reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
@@ -290,11 +377,16 @@ class Worker:
                                          message=err.message, retry_after_s=err.retry_after_s, code=err.code))
         return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode())
 
+    def _record(self, topic: str, message: UsageEvent | AttemptEvent, key: bytes) -> asyncio.Future[Any]:
+        """Usage and events have no caller to answer: what the broker refuses is dead-lettered."""
+        return deliver_or_bury(self.producer, topic, encode(message), key=key, service=self.service,
+                               request_id=message.request_id)
+
     def _started(self, env: RequestEnvelope, dep: Deployment) -> asyncio.Future[Any]:
         """Tell every router a call began: least-busy counts it, and it takes a half-open breaker's probe."""
         event = AttemptEvent(request_id=env.id, attempt=env.attempt, deployment=dep.id, provider=dep.provider,
                              model_group=env.model_group or env.model, ok=True, phase="start")
-        return deliver(self.producer, topics.EVENTS, encode(event), key=dep.id.encode())
+        return self._record(topics.EVENTS, event, dep.id.encode())
 
     @staticmethod
     def _write_ahead(env: RequestEnvelope, dep: Deployment, call_seq: int) -> UsageEvent:
@@ -314,7 +406,7 @@ class Worker:
             "status": failed.error.status if failed else 200, "ok": failed is None,
             "latency_ms": result.latency_ms if result else failed.latency_ms if failed else 0.0,
         })
-        return deliver(self.producer, topics.USAGE, encode(event), key=_usage_key(event))
+        return self._record(topics.USAGE, event, _usage_key(event))
 
     def _event(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
                      failed: CallFailed | None) -> asyncio.Future[Any]:
@@ -326,7 +418,18 @@ class Worker:
             latency_ms=result.latency_ms if result else failed.latency_ms if failed else 0.0,
             ttft_ms=result.ttft_ms if result else None,
         )
-        return deliver(self.producer, topics.EVENTS, encode(event), key=dep.id.encode())
+        return self._record(topics.EVENTS, event, dep.id.encode())
+
+
+def _too_large_reply(env: RequestEnvelope, reply: Reply, refused: DeliveryRefused) -> Reply:
+    """The error that answers a request whose reply (or one of its stream's chunks) is over the limit."""
+    message = (f"The reply to this request is {refused.size:,} bytes, more than the {refused.limit:,} bytes "
+               "a reply may have.")
+    if env.kind == "embeddings":
+        message += " Send fewer inputs per request (or ask for fewer dimensions)."
+    err = GatewayError(413, message, code="reply_too_large", retryable=False)
+    return Reply(id=reply.id, attempt=reply.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
+                 data=err.body(), custom_id=reply.custom_id, call=reply.call)
 
 
 def _usage_key(event: UsageEvent) -> bytes:

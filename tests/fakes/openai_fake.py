@@ -98,5 +98,11 @@ class FakeOpenAI(FakeProvider):
             early = await self.fault_response(self.take_fault(request))
             if early is not None:
                 return early
-            return Response(orjson.dumps(embeddings_for(orjson.loads(await request.body()))),
-                            media_type="application/json")
+            body = orjson.loads(await request.body())
+            answer = embeddings_for(body)
+            dimensions = body.get("dimensions")
+            if isinstance(dimensions, int) and dimensions > 0:  # like text-embedding-3: vectors of that length
+                for item in answer["data"]:
+                    base = item["embedding"]
+                    item["embedding"] = [base[i % len(base)] for i in range(dimensions)]
+            return Response(orjson.dumps(answer), media_type="application/json")

@@ -27,13 +27,29 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
+    as_object,
+    as_text,
+    chat_messages,
     chunk,
     classify_status,
     completion,
+    content_parts,
+    encode_json,
     error_message,
+    forced_function,
+    function_tool,
+    image_url,
+    invalid,
+    number,
+    objects,
     openai_usage,
+    part_text,
+    response_format,
     retry_after_seconds,
     split_data_url,
+    stop_sequences,
+    tool_arguments,
+    tool_call_function,
 )
 from shared.errors import GatewayError
 
@@ -84,8 +100,11 @@ _HARMLESS: dict[str, tuple[Any, ...]] = {
 _JSON_INSTRUCTION = "Respond only with a single valid JSON object: no prose, no markdown code fences."
 
 
+PROVIDER = "anthropic"
+
+
 def _bad(message: str, param: str) -> GatewayError:
-    return GatewayError(400, f"anthropic: {message}", param=param, code="unsupported_parameter")
+    return invalid(PROVIDER, message, param, code="unsupported_parameter")
 
 
 # ---- request ---------------------------------------------------------------------------------
@@ -93,10 +112,10 @@ def _bad(message: str, param: str) -> GatewayError:
 
 def _json_tool(body: dict[str, Any]) -> str | None:
     """The name of the forced tool that emulates `response_format: json_schema`, when emulated that way."""
-    rf = body.get("response_format") or {}
-    if rf.get("type") != "json_schema" or body.get("tools") or body.get("thinking"):
+    rf = response_format(body, PROVIDER)
+    if rf.type != "json_schema" or body.get("tools") or body.get("thinking"):
         return None
-    return str((rf.get("json_schema") or {}).get("name") or "json_response")
+    return rf.name or "json_response"
 
 
 def _image(url: str, param: str) -> dict[str, Any]:
@@ -116,18 +135,18 @@ def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     out: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(content_parts(content, param, PROVIDER)):
         kind = part.get("type")
         if kind == "text":
-            if not part.get("text"):
+            text = part_text(part, f"{param}[{j}]", PROVIDER)
+            if not text:
                 continue
-            block: dict[str, Any] = {"type": "text", "text": part["text"]}
+            block: dict[str, Any] = {"type": "text", "text": text}
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            block = _image(str(url or ""), f"{param}[{j}].image_url")
+            block = _image(image_url(part, f"{param}[{j}]", PROVIDER), f"{param}[{j}].image_url")
         elif kind == "file":
-            data_url = split_data_url(str((part.get("file") or {}).get("file_data") or ""))
+            file = as_object(part.get("file"), f"{param}[{j}].file", PROVIDER)
+            data_url = split_data_url(as_text(file.get("file_data"), f"{param}[{j}].file.file_data", PROVIDER))
             if data_url is None:
                 raise _bad("file parts need `file_data` as a data: URL", f"{param}[{j}].file")
             block = {"type": "document", "source": {"type": "base64", "media_type": data_url[0], "data": data_url[1]}}
@@ -140,16 +159,8 @@ def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
 
 
 def _tool_use(call: dict[str, Any], param: str) -> dict[str, Any]:
-    fn = call.get("function") or {}
-    raw = fn.get("arguments") or "{}"
-    try:
-        args = orjson.loads(raw) if isinstance(raw, str) else raw
-    except orjson.JSONDecodeError:
-        args = None
-    if not isinstance(args, dict):
-        raise GatewayError(400, "anthropic: tool call arguments must be a JSON object",
-                           param=f"{param}.function.arguments", code="invalid_value")
-    return {"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": args}
+    fn = tool_call_function(call, param, PROVIDER)
+    return {"type": "tool_use", "id": call.get("id"), "name": fn["name"], "input": tool_arguments(fn, param, PROVIDER)}
 
 
 def _messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -168,7 +179,8 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
             blocks = _blocks(m.get("content"), f"{param}.content")
         elif role == "assistant":
             blocks = _blocks(m.get("content"), f"{param}.content")
-            blocks += [_tool_use(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(m.get("tool_calls") or [])]
+            calls = objects(m.get("tool_calls"), f"{param}.tool_calls", PROVIDER)
+            blocks += [_tool_use(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls)]
         elif role == "tool":
             role = "user"
             result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.get("tool_call_id")}
@@ -197,11 +209,11 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return system, out
 
 
-def _tool(tool: dict[str, Any]) -> dict[str, Any]:
-    if tool.get("type") != "function":
+def _tool(tool: dict[str, Any], param: str) -> dict[str, Any]:
+    fn = function_tool(tool, param, PROVIDER)
+    if fn is None:
         return tool  # an Anthropic server tool (web search, ...) as Anthropic spells it
-    fn = tool.get("function") or {}
-    out = {"name": fn.get("name"), "description": fn.get("description") or "",
+    out = {"name": fn["name"], "description": fn.get("description") or "",
            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
     if tool.get("cache_control"):
         out["cache_control"] = tool["cache_control"]
@@ -215,8 +227,8 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
         out: dict[str, Any] = {"type": choice or "auto"}
     elif choice == "required":
         out = {"type": "any"}
-    elif isinstance(choice, dict) and choice.get("type") == "function":
-        out = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    elif (name := forced_function(choice, PROVIDER)) is not None:
+        out = {"type": "tool", "name": name}
     else:
         raise _bad(f"tool_choice {choice!r} is not supported", "tool_choice")
     if parallel is False and out["type"] != "none":
@@ -231,8 +243,7 @@ def _unsupported(body: dict[str, Any]) -> list[str]:
         if key in _HANDLED or key in _NATIVE or value is None or value in _HARMLESS.get(key, ()):
             continue
         out.append(key)
-    rf = body.get("response_format") or {}
-    if rf.get("type") not in (None, "text", "json_object", "json_schema"):
+    if response_format(body, PROVIDER).type not in (None, "text", "json_object", "json_schema"):
         out.append("response_format")
     return out
 
@@ -243,13 +254,13 @@ def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
     dropped = _unsupported(body)
     if ctx.strict and dropped:
         raise _bad(f"parameter {dropped[0]!r} is not supported by this provider", dropped[0])
-    temperature = body.get("temperature")
+    temperature = number(body, "temperature", PROVIDER)
     if temperature is not None and temperature > 1:
         if ctx.strict:
             raise _bad("temperature must be at most 1 for this provider", "temperature")
         dropped.append("temperature")  # not honoured as asked: clamped to Anthropic's maximum of 1 below
 
-    system, messages = _messages(body.get("messages") or [])
+    system, messages = _messages(chat_messages(body, PROVIDER))
     if not messages:
         raise GatewayError(400, "anthropic: at least one user or assistant message is required", param="messages",
                            code="invalid_value")
@@ -258,33 +269,31 @@ def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
         "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS,
         "messages": messages,
     }
-    rf = body.get("response_format") or {}
+    rf = response_format(body, PROVIDER)
     json_tool = _json_tool(body)
-    if rf.get("type") == "json_object" or (rf.get("type") == "json_schema" and json_tool is None):
-        schema = (rf.get("json_schema") or {}).get("schema")
-        hint = _JSON_INSTRUCTION + (f" It must match this JSON schema: {orjson.dumps(schema).decode()}"
+    if rf.type == "json_object" or (rf.type == "json_schema" and json_tool is None):
+        schema = rf.schema
+        hint = _JSON_INSTRUCTION + (f" It must match this JSON schema: {encode_json(schema, body, PROVIDER).decode()}"
                                     if schema else "")
         system.append({"type": "text", "text": hint})
     if system:
         cached = any("cache_control" in b for b in system)
         out["system"] = system if cached else "\n\n".join(b["text"] for b in system)
     if temperature is not None:
-        out["temperature"] = min(float(temperature), 1.0)
+        out["temperature"] = min(temperature, 1.0)
     if body.get("top_p") is not None:
         out["top_p"] = body["top_p"]
-    stop = body.get("stop")
-    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s and s.strip()]
+    stops = [s for s in stop_sequences(body, PROVIDER) if s.strip()]
     if stops:
         out["stop_sequences"] = stops
     if body.get("tools"):
-        out["tools"] = [_tool(t) for t in body["tools"]]
+        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(objects(body["tools"], "tools", PROVIDER))]
         choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice is not None:
             out["tool_choice"] = choice
     elif json_tool is not None:
-        schema = (rf.get("json_schema") or {}).get("schema") or {"type": "object"}
         out["tools"] = [{"name": json_tool, "description": "Give the answer as this tool's input.",
-                         "input_schema": schema}]
+                         "input_schema": rf.schema or {"type": "object"}}]
         out["tool_choice"] = {"type": "tool", "name": json_tool}
     if body.get("user"):
         out["metadata"] = {"user_id": str(body["user"])}
@@ -321,6 +330,8 @@ def _error(err: Any, status: int | None = None, headers: httpx.Headers | None = 
 
 class AnthropicStream(StreamParser):
     """Anthropic's named SSE events -> OpenAI chunks; `done` only after `message_stop`."""
+
+    provider = PROVIDER
 
     def __init__(self, ctx: CallContext) -> None:
         self.ctx = ctx
@@ -402,7 +413,8 @@ class AnthropicAdapter(ProviderAdapter):
         if ctx.api_key:
             headers["x-api-key"] = ctx.api_key
         headers.update(ctx.deployment.headers)
-        return UpstreamRequest("POST", url, headers, content=orjson.dumps(body), dropped_params=dropped)
+        return UpstreamRequest("POST", url, headers, content=encode_json(body, ctx.body, PROVIDER),
+                               dropped_params=dropped)
 
     def parse_chat(self, data: Any, ctx: CallContext) -> dict[str, Any]:
         if isinstance(data, dict) and data.get("type") == "error":

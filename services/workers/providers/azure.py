@@ -95,7 +95,7 @@ class AzureOpenAIAdapter(OpenAICompatibleAdapter):
         return data
 
     def stream_parser(self, ctx: CallContext) -> StreamParser:
-        return AzureStream()
+        return AzureStream(self.name)
 
     def map_error(self, status: int, body: bytes, headers: httpx.Headers) -> GatewayError:
         """Azure puts the HTTP status (`"429"`) or its own names (`DeploymentNotFound`) in `error.code`."""

@@ -77,13 +77,29 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
+    as_object,
+    as_text,
+    chat_messages,
     chunk,
     classify_status,
     completion,
+    content_parts,
+    encode_json,
     error_message,
+    forced_function,
+    function_tool,
+    image_url,
+    invalid,
+    name_of,
+    objects,
     openai_usage,
+    part_text,
+    response_format,
     retry_after_seconds,
     split_data_url,
+    stop_sequences,
+    tool_arguments,
+    tool_call_function,
 )
 from shared.config import Deployment
 from shared.errors import GatewayError
@@ -156,7 +172,7 @@ CACHE_POINT = {"cachePoint": {"type": "default"}}
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> GatewayError:
-    return GatewayError(400, f"bedrock: {message}", param=param, code=code)
+    return invalid(SERVICE, message, param, code)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -311,16 +327,16 @@ def _document_name(filename: str | None, n: int) -> str:
 
 
 def _document(part: dict[str, Any], param: str, n: int) -> dict[str, Any]:
-    f = part.get("file") or {}
-    data_url = split_data_url(str(f.get("file_data") or ""))
+    f = as_object(part.get("file"), f"{param}.file", SERVICE)
+    data_url = split_data_url(as_text(f.get("file_data"), f"{param}.file.file_data", SERVICE))
     if data_url is None:
         raise _bad("file parts need file_data as a data: URL (file ids are not supported)", param)
     media_type, data = data_url
     fmt = DOCUMENT_FORMATS.get(media_type.lower())
     if fmt is None:
         raise _bad(f"document type {media_type!r} is not supported", param)
-    return {"document": {"format": fmt, "name": _document_name(f.get("filename"), n),
-                         "source": {"bytes": data}}}
+    name = _document_name(as_text(f.get("filename"), f"{param}.file.filename", SERVICE), n)
+    return {"document": {"format": fmt, "name": name, "source": {"bytes": data}}}
 
 
 def _blocks(content: Any, param: str, *, allow_media: bool = True) -> list[dict[str, Any]]:
@@ -329,19 +345,17 @@ def _blocks(content: Any, param: str, *, allow_media: bool = True) -> list[dict[
         return []
     if isinstance(content, str):
         return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise _bad("content must be a string or a list of parts", param)
     out: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(content_parts(content, param, SERVICE)):
         where = f"{param}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = part.get("type")
         if kind == "text":
-            if not part.get("text"):
+            text = part_text(part, where, SERVICE)
+            if not text:
                 continue
-            out.append({"text": part["text"]})
+            out.append({"text": text})
         elif kind == "image_url" and allow_media:
-            image = part.get("image_url")
-            out.append(_image(str((image.get("url") if isinstance(image, dict) else image) or ""), where))
+            out.append(_image(image_url(part, where, SERVICE), where))
         elif kind == "file" and allow_media:
             out.append(_document(part, where, sum(1 for b in out if "document" in b) + 1))
         else:
@@ -352,15 +366,9 @@ def _blocks(content: Any, param: str, *, allow_media: bool = True) -> list[dict[
 
 
 def _tool_use(call: dict[str, Any], param: str) -> dict[str, Any]:
-    fn = call.get("function") or {}
-    raw = fn.get("arguments") or "{}"
-    try:
-        args = orjson.loads(raw) if isinstance(raw, str) else raw
-    except orjson.JSONDecodeError:
-        args = None
-    if not isinstance(args, dict):
-        raise _bad("tool call arguments must be a JSON object", f"{param}.function.arguments")
-    return {"toolUse": {"toolUseId": str(call.get("id") or ""), "name": fn.get("name") or "", "input": args}}
+    fn = tool_call_function(call, param, SERVICE)
+    return {"toolUse": {"toolUseId": str(call.get("id") or ""), "name": fn["name"],
+                        "input": tool_arguments(fn, param, SERVICE)}}
 
 
 def _tool_result(m: dict[str, Any], param: str) -> dict[str, Any]:
@@ -384,7 +392,7 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
             blocks = _blocks(m.get("content"), f"{param}.content")
         elif role == "assistant":
             blocks = _blocks(m.get("content"), f"{param}.content", allow_media=False)
-            for j, call in enumerate(m.get("tool_calls") or []):
+            for j, call in enumerate(objects(m.get("tool_calls"), f"{param}.tool_calls", SERVICE)):
                 blocks.append(_tool_use(call, f"{param}.tool_calls[{j}]"))
                 used.append(blocks[-1]["toolUse"]["name"])
         elif role == "tool":
@@ -412,16 +420,16 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return system, out, used
 
 
-def _tool_spec(tool: Any, i: int) -> list[dict[str, Any]]:
-    if not isinstance(tool, dict):
-        raise _bad("a tool must be an object", f"tools[{i}]")
-    if tool.get("type") != "function":
-        if set(tool) & {"toolSpec", "cachePoint", "systemTool"}:
-            return [tool]  # already in Converse's shape
+def _tool_spec(tool: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    fn = function_tool(tool, f"tools[{i}]", SERVICE)
+    if fn is None:
+        if "toolSpec" in tool:  # already in Converse's shape; its name must be readable, to match tool blocks
+            given = as_object(tool["toolSpec"], f"tools[{i}].toolSpec", SERVICE, required=True)
+            name_of(given.get("name"), f"tools[{i}].toolSpec.name", SERVICE)
+            return [tool]
+        if set(tool) & {"cachePoint", "systemTool"}:
+            return [tool]
         raise _bad(f"tool type {tool.get('type')!r} is not supported", f"tools[{i}]", "unsupported_parameter")
-    fn = tool.get("function") or {}
-    if not fn.get("name"):
-        raise _bad("a function tool needs a name", f"tools[{i}].function.name")
     spec: dict[str, Any] = {"name": fn["name"],
                             "inputSchema": {"json": fn.get("parameters") or {"type": "object", "properties": {}}}}
     if fn.get("description"):
@@ -436,10 +444,8 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     """A `tool_choice` other than auto/none (Converse's default is auto, and it has no none)."""
     if choice == "required":
         return {"any": {}}
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
-        if not name:
-            raise _bad("tool_choice.function.name is required", "tool_choice")
+    name = forced_function(choice, SERVICE)
+    if name is not None:
         return {"tool": {"name": name}}
     raise _bad(f"tool_choice {choice!r} is not supported", "tool_choice", "unsupported_parameter")
 
@@ -451,8 +457,7 @@ def _unsupported(body: dict[str, Any]) -> list[str]:
         if key in _HANDLED or key in _NATIVE or value is None or value in _HARMLESS.get(key, ()):
             continue
         out.append(key)
-    rf = body.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
+    if response_format(body, SERVICE).type not in (None, "text"):
         out.append("response_format")
     return out
 
@@ -464,7 +469,7 @@ def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
     if ctx.strict and dropped:
         raise _bad(f"parameter {dropped[0]!r} is not supported by this provider", dropped[0],
                    "unsupported_parameter")
-    system, messages, used = _messages(body.get("messages") or [])
+    system, messages, used = _messages(chat_messages(body, SERVICE))
     if not messages:
         raise _bad("at least one user or assistant message with content is required", "messages")
     out: dict[str, Any] = {"messages": messages}
@@ -478,14 +483,13 @@ def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
         config["temperature"] = body["temperature"]
     if body.get("top_p") is not None:
         config["topP"] = body["top_p"]
-    stop = body.get("stop")
-    stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+    stops = stop_sequences(body, SERVICE)
     if stops:
         config["stopSequences"] = stops
     if config:
         out["inferenceConfig"] = config
 
-    tools: list[dict[str, Any]] = [s for i, t in enumerate(body.get("tools") or []) for s in _tool_spec(t, i)]
+    tools = [s for i, t in enumerate(objects(body.get("tools"), "tools", SERVICE)) for s in _tool_spec(t, i)]
     choice = body.get("tool_choice")
     if choice == "none":
         if used:  # Converse needs toolConfig to read a history with tool blocks, and cannot forbid calls
@@ -527,6 +531,8 @@ def _finish(reason: str | None) -> str:
 
 class BedrockStream(StreamParser):
     """ConverseStream events -> OpenAI chunks; `done` once both `messageStop` and `metadata` arrived."""
+
+    provider = SERVICE
 
     def __init__(self, ctx: CallContext) -> None:
         self.ctx = ctx
@@ -652,7 +658,7 @@ class BedrockAdapter(ProviderAdapter):
     def _request(self, ctx: CallContext, operation: str, body: dict[str, Any],
                  dropped: list[str]) -> UpstreamRequest:
         url = self._url(ctx, operation)
-        content = orjson.dumps(body)
+        content = encode_json(body, ctx.body, SERVICE)
         headers = {"content-type": "application/json", **ctx.deployment.headers}
         creds = _credentials(ctx.deployment, ctx.api_key)
         if isinstance(creds, sigv4.Credentials):

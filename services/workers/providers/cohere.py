@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 
 from services.workers.providers.base import (
     GATEWAY_FIELDS,
@@ -37,17 +36,32 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
+    as_list,
+    as_object,
+    as_text,
+    chat_messages,
     chunk,
     classify_status,
     completion,
+    content_parts,
+    encode_json,
     error_message,
+    forced_function,
+    function_tool,
+    number,
+    objects,
     openai_usage,
+    part_text,
+    response_format,
     retry_after_seconds,
+    stop_sequences,
     text_of,
+    tool_call_function,
 )
 from shared.errors import GatewayError
 
 DEFAULT_BASE = "https://api.cohere.com"
+PROVIDER = "cohere"
 
 # OpenAI fields this adapter translates (or that never go upstream).
 _HANDLED = frozenset({
@@ -83,6 +97,8 @@ _CONTEXT_HINTS = ("too many tokens", "exceeds", "exceeded", "too long")
 
 
 class CohereStream(StreamParser):
+    provider = PROVIDER
+
     def __init__(self, ctx: CallContext) -> None:
         self.ctx = ctx
         self.created = int(time.time())
@@ -183,14 +199,14 @@ class CohereAdapter(ProviderAdapter):
 
     def chat_request(self, ctx: CallContext) -> UpstreamRequest:
         body = ctx.body
-        out: dict[str, Any] = {"model": ctx.deployment.model, "messages": _messages(body.get("messages") or []),
+        out: dict[str, Any] = {"model": ctx.deployment.model, "messages": _messages(chat_messages(body, PROVIDER)),
                                "stream": ctx.stream}
         dropped = [k for k, v in body.items()
                    if k not in _HANDLED and k not in _NATIVE_CHAT and v is not None and v not in _HARMLESS.get(k, ())]
 
         def clamped(name: str, target: str, low: float, high: float, exact: tuple[float, ...] = ()) -> None:
             """Send `name` as `target` within Cohere's range; a value moved (other than `exact` ones) is reported."""
-            value = body.get(name)
+            value = number(body, name, PROVIDER)
             if value is None:
                 return
             out[target] = min(high, max(low, value))
@@ -207,37 +223,38 @@ class CohereAdapter(ProviderAdapter):
             out["seed"] = body["seed"]
         clamped("frequency_penalty", "frequency_penalty", 0.0, 1.0)
         clamped("presence_penalty", "presence_penalty", 0.0, 1.0)
-        stop = body.get("stop")
-        if stop:
-            out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-        tools = _tools(body.get("tools"))
+        stops = stop_sequences(body, PROVIDER)
+        if stops:
+            out["stop_sequences"] = stops
+        functions, other_tools = _functions(body.get("tools"))
+        dropped += other_tools
         choice = body.get("tool_choice")
-        if tools:
+        if functions:
             if isinstance(choice, dict):
-                wanted = (choice.get("function") or {}).get("name")
-                tools = [t for t in tools if t["function"].get("name") == wanted] or tools
+                wanted = forced_function(choice, PROVIDER)
+                functions = [fn for fn in functions if fn["name"] == wanted] or functions
                 out["tool_choice"] = "REQUIRED"
             elif choice == "required":
                 out["tool_choice"] = "REQUIRED"
             elif choice == "none":
                 out["tool_choice"] = "NONE"
-            out["tools"] = tools
-            if any((t.get("function") or {}).get("strict") for t in body.get("tools") or []):
+            out["tools"] = [{"type": "function", "function": {k: v for k, v in fn.items() if k != "strict"}}
+                            for fn in functions]
+            if any(fn.get("strict") for fn in functions):
                 out["strict_tools"] = True
-        fmt = body.get("response_format") or {}
-        if fmt.get("type") == "json_object":
+        fmt = response_format(body, PROVIDER)
+        if fmt.type == "json_object":
             out["response_format"] = {"type": "json_object"}
-        elif fmt.get("type") == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema")
-            out["response_format"] = {"type": "json_object", **({"json_schema": schema} if schema else {})}
-        elif fmt.get("type") not in (None, "text"):
+        elif fmt.type == "json_schema":
+            out["response_format"] = {"type": "json_object", **({"json_schema": fmt.schema} if fmt.schema else {})}
+        elif fmt.type not in (None, "text"):
             dropped.append("response_format")
         for name in _NATIVE_CHAT:
             if name in body:
                 out[name] = body[name]
         _refuse_if_strict(ctx, dropped)
-        return UpstreamRequest("POST", self._url(ctx, "/v2/chat"), self._headers(ctx), content=orjson.dumps(out),
-                               dropped_params=dropped)
+        return UpstreamRequest("POST", self._url(ctx, "/v2/chat"), self._headers(ctx),
+                               content=encode_json(out, body, PROVIDER), dropped_params=dropped)
 
     def parse_chat(self, data: Any, ctx: CallContext) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("message"), dict):
@@ -248,7 +265,7 @@ class CohereAdapter(ProviderAdapter):
         text = parts if isinstance(parts, str) else "".join(
             p.get("text") or "" for p in parts if isinstance(p, dict) and p.get("type", "text") == "text")
         message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
-        calls = [_tool_call(c) for c in msg.get("tool_calls") or []]
+        calls = [_answered_call(c) for c in msg.get("tool_calls") or []]
         if calls:
             message["tool_calls"] = calls
         finish = finish_reason(data.get("finish_reason"))
@@ -262,7 +279,7 @@ class CohereAdapter(ProviderAdapter):
     def embeddings_request(self, ctx: CallContext) -> UpstreamRequest:
         body = ctx.body
         raw = body.get("input")
-        texts = [raw] if isinstance(raw, str) else list(raw or [])
+        texts = [raw] if isinstance(raw, str) else as_list(raw, "input", PROVIDER)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise GatewayError(400, "cohere embeddings take text input only (a string or a list of strings)",
                                param="input", code="invalid_value")
@@ -277,8 +294,8 @@ class CohereAdapter(ProviderAdapter):
                    *GATEWAY_FIELDS}
         dropped = [k for k, v in body.items() if k not in handled and v is not None]
         _refuse_if_strict(ctx, dropped)
-        return UpstreamRequest("POST", self._url(ctx, "/v2/embed"), self._headers(ctx), content=orjson.dumps(out),
-                               dropped_params=dropped)
+        return UpstreamRequest("POST", self._url(ctx, "/v2/embed"), self._headers(ctx),
+                               content=encode_json(out, body, PROVIDER), dropped_params=dropped)
 
     def parse_embeddings(self, data: Any, ctx: CallContext) -> dict[str, Any]:
         embeddings = data.get("embeddings") if isinstance(data, dict) else None
@@ -322,24 +339,33 @@ def _refuse_if_strict(ctx: CallContext, dropped: list[str]) -> None:
                            param=dropped[0], code="unsupported_parameter")
 
 
-def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
-    """A tool call as both OpenAI and Cohere v2 write it (arguments a JSON string)."""
+def _answered_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call of Cohere's answer in OpenAI's shape (Cohere v2 writes it the same way)."""
     fn = call.get("function") or {}
     return {"id": call.get("id"), "type": "function",
             "function": {"name": fn.get("name"), "arguments": fn.get("arguments") or "{}"}}
+
+
+def _tool_call(call: dict[str, Any], param: str) -> dict[str, Any]:
+    """An assistant tool call of the request as Cohere v2 takes it (arguments a JSON string)."""
+    fn = tool_call_function(call, param, PROVIDER)
+    args = fn.get("arguments") or "{}"
+    text = args if isinstance(args, str) else encode_json(args, args, PROVIDER, f"{param}.function.arguments").decode()
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": text}}
 
 
 def _user_content(content: Any, where: str) -> Any:
     if content is None or isinstance(content, str):
         return content or ""
     parts: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(content_parts(content, f"{where}.content", PROVIDER)):
         kind = part.get("type")
         if kind == "text":
-            parts.append({"type": "text", "text": part.get("text", "")})
+            parts.append({"type": "text", "text": part_text(part, f"{where}.content[{j}]", PROVIDER)})
         elif kind == "image_url":
             image = part.get("image_url")
-            image = {"url": image} if isinstance(image, str) else dict(image or {})
+            image = ({"url": image} if isinstance(image, str)
+                     else as_object(image, f"{where}.content[{j}].image_url", PROVIDER))
             parts.append({"type": "image_url",
                           "image_url": {k: image[k] for k in ("url", "detail") if image.get(k) is not None}})
         else:
@@ -354,16 +380,15 @@ def _messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         role = m.get("role")
         where = f"messages[{i}]"
         if role in ("system", "developer"):
-            out.append({"role": "system", "content": text_of(m.get("content"))})
+            out.append({"role": "system", "content": text_of(m.get("content"), f"{where}.content", PROVIDER)})
         elif role == "user":
             out.append({"role": "user", "content": _user_content(m.get("content"), where)})
         elif role == "assistant":
-            text = text_of(m.get("content")) if not isinstance(m.get("content"), list) else "".join(
-                p.get("text") or p.get("refusal") or "" for p in m["content"] if isinstance(p, dict))
+            text = _assistant_text(m.get("content"), f"{where}.content")
             msg: dict[str, Any] = {"role": "assistant"}
-            calls = m.get("tool_calls") or []
+            calls = objects(m.get("tool_calls"), f"{where}.tool_calls", PROVIDER)
             if calls:
-                msg["tool_calls"] = [_tool_call(c) for c in calls]
+                msg["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
                 if text:  # the words beside a tool call are, in Cohere's terms, the tool plan
                     msg["tool_plan"] = text
             else:
@@ -371,19 +396,32 @@ def _messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(msg)
         elif role == "tool":
             out.append({"role": "tool", "tool_call_id": m.get("tool_call_id") or "",
-                        "content": text_of(m.get("content"))})
+                        "content": text_of(m.get("content"), f"{where}.content", PROVIDER)})
         else:
             raise GatewayError(400, f"cohere does not support messages with role {role!r}", param=f"{where}.role",
                                code="unsupported_value")
     return out
 
 
-def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    out = []
-    for t in tools or []:
-        fn = t.get("function") or {}
-        out.append({"type": "function", "function": {k: v for k, v in fn.items() if k != "strict"}})
-    return out
+def _assistant_text(content: Any, param: str) -> str:
+    """An assistant message's words: its text and refusal parts (Cohere has no separate refusal)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(as_text(p.get("text") or p.get("refusal"), f"{param}[{j}].text", PROVIDER)
+                   for j, p in enumerate(content_parts(content, param, PROVIDER)))
+
+
+def _functions(tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The function definitions among `tools`, and the tools of other types (Cohere has only functions)."""
+    functions: list[dict[str, Any]] = []
+    others: list[str] = []
+    for i, tool in enumerate(objects(tools, "tools", PROVIDER)):
+        fn = function_tool(tool, f"tools[{i}]", PROVIDER)
+        if fn is None:
+            others.append(f"tools[{i}]")
+        else:
+            functions.append(fn)
+    return functions, others
 
 
 def _float32_base64(vector: list[float]) -> str:

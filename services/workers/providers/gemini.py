@@ -50,13 +50,27 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
+    as_object,
+    as_text,
+    called_function,
+    chat_messages,
     chunk,
     classify_status,
     completion_id,
+    content_parts,
+    encode_json,
+    forced_function,
+    function_tool,
+    image_url,
+    objects,
     openai_usage,
+    part_text,
+    response_format,
     retry_after_seconds,
     split_data_url,
+    stop_sequences,
     text_of,
+    tool_call_function,
 )
 from shared.errors import GatewayError
 
@@ -341,7 +355,7 @@ class GeminiAdapter(ProviderAdapter):
         body = ctx.body
         dropped = [k for k, v in body.items()
                    if v is not None and k not in _IGNORED and k not in _CHAT_HANDLED]
-        system, contents = self._contents(body.get("messages") or [], ctx)
+        system, contents = self._contents(chat_messages(body, self.name), ctx)
         if not contents:
             raise GatewayError(400, f"{self.name} needs at least one user or assistant message with content",
                                param="messages")
@@ -352,7 +366,7 @@ class GeminiAdapter(ProviderAdapter):
         dropped += tool_dropped
         if tools:
             out["tools"] = tools
-        tool_config = self._tool_config(body.get("tool_choice"))
+        tool_config = self._tool_config(body.get("tool_choice"), self.name)
         if tool_config and tools:
             out["toolConfig"] = tool_config
         gen, gen_dropped = self._generation_config(body, ctx)
@@ -368,7 +382,8 @@ class GeminiAdapter(ProviderAdapter):
         dropped = self._unsupported(ctx, dropped)
         url = self._url(ctx, "streamGenerateContent") + "?alt=sse" if ctx.stream \
             else self._url(ctx, "generateContent")
-        return UpstreamRequest("POST", url, self._headers(ctx), content=orjson.dumps(out), dropped_params=dropped)
+        return UpstreamRequest("POST", url, self._headers(ctx), content=encode_json(out, body, self.name),
+                               dropped_params=dropped)
 
     def _contents(self, messages: list[dict[str, Any]],
                   ctx: CallContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -388,26 +403,27 @@ class GeminiAdapter(ProviderAdapter):
         for i, msg in enumerate(messages):
             role = msg.get("role")
             content = msg.get("content")
+            where = f"messages[{i}]"
             if role in ("system", "developer"):
-                text = text_of(content)
+                text = text_of(content, f"{where}.content", self.name)
                 if text:
                     system.append({"text": text})
             elif role == "user":
                 add("user", self._user_parts(content, i))
             elif role == "assistant":
-                parts = [{"text": text_of(content)}] if text_of(content) else []
-                calls = list(msg.get("tool_calls") or [])
+                text = text_of(content, f"{where}.content", self.name)
+                parts: list[dict[str, Any]] = [{"text": text}] if text else []
+                calls = [(c, tool_call_function(c, f"{where}.tool_calls[{n}]", self.name),
+                          self._thought_signature(c, f"{where}.tool_calls[{n}]"))
+                         for n, c in enumerate(objects(msg.get("tool_calls"), f"{where}.tool_calls", self.name))]
                 if msg.get("function_call"):  # the legacy single-function form
-                    fc = msg["function_call"]
-                    calls.append({"id": fc.get("name"), "function": fc})
-                signed = any(((c.get("extra_content") or {}).get("google") or {}).get("thought_signature")
-                             for c in calls)
-                for n, call in enumerate(calls):
-                    fn = call.get("function") or {}
-                    names[str(call.get("id"))] = fn.get("name", "")
-                    part: dict[str, Any] = {"functionCall": {"name": fn.get("name", ""),
+                    fc = called_function(msg["function_call"], f"{where}.function_call", self.name)
+                    calls.append(({"id": fc["name"]}, fc, None))
+                signed = any(signature for _, _, signature in calls)
+                for n, (call, fn, signature) in enumerate(calls):
+                    names[str(call.get("id"))] = fn["name"]
+                    part: dict[str, Any] = {"functionCall": {"name": fn["name"],
                                                              "args": _arguments(fn.get("arguments"), i)}}
-                    signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
                     if signature:
                         part["thoughtSignature"] = signature
                     elif gemini3 and not signed and n == 0:
@@ -422,10 +438,16 @@ class GeminiAdapter(ProviderAdapter):
                 if not name:
                     raise GatewayError(400, f"messages[{i}]: tool_call_id {call_id!r} does not match any earlier "
                                        "assistant tool call", param=f"messages[{i}].tool_call_id")
-                add("user", [{"functionResponse": {"name": name, "response": _tool_result(content)}}])
+                result = _tool_result(text_of(content, f"{where}.content", self.name))
+                add("user", [{"functionResponse": {"name": name, "response": result}}])
             else:
                 raise GatewayError(400, f"messages[{i}]: unsupported role {role!r}", param=f"messages[{i}].role")
         return system, contents
+
+    def _thought_signature(self, call: dict[str, Any], param: str) -> Any:
+        """The thought signature a tool call carries back (`extra_content.google.thought_signature`), if any."""
+        extra = as_object(call.get("extra_content"), f"{param}.extra_content", self.name)
+        return as_object(extra.get("google"), f"{param}.extra_content.google", self.name).get("thought_signature")
 
     def _user_parts(self, content: Any, i: int) -> list[dict[str, Any]]:
         if content is None:
@@ -433,23 +455,26 @@ class GeminiAdapter(ProviderAdapter):
         if isinstance(content, str):
             return [{"text": content}] if content else []
         parts: list[dict[str, Any]] = []
-        for j, p in enumerate(content):
+        for j, p in enumerate(content_parts(content, f"messages[{i}].content", self.name)):
             kind = p.get("type")
+            where = f"messages[{i}].content[{j}]"
             if kind == "text":
-                if p.get("text"):
-                    parts.append({"text": p["text"]})
+                text = part_text(p, where, self.name)
+                if text:
+                    parts.append({"text": text})
             elif kind == "image_url":
-                image = p.get("image_url")
-                url = image.get("url") if isinstance(image, dict) else image
-                parts.append(_media_part(str(url or ""), None))
+                parts.append(_media_part(image_url(p, where, self.name), None))
             elif kind == "input_audio":
-                audio = p.get("input_audio") or {}
-                parts.append({"inlineData": {"mimeType": f"audio/{audio.get('format') or 'wav'}",
-                                             "data": audio.get("data", "")}})
+                audio = as_object(p.get("input_audio"), f"{where}.input_audio", self.name)
+                audio_format = as_text(audio.get("format"), f"{where}.input_audio.format", self.name)
+                data = as_text(audio.get("data"), f"{where}.input_audio.data", self.name)
+                parts.append({"inlineData": {"mimeType": f"audio/{audio_format or 'wav'}", "data": data}})
             elif kind == "file":
-                f = p.get("file") or {}
+                f = as_object(p.get("file"), f"{where}.file", self.name)
                 ref = f.get("file_data") or f.get("file_id") or ""
-                parts.append(_media_part(str(ref), f.get("mime_type") or _guess_type(f.get("filename"))))
+                mime = as_text(f.get("mime_type"), f"{where}.file.mime_type", self.name)
+                filename = as_text(f.get("filename"), f"{where}.file.filename", self.name)
+                parts.append(_media_part(str(ref), mime or _guess_type(filename)))
             else:
                 raise GatewayError(400, f"{self.name} does not support content parts of type {kind!r}",
                                    param=f"messages[{i}].content[{j}].type")
@@ -461,10 +486,10 @@ class GeminiAdapter(ProviderAdapter):
         declarations: list[dict[str, Any]] = []
         native: list[dict[str, Any]] = []
         dropped: list[str] = []
-        for i, tool in enumerate(tools):
-            if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
-                fn = tool["function"]
-                decl: dict[str, Any] = {"name": fn.get("name", "")}
+        for i, tool in enumerate(objects(tools, "tools", self.name)):
+            fn = function_tool(tool, f"tools[{i}]", self.name)
+            if fn is not None:
+                decl: dict[str, Any] = {"name": fn["name"]}
                 if fn.get("description"):
                     decl["description"] = fn["description"]
                 params = fn.get("parameters")
@@ -479,7 +504,7 @@ class GeminiAdapter(ProviderAdapter):
         return out + native, dropped
 
     @staticmethod
-    def _tool_config(choice: Any) -> dict[str, Any] | None:
+    def _tool_config(choice: Any, provider: str) -> dict[str, Any] | None:
         if choice is None:
             return None
         if isinstance(choice, str):
@@ -487,15 +512,18 @@ class GeminiAdapter(ProviderAdapter):
             if mode is None:
                 raise GatewayError(400, f"Invalid value for 'tool_choice': {choice!r}", param="tool_choice")
             return {"functionCallingConfig": {"mode": mode}}
-        if choice.get("type") == "function":
-            name = (choice.get("function") or {}).get("name")
+        name = forced_function(choice, provider)
+        if name is not None:
             return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
-        if choice.get("type") == "allowed_tools":
-            allowed = choice.get("allowed_tools") or choice
-            names = [(t.get("function") or {}).get("name") for t in allowed.get("tools") or []]
-            if allowed.get("mode") == "required":
-                return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [n for n in names if n]}}
-            return {"functionCallingConfig": {"mode": "AUTO"}}
+        if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+            allowed = as_object(choice.get("allowed_tools"), "tool_choice.allowed_tools", provider) or choice
+            if allowed.get("mode") != "required":
+                return {"functionCallingConfig": {"mode": "AUTO"}}
+            where = "tool_choice.allowed_tools.tools"
+            names = [as_object(t.get("function"), f"{where}[{n}].function", provider).get("name")
+                     for n, t in enumerate(objects(allowed.get("tools"), where, provider))]
+            return {"functionCallingConfig": {"mode": "ANY",
+                                              "allowedFunctionNames": [n for n in names if isinstance(n, str) and n]}}
         raise GatewayError(400, "Invalid value for 'tool_choice'", param="tool_choice")
 
     def _generation_config(self, body: dict[str, Any], ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
@@ -509,24 +537,22 @@ class GeminiAdapter(ProviderAdapter):
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None:
             gen["maxOutputTokens"] = max_tokens
-        stop = body.get("stop")
-        if stop:
-            gen["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+        stops = stop_sequences(body, self.name)
+        if stops:
+            gen["stopSequences"] = stops
         if body.get("n") is not None and body["n"] != 1:
             gen["candidateCount"] = body["n"]
-        fmt = body.get("response_format")
-        if isinstance(fmt, dict):
-            kind = fmt.get("type")
-            if kind == "json_object":
-                gen["responseMimeType"] = "application/json"
-            elif kind == "json_schema":
-                gen["responseMimeType"] = "application/json"
-                schema = (fmt.get("json_schema") or {}).get("schema")
-                if schema:
-                    gen["responseJsonSchema"] = schema
-            elif kind not in (None, "text"):
-                dropped.append("response_format")
-        thinking = body.get("thinking_config") or body.get("thinkingConfig")
+        fmt = response_format(body, self.name)
+        if fmt.type == "json_object":
+            gen["responseMimeType"] = "application/json"
+        elif fmt.type == "json_schema":
+            gen["responseMimeType"] = "application/json"
+            if fmt.schema:
+                gen["responseJsonSchema"] = fmt.schema
+        elif fmt.type not in (None, "text"):
+            dropped.append("response_format")
+        key = "thinking_config" if body.get("thinking_config") else "thinkingConfig"
+        thinking = as_object(body.get(key), key, self.name)
         if thinking:
             gen["thinkingConfig"] = {_camel(k): v for k, v in thinking.items()}
         elif body.get("reasoning_effort") is not None:
@@ -591,7 +617,7 @@ class GeminiAdapter(ProviderAdapter):
                 req["taskType"] = task
             requests.append(req)
         return UpstreamRequest("POST", self._url(ctx, "batchEmbedContents"), self._headers(ctx),
-                               content=orjson.dumps({"requests": requests}), dropped_params=dropped)
+                               content=encode_json({"requests": requests}, body, self.name), dropped_params=dropped)
 
     def parse_embeddings(self, data: Any, ctx: CallContext) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("embeddings"), list):
@@ -652,9 +678,8 @@ def _arguments(arguments: Any, i: int) -> dict[str, Any]:
     return args if isinstance(args, dict) else {"value": args}
 
 
-def _tool_result(content: Any) -> dict[str, Any]:
-    """A tool message's content as a FunctionResponse `response` object (JSON objects pass as they are)."""
-    text = text_of(content)
+def _tool_result(text: str) -> dict[str, Any]:
+    """A tool message's text as a FunctionResponse `response` object (JSON objects pass as they are)."""
     try:
         parsed = orjson.loads(text) if text else None
     except orjson.JSONDecodeError:
