@@ -163,8 +163,11 @@ class FakeCohere(FakeProvider):
                 return self._error(400, "invalid request: input_type is required for embed models v3 and higher.")
             texts = body.get("texts") or []
             vectors = [d["embedding"] for d in embeddings_for({"input": texts})["data"]]
-            if body.get("output_dimension"):
-                vectors = [v[: body["output_dimension"]] for v in vectors]
+            dimension = body.get("output_dimension")
+            if dimension is not None and (isinstance(dimension, bool) or not isinstance(dimension, int)):
+                return self._error(400, "invalid request: output_dimension must be an integer.")
+            if dimension:
+                vectors = [v[:dimension] for v in vectors]
             types = body.get("embedding_types") or ["float"]
             return Response(orjson.dumps({
                 "id": str(uuid.uuid4()),
