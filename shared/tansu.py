@@ -6,8 +6,8 @@ Tansu is an in-memory Kafka-protocol broker. Three of its habits need code that 
 - a restart loses every log: the supervisor re-creates the topics (`recreate_topics`), consumers
   positioned in the old logs read the new ones from the beginning (`RewindingConsumer`), and a batch
   job re-sends what its lost reply topic held (shared/batch.py asks `is_tansu()`);
-- it keeps every message in memory and slows down on long partitions, so the supervisor trims the
-  logs (`trim_logs`).
+- it keeps every message in memory and slows down on long partitions; it has neither retention nor
+  DeleteRecords, so nothing bounds that yet (an open item of issue 10).
 
 `is_tansu()` decides, from SWITCHYARD_BROKER (which `switchyard up` sets for every child) or, for the
 CLI next to a running stack, from `.switchyard/stack.json`. Anything else, an external cluster

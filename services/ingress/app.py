@@ -327,7 +327,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """Liveness, and how many callers wait for a reply here (the supervisor empties Tansu only at 0)."""
+        """Liveness, and how many callers wait for a reply on this replica."""
         return json_response({"status": "ok", "waiting": gateway.replies.waiting})
 
     @app.get("/ready")
