@@ -69,7 +69,7 @@ def label_for(pid: int) -> str:
         return sub
     if "switchyard" in joined and " up" in joined:
         return "supervisor"
-    if argv[0].endswith("tansu") or "tansu" in Path(argv[0]).name:
+    if argv[0].endswith("tansu") or "tansu" in Path(argv[0]).name or "kafka.Kafka" in argv:
         return "broker"
     if argv[0].startswith("postgres") or argv[0].endswith("/postgres"):
         return "postgres"  # postmaster, backends and background workers alike

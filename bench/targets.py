@@ -87,11 +87,14 @@ class FakeProvider:
 
 
 class Switchyard:
-    """`switchyard up` (embedded Tansu + PostgreSQL + every service) in a scratch folder under bench/.work."""
+    """`switchyard up` (embedded broker + PostgreSQL + every service) in a scratch folder under bench/.work.
 
-    name = "switchyard"
+    `broker` is passed to `up --broker` (None: `up` chooses, which is Apache Kafka where Java is installed)."""
 
-    def __init__(self, api_base: str, extra_env: dict[str, str] | None = None, repo: Path | None = None) -> None:
+    def __init__(self, api_base: str, extra_env: dict[str, str] | None = None, repo: Path | None = None,
+                 broker: str | None = None, name: str = "switchyard") -> None:
+        self.name = name
+        self.broker = broker
         self.api_base = api_base
         self.extra_env = extra_env or {}
         self.pythonpath = str(repo) if repo else str(REPO)
@@ -113,8 +116,9 @@ class Switchyard:
         env.update({"SWITCHYARD_MASTER_KEY": SWITCHYARD_KEY, "PYTHONPATH": pythonpath, **self.extra_env})
         self.port = free_port()
         out = open(self.dir / "up.out", "wb")  # noqa: SIM115 - owned by the child
+        broker = ["--broker", self.broker] if self.broker else []
         self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(self.port),
-                                      "--config", "bench.yaml"], cwd=self.dir, env=env, stdout=out,
+                                      "--config", "bench.yaml", *broker], cwd=self.dir, env=env, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         deadline = time.time() + timeout_s

@@ -105,6 +105,9 @@ class RequestEnvelope(BaseModel):
 
 
 ReplyType = Literal["response", "chunk", "end", "error"]
+REPLY_VERSION = 2
+"""Version 2 of `Reply` added `chunks`: one message may carry several stream chunks. A reader of version 1
+keeps only `data` and would drop the rest, so readers (ingress, batch readers) upgrade before workers."""
 OUT_OF_BAND = 1_000_000
 """`seq` of a terminal error sent by a router or by a worker before any chunk: it ends the request at once."""
 
@@ -117,13 +120,16 @@ class Reply(BaseModel):
     drop anything already seen for the same (id, seq), so redelivery is harmless.
     """
 
-    v: int = CONTRACT_VERSION
+    v: int = REPLY_VERSION
     id: str
     attempt: int = 0
     seq: int = 0
     type: ReplyType
     status: int = 200
     data: dict[str, Any] | None = None
+    chunks: list[dict[str, Any]] = Field(default_factory=list)
+    """On a `chunk` message: the stream chunks that follow `data`, in order (chunks that arrived while the
+    previous message was being acknowledged travel together)."""
     headers: dict[str, str] = Field(default_factory=dict)
     custom_id: str | None = None
     call: str | None = None

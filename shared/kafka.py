@@ -124,6 +124,18 @@ def fetch_wait_ms(tansu_ms: int = TANSU_FETCH_WAIT_MS) -> int:
     return tansu_ms if is_tansu() else KAFKA_FETCH_WAIT_MS
 
 
+def lagging_fetch(wait_ms: int, min_bytes: int = 64 << 10) -> dict[str, int]:
+    """Consumer options for a reader that may lag by up to `wait_ms` (accounting, routers' health events).
+
+    On Apache Kafka the broker then holds each fetch until `min_bytes` have gathered or `wait_ms` passed,
+    so under load one fetch carries hundreds of messages instead of one: the broker answers (and the
+    reader parses) a fetch per interval, not per message. Nothing changes on Tansu, which holds every
+    fetch for its whole wait anyway."""
+    if is_tansu():
+        return {}
+    return {"fetch_min_bytes": min_bytes, "fetch_max_wait_ms": wait_ms}
+
+
 def group_instance_id(group: str) -> str | None:
     """The static member id of this process in `group`, from its replica index (SWITCHYARD_REPLICA); None
     without one, or on Tansu.

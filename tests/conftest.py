@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,19 @@ from tests.fakes.gemini_fake import FakeGemini
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import FakeProvider
 from tests.stack import RunningStack, start_stack, warm_up
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each checkout keeps its temporary folders under a root of its own.
+
+    The embedded PostgreSQL runs as the `postgres` user and must traverse every parent of its data folder;
+    pytest makes `pytest-of-<user>` private (0700) at every session start, so a second pytest session
+    sharing /tmp's root (another checkout's suite) would lock out this session's PostgreSQL mid-run.
+    """
+    digest = hashlib.sha1(str(Path(__file__).resolve().parent).encode()).hexdigest()[:10]
+    root = Path(tempfile.gettempdir()) / f"switchyard-tests-{digest}"
+    root.mkdir(mode=0o711, exist_ok=True)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(root))
 
 
 class Fakes:

@@ -71,6 +71,20 @@ WHERE u.event_id = r.event_id AND u.redelivered <> (r.n > 1)
 """)
 
 
+def _upsert() -> Any:
+    new_rows = insert(usage)
+    return new_rows.on_conflict_do_update(
+        index_elements=["event_id"],
+        set_={c.name: new_rows.excluded[c.name] for c in usage.columns if c.name not in _KEPT},
+        where=(usage.c.status == IN_DOUBT) & (new_rows.excluded.status != IN_DOUBT),
+    ).returning(usage.c.event_id)
+
+
+_UPSERT = _upsert()
+"""Store a row, or complete its in-doubt write-ahead record; built once, so SQLAlchemy compiles it once (its
+compiled cache is keyed on the statement) instead of on every batch."""
+
+
 def _one_per_call(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per event id, the outcome where the batch has it: an UPSERT may touch a row only once."""
     best: dict[str, dict[str, Any]] = {}
@@ -96,14 +110,8 @@ async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> tuple[
     rows = _one_per_call(rows)
     if not rows:
         return 0, []
-    new_rows = insert(usage)
-    stmt = new_rows.on_conflict_do_update(
-        index_elements=["event_id"],
-        set_={c.name: new_rows.excluded[c.name] for c in usage.columns if c.name not in _KEPT},
-        where=(usage.c.status == IN_DOUBT) & (new_rows.excluded.status != IN_DOUBT),
-    ).returning(usage.c.event_id)
     async with engine.begin() as conn:
-        written = {r.event_id for r in await conn.execute(stmt, rows)}
+        written = {r.event_id for r in await conn.execute(_UPSERT, rows)}
         new = [r for r in rows if r["event_id"] in written]
         await _mark_repeated_calls(conn, {(r["request_id"], r["attempt"], r["call_seq"]) for r in new})
         events = await update_totals(conn, [r for r in new if r["status"] != IN_DOUBT])

@@ -28,6 +28,7 @@ from shared.kafka import (
     BatchOffsets,
     encode,
     group_instance_id,
+    lagging_fetch,
     make_consumer,
     make_producer,
     send_and_wait,
@@ -47,7 +48,8 @@ class Accounting:
         self.engine = make_engine(database_url)
         self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id="accounting",
                                                         group_instance_id=group_instance_id("accounting"),
-                                                        tansu_fetch_wait_ms=100, max_poll_records=BATCH_MAX)
+                                                        tansu_fetch_wait_ms=100, max_poll_records=BATCH_MAX,
+                                                        **lagging_fetch(250))
         self.offsets = BatchOffsets(self.consumer)
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
         self.ready = False

@@ -13,7 +13,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
-from shared.contracts import OUT_OF_BAND, Reply
+from shared.contracts import OUT_OF_BAND, REPLY_VERSION, Reply
 from shared.errors import GatewayError
 from shared.kafka import make_consumer, start_client, topic_partitions
 
@@ -62,9 +62,12 @@ class Pending:
             self.next_seq += 1
 
     def _emit(self, reply: Reply) -> None:
+        """Queue a reply for the caller; a message of several stream chunks becomes one reply per chunk."""
         if reply.type in ("response", "end", "error"):
             self.finished = True
         self.queue.put_nowait(reply)
+        for chunk in reply.chunks:
+            self.queue.put_nowait(reply.model_copy(update={"data": chunk, "chunks": [], "headers": {}}))
 
     async def next(self, timeout_s: float) -> Reply:
         return await asyncio.wait_for(self.queue.get(), timeout=max(0.0, timeout_s))
@@ -135,11 +138,25 @@ class ReplyListener:
                 continue
             for records in batches.values():
                 for record in records:
-                    try:
-                        reply = Reply.model_validate_json(record.value)
-                    except ValidationError:
-                        log.error("dropping malformed reply", extra={"offset": record.offset})
-                        continue
-                    pending = self._pending.get(reply.id)
-                    if pending is not None:
-                        pending.offer(reply)
+                    self._offer(record.key, record.value, record.offset)
+
+    def _offer(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        """Hand one record to the caller waiting for it. The key is the request id, so records nobody here
+        waits for (callers gone, another gateway's requests) are skipped without being parsed."""
+        if key is not None and key.decode(errors="replace") not in self._pending:
+            return
+        try:
+            reply = Reply.model_validate_json(value or b"")
+        except ValidationError:
+            log.error("dropping malformed reply", extra={"offset": offset})
+            return
+        pending = self._pending.get(reply.id)
+        if pending is None:
+            return
+        if reply.v > REPLY_VERSION:
+            err = GatewayError(502, f"a worker sent a version {reply.v} reply, newer than this ingress reads "
+                                    f"({REPLY_VERSION}); upgrade ingress before the workers", type="api_error",
+                               code="reply_version")
+            reply = Reply(id=reply.id, attempt=reply.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
+                          data=err.body())
+        pending.offer(reply)

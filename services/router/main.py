@@ -36,6 +36,7 @@ from shared.kafka import (
     check_destination,
     encode,
     group_instance_id,
+    lagging_fetch,
     make_consumer,
     make_producer,
     send_and_wait,
@@ -61,7 +62,8 @@ class Router:
         self.requests: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id="router",
                                                        group_instance_id=group_instance_id("router"))
         self.offsets = BatchOffsets(self.requests)
-        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=50)
+        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=50,
+                                                     **lagging_fetch(50, 16 << 10))
         self.ready = False
 
     async def start(self) -> None:

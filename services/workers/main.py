@@ -33,6 +33,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from services.workers.calls import CallFailed, CallResult, call, make_client
+from services.workers.chunks import ChunkStream
 from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
@@ -295,23 +296,27 @@ class Worker:
         route = f"group={env.model_group}; deployment={dep.id}; attempt={env.attempt}"
         ctx = CallContext(dep, env.body, env.stream, lease.key, env.id, strict=bool(env.body.get("strict")))
         started = self._write_ahead(env, dep, call_seq)
-        seq = 0
 
-        async def on_chunk(c: dict[str, Any]) -> None:
-            nonlocal seq
-            reply = Reply(id=env.id, attempt=env.attempt, seq=seq, type="chunk", data=c,
+        def send_chunks(chunks: list[dict[str, Any]], seq: int) -> asyncio.Future[Any]:
+            reply = Reply(id=env.id, attempt=env.attempt, seq=seq, type="chunk", data=chunks[0], chunks=chunks[1:],
                           headers={topics.HEADER_ROUTE: route} if seq == 0 else {}, custom_id=env.custom_id,
                           call=started.event_id)
-            seq += 1
-            acks.append(self._send_reply(env, reply))
+            return self._send_reply(env, reply)
 
-        await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started))
+        stream = ChunkStream(send_chunks)
+        on_chunk = stream.add
+
+        # Queued together, the start event and the write-ahead record share one produce request; only the
+        # write-ahead record must be acknowledged before the provider is called.
         acks.append(self._started(env, dep))
+        await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started))
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
             result = await call(self.client, self.adapter, ctx, kind=env.kind, on_chunk=on_chunk,
                                 total_timeout_s=remaining_s)
         except CallFailed as failed:
+            seq = stream.close()
+            acks.extend(stream.sent)
             self.pacer.observe_failure(dep, lease, failed.error)
             acks.append(self._usage(started, None, failed))
             acks.append(self._event(env, dep, None, failed))
@@ -333,6 +338,8 @@ class Worker:
         if env.stream:
             if (env.body.get("stream_options") or {}).get("include_usage"):
                 await on_chunk(_usage_chunk(result, env))
+            seq = stream.close()
+            acks.extend(stream.sent)
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="end",
                                                     headers=headers, custom_id=env.custom_id, call=started.event_id,
                                                     data={"usage": _usage_chunk(result, env)["usage"]})))

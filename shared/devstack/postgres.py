@@ -68,7 +68,12 @@ class EmbeddedPostgres:
         return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{DB_NAME}"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*_as_postgres_user(), *args], check=check, capture_output=True)
+        """Run a server binary (as `postgres` when root); a failure raises with what the binary said."""
+        result = subprocess.run([*_as_postgres_user(), *args], capture_output=True)
+        if check and result.returncode != 0:
+            said = (result.stderr or result.stdout).decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"{Path(args[0]).name} failed (exit {result.returncode}): {said}")
+        return result
 
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,58 @@
+"""A stream's chunks on their way to the caller: as few Kafka messages as the broker's pace allows.
+
+A provider streams chunks every few milliseconds; one Kafka message per chunk cost a produce, a fetch,
+a parse and a Task on each side for every token. Here the first chunk leaves at once (time to first
+token is untouched), and while a message waits for the broker's acknowledgement the chunks that arrive
+gather and leave together as the next message, the moment it is acknowledged. So a chunk is never held
+back longer than one acknowledgement, and a fast stream costs a message per round trip, not per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+SendChunks = Callable[[list[dict[str, Any]], int], "asyncio.Future[Any]"]
+"""Send these chunks as the message with this `seq`; the future ends when the broker acknowledged it."""
+
+
+class ChunkStream:
+    """Buffers chunks while a message is unacknowledged; each message takes the next `seq`.
+
+    Messages are sent in `seq` order and readers put them back in that order, so the text arrives whole
+    and in order whatever the broker's batching does. `close` sends what is left and returns the next
+    free `seq` (for the `end` or `error` message); `sent` holds every message's future.
+    """
+
+    def __init__(self, send: SendChunks) -> None:
+        self._send = send
+        self._buffer: list[dict[str, Any]] = []
+        self._unacked: asyncio.Future[Any] | None = None
+        self.seq = 0
+        self.sent: list[asyncio.Future[Any]] = []
+
+    async def add(self, chunk: dict[str, Any]) -> None:
+        """Queue a chunk; it leaves now unless a message is still waiting for its acknowledgement."""
+        self._buffer.append(chunk)
+        if self._unacked is None or self._unacked.done():
+            self._flush()
+
+    def close(self) -> int:
+        """Send whatever is still buffered (without waiting for an acknowledgement); the next free `seq`."""
+        self._flush()
+        return self.seq
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        chunks, self._buffer = self._buffer, []
+        future = self._send(chunks, self.seq)
+        self.seq += 1
+        self.sent.append(future)
+        self._unacked = future
+        future.add_done_callback(self._acknowledged)
+
+    def _acknowledged(self, future: asyncio.Future[Any]) -> None:
+        if future is self._unacked:
+            self._flush()
