@@ -26,12 +26,13 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.ingress import anthropic_api, completions, openapi
 from services.ingress.admin import add_admin_routes
+from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
@@ -39,7 +40,7 @@ from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secr
 from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
 from services.ingress.replies import Pending, ReplyListener
-from services.ingress.responses import error_response, header_value, json_response, safe_headers
+from services.ingress.responses import SettlingStream, error_response, header_value, json_response, safe_headers
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
 from shared import topics
 from shared.config import GatewayConfig, Settings
@@ -73,6 +74,8 @@ class Gateway:
         self._request_engine: AsyncEngine | None = None
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
+        self.in_flight = InFlightCap()
+        self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -179,7 +182,16 @@ class Gateway:
             raise GatewayError(403, "This endpoint needs the master key.", code="forbidden")
 
     async def admit(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
-        """Apply the key's limits; returns the token estimate to correct later. Headers go on the response."""
+        """Apply the replica's and the key's limits; returns the token estimate to correct later. Headers go on
+        the response. Whatever it takes is given back by exactly one `finish` (and nothing when it raises)."""
+        self.in_flight.enter()
+        try:
+            return await self._admit_key(request, identity, body)
+        except BaseException:
+            self.in_flight.leave()
+            raise
+
+    async def _admit_key(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
         if self.limiter is None or identity.is_master:
             return 0
         headers: dict[str, str] = request.state.extra_headers
@@ -196,6 +208,7 @@ class Gateway:
         return estimate
 
     def finish(self, identity: Identity, estimate: int, actual_tokens: int | None) -> None:
+        self.in_flight.leave()
         if self.limiter is None or identity.is_master:
             return
         self.limiter.leave(identity.key_id)
@@ -208,16 +221,8 @@ class Gateway:
         return {name: request.headers[name] for name in names if name in request.headers}
 
     def deadline_ms(self, request: Request) -> int:
-        timeout = DEFAULT_TIMEOUT_S
-        header = request.headers.get(topics.HEADER_TIMEOUT)
-        if header:
-            try:
-                timeout = float(header)
-            except ValueError:
-                raise GatewayError(400, f"{topics.HEADER_TIMEOUT} must be a number of seconds",
-                                   param=topics.HEADER_TIMEOUT) from None
-            if timeout <= 0:
-                raise GatewayError(400, f"{topics.HEADER_TIMEOUT} must be positive", param=topics.HEADER_TIMEOUT)
+        """Now plus `x-switchyard-timeout` (else the default), capped by SWITCHYARD_MAX_TIMEOUT; 400 when bad."""
+        timeout = timeout_s(request.headers.get(topics.HEADER_TIMEOUT), DEFAULT_TIMEOUT_S, self.max_timeout_s)
         return now_ms() + int(timeout * 1000)
 
     async def submit(self, envelope: RequestEnvelope) -> Pending:
@@ -386,13 +391,13 @@ def create_app(gateway: Gateway) -> FastAPI:
             if not identity.may_use(str(fallback)):
                 raise GatewayError(403, f"This key may not use the fallback model '{fallback}'.", param="fallbacks",
                                    code="model_not_allowed")
-        estimate = await gateway.admit(request, identity, body)
         envelope = RequestEnvelope(
             id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
             reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
-            route_headers=gateway.route_headers(request),
+            route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
         )
+        estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
         call = InFlight(envelope, identity, estimate)
         try:
             call.pending = await gateway.submit(envelope)
@@ -408,6 +413,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         except TimeoutError:
             _settle(call, None)
             raise timeout_error() from None
+        except BaseException:  # cancelled (the client went away, shutdown): release all the same
+            _settle(call, None)
+            raise
         if reply.type == "error":
             _settle(call, None)
             raise GatewayError.from_body(reply.status, reply.data, reply.headers)
@@ -416,7 +424,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         return reply
 
     def _settle(call: InFlight, last: Reply | None) -> None:
-        """The request is over: stop listening, release its limits, correct the token estimate."""
+        """The request is over: stop listening, release its limits, correct the token estimate. Once only."""
+        if call.settled:
+            return
+        call.settled = True
         gateway.replies.unregister(call.envelope.id)
         usage = (last.data or {}).get("usage") if last is not None else None
         gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
@@ -454,7 +465,8 @@ def create_app(gateway: Gateway) -> FastAPI:
                     yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+        return SettlingStream(relay(), lambda: _settle(call, None), media_type="text/event-stream",
+                              headers={**headers, **SSE_HEADERS})
 
     @app.post("/v1/messages", openapi_extra=json_body("AnthropicMessagesRequest"))
     async def anthropic_messages(request: Request) -> Response:
@@ -489,7 +501,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             for event, data in translator.finish():
                 yield anthropic_api.format_sse(event, data)
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+        return SettlingStream(relay(), lambda: _settle(call, None), media_type="text/event-stream",
+                              headers={**headers, **SSE_HEADERS})
 
     @app.post("/v1/messages/count_tokens", openapi_extra=json_body("AnthropicCountTokensRequest"))
     async def anthropic_count_tokens(request: Request) -> Response:
@@ -519,6 +532,7 @@ class InFlight:
     identity: Identity
     estimate: int
     pending: Pending = field(default_factory=Pending)
+    settled: bool = False
 
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -1,0 +1,179 @@
+"""Promises that must hold when callers misbehave (issue 18), against a real stack of its own.
+
+The stack has routing rules and small caps (SWITCHYARD_MAX_TIMEOUT, SWITCHYARD_MAX_IN_FLIGHT) so each
+abuse shows in a few seconds: a body's metadata reaching a model group the key may not use, a bad
+timeout header or a vanished stream client keeping a key's parallel slot, a deadline without bound.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared import topics
+from tests.fakes.openai_fake import FakeOpenAI
+from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
+
+MAX_TIMEOUT_S = 4
+MAX_IN_FLIGHT = 4
+NAMES = ["cheap", "vip", "basic", "premium", "slow"]
+
+
+def _config(fakes: dict[str, FakeOpenAI]) -> str:
+    def group(name: str, extra: str = "") -> str:
+        return (f"  - name: {name}\n{extra}    deployments:\n      - {{provider: openai, model: gpt-4o-mini, "
+                f"api_base: '{fakes[name].url}/v1', api_key: sk-{name}}}\n")
+
+    return ("models:\n" + group("cheap") + group("vip") + group("basic", "    fallbacks: [premium]\n")
+            + group("premium") + group("slow")
+            + "routing_rules:\n  - {name: vip-tier, metadata: {tier: vip}, route_to: vip}\n")
+
+
+@pytest.fixture(scope="module")
+def abuse_fakes() -> Iterator[dict[str, FakeOpenAI]]:
+    fakes = {name: FakeOpenAI().start() for name in NAMES}
+    yield fakes
+    for fake in fakes.values():
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def abuse_stack(abuse_fakes: dict[str, FakeOpenAI], tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[RunningStack]:
+    cwd: Path = tmp_path_factory.mktemp("abuse-stack")
+    running = start_stack(cwd, _config(abuse_fakes), extra_env={"SWITCHYARD_MAX_TIMEOUT": str(MAX_TIMEOUT_S),
+                                                                 "SWITCHYARD_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)})
+    try:
+        warm_up(running, "cheap")
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, f"switchyard up did not stop cleanly ({code}):\n{running.log()[-3000:]}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh(abuse_fakes: dict[str, FakeOpenAI]) -> None:
+    for fake in abuse_fakes.values():
+        fake.reset()
+
+
+def new_key(stack: RunningStack, **spec: Any) -> str:
+    r = httpx.post(f"{stack.url}/v1/keys", json=spec, headers=stack.headers(), timeout=30)
+    assert r.status_code == 201, r.text
+    return str(r.json()["key"])
+
+
+def chat(stack: RunningStack, key: str, model: str, headers: dict[str, str] | None = None,
+         timeout: float = 60, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=timeout,
+                      headers={"authorization": f"Bearer {key}", **(headers or {})})
+
+
+def until(check: Callable[[], bool], limit_s: float = 20.0) -> bool:
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---- authorization ---------------------------------------------------------------------------
+
+
+def test_body_metadata_cannot_route_a_key_to_a_group_it_may_not_use(
+        abuse_stack: RunningStack, abuse_fakes: dict[str, FakeOpenAI]) -> None:
+    key = new_key(abuse_stack, models=["cheap"], metadata={"tier": "basic"})
+    r = chat(abuse_stack, key, "cheap", metadata={"tier": "vip"})
+    assert r.status_code == 200, r.text
+    assert "group=cheap" in r.headers[topics.HEADER_ROUTE]
+    assert len(abuse_fakes["cheap"].calls("/chat/completions")) == 1
+    assert abuse_fakes["vip"].calls() == [], "the vip deployment was called with a key limited to cheap"
+
+
+def test_the_keys_own_metadata_wins_over_the_bodys(abuse_stack: RunningStack,
+                                                   abuse_fakes: dict[str, FakeOpenAI]) -> None:
+    basic = new_key(abuse_stack, models=["cheap", "vip"], metadata={"tier": "basic"})
+    r = chat(abuse_stack, basic, "cheap", metadata={"tier": "vip"})
+    assert r.status_code == 200, r.text
+    assert "group=cheap" in r.headers[topics.HEADER_ROUTE]
+    assert abuse_fakes["vip"].calls() == []
+    # The rule itself works: a key that may use vip and says nothing of its tier is routed by the body.
+    untiered = new_key(abuse_stack, models=["cheap", "vip"])
+    r = chat(abuse_stack, untiered, "cheap", metadata={"tier": "vip"})
+    assert r.status_code == 200, r.text
+    assert "group=vip" in r.headers[topics.HEADER_ROUTE]
+
+
+def test_configured_fallbacks_stay_within_the_keys_models(abuse_stack: RunningStack,
+                                                          abuse_fakes: dict[str, FakeOpenAI]) -> None:
+    abuse_fakes["basic"].inject(status=503, times=100)
+    limited = new_key(abuse_stack, models=["basic"])
+    r = chat(abuse_stack, limited, "basic", headers={topics.HEADER_TIMEOUT: "2"})
+    assert r.status_code in (503, 504), r.text
+    assert abuse_fakes["premium"].calls() == [], "a configured fallback took the key to a group it may not use"
+    # A key that may use both still fails over.
+    both = new_key(abuse_stack, models=["basic", "premium"])
+    r = chat(abuse_stack, both, "basic")
+    assert r.status_code == 200, r.text
+    assert len(abuse_fakes["premium"].calls("/chat/completions")) == 1
+
+
+# ---- admission -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["soon", "nan", "inf", "-inf", "1e309", "-1", "0"])
+def test_a_bad_timeout_header_is_a_400_and_takes_no_parallel_slot(abuse_stack: RunningStack, value: str) -> None:
+    key = new_key(abuse_stack, models=["cheap"], max_parallel=1)
+    for _ in range(3):
+        r = chat(abuse_stack, key, "cheap", headers={topics.HEADER_TIMEOUT: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == topics.HEADER_TIMEOUT
+    r = chat(abuse_stack, key, "cheap")
+    assert r.status_code == 200, f"the key's only parallel slot leaked: {r.text}"
+
+
+def test_no_deadline_outlives_the_maximum_timeout(abuse_stack: RunningStack,
+                                                 abuse_fakes: dict[str, FakeOpenAI]) -> None:
+    abuse_fakes["slow"].inject(latency_ms=(MAX_TIMEOUT_S + 20) * 1000)
+    r = chat(abuse_stack, MASTER_KEY, "slow", headers={topics.HEADER_TIMEOUT: "86400"})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "timeout"
+
+
+def test_a_stream_client_that_leaves_before_its_first_byte_gives_its_slot_back(
+        abuse_stack: RunningStack, abuse_fakes: dict[str, FakeOpenAI]) -> None:
+    key = new_key(abuse_stack, models=["slow"], max_parallel=1)
+    abuse_fakes["slow"].inject(latency_ms=1500)
+    with pytest.raises(httpx.ReadTimeout):
+        chat(abuse_stack, key, "slow", timeout=0.5, stream=True)
+    assert until(lambda: len(abuse_fakes["slow"].calls("/chat/completions")) == 1)
+    # Once the provider's answer reached ingress, the stream has nobody to go to: the slot must come back.
+    assert until(lambda: chat(abuse_stack, key, "slow").status_code == 200), "the stream's parallel slot leaked"
+
+
+def test_past_the_in_flight_cap_a_request_gets_503_with_retry_after(
+        abuse_stack: RunningStack, abuse_fakes: dict[str, FakeOpenAI]) -> None:
+    master = MASTER_KEY
+    abuse_fakes["slow"].inject(latency_ms=3000, times=MAX_IN_FLIGHT)
+    answers: list[httpx.Response] = []
+    callers = [threading.Thread(target=lambda: answers.append(chat(abuse_stack, master, "slow")))
+               for _ in range(MAX_IN_FLIGHT)]
+    for t in callers:
+        t.start()
+    assert until(lambda: len(abuse_fakes["slow"].calls("/chat/completions")) == MAX_IN_FLIGHT)
+    r = chat(abuse_stack, master, "slow")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "overloaded"
+    assert int(r.headers["retry-after"]) >= 1
+    for t in callers:
+        t.join()
+    assert [a.status_code for a in answers] == [200] * MAX_IN_FLIGHT
+    assert chat(abuse_stack, master, "slow").status_code == 200, "the cap did not give its slots back"
