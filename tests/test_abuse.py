@@ -7,6 +7,7 @@ timeout header or a vanished stream client keeping a key's parallel slot, a dead
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,12 +17,18 @@ from typing import Any
 import httpx
 import pytest
 
+from services.ingress.keys import KEY_PREFIX, KeyStore, key_hash_secret
 from shared import topics
+from shared.config import Settings
+from shared.db import make_engine
+from shared.errors import GatewayError
 from tests.fakes.openai_fake import FakeOpenAI
+from tests.fakes.server import free_port
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 
 MAX_TIMEOUT_S = 4
 MAX_IN_FLIGHT = 4
+AUTH_FAILURE_LIMIT = 10
 NAMES = ["cheap", "vip", "basic", "premium", "slow"]
 
 
@@ -47,8 +54,9 @@ def abuse_fakes() -> Iterator[dict[str, FakeOpenAI]]:
 def abuse_stack(abuse_fakes: dict[str, FakeOpenAI], tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[RunningStack]:
     cwd: Path = tmp_path_factory.mktemp("abuse-stack")
-    running = start_stack(cwd, _config(abuse_fakes), extra_env={"SWITCHYARD_MAX_TIMEOUT": str(MAX_TIMEOUT_S),
-                                                                 "SWITCHYARD_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT)})
+    caps = {"SWITCHYARD_MAX_TIMEOUT": MAX_TIMEOUT_S, "SWITCHYARD_MAX_IN_FLIGHT": MAX_IN_FLIGHT,
+            "SWITCHYARD_AUTH_FAILURE_LIMIT": AUTH_FAILURE_LIMIT}
+    running = start_stack(cwd, _config(abuse_fakes), extra_env={k: str(v) for k, v in caps.items()})
     try:
         warm_up(running, "cheap")
         yield running
@@ -177,3 +185,43 @@ def test_past_the_in_flight_cap_a_request_gets_503_with_retry_after(
         t.join()
     assert [a.status_code for a in answers] == [200] * MAX_IN_FLIGHT
     assert chat(abuse_stack, master, "slow").status_code == 200, "the cap did not give its slots back"
+
+
+# ---- authentication --------------------------------------------------------------------------
+
+
+async def test_random_tokens_cost_postgresql_nothing_once_keys_are_loaded(abuse_stack: RunningStack) -> None:
+    key = new_key(abuse_stack, models=["cheap"])
+    store = KeyStore(make_engine(abuse_stack.database_url), key_hash_secret(Settings(master_key=MASTER_KEY)))
+    await store.load_all()
+    await store.engine.dispose()
+    # From here on any query fails: nothing listens there. A token refused without one is a 401, not a 503.
+    store.engine = store.request_engine = make_engine(f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    try:
+        for _ in range(200):
+            with pytest.raises(GatewayError) as refused:
+                await store.authenticate(KEY_PREFIX + secrets.token_urlsafe(32))
+            assert refused.value.status == 401 and refused.value.code == "invalid_api_key"
+        assert store.outage.down is False, "a random token made the key store query PostgreSQL"
+        assert (await store.authenticate(key)).allowed_models == ["cheap"]
+    finally:
+        await store.engine.dispose()
+
+
+def test_failed_authentications_are_throttled_per_address_and_logged_without_the_token(
+        abuse_stack: RunningStack) -> None:
+    guesser, neighbour = {"x-forwarded-for": "203.0.113.7"}, {"x-forwarded-for": "203.0.113.8"}
+    guesses = [KEY_PREFIX + secrets.token_urlsafe(32) for _ in range(AUTH_FAILURE_LIMIT + 1)]
+    for token in guesses[:AUTH_FAILURE_LIMIT]:
+        r = chat(abuse_stack, token, "cheap", headers=guesser)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    r = chat(abuse_stack, guesses[-1], "cheap", headers=guesser)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_auth_failures", r.text
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert chat(abuse_stack, MASTER_KEY, "cheap", headers=guesser).status_code == 429  # the address, not the key
+    assert chat(abuse_stack, MASTER_KEY, "cheap", headers=neighbour).status_code == 200
+    ingress_log = abuse_stack.cwd / ".switchyard" / "logs" / "ingress-0.log"
+    assert until(lambda: "throttling an address" in ingress_log.read_text())
+    log = ingress_log.read_text()
+    assert "203.0.113.7" in log and "authentication failed" in log
+    assert not any(token[len(KEY_PREFIX):][:12] in log for token in guesses), "a guessed token reached the log"

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.ingress import anthropic_api, completions, openapi
 from services.ingress.admin import add_admin_routes
 from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
-from services.ingress.auth import MASTER, Identity, bearer_token, is_master
+from services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
@@ -75,6 +75,7 @@ class Gateway:
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
         self.in_flight = InFlightCap()
+        self.auth_failures = AuthFailures()
         self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -163,6 +164,7 @@ class Gateway:
                             await self.key_store().apply(KeyEvent.model_validate_json(record.value))
                         except Exception:
                             log.exception("could not apply key event")
+                self.key_store().note_poll()
         finally:
             await consumer.stop()
 
@@ -170,6 +172,17 @@ class Gateway:
         await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
 
     async def authenticate(self, request: Request) -> Identity:
+        """The caller's identity; failures are counted and throttled per client address (AuthFailures)."""
+        address = request.client.host if request.client else "unknown"
+        self.auth_failures.check(address)
+        try:
+            return await self._authenticate(request)
+        except GatewayError as e:
+            if e.status == 401 and e.code != "missing_api_key":  # a token was offered, and it was wrong
+                self.auth_failures.failed(address, e, request.url.path)
+            raise
+
+    async def _authenticate(self, request: Request) -> Identity:
         token = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if is_master(token, self.settings.master_key):
             return Identity(key_id=MASTER, is_master=True)
