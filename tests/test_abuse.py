@@ -55,7 +55,7 @@ def abuse_stack(abuse_fakes: dict[str, FakeOpenAI], tmp_path_factory: pytest.Tem
                 ) -> Iterator[RunningStack]:
     cwd: Path = tmp_path_factory.mktemp("abuse-stack")
     caps = {"SWITCHYARD_MAX_TIMEOUT": MAX_TIMEOUT_S, "SWITCHYARD_MAX_IN_FLIGHT": MAX_IN_FLIGHT,
-            "SWITCHYARD_AUTH_FAILURE_LIMIT": AUTH_FAILURE_LIMIT}
+            "SWITCHYARD_AUTH_FAILURE_LIMIT": AUTH_FAILURE_LIMIT, "SWITCHYARD_BODY_TIMEOUT": 2}
     running = start_stack(cwd, _config(abuse_fakes), extra_env={k: str(v) for k, v in caps.items()})
     try:
         warm_up(running, "cheap")
@@ -225,3 +225,56 @@ def test_failed_authentications_are_throttled_per_address_and_logged_without_the
     log = ingress_log.read_text()
     assert "203.0.113.7" in log and "authentication failed" in log
     assert not any(token[len(KEY_PREFIX):][:12] in log for token in guesses), "a guessed token reached the log"
+
+
+# ---- input that must be a 400, and the HTTP surface ------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("temperature", "1.5"), ("max_tokens", "10"), ("n", "2"),
+                                         ("stream", "yes"), ("top_p", "0.5")])
+def test_numbers_and_booleans_sent_as_strings_are_400s_never_forwarded(
+        abuse_stack: RunningStack, abuse_fakes: dict[str, FakeOpenAI], field: str, value: str) -> None:
+    sent: dict[str, Any] = {field: value}
+    r = chat(abuse_stack, MASTER_KEY, "cheap", **sent)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert abuse_fakes["cheap"].calls() == []
+
+
+@pytest.mark.parametrize("path,method,body,param", [
+    ("/v1/keys", "POST", {"expires_in": "99999999999d"}, "expires_in"),
+    ("/v1/keys", "POST", {"rpm": 1099511627776}, "rpm"),
+    ("/v1/keys", "POST", {"budget_usd": 1e30}, "budget_usd"),
+    ("/v1/keys", "POST", {"alert_thresholds": [5, -1]}, "alert_thresholds[0]"),
+    ("/v1/budgets/team/t1", "PUT", {"budget_usd": 1e30}, "budget_usd"),
+    ("/v1/spend?since=99999999999d", "GET", None, "since"),
+])
+def test_out_of_range_admin_input_is_a_400_naming_the_field(abuse_stack: RunningStack, path: str, method: str,
+                                                             body: Any, param: str) -> None:
+    r = httpx.request(method, f"{abuse_stack.url}{path}", json=body, headers=abuse_stack.headers(), timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_api_answers_are_hardened(abuse_stack: RunningStack) -> None:
+    r = chat(abuse_stack, MASTER_KEY, "cheap")
+    assert r.status_code == 200
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+    assert "server" not in r.headers
+    huge = "m" * (1 << 20)
+    r = chat(abuse_stack, MASTER_KEY, huge)
+    assert r.status_code == 404 and len(r.text) < 2000, "the model name was echoed in full"
+    r = chat(abuse_stack, MASTER_KEY, "cheap", headers={"x-big": "v" * (1 << 20)})
+    assert r.status_code == 431, r.text
+    r = chat(abuse_stack, MASTER_KEY, "cheap", headers={f"x-h{i}": "1" for i in range(2000)})
+    assert r.status_code == 431, r.text
+    assert chat(abuse_stack, MASTER_KEY, "cheap").status_code == 200
+
+
+def test_a_body_shorter_than_its_content_length_is_a_408(abuse_stack: RunningStack) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", abuse_stack.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"authorization: Bearer " + MASTER_KEY.encode() + b"\r\ncontent-length: 1000\r\n\r\n{\"model\"")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]

@@ -36,6 +36,7 @@ from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
 from services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from services.ingress.hardening import HardeningMiddleware, echo
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
@@ -310,6 +311,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     openapi.install(app)
 
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HardeningMiddleware)  # outermost: bad headers never reach a route
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -395,14 +397,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                       stream: bool) -> InFlight:
         if gateway.config.group(model) is None:
-            raise GatewayError(404, f"The model '{model}' does not exist or you do not have access to it.",
+            raise GatewayError(404, f"The model '{echo(model)}' does not exist or you do not have access to it.",
                                param="model", code="model_not_found")
         if not identity.may_use(model):
-            raise GatewayError(403, f"This key may not use the model '{model}'.", param="model",
+            raise GatewayError(403, f"This key may not use the model '{echo(model)}'.", param="model",
                                code="model_not_allowed")
         for fallback in body.get("fallbacks") or []:
             if not identity.may_use(str(fallback)):
-                raise GatewayError(403, f"This key may not use the fallback model '{fallback}'.", param="fallbacks",
+                raise GatewayError(403, f"This key may not use the fallback model '{echo(str(fallback))}'.",
+                                   param="fallbacks",
                                    code="model_not_allowed")
         envelope = RequestEnvelope(
             id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]

@@ -158,8 +158,9 @@ def _special_fallback(group: ModelGroup | None, code: str | None) -> str | None:
 
 
 def retryable(record: AttemptRecord) -> bool:
-    """Connect errors (502), timeouts (408/504), 429 and 5xx: another attempt may succeed."""
-    return record.status in RETRYABLE_STATUSES
+    """Connect errors (502), timeouts (408/504), 429 and 5xx: another attempt may succeed. Not a provider
+    refusing the gateway's credentials (a 502 `upstream_auth_error`): they fail the same way again."""
+    return record.status in RETRYABLE_STATUSES and record.code != "upstream_auth_error"
 
 
 def chain(env: RequestEnvelope, config: GatewayConfig) -> tuple[list[ModelGroup], str | None]:
