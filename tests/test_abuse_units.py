@@ -7,7 +7,11 @@ every edge without Kafka.
 from __future__ import annotations
 
 import math
+import os
+import stat
+from pathlib import Path
 
+import orjson
 import pytest
 
 from services.ingress.admission import InFlightCap, timeout_s
@@ -16,6 +20,7 @@ from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import decide
 from shared import topics
 from shared.contracts import AttemptRecord, Reply, RequestEnvelope, now_ms
+from shared.devstack.supervisor import _write_stack
 from shared.errors import GatewayError
 from tests.test_routing import cfg, env_for
 
@@ -111,3 +116,15 @@ def test_a_slow_readers_stream_buffer_is_bounded() -> None:
     assert [r.type for r in replies] == ["chunk"] * 8 + ["error"]
     assert replies[-1].status == 503 and (replies[-1].data or {})["error"]["code"] == "stream_buffer_full"
     assert "retry-after" in replies[-1].headers
+
+
+def test_the_stack_file_is_never_readable_by_others(tmp_path: Path) -> None:
+    """It holds the master key: created 0600 before the key is written (even under a permissive umask)."""
+    path = tmp_path / ".switchyard" / "stack.json"
+    old = os.umask(0)
+    try:
+        _write_stack(path, {"master_key": "sk-secret"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert orjson.loads(path.read_bytes()) == {"master_key": "sk-secret"}
