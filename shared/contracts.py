@@ -92,6 +92,9 @@ class RequestEnvelope(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     route_headers: dict[str, str] = Field(default_factory=dict)
     """Request headers that routing rules look at (only those the config names; never credentials)."""
+    allowed_models: list[str] = Field(default_factory=list)
+    """The model groups the caller's key may use (empty: any). The router never leaves them: not by a
+    routing rule, a configured fallback, a request's `fallbacks` nor a context-window or policy switch."""
     # Set by the router.
     attempt: int = 0
     model_group: str | None = None

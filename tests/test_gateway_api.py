@@ -140,12 +140,15 @@ def test_oversized_body_is_413(stack: RunningStack) -> None:
     assert _error(r)["code"] == "body_too_large"
 
 
-def test_provider_auth_error_is_mapped_to_401(client: openai.OpenAI, fakes: Fakes) -> None:
-    fakes.faulty.inject(status=401, message="Incorrect API key provided: sk-faulty")
-    with pytest.raises(openai.AuthenticationError) as info:
+def test_provider_auth_error_is_a_generic_502(client: openai.OpenAI, fakes: Fakes) -> None:
+    """The gateway's own credentials were refused: the operator's problem, and the provider's text (a masked
+    key here; an account id or IAM role on Bedrock) is not the caller's to read."""
+    fakes.faulty.inject(status=401, message="Incorrect API key provided: sk-faul****ulty")
+    with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="faulty", messages=MSG)  # type: ignore[arg-type]
-    assert "Incorrect API key" in str(info.value)
-    assert len(fakes.faulty.calls()) == 1  # a 401 is not retried
+    assert info.value.status_code == 502 and info.value.code == "upstream_auth_error"
+    assert "sk-faul" not in str(info.value) and "Incorrect API key" not in str(info.value)
+    assert len(fakes.faulty.calls()) == 1  # not retried: the same credentials fail again
 
 
 def test_provider_context_length_is_400_with_code(client: openai.OpenAI, fakes: Fakes) -> None:

@@ -26,20 +26,22 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.ingress import anthropic_api, completions, openapi
 from services.ingress.admin import add_admin_routes
-from services.ingress.auth import MASTER, Identity, bearer_token, is_master
+from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
+from services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from services.ingress.hardening import HardeningMiddleware, echo
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
 from services.ingress.replies import Pending, ReplyListener
-from services.ingress.responses import error_response, header_value, json_response, safe_headers
+from services.ingress.responses import SettlingStream, error_response, header_value, json_response, safe_headers
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
 from shared import topics
 from shared.config import GatewayConfig, Settings
@@ -73,6 +75,9 @@ class Gateway:
         self._request_engine: AsyncEngine | None = None
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
+        self.in_flight = InFlightCap()
+        self.auth_failures = AuthFailures()
+        self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -160,6 +165,7 @@ class Gateway:
                             await self.key_store().apply(KeyEvent.model_validate_json(record.value))
                         except Exception:
                             log.exception("could not apply key event")
+                self.key_store().note_poll()
         finally:
             await consumer.stop()
 
@@ -167,6 +173,17 @@ class Gateway:
         await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
 
     async def authenticate(self, request: Request) -> Identity:
+        """The caller's identity; failures are counted and throttled per client address (AuthFailures)."""
+        address = request.client.host if request.client else "unknown"
+        self.auth_failures.check(address)
+        try:
+            return await self._authenticate(request)
+        except GatewayError as e:
+            if e.status == 401 and e.code != "missing_api_key":  # a token was offered, and it was wrong
+                self.auth_failures.failed(address, e, request.url.path)
+            raise
+
+    async def _authenticate(self, request: Request) -> Identity:
         token = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if is_master(token, self.settings.master_key):
             return Identity(key_id=MASTER, is_master=True)
@@ -179,7 +196,16 @@ class Gateway:
             raise GatewayError(403, "This endpoint needs the master key.", code="forbidden")
 
     async def admit(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
-        """Apply the key's limits; returns the token estimate to correct later. Headers go on the response."""
+        """Apply the replica's and the key's limits; returns the token estimate to correct later. Headers go on
+        the response. Whatever it takes is given back by exactly one `finish` (and nothing when it raises)."""
+        self.in_flight.enter()
+        try:
+            return await self._admit_key(request, identity, body)
+        except BaseException:
+            self.in_flight.leave()
+            raise
+
+    async def _admit_key(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
         if self.limiter is None or identity.is_master:
             return 0
         headers: dict[str, str] = request.state.extra_headers
@@ -196,6 +222,7 @@ class Gateway:
         return estimate
 
     def finish(self, identity: Identity, estimate: int, actual_tokens: int | None) -> None:
+        self.in_flight.leave()
         if self.limiter is None or identity.is_master:
             return
         self.limiter.leave(identity.key_id)
@@ -208,16 +235,8 @@ class Gateway:
         return {name: request.headers[name] for name in names if name in request.headers}
 
     def deadline_ms(self, request: Request) -> int:
-        timeout = DEFAULT_TIMEOUT_S
-        header = request.headers.get(topics.HEADER_TIMEOUT)
-        if header:
-            try:
-                timeout = float(header)
-            except ValueError:
-                raise GatewayError(400, f"{topics.HEADER_TIMEOUT} must be a number of seconds",
-                                   param=topics.HEADER_TIMEOUT) from None
-            if timeout <= 0:
-                raise GatewayError(400, f"{topics.HEADER_TIMEOUT} must be positive", param=topics.HEADER_TIMEOUT)
+        """Now plus `x-switchyard-timeout` (else the default), capped by SWITCHYARD_MAX_TIMEOUT; 400 when bad."""
+        timeout = timeout_s(request.headers.get(topics.HEADER_TIMEOUT), DEFAULT_TIMEOUT_S, self.max_timeout_s)
         return now_ms() + int(timeout * 1000)
 
     async def submit(self, envelope: RequestEnvelope) -> Pending:
@@ -292,6 +311,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     openapi.install(app)
 
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HardeningMiddleware)  # outermost: bad headers never reach a route
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -377,22 +397,23 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                       stream: bool) -> InFlight:
         if gateway.config.group(model) is None:
-            raise GatewayError(404, f"The model '{model}' does not exist or you do not have access to it.",
+            raise GatewayError(404, f"The model '{echo(model)}' does not exist or you do not have access to it.",
                                param="model", code="model_not_found")
         if not identity.may_use(model):
-            raise GatewayError(403, f"This key may not use the model '{model}'.", param="model",
+            raise GatewayError(403, f"This key may not use the model '{echo(model)}'.", param="model",
                                code="model_not_allowed")
         for fallback in body.get("fallbacks") or []:
             if not identity.may_use(str(fallback)):
-                raise GatewayError(403, f"This key may not use the fallback model '{fallback}'.", param="fallbacks",
+                raise GatewayError(403, f"This key may not use the fallback model '{echo(str(fallback))}'.",
+                                   param="fallbacks",
                                    code="model_not_allowed")
-        estimate = await gateway.admit(request, identity, body)
         envelope = RequestEnvelope(
             id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
             reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
-            route_headers=gateway.route_headers(request),
+            route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
         )
+        estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
         call = InFlight(envelope, identity, estimate)
         try:
             call.pending = await gateway.submit(envelope)
@@ -408,6 +429,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         except TimeoutError:
             _settle(call, None)
             raise timeout_error() from None
+        except BaseException:  # cancelled (the client went away, shutdown): release all the same
+            _settle(call, None)
+            raise
         if reply.type == "error":
             _settle(call, None)
             raise GatewayError.from_body(reply.status, reply.data, reply.headers)
@@ -416,7 +440,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         return reply
 
     def _settle(call: InFlight, last: Reply | None) -> None:
-        """The request is over: stop listening, release its limits, correct the token estimate."""
+        """The request is over: stop listening, release its limits, correct the token estimate. Once only."""
+        if call.settled:
+            return
+        call.settled = True
         gateway.replies.unregister(call.envelope.id)
         usage = (last.data or {}).get("usage") if last is not None else None
         gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
@@ -454,7 +481,8 @@ def create_app(gateway: Gateway) -> FastAPI:
                     yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+        return SettlingStream(relay(), lambda: _settle(call, None), media_type="text/event-stream",
+                              headers={**headers, **SSE_HEADERS})
 
     @app.post("/v1/messages", openapi_extra=json_body("AnthropicMessagesRequest"))
     async def anthropic_messages(request: Request) -> Response:
@@ -489,7 +517,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             for event, data in translator.finish():
                 yield anthropic_api.format_sse(event, data)
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
+        return SettlingStream(relay(), lambda: _settle(call, None), media_type="text/event-stream",
+                              headers={**headers, **SSE_HEADERS})
 
     @app.post("/v1/messages/count_tokens", openapi_extra=json_body("AnthropicCountTokensRequest"))
     async def anthropic_count_tokens(request: Request) -> Response:
@@ -519,6 +548,7 @@ class InFlight:
     identity: Identity
     estimate: int
     pending: Pending = field(default_factory=Pending)
+    settled: bool = False
 
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

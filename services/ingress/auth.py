@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import hmac
+import logging
+import os
+import time
 from dataclasses import dataclass, field
 
 from shared.errors import GatewayError
+
+log = logging.getLogger("switchyard.ingress.auth")
 
 
 @dataclass
@@ -38,3 +43,48 @@ def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str
 
 def is_master(token: str, master_key: str) -> bool:
     return bool(master_key) and hmac.compare_digest(token.encode(), master_key.encode())
+
+
+AUTH_FAILURES_METRIC = "switchyard_auth_failures_total"
+"""Failed authentications on one ingress replica (counter; `AuthFailures.total`)."""
+AUTH_FAILURE_LIMIT_ENV = "SWITCHYARD_AUTH_FAILURE_LIMIT"
+AUTH_WINDOW_S = 60.0
+MAX_TRACKED_ADDRESSES = 100_000
+
+
+class AuthFailures:
+    """Failed authentications per client address, refused past `limit` a minute (SWITCHYARD_AUTH_FAILURE_LIMIT,
+    default 30) with a 429 `too_many_auth_failures` until the minute ends: a caller guessing keys gets a few
+    dozen guesses a minute, whatever its rate. Every failure is counted (`total`); the first failure of an
+    address in a minute, and its throttling, are logged with the address and the reason, never the token.
+    The table of addresses is bounded (MAX_TRACKED_ADDRESSES); when full, it restarts empty.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit if limit is not None else int(os.environ.get(AUTH_FAILURE_LIMIT_ENV) or 30)
+        self.total = 0
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def _current(self, address: str, now: float) -> tuple[float, int]:
+        start, count = self._windows.get(address, (now, 0))
+        return (now, 0) if now - start >= AUTH_WINDOW_S else (start, count)
+
+    def check(self, address: str, now: float | None = None) -> None:
+        """Raises the 429 while `address` is over its failures for this minute."""
+        now = time.time() if now is None else now
+        start, count = self._current(address, now)
+        if count >= self.limit:
+            raise GatewayError(429, "Too many failed authentications from this address; try again later.",
+                               code="too_many_auth_failures", retry_after_s=max(1.0, start + AUTH_WINDOW_S - now))
+
+    def failed(self, address: str, err: GatewayError, path: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.total += 1
+        start, count = self._current(address, now)
+        if len(self._windows) >= MAX_TRACKED_ADDRESSES and address not in self._windows:
+            self._windows.clear()
+        self._windows[address] = (start, count + 1)
+        if count == 0 or count + 1 == self.limit:
+            log.warning("authentication failed" if count == 0 else "throttling an address that keeps failing "
+                        "authentication", extra={"client": address, "path": path, "code": err.code,
+                                                 "failures": count + 1})

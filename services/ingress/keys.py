@@ -3,17 +3,23 @@
 The hot path never reads the database: keys are loaded in the background (retried with
 backoff until PostgreSQL answers), refreshed every `REFRESH_S`, and changed within
 milliseconds through `llm.keys` events (revocations, updates, budget blocks) that every
-replica consumes. An unknown key is looked up once and remembered as unknown for a few seconds.
+replica consumes. Once the keys are loaded, the cache is the whole truth: a token that is not in it is
+refused without a database query (a key is only ever created through PostgreSQL, and its `created` event
+reaches every replica within milliseconds): the refusal waits only until this replica has read `llm.keys` up to
+the moment the request arrived (two polls of it, `CATCH_UP_S` at most), so a key created on another replica
+works here at once, and random tokens cost PostgreSQL nothing. Until the keys are loaded, an
+unknown key is looked up once and remembered as unknown for a few seconds.
 
 Without PostgreSQL, keys already in the cache keep working (revocation, expiry and budget
 blocks are checked in memory); a key that cannot be checked (the cache is not loaded yet,
-or the key is not in it) gets a 503 `keys_unavailable` with Retry-After, never a 401: it
-may well be valid.
+a key that cannot be checked (the cache is not loaded yet) gets a 503 `keys_unavailable` with
+Retry-After, never a 401: it may well be valid.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -42,6 +48,8 @@ KEY_PREFIX = "sk-sy-"
 REFRESH_S = 10.0
 NEGATIVE_TTL_S = 5.0
 LOOKUP_TIMEOUT_S = 3.0
+CATCH_UP_S = 2.5
+"""The longest a token unknown to the loaded keys waits for `llm.keys` to be read up to its arrival."""
 """Bound on a request-path key lookup (the engine's own connect/command timeouts come first)."""
 
 
@@ -209,6 +217,9 @@ class KeyStore:
         """scope ("key:ID", "team:T", "project:P") -> (blocked until epoch seconds, reason)."""
         self._unknown: dict[str, float] = {}
         self.loaded_at = 0.0
+        self.polls = 0
+        """How many times the follower of `llm.keys` has polled it (0: nobody follows it in this process)."""
+        self._polled = asyncio.Event()
         self.outage = DatabaseOutage(log, "virtual keys", "keys already loaded keep working; other keys get 503 "
                                      "keys_unavailable until it answers")
 
@@ -278,11 +289,32 @@ class KeyStore:
         elif event.action == "budget_reset":
             self.blocked.pop(event.key_id, None)
 
+    def note_poll(self) -> None:
+        """The follower of `llm.keys` has applied everything one poll returned."""
+        self.polls += 1
+        polled, self._polled = self._polled, asyncio.Event()
+        polled.set()
+
+    async def _caught_up(self) -> None:
+        """Wait until `llm.keys` has been polled twice since now (a poll under way may predate a new event)."""
+        if not self.polls:
+            return
+        target = self.polls + 2
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CATCH_UP_S):
+                while self.polls < target:
+                    await self._polled.wait()
+
     # ---- authentication ---------------------------------------------------------------------
 
     async def authenticate(self, token: str) -> KeyRecord:
         key_hash = hash_key(self.secret, token)
         record = self.by_hash.get(key_hash)
+        if record is None and self.loaded:
+            await self._caught_up()
+            record = self.by_hash.get(key_hash)
+            if record is None:
+                raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
         if record is None:
             if self._unknown.get(key_hash, 0) > time.time():
                 raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -25,4 +25,5 @@ def run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     gateway = Gateway(settings, config, reply_partition_from_env(args.reply_partition))
     uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools", timeout_graceful_shutdown=10)
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
+                server_header=False)

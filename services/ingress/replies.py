@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
@@ -18,6 +19,11 @@ from shared.errors import GatewayError
 from shared.kafka import make_consumer, start_client, topic_partitions
 
 log = logging.getLogger("switchyard.ingress.replies")
+
+STREAM_BUFFER_ENV = "SWITCHYARD_STREAM_BUFFER"
+STREAM_BUFFER = int(os.environ.get(STREAM_BUFFER_ENV) or 1024)
+"""The most replies one caller may leave unread: a client reading slower than its stream arrives has its
+stream ended with a 503 `stream_buffer_full` error instead of growing this process's memory."""
 
 
 class Pending:
@@ -30,7 +36,8 @@ class Pending:
     a stream it interrupted ends with an error rather than with another generation's text.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit or STREAM_BUFFER
         self.queue: asyncio.Queue[Reply] = asyncio.Queue()
         self.attempt = 0
         self.next_seq = 0
@@ -65,12 +72,21 @@ class Pending:
         """Queue a reply for the caller; a message of several stream chunks becomes one reply per chunk."""
         if reply.type in ("response", "end", "error"):
             self.finished = True
+        elif self.queue.qsize() >= self.limit:
+            reply, self.finished = _overflowed(reply), True
         self.queue.put_nowait(reply)
         for chunk in reply.chunks:
             self.queue.put_nowait(reply.model_copy(update={"data": chunk, "chunks": [], "headers": {}}))
 
     async def next(self, timeout_s: float) -> Reply:
         return await asyncio.wait_for(self.queue.get(), timeout=max(0.0, timeout_s))
+
+
+def _overflowed(reply: Reply) -> Reply:
+    err = GatewayError(503, f"the client read this stream too slowly: more than {STREAM_BUFFER} messages were "
+                            "waiting for it, so the gateway ended it", code="stream_buffer_full", retry_after_s=1)
+    return Reply(id=reply.id, attempt=reply.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
+                 data=err.body(), headers=err.response_headers(), custom_id=reply.custom_id)
 
 
 def _interrupted(reply: Reply) -> Reply:

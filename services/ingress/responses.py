@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import orjson
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from shared import topics
 from shared.errors import GatewayError
@@ -39,3 +40,19 @@ def error_response(err: GatewayError, request_id: str | None = None) -> Response
     if request_id:
         headers[topics.HEADER_REQUEST_ID] = request_id
     return json_response(err.body(), err.status, headers)
+
+
+class SettlingStream(StreamingResponse):
+    """A streaming response that calls `on_close` once it is over, however it ends: sent in full, the client
+    gone before its first byte or midway, or cancelled. Its body generator alone cannot promise that: one
+    never started runs no `finally`, and one abandoned midway runs it only when garbage-collected."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()

@@ -79,7 +79,8 @@ def rule_matches(rule: RouteRule, env: RequestEnvelope) -> bool:
     if rule.models and env.model not in rule.models:
         return False
     body_meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    meta = {**env.metadata, **{k: str(v) for k, v in (body_meta or {}).items()}}
+    # The key's own metadata wins: a caller cannot claim another tier, team or project in its body.
+    meta = {**{k: str(v) for k, v in (body_meta or {}).items()}, **env.metadata}
     if any(meta.get(k) != v for k, v in rule.metadata.items()):
         return False
     if any(env.route_headers.get(k.lower()) != v for k, v in rule.headers.items()):
@@ -100,10 +101,19 @@ def rule_matches(rule: RouteRule, env: RequestEnvelope) -> bool:
     return True
 
 
+def allowed(env: RequestEnvelope, group: str) -> bool:
+    """The request's key may use `group` (a key without a model list may use any)."""
+    return not env.allowed_models or group in env.allowed_models
+
+
 def first_group(env: RequestEnvelope, config: GatewayConfig) -> tuple[str, str | None]:
-    """The model group for a request (the first matching rule's target, else the requested model) and the rule."""
+    """The model group for a request (the first matching rule's target, else the requested model) and the rule.
+
+    A rule whose target the key may not use does not apply to that key: matching it would hand the
+    key another group's deployments (and credentials) that it was never given.
+    """
     for i, rule in enumerate(config.routing_rules):
-        if rule_matches(rule, env):
+        if allowed(env, rule.route_to) and rule_matches(rule, env):
             return rule.route_to, rule.name or f"rule[{i}]"
     return env.model, None
 
@@ -127,11 +137,12 @@ def _request_fallbacks(env: RequestEnvelope) -> list[str]:
     return [f for f in env.body.get("fallbacks") or [] if isinstance(f, str)]
 
 
-def _groups(config: GatewayConfig, names: list[str]) -> list[ModelGroup]:
+def _groups(config: GatewayConfig, names: list[str], env: RequestEnvelope) -> list[ModelGroup]:
+    """The groups named, once each, leaving out those the request's key may not use."""
     out: list[ModelGroup] = []
     for name in names:
         g = config.group(name)
-        if g is not None and g not in out:
+        if g is not None and g not in out and allowed(env, g.name):
             out.append(g)
     return out
 
@@ -147,8 +158,9 @@ def _special_fallback(group: ModelGroup | None, code: str | None) -> str | None:
 
 
 def retryable(record: AttemptRecord) -> bool:
-    """Connect errors (502), timeouts (408/504), 429 and 5xx: another attempt may succeed."""
-    return record.status in RETRYABLE_STATUSES
+    """Connect errors (502), timeouts (408/504), 429 and 5xx: another attempt may succeed. Not a provider
+    refusing the gateway's credentials (a 502 `upstream_auth_error`): they fail the same way again."""
+    return record.status in RETRYABLE_STATUSES and record.code != "upstream_auth_error"
 
 
 def chain(env: RequestEnvelope, config: GatewayConfig) -> tuple[list[ModelGroup], str | None]:
@@ -160,11 +172,14 @@ def chain(env: RequestEnvelope, config: GatewayConfig) -> tuple[list[ModelGroup]
     root = config.group(name)
     if root is None:
         raise GatewayError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+    if not allowed(env, root.name):  # ingress refuses this first; a batch producer's envelope may not
+        raise GatewayError(403, f"This key may not use the model '{name}'.", param="model",
+                           code="model_not_allowed")
     tokens = estimate_input_tokens(env.body)
-    if root.context_window_fallback and _too_small(root, tokens):
+    if root.context_window_fallback and allowed(env, root.context_window_fallback) and _too_small(root, tokens):
         # Decided before calling: the prompt cannot fit any deployment of this group.
         root = config.group(root.context_window_fallback) or root
-    groups = _groups(config, [root.name, *root.fallbacks, *_request_fallbacks(env)])
+    groups = _groups(config, [root.name, *root.fallbacks, *_request_fallbacks(env)], env)
 
     group_of = {d.id: g.name for g in config.models for d in g.deployments}
     for i, record in enumerate(env.history):
@@ -174,11 +189,11 @@ def chain(env: RequestEnvelope, config: GatewayConfig) -> tuple[list[ModelGroup]
         target = _special_fallback(failed_in, record.code)
         tried = {group_of.get(h.deployment) for h in env.history[: i + 1]}
         target_group = config.group(target) if target else None
-        if target_group is None or target_group.name in tried:
+        if target_group is None or target_group.name in tried or not allowed(env, target_group.name):
             if i == len(env.history) - 1:
                 raise final_error(env)
             continue
-        groups = _groups(config, [target_group.name, *target_group.fallbacks, *_request_fallbacks(env)])
+        groups = _groups(config, [target_group.name, *target_group.fallbacks, *_request_fallbacks(env)], env)
     return groups, rule
 
 

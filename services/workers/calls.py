@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,30 @@ def _transport_error(exc: Exception, provider: str) -> GatewayError:
                             code="upstream_timeout", retryable=True)
     return GatewayError(502, f"{provider}: upstream connection failed ({type(exc).__name__})",
                         code="upstream_connection_error", retryable=True)
+
+
+UPSTREAM_AUTH_ERROR = "upstream_auth_error"
+_SECRETS = re.compile(r"(sk|pk|rk|key|AKIA|ASIA)[-_*A-Za-z0-9]{6,}|arn:aws[-a-z]*:[^\s\"',]+|\b\d{12}\b|"
+                      r"AIza[-_A-Za-z0-9]{10,}")
+
+
+def redact(text: str) -> str:
+    """`text` with what looks like a key, an AWS account id or an ARN replaced by `[redacted]`."""
+    return _SECRETS.sub("[redacted]", text)
+
+
+def for_caller(err: GatewayError, provider: str, deployment: str) -> GatewayError:
+    """The error a caller may see. A provider refusing the gateway's own credentials (401, 403) is the
+    operator's problem, and its text can show a masked key, an account id or an IAM role: the caller gets a
+    generic 502 `upstream_auth_error` (not retried: the same credentials fail again), the operator's log the
+    provider's words, redacted."""
+    if err.status not in (401, 403):
+        return err
+    log.warning("the provider refused the deployment's credentials", extra={
+        "provider": provider, "deployment": deployment, "status": err.status, "code": err.code,
+        "error": redact(err.message)[:500]})
+    return GatewayError(502, f"The gateway could not authenticate with the provider of this model ({provider}); "
+                        "the operator has been told.", type="api_error", code=UPSTREAM_AUTH_ERROR, retryable=False)
 
 
 async def call(

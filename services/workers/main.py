@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from services.workers.calls import CallFailed, CallResult, call, make_client
+from services.workers.calls import CallFailed, CallResult, call, for_caller, make_client
 from services.workers.chunks import ChunkStream
 from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
@@ -320,6 +320,7 @@ class Worker:
             self.pacer.observe_failure(dep, lease, failed.error)
             acks.append(self._usage(started, None, failed))
             acks.append(self._event(env, dep, None, failed))
+            failed.error = for_caller(failed.error, dep.provider, dep.id)
             if failed.chunks_sent == 0 and failed.error.status == 429 and (
                     env.priority == "batch" or self.pacer.any_key_free(dep)):
                 return acks, True

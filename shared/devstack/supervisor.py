@@ -235,8 +235,11 @@ async def _prepare(bootstrap: str, database_url: str, wanted: dict[str, int]) ->
 def _write_stack(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-    tmp.chmod(0o600)  # holds the master key
+    tmp.unlink(missing_ok=True)  # O_EXCL below: never write into a file someone else opened or linked
+    # Created 0600, before a byte is written: it holds the master key, readable by no one else at any moment.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
     tmp.replace(path)
 
 
