@@ -22,8 +22,10 @@ from shared.db import make_engine
 from shared.devstack.demo_provider import completion_for, stream_events
 from shared.errors import GatewayError
 from tests.conftest import Fakes
-from tests.fakes.server import FakeProvider
-from tests.stack import RunningStack
+from tests.fakes.server import FakeProvider, free_port
+from tests.stack import MASTER_KEY, RunningStack
+from tests.test_ingress_without_database import Spawn, assert_unavailable
+from tests.test_ingress_without_database import spawn as spawn  # noqa: F401  (the fixture)
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 TOOL: Any = {"type": "function", "name": "get_weather", "description": "Weather for a city",
@@ -402,3 +404,22 @@ async def test_usage_and_spend_are_recorded_like_chat(stack: RunningStack) -> No
     assert rows[0]["prompt_tokens"] == body["usage"]["input_tokens"]
     assert rows[0]["completion_tokens"] == body["usage"]["output_tokens"]
     assert rows[0]["model_group"] == "gpt-test" and rows[0]["cost_usd"] > 0
+
+
+def test_without_postgresql_answers_are_still_served_and_say_they_were_not_stored(spawn: Spawn) -> None:
+    ingress = spawn(f"postgresql://switchyard@127.0.0.1:{free_port()}/switchyard")  # nothing listens there
+    master = {"authorization": f"Bearer {MASTER_KEY}"}
+    r = httpx.post(f"{ingress.url}/v1/responses", headers=master, timeout=60,
+                   json={"model": "gpt-test", "input": "not stored"})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"][0]["text"] == "Echo: not stored" and r.json()["store"] is False
+    streamed = httpx.post(f"{ingress.url}/v1/responses", headers=master, timeout=60,
+                          json={"model": "gpt-test", "input": "not stored", "stream": True})
+    last = orjson.loads(streamed.text.strip().split("\n")[-1].removeprefix("data: "))
+    assert last["type"] == "response.completed" and last["response"]["store"] is False
+    rid = r.json()["id"]
+    assert_unavailable(httpx.get(f"{ingress.url}/v1/responses/{rid}", headers=master, timeout=60),
+                       "database_unavailable")
+    assert_unavailable(httpx.post(f"{ingress.url}/v1/responses", headers=master, timeout=60, json={
+        "model": "gpt-test", "input": "more", "previous_response_id": rid}), "database_unavailable")
+    assert ingress.proc.poll() is None
