@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import text
 
 from services.ingress import responses_api as api
+from services.ingress import responses_output as out
 from services.ingress.responses_stream import ResponseStream
 from services.ingress.validation import ChatCompletionRequest, validate
 from shared.db import make_engine
@@ -119,27 +120,27 @@ def test_bad_requests_are_400s_naming_the_parameter(body: dict[str, Any], param:
 
 def test_a_chat_completion_becomes_a_response_the_sdk_parses() -> None:
     body = {"model": "gpt-test", "input": "hello", "metadata": {"a": "b"}, "tools": [TOOL]}
-    answer = api.from_chat_completion(completion_for({"messages": [{"role": "user", "content": "hello"}]}), body,
+    answer = out.from_chat_completion(completion_for({"messages": [{"role": "user", "content": "hello"}]}), body,
                                       "resp_1")
     parsed = Response.model_validate(answer)
     assert parsed.id == "resp_1" and parsed.status == "completed" and parsed.output_text == "Echo: hello"
     assert parsed.model == "gpt-test" and parsed.metadata == {"a": "b"} and parsed.to_dict()["store"] is True
     assert parsed.usage is not None and parsed.usage.input_tokens > 0 and parsed.usage.output_tokens > 0
     assert parsed.usage.total_tokens == parsed.usage.input_tokens + parsed.usage.output_tokens
-    call = api.from_chat_completion(completion_for({"messages": [{"role": "user", "content": "hi"}],
+    call = out.from_chat_completion(completion_for({"messages": [{"role": "user", "content": "hi"}],
                                                     "tools": [{"type": "function", "function": {"name": "f"}}]}),
                                     body, "resp_2")
     item = Response.model_validate(call).output[0]
     assert item.type == "function_call" and item.name == "f" and orjson.loads(item.arguments) == {"query": "hi"}
     cut = completion_for({"messages": [{"role": "user", "content": "a b c d"}], "max_tokens": 2})
     cut["choices"][0]["finish_reason"] = "length"
-    incomplete = Response.model_validate(api.from_chat_completion(cut, body, "resp_3"))
+    incomplete = Response.model_validate(out.from_chat_completion(cut, body, "resp_3"))
     assert incomplete.status == "incomplete" and incomplete.incomplete_details is not None
     assert incomplete.incomplete_details.reason == "max_output_tokens"
 
 
 def _stream(chat_body: dict[str, Any], body: dict[str, Any]) -> list[dict[str, Any]]:
-    translator = ResponseStream(api.skeleton("resp_s", body))
+    translator = ResponseStream(out.skeleton("resp_s", body))
     events = [e for chunk in stream_events({**chat_body, "stream_options": {"include_usage": True}})
               for e in translator.feed(chunk)]
     return events + translator.finish()
@@ -175,7 +176,7 @@ def test_a_streamed_tool_call_sends_argument_deltas_then_done() -> None:
 
 
 def test_a_failure_mid_stream_ends_with_response_failed() -> None:
-    translator = ResponseStream(api.skeleton("resp_f", {"model": "m", "input": "x"}))
+    translator = ResponseStream(out.skeleton("resp_f", {"model": "m", "input": "x"}))
     events = translator.feed({"choices": [{"index": 0, "delta": {"content": "partial"}}]})
     events += translator.fail(GatewayError(502, "upstream cut the stream"))
     assert translator.finish() == []  # one terminal event only

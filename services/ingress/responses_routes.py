@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from services.ingress import responses_api as api
+from services.ingress import responses_output as out
 from services.ingress.anthropic_api import format_sse
 from services.ingress.auth import Identity
 from services.ingress.openapi import json_body
@@ -100,7 +101,7 @@ def add_responses_routes(app: FastAPI, gateway: Any, pipeline: Pipeline) -> None
         body = api.to_chat_request(raw, history)
         _validate_chat(body)
         model, stream = str(raw["model"]), bool(raw.get("stream"))
-        rid = api.response_id(request.state.request_id)
+        rid = out.response_id(request.state.request_id)
         call = await pipeline.submit(request, identity, body, model, "chat", stream)
         first = await pipeline.first(call)
         headers = pipeline.headers(first, request.state.request_id)
@@ -108,11 +109,11 @@ def add_responses_routes(app: FastAPI, gateway: Any, pipeline: Pipeline) -> None
         if dropped:
             headers[topics.HEADER_DROPPED_PARAMS] = header_value(",".join(dropped))
         if not stream:
-            answer = api.from_chat_completion(first.data or {}, raw, rid)
+            answer = out.from_chat_completion(first.data or {}, raw, rid)
             return json_response(await keep(identity, raw, answer), 200, headers)
 
         async def relay() -> AsyncIterator[bytes]:
-            translator = ResponseStream(api.skeleton(rid, raw))
+            translator = ResponseStream(out.skeleton(rid, raw))
             async for reply in pipeline.rest(call, first):
                 if reply.type == "chunk":
                     events = translator.feed(reply.data or {})

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.ingress import responses_api as api
+from services.ingress import responses_output as out
 from shared.errors import GatewayError
 
 Event = dict[str, Any]
@@ -80,7 +80,7 @@ class ResponseStream:
     def _text(self, kind: str, delta: str) -> list[Event]:
         events = self._close_call()
         if self._message is None:
-            self._message = {"id": api.new_id("msg"), "type": "message", "status": "in_progress",
+            self._message = {"id": out.new_id("msg"), "type": "message", "status": "in_progress",
                              "role": "assistant", "content": []}
             self.output.append(self._message)
             events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
@@ -88,7 +88,7 @@ class ResponseStream:
         message = self._message
         if self._part is None or self._part["type"] != kind:
             events += self._close_part()
-            self._part = api.text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+            self._part = out.text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
             message["content"].append(self._part)
             events.append(self._event("response.content_part.added", item_id=message["id"],
                                       output_index=self._index(message), content_index=len(message["content"]) - 1,
@@ -125,7 +125,7 @@ class ResponseStream:
         call = self._calls.get(index)
         if call is None:
             events += self._close_message() + self._close_call()
-            call = api.function_call_item(api.new_id("fc"), delta.get("id") or api.new_id("call"),
+            call = out.function_call_item(out.new_id("fc"), delta.get("id") or out.new_id("call"),
                                           fn.get("name") or "", "", status="in_progress")
             self._calls[index] = call
             self._open_call = call
@@ -166,7 +166,7 @@ class ResponseStream:
         if self.final is not None:
             return []
         events = self._start() + self._close_message() + self._close_call()
-        self.final = api.finished(self.response, self.output, self._usage, self._finish)
+        self.final = out.finished(self.response, self.output, self._usage, self._finish)
         return events + [self._event("response.completed", response=self.final)]
 
     def fail(self, err: GatewayError) -> list[Event]:
@@ -174,5 +174,5 @@ class ResponseStream:
         if self.final is not None:
             return []
         events = self._start()
-        self.final = api.failed({**self.response, "output": self.output}, err)
+        self.final = out.failed({**self.response, "output": self.output}, err)
         return events + [self._event("response.failed", response=self.final)]
