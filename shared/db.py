@@ -129,8 +129,9 @@ def make_engine(url: str, pool_size: int = 5, *, connect_timeout_s: float = 60.0
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def upgrade_blocking(url: str, revision: str = "head") -> None:
-    """Run alembic migrations up to `revision` (blocking; call from a thread inside async code)."""
+def upgrade_blocking(url: str, revision: str = "heads") -> None:
+    """Run alembic migrations up to `revision` (blocking; call from a thread inside async code). The default,
+    every head, also applies migrations that branches added side by side on the same parent."""
     from alembic import command
     from alembic.config import Config
 

@@ -53,6 +53,8 @@ ROUTES = [
     "POST /v1/embeddings", "POST /v1/messages", "POST /v1/messages/count_tokens", "GET /v1/keys", "POST /v1/keys",
     "GET /v1/keys/{key_id}", "PATCH /v1/keys/{key_id}", "DELETE /v1/keys/{key_id}", "POST /v1/keys/{key_id}/revoke",
     "PUT /v1/budgets/{scope}/{scope_id}", "GET /v1/spend",
+    "POST /v1/responses", "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
+    "GET /v1/responses/{response_id}/input_items",
 ]
 """Every public operation: the served document must list exactly these (a new route must be added here)."""
 

@@ -42,6 +42,7 @@ from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.responses import SettlingStream, error_response, header_value, json_response, safe_headers
+from services.ingress.responses_routes import Pipeline, add_responses_routes
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
 from shared import topics
 from shared.config import GatewayConfig, Settings
@@ -530,6 +531,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             return _anthropic_error(e, request_id)
         return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})
 
+    add_responses_routes(app, gateway, Pipeline(_submit, _first, _rest, _reply_headers, SSE_HEADERS, _settle))
     return app
 
 

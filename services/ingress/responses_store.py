@@ -1,0 +1,134 @@
+"""Stored Responses API answers in PostgreSQL: shared by every ingress replica, kept across restarts.
+
+A row holds the response object, its input items (for `GET /v1/responses/{id}/input_items`) and its
+turn: the chat messages this request added (its input and the answer, never the instructions). A
+`previous_response_id` continuation reads the whole chain of turns in one recursive query, so each row
+stays the size of one turn however long the conversation grows.
+
+Visibility: a response is seen (read, continued, deleted) only by the key that made it or by a key of
+the same team; for anyone else it does not exist (404, as OpenAI answers for another project's id).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Table, Text, and_, delete, insert, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from services.ingress.auth import Identity
+from services.ingress.database import database_errors_as_503
+from shared.db import metadata
+from shared.errors import GatewayError
+
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("key_id", Text, nullable=False),
+    Column("team", Text),
+    Column("previous_id", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("response", JSONB, nullable=False),
+    Column("input_items", JSONB, nullable=False),
+    Column("turn", JSONB, nullable=False),
+)
+
+MAX_CHAIN = 1000
+"""The longest previous_response_id chain followed (a longer one is refused, never read unbounded)."""
+
+_CHAIN = text("""
+WITH RECURSIVE chain(id, previous_id, turn, depth) AS (
+    SELECT id, previous_id, turn, 0 FROM responses WHERE id = :id
+  UNION ALL
+    SELECT r.id, r.previous_id, r.turn, c.depth + 1 FROM responses r JOIN chain c ON r.id = c.previous_id
+    WHERE c.depth < :max_depth
+)
+SELECT previous_id, turn, depth FROM chain ORDER BY depth DESC
+""")
+
+
+def not_found(rid: str, param: str | None = None) -> GatewayError:
+    return GatewayError(404, f"Response with id '{rid}' not found.", type="invalid_request_error", param=param,
+                        code="response_not_found" if param else None)
+
+
+def _team(identity: Identity) -> str | None:
+    return None if identity.is_master else identity.metadata.get("team") or None
+
+
+def _visible(identity: Identity) -> ColumnElement[bool]:
+    team = _team(identity)
+    mine = responses.c.key_id == identity.key_id
+    return or_(mine, responses.c.team == team) if team else mine
+
+
+class ResponseStore:
+    """Reads and writes of stored responses; PostgreSQL failures become 503s (`database_errors_as_503`)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def save(self, identity: Identity, response: dict[str, Any], input_items: list[dict[str, Any]],
+                   turn: list[dict[str, Any]]) -> None:
+        row = {"id": response["id"], "key_id": identity.key_id, "team": _team(identity),
+               "previous_id": response.get("previous_response_id"),
+               "created_at": datetime.fromtimestamp(response["created_at"], UTC), "response": response,
+               "input_items": input_items, "turn": turn}
+        with database_errors_as_503("Storing a response"):
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(responses).values(**row))
+
+    async def get(self, identity: Identity, rid: str) -> dict[str, Any]:
+        return dict(await self._one(identity, rid, responses.c.response))
+
+    async def input_items(self, identity: Identity, rid: str) -> list[dict[str, Any]]:
+        return list(await self._one(identity, rid, responses.c.input_items))
+
+    async def _one(self, identity: Identity, rid: str, column: Any, param: str | None = None) -> Any:
+        with database_errors_as_503("Reading a stored response"):
+            async with self.engine.connect() as conn:
+                value = (await conn.execute(select(column).where(and_(responses.c.id == rid,
+                                                                      _visible(identity))))).scalar()
+        if value is None:
+            raise not_found(rid, param)
+        return value
+
+    async def history(self, identity: Identity, rid: str) -> list[dict[str, Any]]:
+        """The chat messages of the conversation up to and including response `rid` (oldest first).
+
+        404 (param `previous_response_id`) when `rid` is not visible to `identity`; 400 when an earlier
+        response of the chain was deleted or the chain is longer than MAX_CHAIN.
+        """
+        await self._one(identity, rid, responses.c.id, "previous_response_id")
+        with database_errors_as_503("Continuing a stored response"):
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(_CHAIN, {"id": rid, "max_depth": MAX_CHAIN})).all()
+        if not rows or rows[0].previous_id is not None:
+            what = ("is longer than the gateway follows" if rows and rows[0].depth >= MAX_CHAIN
+                    else "refers to a response that was deleted")
+            raise GatewayError(400, f"The conversation of '{rid}' {what}; start a new one.",
+                               param="previous_response_id", code="invalid_value")
+        return [message for row in rows for message in row.turn]
+
+    async def delete(self, identity: Identity, rid: str) -> None:
+        with database_errors_as_503("Deleting a stored response"):
+            async with self.engine.begin() as conn:
+                result = await conn.execute(delete(responses).where(and_(responses.c.id == rid,
+                                                                         _visible(identity))))
+        if not result.rowcount:  # type: ignore[attr-defined]
+            raise not_found(rid)
+
+
+def page(items: list[dict[str, Any]], *, after: str | None, limit: int, order: str) -> dict[str, Any]:
+    """One page of input items as OpenAI lists them: `data`, `first_id`, `last_id`, `has_more`."""
+    ordered = items if order == "asc" else list(reversed(items))
+    if after is not None:
+        ids = [item.get("id") for item in ordered]
+        ordered = ordered[ids.index(after) + 1:] if after in ids else []
+    data = ordered[:limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(ordered) > limit}
