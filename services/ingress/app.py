@@ -33,8 +33,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.ingress import anthropic_api, completions, openapi
 from services.ingress.admin import add_admin_routes
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
+from services.ingress.batch_driver import BatchDriver
+from services.ingress.batches import add_batch_routes
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from services.ingress.files import add_file_routes
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
@@ -74,6 +77,7 @@ class Gateway:
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.batch_driver: BatchDriver | None = None
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
@@ -86,6 +90,8 @@ class Gateway:
             self.limiter = RateLimiter(self.request_engine())
             self._tasks.append(asyncio.create_task(self._follow_key_events()))
             self._tasks.append(asyncio.create_task(self._keep_keys_loaded()))
+            self.batch_driver = BatchDriver(self)
+            self._tasks.append(asyncio.create_task(self.batch_driver.run()))
         await self.replies.start()
 
     @property
@@ -373,6 +379,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await _dispatch(request, identity, body, parsed.model, "embeddings", False)
 
     add_admin_routes(app, gateway)
+    add_file_routes(app, gateway)
+    add_batch_routes(app, gateway)
 
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                       stream: bool) -> InFlight:
