@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from services.ingress.admin import needs_database
@@ -107,7 +107,10 @@ async def upload(gateway: Gateway, request: Request, identity: Identity) -> dict
     if length and length.isdigit() and int(length) > MAX_FILE_BYTES + 64 * 1024:
         raise _too_large()
     parts = _Parts()
-    parser = MultipartParser(_boundary(request), parts.callbacks())  # type: ignore[arg-type]
+    try:
+        parser = MultipartParser(_boundary(request), parts.callbacks())  # type: ignore[arg-type]
+    except FormParserError as e:
+        raise GatewayError(400, f"The multipart body is malformed ({e}).", code="invalid_multipart") from None
     fields: dict[str, bytearray] = {}
     filename: str | None = None
     async with gateway.engine().begin() as conn:
@@ -116,7 +119,7 @@ async def upload(gateway: Gateway, request: Request, identity: Identity) -> dict
         async for data in request.stream():
             try:
                 parser.write(data)
-            except MultipartParseError as e:
+            except FormParserError as e:
                 raise GatewayError(400, f"The multipart body is malformed ({e}).", code="invalid_multipart") from None
             events, parts.events = parts.events, []
             for kind, value in events:
@@ -144,7 +147,7 @@ async def upload(gateway: Gateway, request: Request, identity: Identity) -> dict
                     current = None
         try:
             parser.finalize()
-        except MultipartParseError as e:
+        except FormParserError as e:
             raise GatewayError(400, f"The multipart body is malformed ({e}).", code="invalid_multipart") from None
         purpose = bytes(fields.get("purpose", b"")).decode("utf-8", "replace").strip()
         if not purpose:
