@@ -40,6 +40,8 @@ from shared.kafka import (
 from shared.tansu import is_tansu
 
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+"""The endpoints a batch line may name, and the envelope kind each becomes. `/v1/responses` joins here (and in
+RequestKind) once the Responses API has its kind; the Batches API accepts exactly these keys."""
 DEFAULT_WINDOW_S = 24 * 3600
 LOST_CHECK_S = 5.0
 """How often a waiting job checks that the broker still holds its marker (one fetch of one record)."""
@@ -47,30 +49,71 @@ MARKER_KEY = b"switchyard.batch.marker"
 """The key of the record a job writes into its own reply partition (and skips when reading replies)."""
 
 
-def parse_line(number: int, line: str) -> tuple[str, str, dict[str, Any]]:
-    """(custom_id, kind, body) of one input line, or ValueError saying what is wrong with it."""
+class LineError(ValueError):
+    """A bad input line: its number, a stable `code` and the offending `param`; str() is `line N: reason`."""
+
+    def __init__(self, number: int, reason: str, code: str = "invalid_line", param: str | None = None) -> None:
+        super().__init__(f"line {number}: {reason}")
+        self.number, self.reason, self.code, self.param = number, reason, code, param
+
+
+def parse_line(number: int, line: str | bytes, endpoint: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(custom_id, kind, body) of one input line, or LineError saying what is wrong with it.
+
+    With `endpoint` (the Batches API), each line must name that url and `method: POST`, as OpenAI requires;
+    without it (`switchyard batch run`), the url defaults to chat completions and any method is accepted.
+    """
     try:
         item = orjson.loads(line)
     except orjson.JSONDecodeError as e:
-        raise ValueError(f"line {number}: not valid JSON ({e})") from None
+        raise LineError(number, f"not valid JSON ({e})", "invalid_json") from None
     if not isinstance(item, dict):
-        raise ValueError(f"line {number}: expected a JSON object")
+        raise LineError(number, "expected a JSON object", "invalid_json")
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        raise ValueError(f"line {number}: missing custom_id")
-    url = item.get("url", "/v1/chat/completions")
+        raise LineError(number, "missing custom_id", "missing_custom_id", "custom_id")
+    if endpoint is not None and item.get("method") != "POST":
+        raise LineError(number, "method must be POST", "invalid_method", "method")
+    url = item.get("url", "/v1/chat/completions" if endpoint is None else None)
+    if endpoint is not None and url != endpoint:
+        raise LineError(number, f"url must be the batch's endpoint {endpoint}", "mismatched_endpoint", "url")
     if url not in URL_KINDS:
-        raise ValueError(f"line {number}: url must be one of {', '.join(URL_KINDS)}")
+        raise LineError(number, f"url must be one of {', '.join(URL_KINDS)}", "invalid_url", "url")
     body = item.get("body")
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-        raise ValueError(f"line {number}: body must be an object with a model")
+        raise LineError(number, "body must be an object with a model", "invalid_body", "body")
+    if endpoint is not None and body.get("stream"):
+        raise LineError(number, "a batch line cannot stream", "invalid_body", "body.stream")
     return custom_id, URL_KINDS[url], {**body, "stream": False}
 
 
 def result_line(custom_id: str, request_id: str, status: int, body: Any) -> bytes:
+    """One line of a batch's output (or error) file, in OpenAI's batch output shape."""
     return orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": custom_id,
                          "response": {"status_code": status, "request_id": request_id, "body": body},
                          "error": None}) + b"\n"
+
+
+def unanswered_line(custom_id: str, request_id: str, code: str, message: str) -> bytes:
+    """The error-file line of a request that never ran (`batch_expired`, `batch_cancelled`): no response."""
+    return orjson.dumps({"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": None,
+                         "error": {"code": code, "message": message}}) + b"\n"
+
+
+def envelope_for(request_id: str, custom_id: str, kind: str, body: dict[str, Any], reply_topic: str,
+                 deadline_ms: int, key_id: str | None, metadata: dict[str, str] | None = None) -> RequestEnvelope:
+    """The request envelope of one batch line: batch priority (paced behind interactive traffic by the
+    workers), its own reply topic (partition 0), and the batch's deadline."""
+    return RequestEnvelope(id=request_id, kind=kind, model=body["model"], body=body,  # type: ignore[arg-type]
+                           reply_topic=reply_topic, reply_partition=0, priority="batch", custom_id=custom_id,
+                           deadline_ms=deadline_ms, key_id=key_id, metadata=metadata or {})
+
+
+def terminal(raw: bytes) -> Reply | None:
+    """The reply a batch reader keeps from one reply-topic record: a final `response` or `error`, else None
+    (the job's own marker, or anything else a batch never asked for)."""
+    reply = Reply.model_validate_json(raw)
+    return reply if reply.type in ("response", "error") else None
 
 
 class Progress:
@@ -157,7 +200,7 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
                     continue
                 try:
                     custom_id, kind, body = parse_line(number, line)
-                except ValueError as e:
+                except LineError as e:
                     rid = uuid.uuid4().hex
                     out.write(result_line(f"line-{number}", rid, 400, {"error": {
                         "message": str(e), "type": "invalid_request_error", "param": None, "code": "invalid_line"}}))
@@ -166,10 +209,7 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
                     continue
                 rid = uuid.uuid4().hex
                 waiting[rid] = custom_id
-                env = RequestEnvelope(id=rid, kind=kind, model=body["model"], body=body,  # type: ignore[arg-type]
-                                      reply_topic=reply_topic, reply_partition=0, priority="batch",
-                                      custom_id=custom_id, deadline_ms=now_ms() + int(window_s * 1000),
-                                      key_id=key_id)
+                env = envelope_for(rid, custom_id, kind, body, reply_topic, now_ms() + int(window_s * 1000), key_id)
                 envelopes[rid] = encode(env)
             await _submit(producer, envelopes)
             next_check = loop.time() + LOST_CHECK_S
@@ -179,8 +219,8 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
                     for record in records:
                         if record.key == MARKER_KEY:
                             continue
-                        reply = Reply.model_validate_json(record.value)
-                        if reply.id not in waiting or reply.type not in ("response", "error"):
+                        reply = terminal(record.value)
+                        if reply is None or reply.id not in waiting:
                             continue  # a duplicate delivery
                         custom_id = waiting.pop(reply.id)
                         envelopes.pop(reply.id, None)

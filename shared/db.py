@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     Table,
@@ -143,3 +144,68 @@ def upgrade_blocking(url: str, revision: str = "heads") -> None:
 
 async def upgrade(url: str) -> None:
     await asyncio.to_thread(upgrade_blocking, url)
+
+
+# The Files and Batches APIs (migration 0004): files as chunked bytea, batches with a driver lease.
+files = Table(
+    "files",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("key_id", Text, nullable=False),
+    Column("team", Text),
+    Column("filename", Text, nullable=False),
+    Column("purpose", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+)
+
+file_chunks = Table(
+    "file_chunks",
+    metadata,
+    Column("file_id", Text, primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
+BATCH_STAGES = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+"""Each has a `<stage>_at` column: when the batch entered it."""
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("key_id", Text, nullable=False),
+    Column("team", Text),
+    Column("key_metadata", JSONB, nullable=False),
+    Column("endpoint", Text, nullable=False),
+    Column("input_file_id", Text, nullable=False),
+    Column("completion_window", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("metadata", JSONB),
+    Column("errors", JSONB),
+    Column("output_file_id", Text),
+    Column("error_file_id", Text),
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    *(Column(f"{stage}_at", DateTime(timezone=True)) for stage in BATCH_STAGES),
+    Column("driver", Text),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("reply_offset", BigInteger, nullable=False),
+)
+
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", Text, primary_key=True),
+    Column("line", Integer, primary_key=True),
+    Column("custom_id", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("submitted", Boolean, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("result", LargeBinary),
+)

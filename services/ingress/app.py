@@ -34,8 +34,11 @@ from services.ingress import anthropic_api, completions, openapi
 from services.ingress.admin import add_admin_routes
 from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
 from services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
+from services.ingress.batch_driver import BatchDriver
+from services.ingress.batches import add_batch_routes
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from services.ingress.files import add_file_routes
 from services.ingress.hardening import HardeningMiddleware, echo
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
@@ -80,6 +83,7 @@ class Gateway:
         self.auth_failures = AuthFailures()
         self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
+        self.batch_driver: BatchDriver | None = None
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
@@ -92,6 +96,8 @@ class Gateway:
             self.limiter = RateLimiter(self.request_engine())
             self._tasks.append(asyncio.create_task(self._follow_key_events()))
             self._tasks.append(asyncio.create_task(self._keep_keys_loaded()))
+            self.batch_driver = BatchDriver(self)
+            self._tasks.append(asyncio.create_task(self.batch_driver.run()))
         await self.replies.start()
 
     @property
@@ -394,6 +400,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await _dispatch(request, identity, body, parsed.model, "embeddings", False)
 
     add_admin_routes(app, gateway)
+    add_file_routes(app, gateway)
+    add_batch_routes(app, gateway)
 
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                       stream: bool) -> InFlight:

@@ -1,15 +1,15 @@
 """responses: stored Responses API answers (store=true), for retrieval and previous_response_id.
 
-Revision ID: 0004_responses
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-revision = "0004_responses"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,161 @@
+"""The Batches API on ingress: `POST /v1/batches`, `GET /v1/batches/{id}`, `GET /v1/batches` (`after`, `limit`),
+`POST /v1/batches/{id}/cancel`, in OpenAI's shapes.
+
+These routes only read and write the `batches` table: running a batch (validating its file, sending its lines
+through `llm.requests`, collecting results, writing the output files) is the batch driver's job
+(batch_driver.py), which any ingress replica can take over from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, insert, select, update
+
+from services.ingress.admin import needs_database
+from services.ingress.file_store import Owner, get_file
+from services.ingress.files import not_found, owner_of
+from services.ingress.openapi import json_body
+from services.ingress.responses import json_response
+from services.ingress.validation import read_json, validate
+from shared.batch import URL_KINDS
+from shared.db import BATCH_STAGES, batches
+from shared.errors import GatewayError
+
+if TYPE_CHECKING:
+    from services.ingress.app import Gateway
+
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+MAX_WINDOW = timedelta(days=7)
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=200)
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=16)
+
+
+def window(value: str) -> timedelta:
+    """`24h` (OpenAI's only window), or any other `<n>s|m|h` up to 7 days: a self-hosted gateway may want less."""
+    match = _WINDOW.match(value)
+    if not match:
+        raise GatewayError(400, "completion_window must be like '24h' (also '<n>m' or '<n>s').",
+                           param="completion_window", code="invalid_completion_window")
+    delta = timedelta(seconds=int(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]])
+    if delta > MAX_WINDOW:
+        raise GatewayError(400, "completion_window may be at most 7 days.", param="completion_window",
+                           code="invalid_completion_window")
+    return delta
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value else None
+
+
+def batch_object(row: Any) -> dict[str, Any]:
+    """A `batches` row as OpenAI's Batch object."""
+    return {"id": row.id, "object": "batch", "endpoint": row.endpoint, "errors": row.errors,
+            "input_file_id": row.input_file_id, "completion_window": row.completion_window, "status": row.status,
+            "output_file_id": row.output_file_id, "error_file_id": row.error_file_id,
+            "created_at": _ts(row.created_at), "expires_at": _ts(row.expires_at),
+            **{f"{stage}_at": _ts(getattr(row, f"{stage}_at")) for stage in BATCH_STAGES},
+            "request_counts": {"total": row.total, "completed": row.completed, "failed": row.failed},
+            "metadata": row.metadata}
+
+
+async def _get(gateway: Gateway, batch_id: str, owner: Owner) -> Any:
+    async with gateway.engine().connect() as conn:
+        row = (await conn.execute(select(batches).where(batches.c.id == batch_id, owner.clause(batches)))).first()
+    if row is None:
+        raise not_found("Batch", batch_id, "batch_id")
+    return row
+
+
+def add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
+    @app.post("/v1/batches", openapi_extra=json_body(BatchCreate))
+    @needs_database
+    async def create_batch(request: Request) -> Response:
+        identity = await gateway.authenticate(request)
+        spec = validate(BatchCreate, await read_json(request))
+        assert isinstance(spec, BatchCreate)
+        if spec.endpoint not in URL_KINDS:
+            raise GatewayError(400, f"endpoint must be one of {', '.join(URL_KINDS)}.", param="endpoint",
+                               code="invalid_endpoint")
+        expires = window(spec.completion_window)
+        owner = owner_of(identity)
+        file = await get_file(gateway.engine(), spec.input_file_id, owner)
+        if file is None:
+            raise not_found("File", spec.input_file_id, "input_file_id")
+        if file.purpose != "batch":
+            raise GatewayError(400, f"File {file.id} has purpose {file.purpose!r}, not 'batch'.",
+                               param="input_file_id", code="invalid_file_purpose")
+        now = datetime.now(UTC)
+        driver = gateway.batch_driver
+        values = {"id": f"batch_{uuid.uuid4().hex}", "key_id": identity.key_id, "team": identity.metadata.get("team"),
+                  "key_metadata": identity.metadata, "endpoint": spec.endpoint, "input_file_id": file.id,
+                  "completion_window": spec.completion_window, "status": "validating", "metadata": spec.metadata,
+                  "total": 0, "completed": 0, "failed": 0, "created_at": now, "expires_at": now + expires,
+                  "reply_offset": 0,
+                  # The replica that accepted it drives it at once; the lease lets another take over if it dies.
+                  "driver": driver.me if driver else None, "lease_until": now + driver.lease if driver else None}
+        async with gateway.engine().begin() as conn:
+            row = (await conn.execute(insert(batches).values(**values).returning(batches))).one()
+        if driver:
+            driver.wake()
+        return json_response(batch_object(row))
+
+    @app.get("/v1/batches/{batch_id}")
+    @needs_database
+    async def retrieve_batch(request: Request, batch_id: str) -> Response:
+        identity = await gateway.authenticate(request)
+        return json_response(batch_object(await _get(gateway, batch_id, owner_of(identity))))
+
+    @app.get("/v1/batches")
+    @needs_database
+    async def list_batches(request: Request, after: str | None = None,
+                           limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Response:
+        identity = await gateway.authenticate(request)
+        owner = owner_of(identity)
+        query = select(batches).where(owner.clause(batches))
+        async with gateway.engine().connect() as conn:
+            if after:
+                anchor = (await conn.execute(select(batches.c.created_at, batches.c.id).where(
+                    batches.c.id == after))).first()
+                if anchor is not None:
+                    query = query.where(func.row(batches.c.created_at, batches.c.id)
+                                        < func.row(anchor.created_at, anchor.id))
+            rows = list((await conn.execute(query.order_by(batches.c.created_at.desc(), batches.c.id.desc())
+                                            .limit(limit + 1))).all())
+        data = [batch_object(r) for r in rows[:limit]]
+        return json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit})
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    @needs_database
+    async def cancel_batch(request: Request, batch_id: str) -> Response:
+        """`cancelling` now; the driver stops sending lines, waits for those in flight, then `cancelled`."""
+        identity = await gateway.authenticate(request)
+        owner = owner_of(identity)
+        async with gateway.engine().begin() as conn:
+            row = (await conn.execute(
+                update(batches).where(batches.c.id == batch_id, owner.clause(batches),
+                                      batches.c.status.in_(("validating", "in_progress")))
+                .values(status="cancelling", cancelling_at=func.now()).returning(batches))).first()
+        if row is None:
+            row = await _get(gateway, batch_id, owner)
+            if row.status not in ("cancelling", "cancelled"):
+                raise GatewayError(409, f"Cannot cancel a batch with status '{row.status}'.", param="batch_id",
+                                   code="batch_not_cancellable")
+        if gateway.batch_driver:
+            gateway.batch_driver.wake()
+        return json_response(batch_object(row))
