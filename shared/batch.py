@@ -40,8 +40,8 @@ from shared.kafka import (
 from shared.tansu import is_tansu
 
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
-"""The endpoints a batch line may name, and the envelope kind each becomes. `/v1/responses` joins here (and in
-RequestKind) once the Responses API has its kind; the Batches API accepts exactly these keys."""
+"""The endpoints a batch line of `switchyard batch run` may name, and the envelope kind each becomes. The
+Batches API also takes `/v1/responses` (it translates those lines to chat and their answers back)."""
 DEFAULT_WINDOW_S = 24 * 3600
 LOST_CHECK_S = 5.0
 """How often a waiting job checks that the broker still holds its marker (one fetch of one record)."""
@@ -57,11 +57,13 @@ class LineError(ValueError):
         self.number, self.reason, self.code, self.param = number, reason, code, param
 
 
-def parse_line(number: int, line: str | bytes, endpoint: str | None = None) -> tuple[str, str, dict[str, Any]]:
+def parse_line(number: int, line: str | bytes, endpoint: str | None = None,
+               kinds: dict[str, str] = URL_KINDS) -> tuple[str, str, dict[str, Any]]:
     """(custom_id, kind, body) of one input line, or LineError saying what is wrong with it.
 
     With `endpoint` (the Batches API), each line must name that url and `method: POST`, as OpenAI requires;
     without it (`switchyard batch run`), the url defaults to chat completions and any method is accepted.
+    `kinds` maps the urls a line may name to what they become (the Batches API adds `/v1/responses`).
     """
     try:
         item = orjson.loads(line)
@@ -77,14 +79,14 @@ def parse_line(number: int, line: str | bytes, endpoint: str | None = None) -> t
     url = item.get("url", "/v1/chat/completions" if endpoint is None else None)
     if endpoint is not None and url != endpoint:
         raise LineError(number, f"url must be the batch's endpoint {endpoint}", "mismatched_endpoint", "url")
-    if url not in URL_KINDS:
-        raise LineError(number, f"url must be one of {', '.join(URL_KINDS)}", "invalid_url", "url")
+    if url not in kinds:
+        raise LineError(number, f"url must be one of {', '.join(kinds)}", "invalid_url", "url")
     body = item.get("body")
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise LineError(number, "body must be an object with a model", "invalid_body", "body")
     if endpoint is not None and body.get("stream"):
         raise LineError(number, "a batch line cannot stream", "invalid_body", "body.stream")
-    return custom_id, URL_KINDS[url], {**body, "stream": False}
+    return custom_id, kinds[url], {**body, "stream": False}
 
 
 def result_line(custom_id: str, request_id: str, status: int, body: Any) -> bytes:

@@ -27,8 +27,8 @@ def pytest_configure(config: pytest.Config) -> None:
     pytest makes `pytest-of-<user>` private (0700) at every session start, so a second pytest session
     sharing /tmp's root (another checkout's suite) would lock out this session's PostgreSQL mid-run.
     """
-    digest = hashlib.sha1(str(Path(__file__).resolve().parent).encode()).hexdigest()[:10]
-    root = Path(tempfile.gettempdir()) / f"switchyard-tests-{digest}"
+    digest = hashlib.sha1(str(Path(__file__).resolve().parent).encode()).hexdigest()[:8]
+    root = Path(tempfile.gettempdir()) / f"sy-{digest}"  # short: PostgreSQL socket paths stop at 107 bytes
     root.mkdir(mode=0o711, exist_ok=True)
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(root))
 

@@ -19,10 +19,10 @@ from services.ingress.replies import Pending
 from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import decide
 from shared import topics
-from shared.contracts import AttemptRecord, Reply, RequestEnvelope, now_ms
+from shared.contracts import AttemptRecord, Reply, RequestEnvelope
 from shared.devstack.supervisor import _write_stack
 from shared.errors import GatewayError
-from tests.test_routing import cfg, env_for
+from tests.test_routing import T0, cfg, env_for
 
 CONFIG = """
 models:
@@ -44,7 +44,7 @@ routing_rules:
 
 
 def _decide(env: RequestEnvelope) -> str:
-    return decide(env, cfg(CONFIG), HealthBook(BreakerSettings()), now_ms()).group.name
+    return decide(env, cfg(CONFIG), HealthBook(BreakerSettings()), T0).group.name
 
 
 def test_a_rule_never_takes_a_key_to_a_group_outside_its_models() -> None:

@@ -97,6 +97,31 @@ def test_an_embeddings_batch(stack: RunningStack) -> None:
     assert all(o["response"]["body"]["data"][0]["embedding"] for o in out)
 
 
+def test_a_responses_batch_answers_with_response_objects(stack: RunningStack) -> None:
+    sdk = client(stack)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": "gpt-test", "instructions": "Be brief.", "input": f"question {i}",
+                       "metadata": {"n": str(i)}}} for i in range(4)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": "gpt-test", "input": [{"type": "no_such_item"}]}})
+    failed = wait_for(sdk, submit(sdk, lines, endpoint="/v1/responses").id, finished)
+    assert failed.status == "failed" and failed.errors and failed.errors.data
+    assert [e.line for e in failed.errors.data] == [5]
+
+    batch = wait_for(sdk, submit(sdk, lines[:4], endpoint="/v1/responses").id, finished)
+    assert batch.status == "completed", batch
+    out = sorted(results(sdk, batch.output_file_id), key=lambda o: o["custom_id"])
+    assert [o["custom_id"] for o in out] == ["r0", "r1", "r2", "r3"]
+    for i, o in enumerate(out):
+        body = o["response"]["body"]
+        assert body["object"] == "response" and body["id"].startswith("resp_") and body["status"] == "completed"
+        assert body["metadata"] == {"n": str(i)}
+        message = next(item for item in body["output"] if item["type"] == "message")
+        assert message["content"][0]["type"] == "output_text"
+        assert message["content"][0]["text"] == f"Echo: question {i}", orjson.dumps(out).decode()
+        assert body["usage"]["input_tokens"] > 0 and body["usage"]["total_tokens"] >= body["usage"]["input_tokens"]
+
+
 def test_lines_that_fail_at_the_provider_go_to_the_error_file(stack: RunningStack, fakes: Any) -> None:
     fakes.main.inject(status=400, message="context length exceeded", times=1)
     sdk = client(stack)

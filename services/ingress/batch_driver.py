@@ -38,6 +38,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.ingress.database import DATABASE_ERRORS
 from services.ingress.file_store import FileWriter, lines, new_file_id
+from services.ingress.responses_api import to_chat_request
+from services.ingress.responses_output import from_chat_completion, response_id
 from services.ingress.validation import MAX_BODY_BYTES, ChatCompletionRequest, EmbeddingsRequest
 from services.ingress.validation import validate as validate_body
 from shared import topics
@@ -65,6 +67,10 @@ IN_FLIGHT_S = 20.0
 MIN_IN_FLIGHT, MAX_IN_FLIGHT = 64, 5000
 INSERT_ROWS = 500
 BODY_MODELS: dict[str, type[BaseModel]] = {"chat": ChatCompletionRequest, "embeddings": EmbeddingsRequest}
+RESPONSES = "responses"
+ENDPOINTS = {**URL_KINDS, "/v1/responses": RESPONSES}
+"""The endpoints a batch may name. A `/v1/responses` line runs as chat (translated when it is sent) and its
+answer is translated back to a response object when it is stored, as `POST /v1/responses` does."""
 
 
 class LeaseLost(Exception):
@@ -193,7 +199,7 @@ class BatchRun:
                     await self.submit(batch, room)
             records = (await consumer.getmany(tp, timeout_ms=500)).get(tp) or []
             if records:
-                await self.store(records)
+                await self.store(records, batch.endpoint)
             batch = await self.renew()
             if batch.status == "finalizing" or (batch.status == "in_progress" and not batch.in_flight
                                                 and not batch.unsent):
@@ -223,11 +229,15 @@ class BatchRun:
                        batch_lines.c.status == "pending").order_by(batch_lines.c.line).limit(room))).all()
         if not rows:
             return
-        kind = URL_KINDS[batch.endpoint]
+        responses = ENDPOINTS[batch.endpoint] == RESPONSES
+        kind = "chat" if responses else ENDPOINTS[batch.endpoint]
         deadline_ms = int(batch.expires_at.timestamp() * 1000)
         acks = []
         for row in rows:
-            env = envelope_for(f"{self.id}-{row.line}", row.custom_id, kind, orjson.loads(row.body), self.topic,
+            body = orjson.loads(row.body)
+            if responses:
+                body = {**to_chat_request(body), "stream": False}
+            env = envelope_for(f"{self.id}-{row.line}", row.custom_id, kind, body, self.topic,
                                deadline_ms, batch.key_id, batch.key_metadata)
             acks.append(await send(self.gateway.producer, topics.REQUESTS, encode(env), key=env.id.encode()))
         await asyncio.gather(*acks)
@@ -236,7 +246,7 @@ class BatchRun:
                 batch_lines.c.batch_id == self.id, batch_lines.c.line.in_([r.line for r in rows]))
                 .values(submitted=True))
 
-    async def store(self, records: list[Any]) -> None:
+    async def store(self, records: list[Any], endpoint: str) -> None:
         """Store each line's first answer and the position after `records`, in one transaction."""
         prefix = f"{self.id}-"
         answers: dict[int, tuple[str, bytes]] = {}
@@ -251,6 +261,8 @@ class BatchRun:
             ok = reply.type == "response" and 200 <= reply.status < 300
             answers.setdefault(int(reply.id[len(prefix):]), (
                 "ok" if ok else "error", orjson.dumps({"status_code": reply.status, "body": reply.data})))
+        if ENDPOINTS.get(endpoint) == RESPONSES:
+            answers = await self.as_responses(answers)
         async with self.engine.begin() as conn:
             stored: list[str] = []
             if answers:
@@ -265,6 +277,22 @@ class BatchRun:
                 raise LeaseLost
         if stored:
             self.answered.append((time.monotonic(), len(stored)))
+
+    async def as_responses(self, answers: dict[int, tuple[str, bytes]]) -> dict[int, tuple[str, bytes]]:
+        """Chat answers of `/v1/responses` lines -> response objects (each needs its line's request)."""
+        ok = [line for line, (status, _) in answers.items() if status == "ok"]
+        if not ok:
+            return answers
+        async with self.engine.connect() as conn:
+            bodies = dict((await conn.execute(select(batch_lines.c.line, batch_lines.c.body).where(
+                batch_lines.c.batch_id == self.id, batch_lines.c.line.in_(ok)))).tuples().all())
+        out = dict(answers)
+        for line in ok:
+            result = orjson.loads(answers[line][1])
+            rid = response_id(f"{self.id}-{line}")
+            result["body"] = from_chat_completion(result["body"] or {}, orjson.loads(bodies[line]), rid)
+            out[line] = ("ok", orjson.dumps(result))
+        return out
 
     async def validate(self, batch: Any) -> None:
         """Check and store every line of the input file; the batch becomes `in_progress`, or `failed` with
@@ -296,7 +324,7 @@ class BatchRun:
                         fail(number, "line_too_large", f"The line is longer than {MAX_BODY_BYTES} bytes.")
                         continue
                     try:
-                        custom_id, line_kind, body = parse_line(number, raw, batch.endpoint)
+                        custom_id, line_kind, body = parse_line(number, raw, batch.endpoint, ENDPOINTS)
                         if custom_id in seen:
                             raise LineError(number, f"duplicate custom_id {custom_id[:100]!r}",
                                             "duplicate_custom_id", "custom_id")
@@ -336,6 +364,8 @@ class BatchRun:
     def check_body(self, number: int, kind: str, body: dict[str, Any], identity: Any) -> None:
         """What ingress checks of the same body sent over HTTP, as a LineError."""
         try:
+            if kind == RESPONSES:
+                kind, body = "chat", to_chat_request(body)
             validate_body(BODY_MODELS[kind], body)
         except GatewayError as e:
             raise LineError(number, e.message, "invalid_body", f"body.{e.param}" if e.param else "body") from None

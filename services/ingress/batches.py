@@ -19,12 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, insert, select, update
 
 from services.ingress.admin import needs_database
+from services.ingress.batch_driver import ENDPOINTS
 from services.ingress.file_store import Owner, get_file
 from services.ingress.files import not_found, owner_of
 from services.ingress.openapi import json_body
 from services.ingress.responses import json_response
 from services.ingress.validation import read_json, validate
-from shared.batch import URL_KINDS
 from shared.db import BATCH_STAGES, batches
 from shared.errors import GatewayError
 
@@ -88,8 +88,8 @@ def add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
         identity = await gateway.authenticate(request)
         spec = validate(BatchCreate, await read_json(request))
         assert isinstance(spec, BatchCreate)
-        if spec.endpoint not in URL_KINDS:
-            raise GatewayError(400, f"endpoint must be one of {', '.join(URL_KINDS)}.", param="endpoint",
+        if spec.endpoint not in ENDPOINTS:
+            raise GatewayError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint",
                                code="invalid_endpoint")
         expires = window(spec.completion_window)
         owner = owner_of(identity)

@@ -76,8 +76,12 @@ def make_client(max_connections: int = 512) -> httpx.AsyncClient:
 def _build(client: httpx.AsyncClient, up: UpstreamRequest, first_byte_timeout: float) -> httpx.Request:
     timeout = httpx.Timeout(connect=min(10.0, first_byte_timeout), read=first_byte_timeout,
                             write=first_byte_timeout, pool=first_byte_timeout)
-    return client.build_request(up.method, up.url, headers=up.headers, json=up.json, content=up.content,
-                                timeout=timeout)
+    content, headers = up.content, up.headers
+    if up.json is not None:  # orjson, not httpx's stdlib json: several times faster on a large body
+        content = orjson.dumps(up.json)
+        if not any(name.lower() == "content-type" for name in headers):
+            headers = {"content-type": "application/json", **headers}
+    return client.build_request(up.method, up.url, headers=headers, content=content, timeout=timeout)
 
 
 def _transport_error(exc: Exception, provider: str) -> GatewayError:
