@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import sys
 import time
 import uuid
@@ -24,9 +25,11 @@ from typing import Any, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
 from shared import topics
 from shared.contracts import Reply, RequestEnvelope, now_ms
+from shared.errors import GatewayError
 from shared.kafka import (
     Producer,
     encode,
@@ -37,8 +40,10 @@ from shared.kafka import (
     send_and_wait,
     start_client,
 )
+from shared.parts import Assembler
 from shared.tansu import is_tansu
 
+log = logging.getLogger("switchyard.batch")
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 DEFAULT_WINDOW_S = 24 * 3600
 LOST_CHECK_S = 5.0
@@ -98,6 +103,22 @@ class Progress:
         self.stream.flush()
 
 
+def _readable(value: bytes | None, assembler: Assembler) -> Reply | None:
+    """The reply a record carries, with a response sent in parts joined (None until it is whole); a record
+    that is no reply is skipped (logged), and parts that do not join become a 502 for their request."""
+    try:
+        return assembler.offer(Reply.model_validate_json(value or b""))
+    except ValidationError as e:
+        log.error("skipping a record on the reply topic that is not a reply",
+                  extra={"error": "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())})
+        return None
+    except ValueError as e:  # parts that do not join: answer the request with an error, not silence
+        reply = Reply.model_validate_json(value or b"")
+        err = GatewayError(502, f"The answer to this request arrived incomplete ({e}).", type="api_error",
+                           code="reply_incomplete")
+        return Reply(id=reply.id, type="error", status=err.status, data=err.body(), custom_id=reply.custom_id)
+
+
 async def _submit(producer: Producer, envelopes: dict[str, bytes]) -> None:
     acks = [await send(producer, topics.REQUESTS, raw, key=rid.encode()) for rid, raw in envelopes.items()]
     await asyncio.gather(*acks)
@@ -144,6 +165,7 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
     probe.assign([tp])
     probe.pause(tp)
     waiting: dict[str, str] = {}
+    assembler = Assembler()
     envelopes: dict[str, bytes] = {}
     lines = (await asyncio.to_thread(in_path.read_text)).splitlines()
     progress = Progress(sum(1 for line in lines if line.strip()), io.StringIO() if quiet else sys.stderr)
@@ -179,11 +201,12 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
                     for record in records:
                         if record.key == MARKER_KEY:
                             continue
-                        reply = Reply.model_validate_json(record.value)
-                        if reply.id not in waiting or reply.type not in ("response", "error"):
-                            continue  # a duplicate delivery
+                        reply = _readable(record.value, assembler)
+                        if reply is None or reply.id not in waiting or reply.type not in ("response", "error"):
+                            continue  # a part (kept until its response), a duplicate, or unreadable
                         custom_id = waiting.pop(reply.id)
                         envelopes.pop(reply.id, None)
+                        assembler.forget(reply.id)
                         ok = reply.type == "response"
                         out.write(result_line(custom_id, reply.id, reply.status, reply.data))
                         out.flush()
