@@ -3,7 +3,8 @@
 Input lines are OpenAI batch lines (`custom_id`, `method`, `url`, `body`). Each becomes a
 request envelope with its own reply topic (`llm.batch.<job>`) and `priority: batch`, so the
 gateway paces it behind interactive traffic; results are written as they arrive, one line
-per request, in OpenAI's batch output format.
+per request, in OpenAI's batch output format. An answer sent in parts (too large for one message,
+shared/parts.py) is joined before it is written.
 
 A job outlives a restart of the Tansu fallback broker (`switchyard up`), which loses every queued message:
 the job writes a marker into its reply partition first, checks every LOST_CHECK_S that the marker is still

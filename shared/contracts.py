@@ -67,6 +67,8 @@ class AttemptRecord(BaseModel):
     message: str
     retry_after_s: float | None = None
     code: str | None = None
+    param: str | None = None
+    """The parameter the error names (a request the provider format cannot express): the caller is told."""
 
 
 class RequestEnvelope(BaseModel):

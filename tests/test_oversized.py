@@ -132,12 +132,12 @@ def test_a_body_just_under_the_ingress_limit_is_answered_and_one_over_is_a_413(
 
 def test_a_3_mb_embeddings_reply_is_delivered(stack: RunningStack, fakes: Fakes,
                                               restarts_before: dict[str, int]) -> None:
-    inputs = [f"document {i}" for i in range(100)]
+    inputs = [f"document {i}" for i in range(110)]
     r = _post(stack, "/v1/embeddings", {"model": "gpt-test", "input": inputs, "dimensions": 1536})
     assert r.status_code == 200, r.text[:500]
     assert len(r.content) > 3_000_000
     data = r.json()["data"]
-    assert [d["index"] for d in data] == list(range(100)) and {len(d["embedding"]) for d in data} == {1536}
+    assert [d["index"] for d in data] == list(range(110)) and {len(d["embedding"]) for d in data} == {1536}
     assert len(fakes.main.calls("/embeddings")) == 1
     assert restarts(stack) == restarts_before
 
@@ -207,4 +207,29 @@ async def test_a_reply_topic_with_kafka_s_default_limit_gets_a_large_answer_in_p
     assert whole.parts >= 2 and len([r for r in records if r.type == "part"]) == whole.parts
     assert whole.data is not None and [d["index"] for d in whole.data["data"]] == list(range(30_000))
     assert len(fakes.main.calls("/embeddings")) == 1
+    assert restarts(stack) == restarts_before
+
+
+async def test_a_reply_no_part_of_which_fits_its_topic_is_a_413(stack: RunningStack, fakes: Fakes,
+                                                                restarts_before: dict[str, int]) -> None:
+    """A reply topic that takes only 2,000 bytes a message: neither the answer nor its parts fit, so the
+    request is answered there with a 413 `reply_too_large` (an error fits), once, and the worker carries on."""
+    reply_topic = f"test.tiny-replies.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(reply_topic, 1, 1, topic_configs={"max.message.bytes": "2000"})])
+    finally:
+        await admin.close()
+    env = RequestEnvelope(id=uuid.uuid4().hex, kind="embeddings", model="gpt-test", reply_topic=reply_topic,
+                          reply_partition=0, priority="batch", custom_id="tiny",
+                          body={"model": "gpt-test", "input": [f"doc {i}" for i in range(3000)]})
+    await produce_envelope(stack.bootstrap, env)
+    [reply] = await read_replies(stack.bootstrap, reply_topic, want=1)
+    assert (reply.id, reply.type, reply.status) == (env.id, "error", 413), reply
+    assert reply.data is not None and reply.data["error"]["code"] == "reply_too_large"
+    assert "fewer inputs" in reply.data["error"]["message"]
+    assert len(fakes.main.calls("/embeddings")) == 1
+    r = _post(stack, "/v1/embeddings", {"model": "gpt-test", "input": ["a", "b"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
     assert restarts(stack) == restarts_before

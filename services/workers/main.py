@@ -65,7 +65,6 @@ from shared.kafka import (
     group_instance_id,
     make_consumer,
     make_producer,
-    send,
     send_and_wait,
     start_client,
     too_large,
@@ -387,9 +386,9 @@ class Worker:
         if len(data) > MAX_REPLY_BYTES:
             raise too_large(env.reply_topic, env.reply_partition, size, MAX_REPLY_BYTES)
         *parts, whole = split(reply, data)
-        acks = [await send(self.producer, env.reply_topic, encode(part), key=env.id.encode(),
-                           partition=env.reply_partition) for part in parts]
-        await asyncio.gather(*acks)
+        for part in parts:  # one at a time: a refusal is typed (DeliveryRefused) and nothing follows it
+            await send_and_wait(self.producer, env.reply_topic, encode(part), key=env.id.encode(),
+                                partition=env.reply_partition)
         return await send_and_wait(self.producer, env.reply_topic, encode(whole), key=env.id.encode(),
                                    partition=env.reply_partition)
 
@@ -404,7 +403,8 @@ class Worker:
         nxt.attempt += 1
         nxt.not_before_ms = 0
         nxt.history.append(AttemptRecord(deployment=dep.id, status=err.status, error_type=err.type,
-                                         message=err.message, retry_after_s=err.retry_after_s, code=err.code))
+                                         message=err.message, retry_after_s=err.retry_after_s, code=err.code,
+                                         param=err.param))
         return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode())
 
     def _record(self, topic: str, message: UsageEvent | AttemptEvent, key: bytes) -> asyncio.Future[Any]:
