@@ -3,7 +3,8 @@
 Input lines are OpenAI batch lines (`custom_id`, `method`, `url`, `body`). Each becomes a
 request envelope with its own reply topic (`llm.batch.<job>`) and `priority: batch`, so the
 gateway paces it behind interactive traffic; results are written as they arrive, one line
-per request, in OpenAI's batch output format.
+per request, in OpenAI's batch output format. An answer sent in parts (too large for one message,
+shared/parts.py) is joined before it is written.
 
 A job outlives a restart of the Tansu fallback broker (`switchyard up`), which loses every queued message:
 the job writes a marker into its reply partition first, checks every LOST_CHECK_S that the marker is still
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import sys
 import time
 import uuid
@@ -24,9 +26,11 @@ from typing import Any, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
 from shared import topics
 from shared.contracts import Reply, RequestEnvelope, now_ms
+from shared.errors import GatewayError
 from shared.kafka import (
     Producer,
     encode,
@@ -37,8 +41,10 @@ from shared.kafka import (
     send_and_wait,
     start_client,
 )
+from shared.parts import Assembler
 from shared.tansu import is_tansu
 
+log = logging.getLogger("switchyard.batch")
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 """The endpoints a batch line of `switchyard batch run` may name, and the envelope kind each becomes. The
 Batches API also takes `/v1/responses` (it translates those lines to chat and their answers back)."""
@@ -111,11 +117,12 @@ def envelope_for(request_id: str, custom_id: str, kind: str, body: dict[str, Any
                            deadline_ms=deadline_ms, key_id=key_id, metadata=metadata or {})
 
 
-def terminal(raw: bytes) -> Reply | None:
-    """The reply a batch reader keeps from one reply-topic record: a final `response` or `error`, else None
-    (the job's own marker, or anything else a batch never asked for)."""
-    reply = Reply.model_validate_json(raw)
-    return reply if reply.type in ("response", "error") else None
+def terminal(raw: bytes | None, assembler: Assembler) -> Reply | None:
+    """The reply a batch reader keeps from one reply-topic record: a final `response` (with its parts joined,
+    shared/parts.py) or `error`; None for anything else: a part (held until its response), the job's own
+    marker, a record that is no reply (logged)."""
+    reply = _readable(raw, assembler)
+    return reply if reply is not None and reply.type in ("response", "error") else None
 
 
 class Progress:
@@ -141,6 +148,22 @@ class Progress:
         if self.done == self.total:
             self.stream.write("\n")
         self.stream.flush()
+
+
+def _readable(value: bytes | None, assembler: Assembler) -> Reply | None:
+    """The reply a record carries, with a response sent in parts joined (None until it is whole); a record
+    that is no reply is skipped (logged), and parts that do not join become a 502 for their request."""
+    try:
+        return assembler.offer(Reply.model_validate_json(value or b""))
+    except ValidationError as e:
+        log.error("skipping a record on the reply topic that is not a reply",
+                  extra={"error": "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())})
+        return None
+    except ValueError as e:  # parts that do not join: answer the request with an error, not silence
+        reply = Reply.model_validate_json(value or b"")
+        err = GatewayError(502, f"The answer to this request arrived incomplete ({e}).", type="api_error",
+                           code="reply_incomplete")
+        return Reply(id=reply.id, type="error", status=err.status, data=err.body(), custom_id=reply.custom_id)
 
 
 async def _submit(producer: Producer, envelopes: dict[str, bytes]) -> None:
@@ -189,6 +212,7 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
     probe.assign([tp])
     probe.pause(tp)
     waiting: dict[str, str] = {}
+    assembler = Assembler()
     envelopes: dict[str, bytes] = {}
     lines = (await asyncio.to_thread(in_path.read_text)).splitlines()
     progress = Progress(sum(1 for line in lines if line.strip()), io.StringIO() if quiet else sys.stderr)
@@ -221,11 +245,12 @@ async def run_batch(in_path: Path, out_path: Path, bootstrap: str, window_s: flo
                     for record in records:
                         if record.key == MARKER_KEY:
                             continue
-                        reply = terminal(record.value)
+                        reply = terminal(record.value, assembler)
                         if reply is None or reply.id not in waiting:
-                            continue  # a duplicate delivery
+                            continue  # a part (kept until its response), a duplicate, or unreadable
                         custom_id = waiting.pop(reply.id)
                         envelopes.pop(reply.id, None)
+                        assembler.forget(reply.id)
                         ok = reply.type == "response"
                         out.write(result_line(custom_id, reply.id, reply.status, reply.data))
                         out.flush()

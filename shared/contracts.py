@@ -67,6 +67,8 @@ class AttemptRecord(BaseModel):
     message: str
     retry_after_s: float | None = None
     code: str | None = None
+    param: str | None = None
+    """The parameter the error names (a request the provider format cannot express): the caller is told."""
 
 
 class RequestEnvelope(BaseModel):
@@ -107,10 +109,11 @@ class RequestEnvelope(BaseModel):
         return (at_ms or now_ms()) >= self.deadline_ms
 
 
-ReplyType = Literal["response", "chunk", "end", "error"]
+ReplyType = Literal["response", "chunk", "end", "error", "part"]
 REPLY_VERSION = 2
-"""Version 2 of `Reply` added `chunks`: one message may carry several stream chunks. A reader of version 1
-keeps only `data` and would drop the rest, so readers (ingress, batch readers) upgrade before workers."""
+"""Version 2 of `Reply` added `chunks` (one message may carry several stream chunks) and `part` replies (a
+response too large for one message, in pieces). A reader of version 1 would keep only `data` and drop the
+rest, so readers (ingress, batch readers) upgrade before workers."""
 OUT_OF_BAND = 1_000_000
 """`seq` of a terminal error sent by a router or by a worker before any chunk: it ends the request at once."""
 
@@ -121,6 +124,9 @@ class Reply(BaseModel):
     Non-streaming: a single `response` or `error`. Streaming: `chunk` messages with
     increasing `seq`, then exactly one `end` (or an `error`). Ingress and batch readers
     drop anything already seen for the same (id, seq), so redelivery is harmless.
+    A response too large for one Kafka message comes in pieces: `part` messages (seq 0..n-1, each
+    `data={"text": ...}`) and then the `response` itself with `parts=n`, `seq=n` and no data; the
+    parts' texts joined in seq order are its data's JSON (shared/parts.py joins them).
     """
 
     v: int = REPLY_VERSION
@@ -135,6 +141,8 @@ class Reply(BaseModel):
     previous message was being acknowledged travel together)."""
     headers: dict[str, str] = Field(default_factory=dict)
     custom_id: str | None = None
+    parts: int = 0
+    """On a `response` sent in pieces: how many `part` messages before it carry its data (shared/parts.py)."""
     call: str | None = None
     """The event id of the provider call that produced it: a stream whose call was redone after a crash
     cannot be continued by the new call's chunks (ingress ends it with an error instead)."""

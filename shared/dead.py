@@ -2,7 +2,9 @@
 
 A message is buried only when no answer can take its place: a reply whose topic or partition does not exist
 (nobody could read an error there either), an envelope whose reply destination does not exist (the router
-has nowhere to answer it). A reply that is merely too large is answered with an error instead (workers).
+has nowhere to answer it), an envelope that cannot be read far enough to find its id and reply topic
+(UNREADABLE, shared/answers.py). A reply that is merely too large is sent in parts, or answered with an
+error (workers).
 
 A dead letter is the original message, unchanged (key, value, Kafka headers), plus the DEAD_HEADER_*
 headers of shared/topics.py: the reason, in a code and in words, the destination it is to be replayed to,
@@ -27,6 +29,10 @@ from shared.contracts import now_ms
 from shared.kafka import DeliveryRefused, Headers, destinations, make_producer, send_and_wait, start_client
 
 log = logging.getLogger("switchyard.dead")
+
+UNREADABLE = "unreadable"
+"""The reason of a dead letter that is no message its stage can read (an envelope that does not validate
+and names no reply topic that exists); the broker's refusals have shared.kafka's REFUSED_* codes."""
 
 _DEAD_HEADERS = frozenset({topics.DEAD_HEADER_REASON, topics.DEAD_HEADER_ERROR, topics.DEAD_HEADER_TOPIC,
                            topics.DEAD_HEADER_PARTITION, topics.DEAD_HEADER_SERVICE, topics.DEAD_HEADER_TS,

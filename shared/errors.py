@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.contracts import MAX_JSON_DEPTH, json_depth_exceeds
+
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 _DEFAULT_TYPES = {
@@ -85,3 +87,18 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 
 def timeout_error(message: str = "The request exceeded its deadline.") -> GatewayError:
     return GatewayError(504, message, code="timeout")
+
+
+def too_deep(param: str | None) -> GatewayError:
+    """The 400 for a body nested past MAX_JSON_DEPTH; `param` is the top-level field holding the nesting."""
+    where = f" (in '{param}')" if param else ""
+    return invalid_request(f"The request body is nested too deeply{where}: objects and arrays may nest at most "
+                           f"{MAX_JSON_DEPTH} levels.", param=param, code="nesting_too_deep")
+
+
+def nesting_error(body: dict[str, Any]) -> GatewayError | None:
+    """`too_deep` for a body nested past MAX_JSON_DEPTH, naming the field that is; None for one that is not.
+    Ingress answers it before accepting a body, the router before routing a batch producer's envelope."""
+    if not json_depth_exceeds(body):
+        return None
+    return too_deep(next((k for k, v in body.items() if json_depth_exceeds(v, MAX_JSON_DEPTH - 1)), None))

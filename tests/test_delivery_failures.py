@@ -1,7 +1,8 @@
 """Messages the broker can never accept, dead letters, and rebalances, on the real stack (no Kafka mocks).
 
 - a refused send (too large, no such topic or partition) raises DeliveryRefused at once, never retried;
-- a reply over the 16 MiB limit is answered with a 413 and the worker keeps serving;
+- a reply over the 16 MiB limit is sent in parts (tests/test_oversized.py), and one no part of which the
+  reply topic accepts is a 413 there;
 - an envelope the worker fails on is answered with a 500, not redelivered into a crash loop;
 - batch envelopes whose reply topic or partition does not exist land in `llm.dead`, `switchyard dead list`
   shows them, `switchyard dead replay` delivers once the topic exists and reports a replay that fails again;
@@ -170,29 +171,6 @@ async def test_refused_sends_raise_at_once_without_retrying(stack: RunningStack)
         await send_and_wait(producer, topic, b"fine", partition=1)  # the producer is still good
     finally:
         await producer.stop()
-
-
-# ---- a reply over the limit --------------------------------------------------------------------------
-
-
-def test_an_embeddings_reply_over_the_limit_is_a_413_and_the_worker_carries_on(
-        stack: RunningStack, fakes: Fakes, restarts_before: dict[str, int]) -> None:
-    # 300 inputs x 4096 dimensions is about 22 MiB of JSON: more than a message may have (16 MiB).
-    body = {"model": "gpt-test", "input": [f"item {i}" for i in range(300)], "dimensions": 4096}
-    r = httpx.post(f"{stack.url}/v1/embeddings", json=body, headers=stack.headers(), timeout=120)
-    assert r.status_code == 413, r.text
-    err = r.json()["error"]
-    assert err["code"] == "reply_too_large"
-    assert f"{topics.MAX_MESSAGE_BYTES:,} bytes" in err["message"] and "fewer inputs" in err["message"]
-    size = int(err["message"].split(" bytes")[0].rsplit(" ", 1)[1].replace(",", ""))
-    assert size > topics.MAX_MESSAGE_BYTES
-    assert len(fakes.main.calls("/embeddings")) == 1  # answered, not redelivered and called again
-
-    r = httpx.post(f"{stack.url}/v1/embeddings", json={"model": "gpt-test", "input": ["a", "b"]},
-                   headers=stack.headers(), timeout=60)
-    assert r.status_code == 200, r.text
-    assert len(r.json()["data"]) == 2
-    assert restarts(stack) == restarts_before
 
 
 async def test_a_message_the_worker_fails_on_is_answered_not_redelivered(

@@ -47,6 +47,7 @@ from shared.batch import URL_KINDS, LineError, envelope_for, parse_line, result_
 from shared.db import batch_lines, batches, files, make_engine
 from shared.errors import GatewayError
 from shared.kafka import encode, ensure_topics, make_consumer, send, start_client
+from shared.parts import Assembler
 
 if TYPE_CHECKING:
     from services.ingress.app import Gateway
@@ -156,6 +157,8 @@ class BatchRun:
         self.engine = driver.engine
         self.topic = f"{topics.BATCH_REPLY_PREFIX}{batch_id}"
         self.answered: deque[tuple[float, int]] = deque()
+        self.assembler = Assembler()
+        """Holds the parts of answers too large for one message until their response arrives."""
 
     async def renew(self) -> Any:
         """Extend the lease; returns the batch row with `in_flight` and `unsent` line counts, or LeaseLost."""
@@ -251,13 +254,10 @@ class BatchRun:
         prefix = f"{self.id}-"
         answers: dict[int, tuple[str, bytes]] = {}
         for record in records:
-            try:
-                reply = terminal(record.value)
-            except ValueError:
-                log.warning("unreadable reply on a batch topic", extra={"batch_id": self.id})
-                continue
+            reply = terminal(record.value, self.assembler)
             if reply is None or not reply.id.startswith(prefix) or not reply.id[len(prefix):].isdigit():
                 continue
+            self.assembler.forget(reply.id)
             ok = reply.type == "response" and 200 <= reply.status < 300
             answers.setdefault(int(reply.id[len(prefix):]), (
                 "ok" if ok else "error", orjson.dumps({"status_code": reply.status, "body": reply.data})))

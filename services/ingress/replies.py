@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from shared.contracts import OUT_OF_BAND, REPLY_VERSION, Reply
 from shared.errors import GatewayError
 from shared.kafka import make_consumer, start_client, topic_partitions
+from shared.parts import join
 
 log = logging.getLogger("switchyard.ingress.replies")
 
@@ -34,6 +35,9 @@ class Pending:
     Within an attempt, only the provider call whose messages reached the caller first is followed:
     the same attempt called again (its first worker died before committing) answers differently, so
     a stream it interrupted ends with an error rather than with another generation's text.
+    A response sent in parts (shared/parts.py) is joined here, so callers only ever see it whole; while
+    nothing but parts has arrived, nothing has reached the caller either, so a call redone after a crash
+    simply replaces the parts of the one it redoes.
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -43,6 +47,8 @@ class Pending:
         self.next_seq = 0
         self.call: str | None = None
         self._ahead: dict[int, Reply] = {}
+        self._parts: list[Reply] = []
+        self._abandoned: set[str] = set()
         self.finished = False
 
     def offer(self, reply: Reply) -> None:
@@ -51,6 +57,7 @@ class Pending:
         if reply.attempt > self.attempt:
             self.attempt, self.next_seq, self.call = reply.attempt, 0, None
             self._ahead.clear()
+            self._parts.clear()
         if reply.seq >= OUT_OF_BAND:
             self._emit(reply)
             return
@@ -58,9 +65,15 @@ class Pending:
             if self.call is None:
                 self.call = reply.call
             elif reply.call != self.call:
-                if self.next_seq > 0:
+                if self.next_seq > len(self._parts):
                     self._emit(_interrupted(reply))
-                return
+                    return
+                if not self._parts or reply.seq != 0 or reply.call in self._abandoned:
+                    return
+                self._abandoned.add(self.call)  # the call was redone: follow the new one from its start
+                self.call, self.next_seq = reply.call, 0
+                self._parts.clear()
+                self._ahead.clear()
         if reply.seq < self.next_seq:
             return  # a duplicate delivery
         self._ahead[reply.seq] = reply
@@ -70,6 +83,11 @@ class Pending:
 
     def _emit(self, reply: Reply) -> None:
         """Queue a reply for the caller; a message of several stream chunks becomes one reply per chunk."""
+        if reply.type == "part":
+            self._parts.append(reply)
+            return
+        if reply.type == "response" and reply.parts:
+            reply = _joined(self._parts, reply)
         if reply.type in ("response", "end", "error"):
             self.finished = True
         elif self.queue.qsize() >= self.limit:
@@ -87,6 +105,18 @@ def _overflowed(reply: Reply) -> Reply:
                             "waiting for it, so the gateway ended it", code="stream_buffer_full", retry_after_s=1)
     return Reply(id=reply.id, attempt=reply.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
                  data=err.body(), headers=err.response_headers(), custom_id=reply.custom_id)
+
+
+def _joined(parts: list[Reply], response: Reply) -> Reply:
+    """The response its parts carry, or a 502 when they do not make one (never expected: logged)."""
+    try:
+        return join(parts, response)
+    except ValueError as e:
+        log.error("a reply's parts do not join", extra={"request_id": response.id, "error": str(e)})
+        err = GatewayError(502, "The answer to this request arrived incomplete; retry the request.",
+                           type="api_error", code="reply_incomplete")
+        return Reply(id=response.id, attempt=response.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
+                     data=err.body(), custom_id=response.custom_id)
 
 
 def _interrupted(reply: Reply) -> Reply:

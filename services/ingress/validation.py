@@ -14,8 +14,7 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.contracts import MAX_JSON_DEPTH, json_depth_exceeds
-from shared.errors import GatewayError, invalid_request
+from shared.errors import GatewayError, invalid_request, nesting_error, too_deep
 
 MAX_BODY_BYTES = int(os.environ.get("SWITCHYARD_MAX_BODY_BYTES", str(8 << 20)))
 
@@ -104,16 +103,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise invalid_request(f"The request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid_request("The request body must be a JSON object.", code="invalid_json")
-    if json_depth_exceeds(data):
-        raise too_deep(next((k for k, v in data.items() if json_depth_exceeds(v, MAX_JSON_DEPTH - 1)), None))
+    error = nesting_error(data)
+    if error is not None:
+        raise error
     return data
-
-
-def too_deep(param: str | None) -> GatewayError:
-    """The 400 for a body nested past MAX_JSON_DEPTH; `param` is the top-level field holding the nesting."""
-    where = f" (in '{param}')" if param else ""
-    return invalid_request(f"The request body is nested too deeply{where}: objects and arrays may nest at most "
-                           f"{MAX_JSON_DEPTH} levels.", param=param, code="nesting_too_deep")
 
 
 def validate(model: type[BaseModel], data: dict[str, Any]) -> BaseModel:

@@ -8,7 +8,10 @@ what was not committed is redelivered, and duplicates are dropped downstream by 
 
 An envelope's reply destination is checked before anything else: one naming a reply topic or
 partition that does not exist has nowhere to be answered, so it goes to the dead letters
-(`llm.dead`, shared/dead.py) with the reason, to be replayed once the topic exists.
+(`llm.dead`, shared/dead.py) with the reason, to be replayed once the topic exists. An envelope
+that does not validate (a batch producer's) is answered with a 400 where its id and reply topic
+can be read, else dead-lettered (shared/answers.py); one whose body nests deeper than ingress
+allows is answered with ingress's 400, before any provider call.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from pydantic import ValidationError
 from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import decide
 from shared import topics
+from shared.answers import answer, refuse_unreadable
 from shared.config import GatewayConfig, load_config, load_settings
-from shared.contracts import CONTRACT_VERSION, OUT_OF_BAND, AttemptEvent, Reply, RequestEnvelope, now_ms
-from shared.dead import bury, send_or_bury
-from shared.errors import GatewayError, timeout_error
+from shared.contracts import CONTRACT_VERSION, AttemptEvent, RequestEnvelope, now_ms
+from shared.dead import bury
+from shared.errors import GatewayError, nesting_error, timeout_error
 from shared.health import health_port_default, serve_health
 from shared.kafka import (
     BatchOffsets,
@@ -149,8 +153,9 @@ class Router:
     async def _route(self, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
             env = RequestEnvelope.model_validate_json(record.value)
-        except ValidationError as e:
-            log.error("dropping malformed envelope", extra={"error": str(e)[:500]})
+        except ValidationError as e:  # a batch producer's: answered where it can be, else dead-lettered
+            await refuse_unreadable(self.producer, record.value or b"", e, service=SERVICE, key=record.key,
+                                    headers=list(record.headers or ()))
             return
         try:
             await check_destination(self.producer, env.reply_topic, env.reply_partition)
@@ -161,6 +166,9 @@ class Router:
             return
         if env.v > CONTRACT_VERSION:
             return await self.answer(env, GatewayError(500, f"envelope version {env.v} is newer than this router"))
+        too_deep = nesting_error(env.body)  # ingress refuses these; a batch producer may not have
+        if too_deep is not None:
+            return await self.answer(env, too_deep)
         now = now_ms()
         if env.expired(now):
             return await self.answer(env, timeout_error())
@@ -188,12 +196,7 @@ class Router:
     async def answer(self, env: RequestEnvelope, err: GatewayError) -> Any:
         """The request's terminal answer, from the router: no deployment left, or its deadline passed.
         Dead-lettered if its reply destination vanished since it was checked."""
-        log.info("answering with error", extra={"request_id": env.id, "status": err.status, "code": err.code})
-        headers = err.response_headers()
-        reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
-                      data=err.body(), headers=headers, custom_id=env.custom_id)
-        return await send_or_bury(self.producer, env.reply_topic, encode(reply), key=env.id.encode(),
-                                  partition=env.reply_partition, service=SERVICE, request_id=env.id)
+        return await answer(self.producer, env, err, service=SERVICE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -290,5 +290,5 @@ def final_error(env: RequestEnvelope, out_of_time: bool = False) -> GatewayError
     if out_of_time and retryable(last):
         message = f"{message} (no deployment could take the request before its deadline)"
     route = f"group={env.model_group or env.model}; deployment={last.deployment}; attempt={len(env.history) - 1}"
-    return GatewayError(last.status, message, type=last.error_type, code=last.code,
+    return GatewayError(last.status, message, type=last.error_type, code=last.code, param=last.param,
                         retry_after_s=last.retry_after_s, headers={topics.HEADER_ROUTE: route})

@@ -11,7 +11,8 @@ counted. When the group rebalances, a worker cancels the work that has not begun
 the calls it has in flight (up to SWITCHYARD_WORKER_DRAIN_S) before giving its partitions up, so the
 next owner does not call again.
 
-A message never stops the process: a reply the broker refuses as too large is answered with a 413;
+A message never stops the process: a response too large for one message is sent in parts
+(shared/parts.py), and one past SWITCHYARD_MAX_REPLY_BYTES, or a chunk the broker refuses, with a 413;
 one whose topic or partition does not exist is dead-lettered (shared/dead.py); any other failure of
 one message becomes an error reply to its request. Only a broker that stays unreachable makes the
 worker exit, uncommitted, so the group redelivers what it held.
@@ -28,6 +29,7 @@ import uuid
 from typing import Any
 
 import httpx
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
@@ -38,6 +40,7 @@ from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
 from shared import topics
+from shared.answers import refuse_unreadable
 from shared.config import Deployment, GatewayConfig, load_config, load_settings
 from shared.contracts import (
     IN_DOUBT,
@@ -65,8 +68,10 @@ from shared.kafka import (
     make_producer,
     send_and_wait,
     start_client,
+    too_large,
 )
 from shared.logs import setup_logging
+from shared.parts import MAX_REPLY_BYTES, split
 from shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.worker")
@@ -258,9 +263,8 @@ class Worker:
     async def handle(self, raw: bytes) -> list[asyncio.Future[Any]]:
         try:
             env = RequestEnvelope.model_validate_json(raw)
-        except ValidationError as e:
-            log.error("dropping malformed envelope", extra={"error": str(e)[:300]})
-            return []
+        except ValidationError as e:  # never from a router: answered where it can be, else dead-lettered
+            return [asyncio.ensure_future(refuse_unreadable(self.producer, raw, e, service=self.service))]
         dep = self.config.deployment(env.deployment or "")
         if dep is None:
             err = GatewayError(500, f"deployment {env.deployment!r} is not configured on this worker",
@@ -356,13 +360,22 @@ class Worker:
         return asyncio.ensure_future(self._deliver_reply(env, reply))
 
     async def _deliver_reply(self, env: RequestEnvelope, reply: Reply, replaceable: bool = True) -> Any:
-        """Deliver a reply; one the broker refuses as too large becomes a 413 error reply in its place, and
+        """Deliver a reply; a response too large for one message goes in parts, anything else the broker
+        refuses as too large becomes a 413 error reply in its place, and
         one whose topic or partition does not exist goes to the dead letters (no error could reach the
         caller there either)."""
         value = encode(reply)
         try:
-            return await send_and_wait(self.producer, env.reply_topic, value, key=env.id.encode(),
-                                       partition=env.reply_partition)
+            if reply.type == "response" and len(value) >= topics.MAX_MESSAGE_BYTES:
+                return await self._deliver_in_parts(env, reply, len(value))
+            try:
+                return await send_and_wait(self.producer, env.reply_topic, value, key=env.id.encode(),
+                                           partition=env.reply_partition)
+            except DeliveryRefused as refused:
+                if refused.reason != REFUSED_TOO_LARGE or reply.type != "response":
+                    raise
+                # The reply topic takes less than ours do (a batch producer's, created with Kafka's defaults).
+                return await self._deliver_in_parts(env, reply, len(value))
         except DeliveryRefused as refused:
             if refused.reason == REFUSED_TOO_LARGE and replaceable:
                 log.warning("reply too large; answering with an error", extra={"request_id": env.id,
@@ -370,6 +383,22 @@ class Worker:
                 return await self._deliver_reply(env, _too_large_reply(env, reply, refused), replaceable=False)
             return await bury(self.producer, refused, value, key=env.id.encode(), service=self.service,
                               request_id=env.id)
+
+    async def _deliver_in_parts(self, env: RequestEnvelope, reply: Reply, size: int) -> Any:
+        """Deliver a response too large for one message as parts, then the response itself (shared/parts.py):
+        every part is acknowledged before the response goes, so a reader never meets a response whose parts
+        were refused. Over MAX_REPLY_BYTES it is refused as too large (the caller gets a 413)."""
+        log.info("reply too large for one message; sending it in parts", extra={"request_id": env.id,
+                                                                                "bytes": size})
+        data = orjson.dumps(reply.data)
+        if len(data) > MAX_REPLY_BYTES:
+            raise too_large(env.reply_topic, env.reply_partition, size, MAX_REPLY_BYTES)
+        *parts, whole = split(reply, data)
+        for part in parts:  # one at a time: a refusal is typed (DeliveryRefused) and nothing follows it
+            await send_and_wait(self.producer, env.reply_topic, encode(part), key=env.id.encode(),
+                                partition=env.reply_partition)
+        return await send_and_wait(self.producer, env.reply_topic, encode(whole), key=env.id.encode(),
+                                   partition=env.reply_partition)
 
     def _reply_error(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:
         reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
@@ -382,7 +411,8 @@ class Worker:
         nxt.attempt += 1
         nxt.not_before_ms = 0
         nxt.history.append(AttemptRecord(deployment=dep.id, status=err.status, error_type=err.type,
-                                         message=err.message, retry_after_s=err.retry_after_s, code=err.code))
+                                         message=err.message, retry_after_s=err.retry_after_s, code=err.code,
+                                         param=err.param))
         return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode())
 
     def _record(self, topic: str, message: UsageEvent | AttemptEvent, key: bytes) -> asyncio.Future[Any]:

@@ -174,8 +174,15 @@ def _read_ports(properties: Path) -> tuple[int, int] | None:
 
 
 def _cluster_id() -> str:
-    """A Kafka cluster id: a random UUID in URL-safe base64 without padding (what `StorageTool random-uuid` gives)."""
-    return urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: a random UUID in URL-safe base64 without padding (what `StorageTool random-uuid` gives).
+
+    Never one that starts with '-' (1 in 64 would): the storage tool's argument parser reads it as an option
+    and `up` failed to format the data folder. Kafka's own Uuid.randomUuid draws again in that case too.
+    """
+    while True:
+        found = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not found.startswith("-"):
+            return found
 
 
 class EmbeddedKafka:
