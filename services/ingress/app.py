@@ -35,6 +35,7 @@ from services.ingress.admin import add_admin_routes
 from services.ingress.auth import MASTER, Identity, bearer_token, is_master
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from services.ingress.hold import AdmissionHold
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
@@ -46,6 +47,7 @@ from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
 from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client, topic_partitions
+from shared.tansu import is_tansu
 from shared.tokens import estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress")
@@ -74,6 +76,10 @@ class Gateway:
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.hold = AdmissionHold()
+        """Held by `switchyard up` while it rotates the Tansu broker (services/ingress/hold.py)."""
+        if is_tansu():
+            self.hold.install()
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
@@ -164,7 +170,8 @@ class Gateway:
             await consumer.stop()
 
     async def publish_key_event(self, event: KeyEvent) -> None:
-        await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
+        async with self.hold.admitted():
+            await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
 
     async def authenticate(self, request: Request) -> Identity:
         token = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
@@ -223,7 +230,8 @@ class Gateway:
     async def submit(self, envelope: RequestEnvelope) -> Pending:
         """Register for the reply, then write the envelope and wait for the broker's acknowledgement."""
         value = encode(envelope)  # before the try: a body that cannot be encoded is not a broker outage
-        pending = self.replies.register(envelope.id)
+        async with self.hold.admitted():  # waits while `switchyard up` rotates the Tansu broker
+            pending = self.replies.register(envelope.id)
         try:
             fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode())
             await fut
@@ -327,8 +335,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """Liveness, and how many callers wait for a reply on this replica."""
-        return json_response({"status": "ok", "waiting": gateway.replies.waiting})
+        """Liveness, how many callers wait for a reply on this replica, and whether admissions are held
+        (services/ingress/hold.py)."""
+        return json_response({"status": "ok", "waiting": gateway.replies.waiting, "held": gateway.hold.held,
+                              "sending": gateway.hold.sending})
 
     @app.get("/ready")
     async def ready() -> Response:
