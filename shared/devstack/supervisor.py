@@ -13,6 +13,8 @@ Supervision, so that a local stack survives what the chaos tests do to it:
   while the children are paused (SIGSTOP/SIGCONT), so that none of them makes it auto-create a topic
   with its default partition count first, and their consumers read the new logs from their beginning
   (shared/tansu.py).
+- Tansu (no retention) is rotated, restarted empty, once its logs are large, at a moment when nothing
+  acknowledged is unprocessed (shared/devstack/tansu_rotation.py).
 - `.switchyard/stack.json` names every child's pid (rewritten on each restart), the broker's pid
   and the PostgreSQL data folder, so tests and operators can kill or stop exactly one process.
 """
