@@ -6,8 +6,10 @@ Tansu is an in-memory Kafka-protocol broker. Three of its habits need code that 
 - a restart loses every log: the supervisor re-creates the topics (`recreate_topics`), consumers
   positioned in the old logs read the new ones from the beginning (`RewindingConsumer`), and a batch
   job re-sends what its lost reply topic held (shared/batch.py asks `is_tansu()`);
-- it keeps every message in memory and slows down on long partitions; it has neither retention nor
-  DeleteRecords, so nothing bounds that yet (an open item of issue 10).
+- it keeps every message in memory and slows down on long partitions, and has neither retention nor
+  DeleteRecords: the supervisor rotates it (shared/devstack/tansu_rotation.py) once its logs hold
+  SWITCHYARD_TANSU_ROTATE_MESSAGES, when nothing acknowledged is left unprocessed (`unfinished`), while
+  ingress holds new admissions (HOLD_SIGNAL, services/ingress/hold.py).
 
 `is_tansu()` decides, from SWITCHYARD_BROKER (which `switchyard up` sets for every child) or, for the
 CLI next to a running stack, from `.switchyard/stack.json`. Anything else, an external cluster
@@ -20,6 +22,7 @@ import asyncio
 import functools
 import logging
 import os
+import signal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -31,6 +34,14 @@ BROKER_ENV = "SWITCHYARD_BROKER"
 
 TANSU_FETCH_WAIT_MS = 5
 """How long Tansu may hold an empty fetch of a latency-critical consumer: it answers only when the wait ends."""
+
+HOLD_SIGNAL = signal.SIGUSR1
+"""Sent by the supervisor to an ingress process: hold new admissions (they wait, they are not refused) for
+HOLD_TTL_S, or until RELEASE_SIGNAL; sent again, it extends the hold."""
+RELEASE_SIGNAL = signal.SIGUSR2
+"""Sent by the supervisor to an ingress process: let held admissions go."""
+HOLD_TTL_S = 10.0
+"""How long one HOLD_SIGNAL holds: a supervisor that dies mid-hold costs held requests this much at most."""
 
 
 @functools.cache
@@ -160,3 +171,75 @@ async def recreate_topics(bootstrap: str, wanted: dict[str, int]) -> None:
         await admin.close()
     if wrong:
         await ensure_topics(bootstrap, {name: wanted[name] for name in wrong})
+
+
+async def _highwaters(probe: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The exact end of each partition's log, from a fetch's high watermark. Tansu's ListOffsets may be a batch
+    behind (or more: 33 for 105 messages in batches), so it only tells where to fetch from: the fetch is small."""
+    probe.assign(tps)
+    for tp, end in (await probe.end_offsets(tps)).items():
+        probe.seek(tp, end)
+    while any(probe.highwater(tp) is None for tp in tps):
+        await probe.getmany(timeout_ms=100)
+    return {tp: probe.highwater(tp) for tp in tps}
+
+
+def _probe(bootstrap: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=5,
+                            client_id="switchyard-supervisor")
+
+
+async def log_messages(bootstrap: str, wanted: dict[str, int], timeout_s: float = 10.0) -> int:
+    """How many messages the broker's logs of `wanted` hold: what Tansu keeps in memory, and what makes its
+    fetches slow."""
+    from shared.kafka import topic_partitions
+
+    probe = _probe(bootstrap)
+    await asyncio.wait_for(probe.start(), timeout_s)
+
+    async def count() -> int:
+        tps = [tp for topic in wanted for tp in await topic_partitions(probe, topic, timeout_s)]
+        return sum((await _highwaters(probe, tps)).values())
+
+    try:
+        return await asyncio.wait_for(count(), timeout_s)
+    finally:
+        await probe.stop()
+
+
+async def unfinished(bootstrap: str, groups: dict[str, list[str]], timeout_s: float = 10.0) -> dict[str, int]:
+    """For each consumer group, how many messages of its topics it has not committed yet: all 0 when every
+    group is caught up, i.e. when every message it was given has been worked and what it owed acknowledged
+    (services commit only then, shared/kafka.py).
+
+    Committed offsets come from OffsetFetch, asked by a consumer of each group that never joins it (no
+    subscription, so no rebalance; the admin client's ListConsumerGroupOffsets fails against Tansu). The log
+    ends are exact (`_highwaters`): a ListOffsets a batch behind would make a group that is behind look
+    caught up.
+    """
+    from shared.kafka import topic_partitions
+
+    probe = _probe(bootstrap)
+    await asyncio.wait_for(probe.start(), timeout_s)
+
+    async def measure() -> dict[str, int]:
+        owned = {group: [tp for topic in names for tp in await topic_partitions(probe, topic, timeout_s)]
+                 for group, names in groups.items()}
+        committed: dict[str, dict[TopicPartition, int]] = {}
+        for group, tps in owned.items():
+            member = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                      client_id="switchyard-supervisor")
+            await member.start()
+            try:
+                found = await member._coordinator.fetch_committed_offsets(tps)
+            finally:
+                await member.stop()
+            committed[group] = {tp: meta.offset for tp, meta in found.items()}
+        ends = await _highwaters(probe, sorted({tp for tps in owned.values() for tp in tps}))
+        return {group: sum(max(0, ends[tp] - committed[group].get(tp, 0)) for tp in tps)
+                for group, tps in owned.items()}
+
+    try:
+        return await asyncio.wait_for(measure(), timeout_s)
+    finally:
+        await probe.stop()

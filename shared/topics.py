@@ -78,6 +78,26 @@ def all_topics(providers: list[str]) -> dict[str, int]:
     return topics
 
 
+ROUTER_GROUP = "router"
+"""The routers' consumer group (on REQUESTS)."""
+ACCOUNTING_GROUP = "accounting"
+"""Accounting's consumer group (on USAGE)."""
+
+
+def worker_group(provider: str) -> str:
+    """The consumer group of a provider's worker pool (on its two provider topics)."""
+    return f"workers.{provider}"
+
+
+def consumer_groups(providers: list[str]) -> dict[str, list[str]]:
+    """Every consumer group of a stack serving `providers`, with the topics it consumes: what must be caught
+    up before nothing acknowledged is left unprocessed (the Tansu rotation checks it)."""
+    groups = {ROUTER_GROUP: [REQUESTS], ACCOUNTING_GROUP: [USAGE]}
+    for provider in providers:
+        groups[worker_group(provider)] = [provider_topic(provider), provider_topic(provider, batch=True)]
+    return groups
+
+
 # Kafka headers of a dead letter on DEAD (values are UTF-8); the message keeps its own key, value and headers.
 DEAD_HEADER_REASON = "x-dead-reason"
 """Why it could not be delivered, as a stable code (shared.kafka.REFUSED_*)."""

@@ -46,8 +46,8 @@ class Accounting:
         if not database_url:
             raise SystemExit("accounting needs DATABASE_URL (or a stack started by `switchyard up` here)")
         self.engine = make_engine(database_url)
-        self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id="accounting",
-                                                        group_instance_id=group_instance_id("accounting"),
+        self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=topics.ACCOUNTING_GROUP,
+                                                        group_instance_id=group_instance_id(topics.ACCOUNTING_GROUP),
                                                         tansu_fetch_wait_ms=100, max_poll_records=BATCH_MAX,
                                                         **lagging_fetch(250))
         self.offsets = BatchOffsets(self.consumer)

@@ -40,6 +40,7 @@ from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
 from services.ingress.files import add_file_routes
 from services.ingress.hardening import HardeningMiddleware, echo
+from services.ingress.hold import AdmissionHold
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
@@ -52,6 +53,7 @@ from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
 from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client, topic_partitions
+from shared.tansu import is_tansu
 from shared.tokens import estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress")
@@ -84,6 +86,10 @@ class Gateway:
         self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
         self.batch_driver: BatchDriver | None = None
+        self.hold = AdmissionHold()
+        """Held by `switchyard up` while it rotates the Tansu broker (services/ingress/hold.py)."""
+        if is_tansu():
+            self.hold.install()
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
@@ -177,7 +183,8 @@ class Gateway:
             await consumer.stop()
 
     async def publish_key_event(self, event: KeyEvent) -> None:
-        await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
+        async with self.hold.admitted():
+            await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
 
     async def authenticate(self, request: Request) -> Identity:
         """The caller's identity; failures are counted and throttled per client address (AuthFailures)."""
@@ -249,7 +256,8 @@ class Gateway:
     async def submit(self, envelope: RequestEnvelope) -> Pending:
         """Register for the reply, then write the envelope and wait for the broker's acknowledgement."""
         value = encode(envelope)  # before the try: a body that cannot be encoded is not a broker outage
-        pending = self.replies.register(envelope.id)
+        async with self.hold.admitted():  # waits while `switchyard up` rotates the Tansu broker
+            pending = self.replies.register(envelope.id)
         try:
             fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode())
             await fut
@@ -354,8 +362,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """Liveness, and how many callers wait for a reply on this replica."""
-        return json_response({"status": "ok", "waiting": gateway.replies.waiting})
+        """Liveness, how many callers wait for a reply on this replica, and whether admissions are held
+        (services/ingress/hold.py)."""
+        return json_response({"status": "ok", "waiting": gateway.replies.waiting, "held": gateway.hold.held,
+                              "sending": gateway.hold.sending})
 
     @app.get("/ready")
     async def ready() -> Response:

@@ -63,8 +63,8 @@ class Router:
         self.health = HealthBook(BreakerSettings.from_env())
         self.rng = random.Random()
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
-        self.requests: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id="router",
-                                                       group_instance_id=group_instance_id("router"))
+        self.requests: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=topics.ROUTER_GROUP,
+                                                       group_instance_id=group_instance_id(topics.ROUTER_GROUP))
         self.offsets = BatchOffsets(self.requests)
         self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=50,
                                                      **lagging_fetch(50, 16 << 10))

@@ -100,7 +100,7 @@ class Worker:
         self.adapter = get_adapter(provider)
         self.config = config
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
-        group = f"workers.{provider}"
+        group = topics.worker_group(provider)
         # The rebalance timeout covers the drain (see `drain`), so the coordinator never evicts a worker that is
         # finishing its calls and hands their partitions to a new owner that would call again.
         self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=group,

@@ -13,6 +13,8 @@ Supervision, so that a local stack survives what the chaos tests do to it:
   while the children are paused (SIGSTOP/SIGCONT), so that none of them makes it auto-create a topic
   with its default partition count first, and their consumers read the new logs from their beginning
   (shared/tansu.py).
+- Tansu (no retention) is rotated, restarted empty, once its logs are large, at a moment when nothing
+  acknowledged is unprocessed (shared/devstack/tansu_rotation.py).
 - `.switchyard/stack.json` names every child's pid (rewritten on each restart), the broker's pid
   and the PostgreSQL data folder, so tests and operators can kill or stop exactly one process.
 """
@@ -27,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from shared.config import STATE_DIR, ConfigError, config_path, load_config, stac
 from shared.db import upgrade
 from shared.devstack.broker import EmbeddedBroker, choose_broker, free_port, wait_port
 from shared.devstack.postgres import EmbeddedPostgres
+from shared.devstack.tansu_rotation import Ingress, TansuRotation
 from shared.kafka import REPLICA_ENV, ensure_topics
 from shared.tansu import BROKER_ENV, recreate_topics
 
@@ -82,6 +86,8 @@ class Stack:
     topics: dict[str, int] = field(default_factory=dict)
     """The topics (and partition counts) this stack needs: re-created when the embedded broker restarts."""
     broker_restarts: int = 0
+    rotation: TansuRotation | None = None
+    """Tansu only: restarts the broker empty once its logs are large (shared/devstack/tansu_rotation.py)."""
 
     def publish(self) -> None:
         """Rewrite stack.json with the current pids (after a start or any restart)."""
@@ -90,6 +96,8 @@ class Stack:
         data["restarts"] = {c.name: c.total_restarts for c in self.children}
         if self.broker is not None and self.broker.proc is not None:
             data["broker"] = {"pid": self.broker.proc.pid, "kind": self.broker.kind, "restarts": self.broker_restarts}
+        if self.rotation is not None:
+            data["tansu_rotation"] = self.rotation.status()
         if self.postgres is not None:
             data["postgres"] = {"data": str(self.postgres.data), "port": self.postgres.port,
                                 "bin": str(self.postgres.bin)}
@@ -172,6 +180,8 @@ def up(args: Any) -> int:
         bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
         stack.topics = topics.all_topics(config.providers())
         asyncio.run(_prepare(bootstrap, env["DATABASE_URL"], stack.topics))
+        if stack.broker is not None and stack.broker.loses_data:
+            stack.rotation = TansuRotation.from_env(bootstrap, stack.topics, topics.consumer_groups(config.providers()))
         ingress_url = f"http://{_client_host(args.host)}:{args.port}"
         stack.info = {
             "bootstrap_servers": bootstrap, "database_url": env["DATABASE_URL"], "ingress_url": ingress_url,
@@ -283,6 +293,10 @@ def _supervise(stack: Stack) -> None:
                 and not stack.stopping):
             _restart_broker(stack)
             restarted = True
+        elif stack.rotation is not None and stack.broker is not None and stack.broker.proc is not None \
+                and not stack.stopping:
+            restarted = stack.rotation.tick(_ingresses(stack), stack.broker.proc.pid,
+                                            lambda still_idle: _rotate_broker(stack, still_idle)) or restarted
         if restarted:
             stack.publish()
         time.sleep(0.2)
@@ -301,7 +315,39 @@ def _signal_children(stack: Stack, sig: int) -> None:
                 os.killpg(child.proc.pid, sig)  # each child leads its own session (start_new_session)
 
 
-def _restart_broker(stack: Stack) -> None:
+def _ingresses(stack: Stack) -> list[Ingress]:
+    """Each ingress replica's URL and live process (children `ingress-<i>` serve `ingress_urls[i]`)."""
+    urls = stack.info.get("ingress_urls") or []
+    children = {c.name: c for c in stack.children}
+    out = []
+    for i, url in enumerate(urls):
+        child = children.get(f"ingress-{i}")
+        pid = child.proc.pid if child is not None and child.proc is not None and child.alive() else None
+        out.append(Ingress(url, pid))
+    return out
+
+
+def _rotate_broker(stack: Stack, still_idle: Callable[[], bool]) -> bool:
+    """Restart Tansu empty, if `still_idle()` says so once the services are paused (see TansuRotation)."""
+    broker = stack.broker
+    assert broker is not None and broker.proc is not None
+    _signal_children(stack, signal.SIGSTOP)
+    try:
+        if not still_idle():
+            return False
+        broker.proc.terminate()
+        try:
+            broker.proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            broker.proc.kill()
+            broker.proc.wait()
+        _restart_broker(stack, rotating=True)
+        return not stack.stopping
+    finally:
+        _signal_children(stack, signal.SIGCONT)
+
+
+def _restart_broker(stack: Stack, rotating: bool = False) -> None:
     """Bring the embedded broker back on the same address (children keep their bootstrap address).
 
     Apache Kafka recovers its log from disk; the services reconnect by themselves. Tansu comes back
@@ -313,13 +359,14 @@ def _restart_broker(stack: Stack) -> None:
     code = broker.proc.returncode
     lost = (" It keeps its data in memory: topics, in-flight requests and unstored usage are lost (development "
             "only)." if broker.loses_data else "")
-    print(f"switchyard: the embedded broker exited ({code}); restarting it on {broker.bootstrap}.{lost}",
-          file=sys.stderr, flush=True)
+    if not rotating:
+        print(f"switchyard: the embedded broker exited ({code}); restarting it on {broker.bootstrap}.{lost}",
+              file=sys.stderr, flush=True)
     if broker.loses_data:
         _signal_children(stack, signal.SIGSTOP)
     try:
         broker.start()
-        stack.broker_restarts += 1
+        stack.broker_restarts += 0 if rotating else 1
         if broker.loses_data:
             asyncio.run(recreate_topics(broker.bootstrap, stack.topics))
         print(f"switchyard: the embedded broker is back on {broker.bootstrap}; the services resume by themselves",
