@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.contracts import IN_DOUBT
@@ -49,8 +49,9 @@ def _column(by: str) -> Any:
     raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, not {by!r}")
 
 
-async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d") -> list[dict[str, Any]]:
-    """Requests, tokens and USD per group since a point in time, most expensive first."""
+async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d",
+                until: str | None = None) -> list[dict[str, Any]]:
+    """Requests, tokens and USD per group since a point in time (and before `until`), most expensive first."""
     col = _column(by).label("group")
     query = (
         select(
@@ -64,6 +65,7 @@ async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d") -> l
             func.count().filter(usage.c.status == IN_DOUBT).label("in_doubt"),
         )
         .where(usage.c.ts >= parse_since(since))
+        .where(usage.c.ts < parse_since(until) if until else true())
         .group_by(col)
         .order_by(func.sum(usage.c.cost_usd).desc(), col)
     )

@@ -58,6 +58,8 @@ ROUTES = [
     "POST /v1/files", "GET /v1/files", "GET /v1/files/{file_id}", "DELETE /v1/files/{file_id}",
     "GET /v1/files/{file_id}/content", "POST /v1/batches", "GET /v1/batches", "GET /v1/batches/{batch_id}",
     "POST /v1/batches/{batch_id}/cancel",
+    "GET /v1/dashboard/overview", "GET /v1/dashboard/spend", "GET /v1/dashboard/providers", "GET /v1/dashboard/keys",
+    "GET /v1/dashboard/requests", "GET /v1/dashboard/requests/{request_id}",
 ]
 """Every public operation: the served document must list exactly these (a new route must be added here)."""
 

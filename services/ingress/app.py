@@ -47,6 +47,8 @@ from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.responses import SettlingStream, error_response, header_value, json_response, safe_headers
 from services.ingress.responses_routes import Pipeline, add_responses_routes
+from services.ingress.ui.routes import add_ui_routes
+from services.ingress.ui.session import session_identity
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
 from shared import topics
 from shared.config import GatewayConfig, Settings
@@ -198,6 +200,8 @@ class Gateway:
             raise
 
     async def _authenticate(self, request: Request) -> Identity:
+        if (session := session_identity(request, self.settings.master_key)) is not None:  # the dashboard's cookie
+            return session
         token = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if is_master(token, self.settings.master_key):
             return Identity(key_id=MASTER, is_master=True)
@@ -412,6 +416,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     add_admin_routes(app, gateway)
     add_file_routes(app, gateway)
     add_batch_routes(app, gateway)
+    add_ui_routes(app, gateway)
 
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                       stream: bool) -> InFlight:
