@@ -22,7 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REAL
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, REAL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from shared.config import asyncpg_url
@@ -120,7 +120,7 @@ response_cache = Table(
     Column("model_group", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
-    Column("entry", JSONB, nullable=False),
+    Column("entry", JSON, nullable=False),
     Column("size_bytes", Integer, nullable=False),
 )
 """The response cache (services/ingress/cache_store.py): one row per (tenant scope, exact request key)."""

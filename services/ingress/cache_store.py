@@ -55,7 +55,7 @@ _PUT = text("""
 INSERT INTO response_cache (scope, exact_key, semantic_key, embedding, model_group, created_at, expires_at,
                             entry, size_bytes)
 VALUES (:scope, :key, :semantic_key, CAST(:vector AS real[]), :model_group, now(),
-        now() + make_interval(secs => CAST(:ttl AS float8)), CAST(:entry AS jsonb), :size)
+        now() + make_interval(secs => CAST(:ttl AS float8)), CAST(:entry AS json), :size)
 ON CONFLICT (scope, exact_key) DO UPDATE SET
   semantic_key = excluded.semantic_key, embedding = excluded.embedding, model_group = excluded.model_group,
   created_at = excluded.created_at, expires_at = excluded.expires_at, entry = excluded.entry,
@@ -91,7 +91,7 @@ class CacheStore:
         async with self.engine.connect() as conn:
             row = (await conn.execute(_GET_EXACT, {"scope": scope, "key": key,
                                                    "max_age": _max_age(max_age_s)})).first()
-        return Found(dict(row.entry)) if row is not None else None
+        return Found(_decoded(row.entry)) if row is not None else None
 
     async def get_semantic(self, scope: str, key: str, vector: list[float], threshold: float,
                            max_age_s: float | None) -> Found | None:
@@ -101,7 +101,7 @@ class CacheStore:
                   "max_age": _max_age(max_age_s), "candidates": candidates}
         async with self.engine.connect() as conn:
             row = (await conn.execute(_GET_SEMANTIC, params)).first()
-        return Found(dict(row.entry), float(row.sim)) if row is not None else None
+        return Found(_decoded(row.entry), float(row.sim)) if row is not None else None
 
     async def put(self, scope: str, key: str, semantic_key: str | None, vector: list[float] | None,
                   model_group: str, ttl_s: float, entry: dict[str, Any]) -> bool:
@@ -125,3 +125,8 @@ class CacheStore:
 
 def _max_age(max_age_s: float | None) -> float:
     return NO_MAX_AGE_S if max_age_s is None else max_age_s
+
+
+def _decoded(entry: Any) -> dict[str, Any]:
+    """The stored entry (a `json` column: text as stored, so a replay keeps the original key order)."""
+    return dict(orjson.loads(entry) if isinstance(entry, (str, bytes)) else entry)

@@ -6,7 +6,7 @@ Revises: 0005
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REAL
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, REAL
 
 revision = "0006_cache"
 down_revision = "0005"
@@ -27,7 +27,7 @@ def upgrade() -> None:
         sa.Column("model_group", sa.Text, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("entry", JSONB, nullable=False),
+        sa.Column("entry", JSON, nullable=False),  # json, not jsonb: a replay keeps the original key order
         sa.Column("size_bytes", sa.Integer, nullable=False),
     )
     # A semantic lookup reads the newest entries of one (scope, context) only: this index bounds it.
