@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import asyncpg
 import httpx
 import openai
@@ -416,3 +417,30 @@ def test_store_down_still_answers(cstack: RunningStack, providers: Providers, tm
         assert provider_calls(providers) == 3
     finally:
         cut_off.stop()
+
+
+def test_other_routes_share_the_cache(cstack: RunningStack, providers: Providers) -> None:
+    """/v1/completions and the Anthropic /v1/messages go through the same cache (and the same header)."""
+    prompt = unique("Write a haiku about rivers.")
+    legacy = {"model": "cached", "prompt": prompt, "max_tokens": 30}
+    first = httpx.post(f"{cstack.url}/v1/completions", json=legacy, headers=cstack.headers(), timeout=60)
+    assert first.status_code == 200 and first.headers["x-switchyard-cache"] == "miss"
+    wait_for("the legacy answer's entry", lambda: sql(
+        cstack, "SELECT 1 FROM response_cache WHERE entry->'response'->>'id' = $1",
+        first.json()["id"].replace("cmpl-", "chatcmpl-", 1)))
+    again = httpx.post(f"{cstack.url}/v1/completions", json=legacy, headers=cstack.headers(), timeout=60)
+    assert again.headers["x-switchyard-cache"] == "hit" and again.json()["choices"] == first.json()["choices"]
+    client = anthropic.Anthropic(base_url=cstack.url, api_key=MASTER_KEY, max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": unique("Hi Claude")}]
+    one = client.messages.with_raw_response.create(model="cached", max_tokens=40, messages=messages)
+    assert one.headers["x-switchyard-cache"] == "miss"
+    text = one.parse().content[0].text  # type: ignore[union-attr]
+    wait_for("the messages answer's entry", lambda: sql(
+        cstack, "SELECT 1 FROM response_cache WHERE entry->'response'->'choices'->0->'message'->>'content' = $1",
+        text))
+    two = client.messages.with_raw_response.create(model="cached", max_tokens=40, messages=messages)
+    assert two.headers["x-switchyard-cache"] == "hit"
+    assert two.parse().content[0].text == text  # type: ignore[union-attr]
+    with client.messages.stream(model="cached", max_tokens=40, messages=messages) as stream:
+        assert "".join(stream.text_stream) == text
+    assert provider_calls(providers) == 2

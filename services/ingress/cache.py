@@ -112,7 +112,11 @@ class ResponseCache:
         assert group is not None
         control = cache_control(headers.get(topics.HEADER_CACHE_CONTROL))
         started = time.perf_counter()
-        found = await self._find(identity, envelope, group, control)
+        try:
+            found = await self._find(identity, envelope, group, control)
+        except Exception:  # a bug or an unreadable entry: the request goes on as a miss, never fails here
+            log.exception("cache lookup failed; answering as a miss", extra={"request_id": envelope.id})
+            found = Lookup("miss")
         if isinstance(found.pending, ReplayPending):  # the usage row is written when the hit is served
             latency_ms = (time.perf_counter() - started) * 1000
             found.pending.on_served = lambda: self._publish_hit(identity, envelope, found, latency_ms)
