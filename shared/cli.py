@@ -136,15 +136,19 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def _print_table(rows: list[dict[str, Any]], by: str) -> None:
-    cols = [by, "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "errors", "in_doubt"]
-    cells = [[str(r.get(c) if r.get(c) is not None else "-") if c != "cost_usd" else f"{r[c]:.6f}" for c in cols]
+    cols = [by, "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "errors", "in_doubt",
+            "cache_hits", "saved_usd"]
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") if c not in ("cost_usd", "saved_usd")
+              else f"{r.get(c) or 0:.6f}" for c in cols]
              for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     total = sum(r["cost_usd"] for r in rows)
-    print(f"total  ${total:.6f}  over {sum(r['requests'] for r in rows)} requests")
+    hits, saved = sum(r.get("cache_hits", 0) for r in rows), sum(r.get("saved_usd", 0) for r in rows)
+    print(f"total  ${total:.6f}  over {sum(r['requests'] for r in rows)} requests  "
+          f"(cache: {hits} hits saved ${saved:.6f})")
 
 
 def cmd_spend(args: argparse.Namespace) -> int:

@@ -77,6 +77,10 @@ class ModelGroup(BaseModel):
     fallbacks: list[str] = Field(default_factory=list)
     context_window_fallback: str | None = None
     content_policy_fallback: str | None = None
+    cache: bool = False
+    """Answers of this group are cached (see `cache:` at the top level); groups opt in."""
+    cache_ttl_s: float | None = Field(default=None, gt=0)
+    """This group's time to live of a cache entry, instead of `cache.ttl_s`."""
 
     @model_validator(mode="after")
     def _name_deployments(self) -> ModelGroup:
@@ -113,11 +117,40 @@ class RouteRule(BaseModel):
         return value
 
 
+class SemanticCacheConfig(BaseModel):
+    """Semantic matching of the last user message; without it the cache matches exactly only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_model: str = Field(min_length=1)
+    """A model group of this config, called through Switchyard's own pipeline."""
+    threshold: float = Field(default=0.95, gt=0, le=1)
+    """Cosine similarity needed for a hit."""
+    max_candidates: int = Field(default=64, ge=1, le=10_000)
+    """The most recent entries of one context that a semantic lookup compares against."""
+
+
+class CacheConfig(BaseModel):
+    """The response cache (services/ingress/cache.py): stored in PostgreSQL, shared by every ingress replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: float = Field(default=3600.0, gt=0)
+    semantic: SemanticCacheConfig | None = None
+    max_entries: int = Field(default=100_000, ge=1)
+    """The store keeps at most this many entries (the oldest go first)."""
+    max_entry_bytes: int = Field(default=1 << 20, ge=1024)
+    """Answers larger than this (serialised) are not stored."""
+    lookup_timeout_s: float = Field(default=1.0, gt=0)
+    """A lookup that takes longer is a miss (the store is slow or down)."""
+
+
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelGroup] = Field(default_factory=list)
     routing_rules: list[RouteRule] = Field(default_factory=list)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _check_names(self) -> GatewayConfig:
@@ -137,6 +170,9 @@ class GatewayConfig(BaseModel):
         for r in self.routing_rules:
             if r.route_to not in known:
                 raise ValueError(f"routing rule {r.name or r.route_to!r} routes to unknown model {r.route_to!r}")
+        if self.cache.semantic and self.cache.semantic.embedding_model not in known:
+            raise ValueError(f"cache.semantic.embedding_model {self.cache.semantic.embedding_model!r} is not a "
+                             "model group of this config")
         return self
 
     def group(self, name: str) -> ModelGroup | None:

@@ -193,6 +193,9 @@ class UsageEvent(BaseModel):
     priority: Priority = "interactive"
     redelivered: bool = False
     """Set by accounting, never by workers: not the first call stored for this attempt."""
+    cache_hit: bool = False
+    """Answered from the response cache (by ingress, no provider call): stored at cost 0, with the cost the
+    provider call that produced the entry would have had (`usage`, `provider`, `provider_model`) as saved."""
 
 
 class AttemptEvent(BaseModel):

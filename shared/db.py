@@ -22,7 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, REAL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from shared.config import asyncpg_url
@@ -59,6 +59,8 @@ usage = Table(
     Column("latency_ms", Float, nullable=False),
     Column("priority", Text, nullable=False),
     Column("redelivered", Boolean, nullable=False),
+    Column("cache_hit", Boolean, nullable=False, server_default="false"),
+    Column("cost_saved_usd", Numeric(20, 10), nullable=False, server_default="0"),
 )
 
 
@@ -107,6 +109,21 @@ spend_totals = Table(
     Column("tokens", BigInteger, nullable=False),
     Column("requests", BigInteger, nullable=False),
 )
+
+response_cache = Table(
+    "response_cache",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("exact_key", Text, primary_key=True),
+    Column("semantic_key", Text),
+    Column("embedding", ARRAY(REAL)),
+    Column("model_group", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("entry", JSON, nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+)
+"""The response cache (services/ingress/cache_store.py): one row per (tenant scope, exact request key)."""
 
 rate_counters = Table(
     "rate_counters",

@@ -51,7 +51,9 @@ def _column(by: str) -> Any:
 
 async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d",
                 until: str | None = None) -> list[dict[str, Any]]:
-    """Requests, tokens and USD per group since a point in time (and before `until`), most expensive first."""
+    """Requests, tokens and USD per group since a point in time (and before `until`), most expensive first;
+    `cache_hits` counts the requests the response cache answered (cost 0, no tokens) and `saved_usd` what
+    their provider calls cost."""
     col = _column(by).label("group")
     query = (
         select(
@@ -63,6 +65,8 @@ async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d",
             func.coalesce(func.sum(usage.c.cost_usd), 0).label("cost_usd"),
             func.count().filter(usage.c.ok.is_(False), usage.c.status != IN_DOUBT).label("errors"),
             func.count().filter(usage.c.status == IN_DOUBT).label("in_doubt"),
+            func.count().filter(usage.c.cache_hit.is_(True)).label("cache_hits"),
+            func.coalesce(func.sum(usage.c.cost_saved_usd), 0).label("saved_usd"),
         )
         .where(usage.c.ts >= parse_since(since))
         .where(usage.c.ts < parse_since(until) if until else true())
@@ -76,7 +80,9 @@ async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d",
         item = dict(row)
         item[by] = item.pop("group")
         item["cost_usd"] = float(Decimal(item["cost_usd"]))
-        for k in ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "errors", "in_doubt"):
+        item["saved_usd"] = float(Decimal(item["saved_usd"]))
+        for k in ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "errors", "in_doubt",
+                  "cache_hits"):
             item[k] = int(item[k])
         out.append(item)
     return out

@@ -11,6 +11,7 @@ by start time is marked `redelivered`, whatever order the rows arrive in.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
@@ -18,13 +19,16 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.accounting.budgets import update_totals
-from shared.contracts import IN_DOUBT, KeyEvent, UsageEvent
+from shared.contracts import IN_DOUBT, KeyEvent, Usage, UsageEvent
 from shared.db import usage
 from shared.pricing import cost
 
 
 def to_row(event: UsageEvent) -> dict[str, Any]:
     usd, priced = cost(event.provider, event.provider_model, event.usage)
+    saved, tokens = (usd, Usage()) if event.cache_hit else (Decimal(0), event.usage)
+    if event.cache_hit:  # answered by the cache: no provider tokens, no cost; what the call would have cost is saved
+        usd = Decimal(0)
     meta = event.metadata
     return {
         "event_id": event.event_id,
@@ -42,10 +46,10 @@ def to_row(event: UsageEvent) -> dict[str, Any]:
         "project": meta.get("project"),
         "user_id": meta.get("user"),
         "metadata": meta,
-        "prompt_tokens": event.usage.prompt_tokens,
-        "completion_tokens": event.usage.completion_tokens,
-        "cached_tokens": event.usage.cached_tokens,
-        "reasoning_tokens": event.usage.reasoning_tokens,
+        "prompt_tokens": tokens.prompt_tokens,
+        "completion_tokens": tokens.completion_tokens,
+        "cached_tokens": tokens.cached_tokens,
+        "reasoning_tokens": tokens.reasoning_tokens,
         "cost_usd": usd,
         "priced": priced,
         "status": event.status,
@@ -54,6 +58,8 @@ def to_row(event: UsageEvent) -> dict[str, Any]:
         "latency_ms": event.latency_ms,
         "priority": event.priority,
         "redelivered": event.redelivered,
+        "cache_hit": event.cache_hit,
+        "cost_saved_usd": saved,
     }
 
 

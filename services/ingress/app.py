@@ -36,6 +36,7 @@ from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
 from services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
 from services.ingress.batch_driver import BatchDriver
 from services.ingress.batches import add_batch_routes
+from services.ingress.cache import ResponseCache
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
 from services.ingress.files import add_file_routes
@@ -74,6 +75,7 @@ class Gateway:
 
     producer: AIOKafkaProducer
     replies: ReplyListener
+    cache: ResponseCache
 
     def __init__(self, settings: Settings, config: GatewayConfig, reply_partition: int) -> None:
         self.settings = settings
@@ -98,6 +100,8 @@ class Gateway:
         self.producer = make_producer(self.settings.bootstrap_servers)
         self.replies = ReplyListener(self.settings.bootstrap_servers, topics.REPLIES, self.reply_partition)
         await start_client(self.producer, "ingress-producer")
+        self.cache = ResponseCache(self.config, self.settings.database_url, self)
+        self.cache.start()
         if self.settings.database_url:
             # Nothing here waits for PostgreSQL: the keys load in the background (see `ready`).
             self.keys = KeyStore(self.engine(), key_hash_secret(self.settings), request_engine=self.request_engine())
@@ -117,6 +121,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await self.replies.stop()
+        await self.cache.close()
         await self.producer.stop()
         for engine in (self._engine, self._request_engine):
             if engine is not None:
@@ -437,13 +442,22 @@ def create_app(gateway: Gateway) -> FastAPI:
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
             route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
         )
+        cached = await gateway.cache.lookup(request.headers, identity, envelope) \
+            if gateway.cache.enabled(model) else None
         estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
         call = InFlight(envelope, identity, estimate)
+        if cached is not None:
+            request.state.extra_headers.update(cached.headers)
+            if cached.pending is not None:  # a hit: answered from the cache, nothing goes to Kafka
+                call.pending = cached.pending
+                return call
         try:
             call.pending = await gateway.submit(envelope)
         except GatewayError:
             gateway.finish(identity, estimate, None)
             raise
+        if cached is not None:
+            call.pending = gateway.cache.recording(call.pending, cached)
         return call
 
     async def _first(call: InFlight) -> Reply:
