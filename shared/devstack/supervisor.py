@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from shared import topics
 from shared.config import STATE_DIR, ConfigError, config_path, load_config, stack_file
-from shared.db import upgrade
+from shared.devstack import probe
 from shared.devstack.broker import EmbeddedBroker, choose_broker, free_port, wait_port
 from shared.devstack.postgres import EmbeddedPostgres
 from shared.devstack.tansu_rotation import Ingress, TansuRotation
@@ -179,7 +178,7 @@ def up(args: Any) -> int:
             _say(f"provider    no models configured: `demo` is served by the built-in fake on port {port}")
         bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
         stack.topics = topics.all_topics(config.providers())
-        asyncio.run(_prepare(bootstrap, env["DATABASE_URL"], stack.topics))
+        _prepare(bootstrap, env["DATABASE_URL"], stack.topics, env)
         if stack.broker is not None and stack.broker.loses_data:
             stack.rotation = TansuRotation.from_env(bootstrap, stack.topics, topics.consumer_groups(config.providers()))
         ingress_url = f"http://{_client_host(args.host)}:{args.port}"
@@ -237,9 +236,14 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-async def _prepare(bootstrap: str, database_url: str, wanted: dict[str, int]) -> None:
-    await ensure_topics(bootstrap, wanted)
-    await upgrade(database_url)
+def _prepare(bootstrap: str, database_url: str, wanted: dict[str, int], env: dict[str, str]) -> None:
+    """Create the topics, and migrate the database in a child process (`switchyard migrate`), so SQLAlchemy
+    and Alembic never take up the long-lived supervisor's memory."""
+    asyncio.run(ensure_topics(bootstrap, wanted))
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env={**env, "DATABASE_URL": database_url},
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"database migration failed: {(result.stderr or result.stdout).strip()[-2000:]}")
 
 
 def _write_stack(path: Path, data: dict[str, Any]) -> None:
@@ -262,12 +266,9 @@ def _wait_ready(stack: Stack, urls: list[str], timeout_s: float = 60.0) -> None:
         for child in stack.children:
             if child.proc is not None and child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}")
-        try:
-            if httpx.get(f"{pending[0]}/ready", timeout=1.0).status_code == 200:
-                pending.pop(0)
-                continue
-        except httpx.HTTPError:
-            pass
+        if probe.get(f"{pending[0]}/ready")[0] == 200:
+            pending.pop(0)
+            continue
         time.sleep(0.1)
 
 

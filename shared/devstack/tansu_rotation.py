@@ -36,8 +36,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
-
+from shared.devstack import probe
 from shared.tansu import HOLD_SIGNAL, HOLD_TTL_S, RELEASE_SIGNAL, log_messages, unfinished
 
 ROTATE_ENV = "SWITCHYARD_TANSU_ROTATE_MESSAGES"
@@ -211,9 +210,8 @@ class TansuRotation:
         """
         idle, busy = True, 0
         for ingress in ingresses:
-            try:
-                health = httpx.get(f"{ingress.url}/health", timeout=1.0).json()
-            except (httpx.HTTPError, ValueError):
+            status, health = probe.get(f"{ingress.url}/health")
+            if status != 200 or not isinstance(health, dict):
                 idle = False
                 continue
             if ingress.pid is not None:
