@@ -59,6 +59,7 @@ usage = Table(
     Column("latency_ms", Float, nullable=False),
     Column("priority", Text, nullable=False),
     Column("redelivered", Boolean, nullable=False),
+    Column("guardrails", JSONB),
 )
 
 
@@ -84,6 +85,8 @@ virtual_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
+    Column("guardrails", JSONB, nullable=False, server_default="[]"),
+    Column("log_prompts", Boolean),
 )
 
 budgets = Table(
