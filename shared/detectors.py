@@ -62,6 +62,7 @@ def shannon_entropy(text: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in counts.values())
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
 ENTROPY_MIN_LENGTH = 24
 ENTROPY_MIN_BITS = 4.0
 """A run of at least 24 token characters with ≥ 4 bits/char, mixing letters and digits, reads as a secret.
@@ -69,6 +70,8 @@ English words, UUID-free identifiers, paths and base-10 numbers stay below; rand
 
 
 def _high_entropy(candidate: str) -> bool:
+    if all(c in _HEX for c in candidate):  # request ids, hashes and commit ids: hex, at most 4 bits/char
+        return False
     has_digit = any(c.isdigit() for c in candidate)
     has_alpha = any(c.isalpha() for c in candidate)
     return has_digit and has_alpha and shannon_entropy(candidate) >= ENTROPY_MIN_BITS
@@ -146,7 +149,8 @@ _SECRET_PREFIXES = "|".join((
 ))
 
 _SECRET_KNOWN = re.compile(rf"(?<![A-Za-z0-9_\-])(?:{_SECRET_PREFIXES})")
-_SECRET_ENTROPY = re.compile(rf"(?<![A-Za-z0-9+/_\-])[A-Za-z0-9+/_\-]{{{ENTROPY_MIN_LENGTH},}}=*")
+_SECRET_ENTROPY = re.compile(rf"(?<![A-Za-z0-9+_\-])[A-Za-z0-9+_\-]{{{ENTROPY_MIN_LENGTH},}}=*")
+"""Candidate tokens for the entropy test: `/` splits them, so paths and URLs are judged segment by segment."""
 
 
 class SecretDetector(Detector):

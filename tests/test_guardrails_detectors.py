@@ -33,7 +33,8 @@ FALSE_POSITIVES = {
     "ip_address": ["version 1.2.3", "999.1.1.1", "at 12:30:45 today", "std::vector", "1.2.3.4.5"],
     "secret": ["the quick brown fox jumps over the lazy dog", "internationalization_localization_settings",
                "/usr/local/lib/python3.11/site-packages", "sk-short", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-               "1234567890123456789012345678", "CamelCaseIdentifierForSomethingLong"],
+               "1234567890123456789012345678", "CamelCaseIdentifierForSomethingLong",
+               "GET /v1/logs/4f9c2a7e1b3d4c5a8e6f7a9b0c1d2e3f", "lib/python3.11/site-packages/starlette/middleware"],
 }
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
+import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import func, select
 
 from services.ingress.admin import needs_database
-from services.ingress.responses import json_response
 from shared.db import usage
 from shared.errors import GatewayError
 from shared.prompt_log import prompt_log
@@ -31,11 +31,16 @@ _COST = (select(func.coalesce(func.sum(usage.c.cost_usd), 0)).where(usage.c.requ
 
 
 def _entry(row: Any) -> dict[str, Any]:
-    out = dict(row._mapping)
+    out = {str(k): v for k, v in row._mapping.items()}
     out["ts"] = out["ts"].astimezone(UTC).isoformat()
     out["cost_usd"] = float(out["cost_usd"] or 0)
     out["tokens"] = out.pop("usage")
     return out
+
+
+def _json(data: Any) -> Response:
+    """JSONB values may hold keys a provider sent as numbers: written as strings, never a 500."""
+    return Response(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS), media_type="application/json")
 
 
 def _since(value: str | None) -> datetime | None:
@@ -63,7 +68,7 @@ def add_log_routes(app: FastAPI, gateway: Gateway) -> None:
             query = query.where(prompt_log.c.ts >= start)
         async with gateway.engine().connect() as conn:
             rows = (await conn.execute(query)).all()
-        return json_response({"object": "list", "data": [_entry(r) for r in rows]})
+        return _json({"object": "list", "data": [_entry(r) for r in rows]})
 
     @app.get("/v1/logs/{request_id}")
     @needs_database
@@ -74,4 +79,4 @@ def add_log_routes(app: FastAPI, gateway: Gateway) -> None:
         if row is None:
             raise GatewayError(404, "No prompt-log entry for this request id.", param="request_id",
                                code="log_not_found")
-        return json_response(_entry(row))
+        return _json(_entry(row))
