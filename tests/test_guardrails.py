@@ -75,7 +75,7 @@ def chat(stack: RunningStack, model: str, content: str, key: str = MASTER_KEY, *
                       json={"model": model, "messages": [{"role": "user", "content": content}], **extra})
 
 
-def wait_for(fn: Any, timeout_s: float = 60) -> Any:
+def wait_for(fn: Any, timeout_s: float = 120) -> Any:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         value = fn()

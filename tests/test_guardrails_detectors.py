@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from shared.config import ConfigError, parse_config
@@ -71,7 +73,8 @@ guardrails:
 
 def test_input_mask_block_log_and_model_globs() -> None:
     rails = Guardrails(parse_config(CONFIG).guardrails)
-    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Project Falcon: ana@example.com"}]},
+    body: dict[str, Any] = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Project Falcon: ana@example.com"}]},
                          {"role": "user", "content": "from 10.0.0.1, ssn 123-45-6789"}]}
     # `no-ssn` covers gpt-* only; `keyed` only applies where a key names it.
     decisions = guard_request(rails.select("claude", ["keyed"]), body)
