@@ -212,6 +212,10 @@ def _key_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["models"] = [m for m in args.models.split(",") if m]
     if args.metadata:
         spec["metadata"] = dict(item.split("=", 1) for item in args.metadata)
+    if args.guardrail:
+        spec["guardrails"] = args.guardrail
+    if args.log_prompts is not None:
+        spec["log_prompts"] = args.log_prompts == "on"
     return spec
 
 
@@ -240,6 +244,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """`switchyard logs [--request ID] [--since 1h]`: one entry, or the newest first, as JSON."""
+    from urllib.parse import quote, urlencode
+
+    if args.request:
+        data = _admin("GET", f"/v1/logs/{quote(args.request, safe='')}")
+    else:
+        query = {k: v for k, v in (("since", args.since), ("key_id", args.key_id), ("model", args.model),
+                                   ("limit", args.limit)) if v is not None}
+        data = _admin("GET", f"/v1/logs?{urlencode(query)}")["data"]
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def _key_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name")
     p.add_argument("--team")
@@ -253,6 +271,8 @@ def _key_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-period", dest="budget_period", choices=["hour", "day", "week", "month"])
     p.add_argument("--expires-in", dest="expires_in", help="e.g. 30d, 12h")
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="free-form tag (repeatable)")
+    p.add_argument("--guardrail", action="append", metavar="NAME", help="an extra guardrail of the config (repeatable)")
+    p.add_argument("--log-prompts", dest="log_prompts", choices=["on", "off"], help="override prompt logging")
     p.add_argument("--json", action="store_true")
 
 
@@ -357,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="30d", help="30m, 24h, 7d, 2w or an ISO date (default 30d)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_spend)
+
+    p = sub.add_parser("logs", help="the prompt log (redacted requests and answers), through the admin API")
+    p.add_argument("--request", help="one request's entry, by its x-request-id")
+    p.add_argument("--since", help="30m, 1h, 7d or an ISO date")
+    p.add_argument("--key-id", dest="key_id")
+    p.add_argument("--model")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_logs)
     return parser
 
 

@@ -17,6 +17,8 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.guardrails import GuardrailSpec, PromptLogging
+
 STATE_DIR = ".switchyard"
 STACK_FILE = "stack.json"
 DEFAULT_CONFIG_FILE = "switchyard.yaml"
@@ -81,6 +83,8 @@ class ModelGroup(BaseModel):
     """Answers of this group are cached (see `cache:` at the top level); groups opt in."""
     cache_ttl_s: float | None = Field(default=None, gt=0)
     """This group's time to live of a cache entry, instead of `cache.ttl_s`."""
+    log_prompts: bool | None = None
+    """Store this group's requests and answers in the prompt log (None: the global `logging.prompts`)."""
 
     @model_validator(mode="after")
     def _name_deployments(self) -> ModelGroup:
@@ -151,9 +155,15 @@ class GatewayConfig(BaseModel):
     models: list[ModelGroup] = Field(default_factory=list)
     routing_rules: list[RouteRule] = Field(default_factory=list)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    guardrails: list[GuardrailSpec] = Field(default_factory=list)
+    logging: PromptLogging = Field(default_factory=PromptLogging)
 
     @model_validator(mode="after")
     def _check_names(self) -> GatewayConfig:
+        guardrail_names = [g.name for g in self.guardrails]
+        repeated = sorted({n for n in guardrail_names if guardrail_names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"guardrail names must be unique; repeated: {repeated}")
         names = [m.name for m in self.models]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:

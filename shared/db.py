@@ -61,6 +61,7 @@ usage = Table(
     Column("redelivered", Boolean, nullable=False),
     Column("cache_hit", Boolean, nullable=False, server_default="false"),
     Column("cost_saved_usd", Numeric(20, 10), nullable=False, server_default="0"),
+    Column("guardrails", JSONB),
 )
 
 
@@ -86,6 +87,8 @@ virtual_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
+    Column("guardrails", JSONB, nullable=False, server_default="[]"),
+    Column("log_prompts", Boolean),
 )
 
 budgets = Table(

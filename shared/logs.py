@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from shared.redaction import RedactingFilter
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -33,6 +35,8 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
         return orjson.dumps(entry, default=str).decode()
 
 
@@ -41,6 +45,7 @@ def setup_logging(service: str, level: str | None = None) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
+    handler.addFilter(RedactingFilter())  # the one redaction policy, on every line of every service
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("SWITCHYARD_LOG_LEVEL", "INFO")).upper())

@@ -25,6 +25,9 @@ DEAD = "llm.dead"
 """Dead letters: messages the broker can never accept where they were meant to go (too large, no such
 topic or partition), each with the DEAD_HEADER_* headers saying why and where (shared/dead.py)."""
 
+PROMPTS = "llm.prompts"
+"""Prompt-log records (already redacted) and guardrail decisions from ingress, stored by accounting."""
+
 PROVIDER_PREFIX = "llm.provider."
 BATCH_SUFFIX = ".batch"
 BATCH_REPLY_PREFIX = "llm.batch."
@@ -36,6 +39,7 @@ PARTITIONS: dict[str, int] = {
     USAGE: 8,
     KEYS: 1,
     DEAD: 1,
+    PROMPTS: 4,
 }
 PROVIDER_PARTITIONS = 16
 """Upper bound on worker processes per provider pool (one consumer per partition)."""

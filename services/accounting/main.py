@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from services.accounting.ledger import to_row, write_batch
+from services.accounting.prompt_log import PromptLogWriter
 from shared import topics
-from shared.config import load_settings
+from shared.config import load_config, load_settings
 from shared.contracts import UsageEvent
 from shared.db import make_engine
 from shared.health import health_port_default, serve_health
@@ -113,7 +114,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.health_port:
         await serve_health(args.health_port, lambda: accounting.ready)
     log.info("accounting started")
-    await run_until_signal(log, accounting.run_forever())
+    prompts = PromptLogWriter(settings.bootstrap_servers, accounting.engine, load_config().logging.retention_days)
+    await run_until_signal(log, accounting.run_forever(), prompts.run())
     await accounting.stop()
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response
 
 from services.ingress.database import database_errors_as_503
+from services.ingress.guarding import check_key_guardrails
 from services.ingress.keys import BudgetSpec, KeySpec
 from services.ingress.openapi import json_body
 from services.ingress.responses import json_response
@@ -52,6 +53,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         await gateway.authenticate_admin(request)
         spec = validate(KeySpec, await read_json(request))
         assert isinstance(spec, KeySpec)
+        check_key_guardrails(gateway.guardrails, spec.guardrails)
         record, token = await gateway.key_store().create(spec.columns())
         await gateway.publish_key_event(KeyEvent(key_id=record.key_id, action="created"))
         return json_response({**record.public(), "key": token}, 201)
@@ -78,6 +80,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         await gateway.authenticate_admin(request)
         spec = validate(KeySpec, await read_json(request))
         assert isinstance(spec, KeySpec)
+        check_key_guardrails(gateway.guardrails, spec.guardrails)
         record = await gateway.key_store().update(key_id, spec.columns())
         await gateway.publish_key_event(KeyEvent(key_id=key_id, action="updated"))
         return json_response(record.public())

@@ -40,11 +40,13 @@ from services.ingress.cache import ResponseCache
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
 from services.ingress.files import add_file_routes
+from services.ingress.guarding import RequestGuard
 from services.ingress.hardening import HardeningMiddleware, echo
 from services.ingress.hold import AdmissionHold
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
+from services.ingress.prompt_logs import add_log_routes
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.responses import SettlingStream, error_response, header_value, json_response, safe_headers
 from services.ingress.responses_routes import Pipeline, add_responses_routes
@@ -55,7 +57,9 @@ from shared import topics
 from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
+from shared.guardrails import Guardrails
 from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client, topic_partitions
+from shared.prompt_log import PromptRecord
 from shared.tansu import is_tansu
 from shared.tokens import estimate_total_tokens
 
@@ -89,11 +93,36 @@ class Gateway:
         self.auth_failures = AuthFailures()
         self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
+        self._records: set[asyncio.Task[None]] = set()
         self.batch_driver: BatchDriver | None = None
         self.hold = AdmissionHold()
         """Held by `switchyard up` while it rotates the Tansu broker (services/ingress/hold.py)."""
         if is_tansu():
             self.hold.install()
+        self.guardrails = Guardrails(config.guardrails)
+
+    def guard(self, identity: Identity, model: str) -> RequestGuard:
+        """The guardrails of a request (the model group's and the key's) and whether its prompt is logged."""
+        group = self.config.group(model)
+        log_prompts = next(v for v in (identity.log_prompts, group.log_prompts if group else None,
+                                       self.config.logging.prompts) if v is not None)
+        return RequestGuard(self.guardrails.select(model, identity.guardrails), log_prompts)
+
+    def publish_record(self, record: PromptRecord | None) -> None:
+        """Hand a request's (redacted) prompt-log record to the producer; its failure is logged, never raised."""
+        if record is None:
+            return
+
+        async def publish() -> None:
+            try:
+                await send_and_wait(self.producer, topics.PROMPTS, encode(record), key=record.request_id.encode())
+            except Exception as e:
+                log.warning("could not publish a prompt-log record",
+                            extra={"request_id": record.request_id, "error": repr(e)[:300]})
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._records.add(task)
+        task.add_done_callback(self._records.discard)
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
@@ -422,6 +451,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     add_file_routes(app, gateway)
     add_batch_routes(app, gateway)
     add_ui_routes(app, gateway)
+    add_log_routes(app, gateway)
 
     async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                       stream: bool) -> InFlight:
@@ -436,6 +466,12 @@ def create_app(gateway: Gateway) -> FastAPI:
                 raise GatewayError(403, f"This key may not use the fallback model '{echo(str(fallback))}'.",
                                    param="fallbacks",
                                    code="model_not_allowed")
+        guard = gateway.guard(identity, model)
+        try:
+            guard.check_request(body)  # masks in place, before the envelope exists; a block costs nothing
+        except GatewayError:
+            gateway.publish_record(guard.record(request.state.request_id, identity.key_id, model, kind, stream))
+            raise
         envelope = RequestEnvelope(
             id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
             reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
@@ -445,7 +481,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         cached = await gateway.cache.lookup(request.headers, identity, envelope) \
             if gateway.cache.enabled(model) else None
         estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
-        call = InFlight(envelope, identity, estimate)
+        call = InFlight(envelope, identity, estimate, guard=guard)
         if cached is not None:
             request.state.extra_headers.update(cached.headers)
             if cached.pending is not None:  # a hit: answered from the cache, nothing goes to Kafka
@@ -471,10 +507,14 @@ def create_app(gateway: Gateway) -> FastAPI:
             _settle(call, None)
             raise
         if reply.type == "error":
+            call.guard.note(reply)
             _settle(call, None)
             raise GatewayError.from_body(reply.status, reply.data, reply.headers)
         if reply.type != "chunk":
-            _settle(call, reply)
+            try:
+                call.guard.check_answer(reply)  # output guardrails, before the answer is returned
+            finally:
+                _settle(call, reply)
         return reply
 
     def _settle(call: InFlight, last: Reply | None) -> None:
@@ -485,14 +525,22 @@ def create_app(gateway: Gateway) -> FastAPI:
         gateway.replies.unregister(call.envelope.id)
         usage = (last.data or {}).get("usage") if last is not None else None
         gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
+        env = call.envelope
+        gateway.publish_record(call.guard.record(env.id, env.key_id, env.model, env.kind, env.stream))
 
     async def _rest(call: InFlight, first: Reply) -> AsyncIterator[Reply]:
         """A stream's replies from the first on; a deadline mid-stream ends it with a timeout error reply."""
         reply: Reply | None = first
         try:
             while reply is not None:
-                yield reply
-                if reply.type != "chunk":
+                shown = call.guard.stream(reply)  # output guardrails over a sliding window of the text
+                blocked = call.guard.end_check() if reply.type == "end" and shown.type != "error" else None
+                if shown.type == "chunk" and reply.type == "end":  # text the window still held, then the end
+                    yield shown
+                    shown = reply
+                yield Reply(id=reply.id, type="error", status=blocked.status, data=blocked.body()) if blocked \
+                    else shown
+                if shown.type != "chunk":
                     return
                 try:
                     reply = await call.pending.next(_wait_s(call.envelope))
@@ -588,6 +636,7 @@ class InFlight:
     estimate: int
     pending: Pending = field(default_factory=Pending)
     settled: bool = False
+    guard: RequestGuard = field(default_factory=lambda: RequestGuard([], False))
 
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -22,6 +22,8 @@ class Identity:
     rpm: int | None = None
     tpm: int | None = None
     max_parallel: int | None = None
+    guardrails: list[str] = field(default_factory=list)
+    log_prompts: bool | None = None
 
     def may_use(self, model: str) -> bool:
         return self.is_master or not self.allowed_models or model in self.allowed_models

@@ -115,6 +115,8 @@ class KeyRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     created_at: datetime | None = None
     revoked_at: datetime | None = None
+    guardrails: list[str] = field(default_factory=list)
+    log_prompts: bool | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> KeyRecord:
@@ -127,7 +129,8 @@ class KeyRecord:
             if value:
                 meta[name] = value
         return Identity(key_id=self.key_id, metadata=meta, allowed_models=list(self.allowed_models), rpm=self.rpm,
-                        tpm=self.tpm, max_parallel=self.max_parallel)
+                        tpm=self.tpm, max_parallel=self.max_parallel, guardrails=list(self.guardrails or []),
+                        log_prompts=self.log_prompts)
 
     def public(self) -> dict[str, Any]:
         """What the admin API shows: everything but the hash."""
@@ -170,6 +173,8 @@ class KeySpec(BaseModel):
         default=None, description="ISO 8601; UTC when no zone is given")
     expires_in: str | None = Field(default=None, description="e.g. 30d, 12h: sets expires_at from now")
     metadata: dict[str, str] | None = None
+    guardrails: list[str] | None = Field(default=None, description="extra guardrails (by name), on top of the model's")
+    log_prompts: bool | None = Field(default=None, description="store this key's prompts (overrides the config)")
 
     def columns(self) -> dict[str, Any]:
         data = self.model_dump(exclude_unset=True)
@@ -373,6 +378,7 @@ class KeyStore:
         values.setdefault("allowed_models", [])
         values.setdefault("metadata", {})
         values.setdefault("alert_thresholds", [0.8])
+        values["guardrails"] = values.get("guardrails") or []
         async with self.engine.begin() as conn:
             await conn.execute(virtual_keys.insert().values(**values))
         await self.reload(key_id)

@@ -1,0 +1,92 @@
+"""The one redaction policy (`logging.redact`), applied before anything is written anywhere.
+
+Every sink goes through it: the prompt log (ingress redacts a record before it reaches the topic), the
+services' own log lines (`RedactingFilter`, installed by `shared.logs.setup_logging` on every service),
+error text stored with a request, and any span attribute (`redact_text`). Input guardrails with `mask`
+have already replaced what they matched before the request left ingress; this policy is the net under
+every sink for what guardrails do not cover (a `log` guardrail, an answer, an error message).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from shared.detectors import DETECTORS, Detector, digit_runs, mask, non_overlapping
+from shared.guardrails import DEFAULT_REDACT
+
+
+class Redactor:
+    """Replaces what the chosen detectors find with their typed placeholders, in text or in JSON-like values."""
+
+    def __init__(self, names: list[str] | tuple[str, ...]) -> None:
+        self.detectors: list[Detector] = [DETECTORS[n] for n in names]
+
+    def text(self, text: str) -> str:
+        if not self.detectors or not text:
+            return text
+        runs = digit_runs(text)
+        spans = [span for d in self.detectors for span in d.find(text, runs)]
+        return mask(text, non_overlapping(spans)) if spans else text
+
+    def value(self, value: Any) -> Any:
+        """A copy of `value` (dicts, lists, strings) with every string redacted; other values as they are."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        return value
+
+
+_policy: Redactor | None = None
+
+
+def policy() -> Redactor:
+    """The process's policy: `logging.redact` of the gateway config (the default list when there is none)."""
+    global _policy
+    if _policy is None:
+        names: list[str] = list(DEFAULT_REDACT)
+        try:
+            from shared.config import load_config
+
+            names = list(load_config().logging.redact)
+        except Exception:  # a config error is reported by the service itself; logs stay redacted by default
+            pass
+        _policy = Redactor(names)
+    return _policy
+
+
+def set_policy(redactor: Redactor) -> None:
+    global _policy
+    _policy = redactor
+
+
+def redact_text(text: str) -> str:
+    """For span attributes and error text: the policy applied to one string."""
+    return policy().text(text)
+
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts a log record's message, arguments and `extra` fields before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redactor = policy()
+        if not redactor.detectors:
+            return True
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = None
+        if isinstance(record.msg, str):
+            record.msg = redactor.text(record.msg)
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD and not key.startswith("_") and isinstance(value, str | dict | list):
+                record.__dict__[key] = redactor.value(value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redactor.text(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
