@@ -37,11 +37,12 @@ from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
+from services.ingress.observability import ObservabilityMiddleware
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
 from services.ingress.replies import Pending, ReplyListener
 from services.ingress.responses import error_response, header_value, json_response, safe_headers
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
-from shared import topics
+from shared import metrics, topics, tracing
 from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
@@ -220,12 +221,14 @@ class Gateway:
                 raise GatewayError(400, f"{topics.HEADER_TIMEOUT} must be positive", param=topics.HEADER_TIMEOUT)
         return now_ms() + int(timeout * 1000)
 
-    async def submit(self, envelope: RequestEnvelope) -> Pending:
-        """Register for the reply, then write the envelope and wait for the broker's acknowledgement."""
+    async def submit(self, envelope: RequestEnvelope, trace: tracing.Hop | None = None) -> Pending:
+        """Register for the reply, then write the envelope (with the request's trace context) and wait for the
+        broker's acknowledgement."""
         value = encode(envelope)  # before the try: a body that cannot be encoded is not a broker outage
         pending = self.replies.register(envelope.id)
         try:
-            fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode())
+            fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode(),
+                             headers=trace.headers() if trace is not None else None)
             await fut
         except Exception as e:
             self.replies.unregister(envelope.id)
@@ -292,6 +295,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     openapi.install(app)
 
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ObservabilityMiddleware)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -337,6 +341,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         if gateway.keys is not None:
             body["keys_loaded"] = gateway.keys.loaded
         return json_response(body, 200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text of this ingress process (shared/metrics.py)."""
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -386,6 +395,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             if not identity.may_use(str(fallback)):
                 raise GatewayError(403, f"This key may not use the fallback model '{fallback}'.", param="fallbacks",
                                    code="model_not_allowed")
+        request.state.model = model  # a configured model: a bounded metric label
         estimate = await gateway.admit(request, identity, body)
         envelope = RequestEnvelope(
             id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
@@ -394,8 +404,9 @@ def create_app(gateway: Gateway) -> FastAPI:
             route_headers=gateway.route_headers(request),
         )
         call = InFlight(envelope, identity, estimate)
+        request.state.call = call
         try:
-            call.pending = await gateway.submit(envelope)
+            call.pending = await gateway.submit(envelope, getattr(request.state, "trace", None))
         except GatewayError:
             gateway.finish(identity, estimate, None)
             raise
@@ -413,11 +424,15 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise GatewayError.from_body(reply.status, reply.data, reply.headers)
         if reply.type != "chunk":
             _settle(call, reply)
+        else:
+            call.first_chunk_at = time.perf_counter()
         return reply
 
     def _settle(call: InFlight, last: Reply | None) -> None:
         """The request is over: stop listening, release its limits, correct the token estimate."""
         gateway.replies.unregister(call.envelope.id)
+        if last is not None:
+            call.provider_ms = last.provider_ms
         usage = (last.data or {}).get("usage") if last is not None else None
         gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
 
@@ -519,6 +534,10 @@ class InFlight:
     identity: Identity
     estimate: int
     pending: Pending = field(default_factory=Pending)
+    provider_ms: float | None = None
+    """Time spent in provider calls, from the final reply (metrics: the gateway's overhead is the rest)."""
+    first_chunk_at: float | None = None
+    """perf_counter() when a stream's first chunk arrived (metrics: time to first token)."""
 
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -13,6 +13,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.contracts import OUT_OF_BAND, Reply
 from shared.errors import GatewayError
 from shared.kafka import make_consumer, start_client, topic_partitions
@@ -142,4 +143,6 @@ class ReplyListener:
                         continue
                     pending = self._pending.get(reply.id)
                     if pending is not None:
+                        if tracing.enabled() and (reply.seq == 0 or reply.type != "chunk"):
+                            tracing.wait_in_topic(self.topic, tracing.from_record(record.headers), record.timestamp)
                         pending.offer(reply)
