@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections import defaultdict
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.metrics import CONSUMER_LAG
 
@@ -27,12 +27,26 @@ async def measure_lag(consumer: AIOKafkaConsumer, group: str) -> dict[str, int]:
     if parts:
         ends = await consumer.end_offsets(parts)
         for tp in parts:
-            position = await consumer.position(tp)
-            lag[tp.topic] += max(0, ends.get(tp, position) - position)
+            position = _position(consumer, tp)
+            if position is not None:
+                lag[tp.topic] += max(0, ends.get(tp, position) - position)
     for topic in set(lag) | set(_topics.get(group, ())):
         CONSUMER_LAG.labels(group, topic).set(lag.get(topic, 0))
     _topics.setdefault(group, set()).update(lag)
     return dict(lag)
+
+
+def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The partition's position if the consumer knows it now (None while it is being reset or fetched).
+
+    `AIOKafkaConsumer.position()` waits for an unknown position, up to the request timeout per partition,
+    which would stall the measurement of every other partition; this reads the same state without waiting.
+    """
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        return int(state.position) if state is not None and state.has_valid_position else None
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 _topics: dict[str, set[str]] = {}
@@ -43,9 +57,9 @@ async def follow_lag(consumer: AIOKafkaConsumer, group: str, interval_s: float =
     """Measure lag until cancelled; a failed measurement is logged and tried again next interval."""
     while True:
         try:
-            await measure_lag(consumer, group)
+            await asyncio.wait_for(measure_lag(consumer, group), timeout=max(interval_s, 10.0))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a rebalance mid-measure, a broker hiccup: the next interval tries again
-            log.debug("could not measure consumer lag", extra={"group": group, "error": repr(e)[:200]})
+            log.warning("could not measure consumer lag", extra={"group": group, "error": repr(e)[:200]})
         await asyncio.sleep(interval_s)
