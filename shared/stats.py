@@ -48,7 +48,7 @@ async def latency(engine: AsyncEngine, by: str = "deployment", window: str = "1h
         raise ValueError(f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
     query = text(LATENCY_SQL.format(column=LATENCY_GROUPINGS[by]))
     async with engine.connect() as conn:
-        rows = (await conn.execute(query, {"window": f"{int(WINDOWS[window].total_seconds())} seconds"})).mappings()
+        rows = (await conn.execute(query, {"window": WINDOWS[window]})).mappings()
         out = []
         for row in rows:
             requests, errors = int(row["requests"]), int(row["errors"])
