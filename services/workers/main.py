@@ -312,7 +312,8 @@ class Worker:
             seq += 1
             acks.append(self._send_reply(env, reply))
 
-        await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started))
+        await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started),
+                            headers=tracing.current_headers())
         acks.append(self._started(env, dep))
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
