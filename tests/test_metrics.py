@@ -3,7 +3,10 @@ failover, stream) the counters and histograms say what happened, with bounded la
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -161,3 +164,60 @@ def test_metrics_endpoints_survive_hostile_requests(stack: RunningStack) -> None
     assert len(r.headers["x-switchyard-trace-id"]) == 32
     samples, _, _ = scrape(f"{stack.url}/metrics")
     assert value(samples, "switchyard_requests_total", route="other", model="other", status_code="404") >= 1
+
+
+# ---- deploy/grafana: every query names a metric the code exports --------------------------------------------
+
+DASHBOARDS = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
+_SELECTORS = re.compile(r"\{[^}]*\}|\[[^\]]*\]|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENTIFIER = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*(?=\s*(\()?)")
+_PROMQL_WORDS = {"sum", "rate", "increase", "max", "min", "avg", "count", "histogram_quantile", "irate", "topk",
+                 "bottomk", "abs", "clamp_min", "and", "or", "unless", "offset", "bool", "le"}
+_SERIES_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (selectors, ranges and grouping clauses removed first)."""
+    bare = _SELECTORS.sub(" ", expr)
+    names = set()
+    for m in _IDENTIFIER.finditer(bare):
+        if m.group(1) is None and m.group(0) not in _PROMQL_WORDS and not m.group(0).startswith("$"):
+            names.add(m.group(0))
+    return names
+
+
+def exported_family(name: str) -> str | None:
+    """The family in shared/metrics.py that `name` is a series of (a histogram's _bucket, _sum, _count too)."""
+    for candidate in (name, *(name.removesuffix(s) for s in _SERIES_SUFFIXES if name.endswith(s))):
+        if candidate in metrics.EXPORTED:
+            return candidate
+    return None
+
+
+def test_metric_names_in_promql_are_found() -> None:
+    assert metric_names('histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{x="y"}[5m]))) / b') == {
+        "a_bucket", "b"}
+    assert exported_family("switchyard_request_duration_seconds_bucket") == "switchyard_request_duration_seconds"
+    assert exported_family("switchyard_request_total") is None  # a typo is caught
+
+
+def test_every_dashboard_query_names_an_exported_metric() -> None:
+    files = sorted(DASHBOARDS.glob("*.json"))
+    assert files, "deploy/grafana has no dashboard"
+    used: set[str] = set()
+    for path in files:
+        dashboard = json.loads(path.read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+        assert exprs, f"{path.name} has no queries"
+        for expr in exprs:
+            names = metric_names(expr)
+            assert names, f"{path.name}: no metric in {expr!r}"
+            for name in names:
+                family = exported_family(name)
+                assert family is not None, f"{path.name}: {name!r} is not exported (shared/metrics.py)"
+                used.add(family)
+    # The dashboard shows what operators asked for: traffic, errors, latency, TTFT, tokens, cost, breakers,
+    # consumer lag and pacing queues.
+    assert used >= {"switchyard_requests_total", "switchyard_request_duration_seconds",
+                    "switchyard_time_to_first_token_seconds", "switchyard_tokens_total", "switchyard_cost_usd_total",
+                    "switchyard_deployment_state", "switchyard_consumer_lag", "switchyard_pacing_queue_depth"}
