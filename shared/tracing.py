@@ -166,6 +166,20 @@ def use(context: SpanContext | None) -> None:
     _current.set(context)
 
 
+_received: ContextVar[SpanContext | None] = ContextVar("switchyard_trace_received", default=None)
+
+
+def receive(context: SpanContext | None) -> None:
+    """The trace context of the message the running task handles: the parent of each span it starts for it
+    (a worker's second call for one message is the sibling of its first, not its child)."""
+    _received.set(context)
+    _current.set(context)
+
+
+def received() -> SpanContext | None:
+    return _received.get()
+
+
 def current() -> SpanContext | None:
     return _current.get()
 

@@ -211,7 +211,7 @@ class Worker:
         if record is not None:
             parent = tracing.from_record(record.headers)
             tracing.wait_in_topic(record.topic, parent, record.timestamp)
-            tracing.use(parent)
+            tracing.receive(parent)
         try:
             try:
                 acks = await self.handle(raw)

@@ -33,11 +33,11 @@ def outcome(status: int) -> str:
 def start_attempt(env: RequestEnvelope, dep: Deployment) -> tracing.Hop:
     """The attempt's span, made the task's trace context: what the call produces carries it downstream."""
     operation = _OPERATIONS.get(env.kind, env.kind)
-    hop = tracing.start(f"{operation} {dep.model}", tracing.current(), SpanKind.CLIENT, {
+    hop = tracing.start(f"{operation} {dep.model}", tracing.received(), SpanKind.CLIENT, {
         "gen_ai.operation.name": operation, "gen_ai.provider.name": dep.provider,
         "gen_ai.request.model": dep.model, "switchyard.model_group": env.model_group or env.model,
         "switchyard.deployment": dep.id, "switchyard.attempt": env.attempt, "switchyard.request_id": env.id,
-    }) if tracing.enabled() else tracing.Hop(None, tracing.current())
+    }) if tracing.enabled() else tracing.Hop(None, tracing.received())
     tracing.use(hop.context)
     return hop
 
