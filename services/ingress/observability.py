@@ -15,7 +15,9 @@ request handler only after the model was found in the config (`other` before tha
 
 from __future__ import annotations
 
+import functools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import SpanKind
@@ -27,6 +29,35 @@ _TRACEPARENT = topics.HEADER_TRACEPARENT.encode()
 _TRACE_ID = topics.HEADER_TRACE_ID.encode()
 _OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/messages": "chat",
                "/v1/embeddings": "embeddings"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """The labelled series of one (route, model, status), bound once (`labels()` costs more than an update)."""
+
+    requests: Any
+    duration: Any
+    gen_ai_duration: Any
+
+
+@functools.lru_cache(maxsize=4096)
+def _series(route: str, model: str, status: int, operation: str | None) -> _Series:
+    """Bounded: routes are templates, models configured groups or `other`, statuses HTTP codes."""
+    error = str(status) if status >= 400 else ""
+    return _Series(
+        metrics.REQUESTS.labels(route, model, str(status)), metrics.REQUEST_DURATION.labels(route, model),
+        metrics.GEN_AI_SERVER_REQUEST_DURATION.labels(operation, model, error) if operation else None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _overhead(route: str) -> Any:
+    return metrics.OVERHEAD_DURATION.labels(route)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ttft(model: str, operation: str | None) -> tuple[Any, Any]:
+    gen_ai = metrics.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN.labels(operation, model) if operation else None
+    return metrics.TIME_TO_FIRST_TOKEN.labels(model), gen_ai
 
 
 class ObservabilityMiddleware:
@@ -67,21 +98,22 @@ class ObservabilityMiddleware:
         route_obj = scope.get("route")
         route = getattr(route_obj, "path", None) or metrics.OTHER
         model = state.get("model") or metrics.OTHER
-        metrics.REQUESTS.labels(route, model, str(status)).inc()
-        metrics.REQUEST_DURATION.labels(route, model).observe(elapsed)
-        call = state.get("call")
         operation = _OPERATIONS.get(route)
-        if operation is not None:
-            metrics.GEN_AI_SERVER_REQUEST_DURATION.labels(operation, model,
-                                                          str(status) if status >= 400 else "").observe(elapsed)
+        series = _series(route, model, status, operation)
+        series.requests.inc()
+        series.duration.observe(elapsed)
+        if series.gen_ai_duration is not None:
+            series.gen_ai_duration.observe(elapsed)
+        call = state.get("call")
         if call is not None:
             if call.provider_ms is not None:
-                metrics.OVERHEAD_DURATION.labels(route).observe(max(0.0, elapsed - call.provider_ms / 1000.0))
+                _overhead(route).observe(max(0.0, elapsed - call.provider_ms / 1000.0))
             if call.first_chunk_at is not None:
                 ttft = call.first_chunk_at - started
-                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
-                if operation is not None:
-                    metrics.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN.labels(operation, model).observe(ttft)
+                ours, gen_ai = _ttft(model, operation)
+                ours.observe(ttft)
+                if gen_ai is not None:
+                    gen_ai.observe(ttft)
         if hop.span is not None:
             hop.span.update_name(f"{scope['method']} {route}")
             hop.set({"http.request.method": scope["method"], "http.route": route, "http.response.status_code": status,

@@ -8,6 +8,10 @@ model group), so their number is bounded by the config, not by traffic.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Any
+
 from opentelemetry.trace import SpanKind
 
 from services.workers.calls import CallFailed, CallResult
@@ -42,27 +46,57 @@ def start_attempt(env: RequestEnvelope, dep: Deployment) -> tracing.Hop:
     return hop
 
 
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """The labelled series one (deployment, model group, operation) records into, bound once: `labels()` costs
+    more than the update itself, and a worker sees few distinct combinations (all from its config)."""
+
+    duration: Any
+    input_tokens: Any
+    output_tokens: Any
+    cached_tokens: Any
+    cost: Any
+    gen_ai_input: Any
+    gen_ai_output: Any
+
+
+@functools.lru_cache(maxsize=4096)
+def _series(provider: str, deployment: str, model: str, operation: str) -> _Series:
+    return _Series(
+        metrics.PROVIDER_DURATION.labels(provider, deployment),
+        metrics.TOKENS.labels(provider, model, "input"), metrics.TOKENS.labels(provider, model, "output"),
+        metrics.TOKENS.labels(provider, model, "cached"), metrics.COST.labels(provider, model),
+        metrics.GEN_AI_CLIENT_TOKEN_USAGE.labels(operation, provider, model, "input"),
+        metrics.GEN_AI_CLIENT_TOKEN_USAGE.labels(operation, provider, model, "output"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _calls(provider: str, deployment: str, kind: str) -> Any:
+    return metrics.PROVIDER_CALLS.labels(provider, deployment, kind)
+
+
 def finish_attempt(hop: tracing.Hop, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
                    failed: CallFailed | None) -> None:
     """Count the call (calls, duration, tokens, cost) and end its span."""
     status = failed.error.status if failed else 200
     latency_ms = result.latency_ms if result else failed.latency_ms if failed else 0.0
-    kind = outcome(status)
-    metrics.PROVIDER_CALLS.labels(dep.provider, dep.id, kind).inc()
-    metrics.PROVIDER_DURATION.labels(dep.provider, dep.id).observe(latency_ms / 1000.0)
+    operation = _OPERATIONS.get(env.kind, env.kind)
+    series = _series(dep.provider, dep.id, env.model_group or env.model, operation)
+    _calls(dep.provider, dep.id, outcome(status)).inc()
+    series.duration.observe(latency_ms / 1000.0)
     if result is not None:
-        model = env.model_group or env.model
         u = result.usage
-        for token_type, n in (("input", u.prompt_tokens), ("output", u.completion_tokens),
-                              ("cached", u.cached_tokens)):
-            if n:
-                metrics.TOKENS.labels(dep.provider, model, token_type).inc(n)
+        if u.prompt_tokens:
+            series.input_tokens.inc(u.prompt_tokens)
+        if u.completion_tokens:
+            series.output_tokens.inc(u.completion_tokens)
+        if u.cached_tokens:
+            series.cached_tokens.inc(u.cached_tokens)
         usd, priced = cost(dep.provider, dep.model, u)
         if priced:
-            metrics.COST.labels(dep.provider, model).inc(float(usd))
-        operation = _OPERATIONS.get(env.kind, env.kind)
-        for token_type, n in (("input", u.prompt_tokens), ("output", u.completion_tokens)):
-            metrics.GEN_AI_CLIENT_TOKEN_USAGE.labels(operation, dep.provider, model, token_type).observe(n)
+            series.cost.inc(float(usd))
+        series.gen_ai_input.observe(u.prompt_tokens)
+        series.gen_ai_output.observe(u.completion_tokens)
         hop.set({"gen_ai.usage.input_tokens": u.prompt_tokens, "gen_ai.usage.output_tokens": u.completion_tokens,
                  "http.response.status_code": status})
         if result.ttft_ms is not None:
