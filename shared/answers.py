@@ -26,7 +26,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from shared import topics
+from shared import topics, tracing
 from shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope
 from shared.dead import UNREADABLE, bury, send_or_bury
 from shared.errors import GatewayError
@@ -42,7 +42,8 @@ async def answer(producer: AIOKafkaProducer, env: RequestEnvelope, err: GatewayE
     reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
                   data=err.body(), headers=err.response_headers(), custom_id=env.custom_id)
     return await send_or_bury(producer, env.reply_topic, encode(reply), key=env.id.encode(),
-                              partition=env.reply_partition, service=service, request_id=env.id)
+                              partition=env.reply_partition, service=service, request_id=env.id,
+                              headers=tracing.current_headers())
 
 
 def problems(error: ValidationError, limit: int = 5) -> str:

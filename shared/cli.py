@@ -180,6 +180,40 @@ def cmd_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from shared.config import load_settings
+    from shared.db import make_engine
+    from shared.stats import TIMINGS, latency
+
+    settings = load_settings()
+    if not settings.database_url:
+        print("switchyard: no database: start `switchyard up` here or set DATABASE_URL", file=sys.stderr)
+        return 2
+
+    async def query() -> list[dict[str, Any]]:
+        engine = make_engine(settings.database_url, pool_size=1)
+        try:
+            return await latency(engine, by=args.by, window=args.window)
+        finally:
+            await engine.dispose()
+
+    rows = asyncio.run(query())
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    cols = [args.by, "requests", "errors", "error_rate"] + [f"{t[:-3]}_{p}" for t in TIMINGS for p in ("p50", "p95",
+                                                                                                           "p99")]
+    cells = [[str(r[args.by]), str(r["requests"]), str(r["errors"]), f"{r['error_rate']:.1%}"]
+             + ["-" if r[t][p] is None else f"{r[t][p]:.0f}" for t in TIMINGS for p in ("p50", "p95", "p99")]
+             for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print(f"milliseconds, last {args.window}; percentiles over successful calls")
+    return 0
+
+
 def _admin(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the ingress admin API of the stack here (or SWITCHYARD_URL) with the master key."""
     import httpx
@@ -385,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("stats", help="latency percentiles (total, provider, first token) from the accounting database")
+    p.add_argument("--by", choices=["deployment", "model", "provider"], default="deployment")
+    p.add_argument("--window", choices=["5m", "1h", "24h"], default="1h")
+    p.add_argument("--json", action="store_true", help="print JSON (what GET /v1/stats/latency returns in data)")
+    p.set_defaults(func=cmd_stats)
     return parser
 
 

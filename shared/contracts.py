@@ -69,6 +69,8 @@ class AttemptRecord(BaseModel):
     code: str | None = None
     param: str | None = None
     """The parameter the error names (a request the provider format cannot express): the caller is told."""
+    latency_ms: float = 0.0
+    """How long the failed provider call took (0 when no call was made): ingress counts it as provider time."""
 
 
 class RequestEnvelope(BaseModel):
@@ -146,6 +148,9 @@ class Reply(BaseModel):
     call: str | None = None
     """The event id of the provider call that produced it: a stream whose call was redone after a crash
     cannot be continued by the new call's chunks (ingress ends it with an error instead)."""
+    provider_ms: float | None = None
+    """On a `response` or `end`: milliseconds spent in provider calls for this request, every attempt's
+    (ingress subtracts it from its end-to-end time to measure the gateway's own overhead)."""
 
 
 class Usage(BaseModel):
@@ -190,6 +195,12 @@ class UsageEvent(BaseModel):
     ok: bool = True
     stream: bool = False
     latency_ms: float = 0.0
+    """The provider call's own time, start to end."""
+    ttft_ms: float | None = None
+    """Streams: from the start of the provider call to its first chunk."""
+    total_ms: float | None = None
+    """From ingress accepting the request (`created_ms`) to the end of this call: queues, earlier attempts and
+    the call itself (records written before v1 carried timings have none)."""
     priority: Priority = "interactive"
     redelivered: bool = False
     """Set by accounting, never by workers: not the first call stored for this attempt."""

@@ -57,6 +57,8 @@ usage = Table(
     Column("ok", Boolean, nullable=False),
     Column("stream", Boolean, nullable=False),
     Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float),
+    Column("total_ms", Float),
     Column("priority", Text, nullable=False),
     Column("redelivered", Boolean, nullable=False),
     Column("cache_hit", Boolean, nullable=False, server_default="false"),

@@ -34,8 +34,12 @@ def catalogue() -> dict[tuple[str, str], Price]:
     }
 
 
+@lru_cache(maxsize=4096)
 def lookup(provider: str, model: str) -> Price | None:
-    """Exact (provider, model) first, then the same model id under any provider (e.g. via a proxy)."""
+    """Exact (provider, model) first, then the same model id under any provider (e.g. via a proxy).
+
+    Cached: workers price every call for `switchyard_cost_usd_total`, and a model missing from the catalogue
+    would otherwise cost a walk of the whole catalogue per call. The catalogue never changes in a process."""
     prices = catalogue()
     found = prices.get((provider, model))
     if found:

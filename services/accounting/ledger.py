@@ -56,6 +56,8 @@ def to_row(event: UsageEvent) -> dict[str, Any]:
         "ok": event.ok,
         "stream": event.stream,
         "latency_ms": event.latency_ms,
+        "ttft_ms": event.ttft_ms,
+        "total_ms": event.total_ms,
         "priority": event.priority,
         "redelivered": event.redelivered,
         "cache_hit": event.cache_hit,

@@ -12,17 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from opentelemetry.trace import SpanContext, SpanKind
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from services.accounting.ledger import to_row, write_batch
 from services.accounting.prompt_log import PromptLogWriter
-from shared import topics
+from shared import topics, tracing
 from shared.config import load_config, load_settings
-from shared.contracts import UsageEvent
+from shared.contracts import IN_DOUBT, UsageEvent
 from shared.db import make_engine
 from shared.health import health_port_default, serve_health
 from shared.kafka import (
@@ -35,6 +37,7 @@ from shared.kafka import (
     send_and_wait,
     start_client,
 )
+from shared.lag import follow_lag
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -74,15 +77,27 @@ class Accounting:
                 continue
             self.offsets.begin(batches)
             rows = []
+            traced: list[tuple[SpanContext, UsageEvent]] = []
+            started_ns = time.time_ns()
             for records in batches.values():
                 for record in records:
                     try:
-                        rows.append(to_row(UsageEvent.model_validate_json(record.value)))
+                        event = UsageEvent.model_validate_json(record.value)
+                        rows.append(to_row(event))
+                        if tracing.enabled() and (parent := tracing.from_record(record.headers)) is not None:
+                            tracing.wait_in_topic(record.topic, parent, record.timestamp)
+                            traced.append((parent, event))
                     except ValidationError as e:
                         log.error("dropping malformed usage event", extra={"offset": record.offset,
                                                                            "error": str(e)[:300]})
             if rows:
                 await self._write_until_stored(rows)
+            for parent, event in traced:
+                tracing.start("account usage", parent, SpanKind.CONSUMER, {
+                    "switchyard.request_id": event.request_id, "switchyard.event_id": event.event_id,
+                    "switchyard.in_doubt": event.status == IN_DOUBT, "db.system.name": "postgresql",
+                    "gen_ai.usage.input_tokens": event.usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": event.usage.completion_tokens}, start_ns=started_ns).end()
             self.offsets.done()
             await self.offsets.commit()
 
@@ -110,13 +125,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> None:
     settings = load_settings()
     accounting = Accounting(settings.bootstrap_servers, settings.database_url)
+    tracing.setup_tracing("accounting")
     await accounting.start()
     if args.health_port:
         await serve_health(args.health_port, lambda: accounting.ready)
     log.info("accounting started")
     prompts = PromptLogWriter(settings.bootstrap_servers, accounting.engine, load_config().logging.retention_days)
-    await run_until_signal(log, accounting.run_forever(), prompts.run())
+    await run_until_signal(log, accounting.run_forever(), prompts.run(), follow_lag(accounting.consumer, "accounting"))
     await accounting.stop()
+    tracing.shutdown()
 
 
 def run(args: argparse.Namespace) -> None:

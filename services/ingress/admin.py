@@ -22,10 +22,13 @@ from services.ingress.validation import read_json, validate
 from shared.contracts import KeyEvent
 from shared.errors import GatewayError
 from shared.spend import GROUPINGS
+from shared.stats import LATENCY_GROUPINGS, WINDOWS
 
 # Documented values of the admin routes' parameters (the document only: the routes check them with clearer 400s).
 Scope = Annotated[str, Path(json_schema_extra={"enum": ["team", "project"]})]
 By = Annotated[str, Query(json_schema_extra={"enum": list(GROUPINGS)})]
+LatencyBy = Annotated[str, Query(json_schema_extra={"enum": list(LATENCY_GROUPINGS)})]
+Window = Annotated[str, Query(json_schema_extra={"enum": list(WINDOWS)})]
 Since = Annotated[str, Query(description="30m, 24h, 7d, 2w, or an ISO date/time (UTC when no zone is given)",
                              json_schema_extra={"pattern": r"^(\d+[mhdw]|\d{4}-\d{2}-\d{2}.*)$"})]
 
@@ -117,3 +120,17 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         except ValueError as e:
             raise GatewayError(400, str(e), param="by" if "by" in str(e).split()[0] else "since") from None
         return json_response({"object": "list", "by": by, "since": since, "data": rows})
+
+    @app.get("/v1/stats/latency")
+    @needs_database
+    async def latency_stats(request: Request, by: LatencyBy = "deployment", window: Window = "1h") -> Response:
+        """P50/P95/P99 of total, provider and first-token time with counts and error rates (shared/stats.py)."""
+        await gateway.authenticate_admin(request)
+        from shared.stats import latency
+
+        if by not in LATENCY_GROUPINGS:
+            raise GatewayError(400, f"'by' must be one of {', '.join(LATENCY_GROUPINGS)}.", param="by")
+        if window not in WINDOWS:
+            raise GatewayError(400, f"'window' must be one of {', '.join(WINDOWS)}.", param="window")
+        rows = await latency(gateway.engine(), by=by, window=window)
+        return json_response({"object": "list", "by": by, "window": window, "unit": "ms", "data": rows})

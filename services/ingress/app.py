@@ -45,6 +45,7 @@ from services.ingress.hardening import HardeningMiddleware, echo
 from services.ingress.hold import AdmissionHold
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
+from services.ingress.observability import ObservabilityMiddleware
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
 from services.ingress.prompt_logs import add_log_routes
 from services.ingress.replies import Pending, ReplyListener
@@ -53,7 +54,7 @@ from services.ingress.responses_routes import Pipeline, add_responses_routes
 from services.ingress.ui.routes import add_ui_routes
 from services.ingress.ui.session import session_identity
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
-from shared import topics
+from shared import metrics, topics, tracing
 from shared.config import GatewayConfig, Settings
 from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
 from shared.errors import GatewayError, timeout_error
@@ -291,13 +292,15 @@ class Gateway:
         timeout = timeout_s(request.headers.get(topics.HEADER_TIMEOUT), DEFAULT_TIMEOUT_S, self.max_timeout_s)
         return now_ms() + int(timeout * 1000)
 
-    async def submit(self, envelope: RequestEnvelope) -> Pending:
-        """Register for the reply, then write the envelope and wait for the broker's acknowledgement."""
+    async def submit(self, envelope: RequestEnvelope, trace: tracing.Hop | None = None) -> Pending:
+        """Register for the reply, then write the envelope (with the request's trace context) and wait for the
+        broker's acknowledgement."""
         value = encode(envelope)  # before the try: a body that cannot be encoded is not a broker outage
         async with self.hold.admitted():  # waits while `switchyard up` rotates the Tansu broker
             pending = self.replies.register(envelope.id)
         try:
-            fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode())
+            fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode(),
+                             headers=trace.headers() if trace is not None else None)
             await fut
         except Exception as e:
             self.replies.unregister(envelope.id)
@@ -364,6 +367,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     openapi.install(app)
 
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ObservabilityMiddleware)
     app.add_middleware(HardeningMiddleware)  # outermost: bad headers never reach a route
 
     @app.exception_handler(GatewayError)
@@ -412,6 +416,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         if gateway.keys is not None:
             body["keys_loaded"] = gateway.keys.loaded
         return json_response(body, 200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text of this ingress process (shared/metrics.py)."""
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -472,6 +481,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         except GatewayError:
             gateway.publish_record(guard.record(request.state.request_id, identity.key_id, model, kind, stream))
             raise
+        request.state.model = model  # a configured model: a bounded metric label
         envelope = RequestEnvelope(
             id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
             reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
@@ -482,13 +492,14 @@ def create_app(gateway: Gateway) -> FastAPI:
             if gateway.cache.enabled(model) else None
         estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
         call = InFlight(envelope, identity, estimate, guard=guard)
+        request.state.call = call
         if cached is not None:
             request.state.extra_headers.update(cached.headers)
             if cached.pending is not None:  # a hit: answered from the cache, nothing goes to Kafka
                 call.pending = cached.pending
                 return call
         try:
-            call.pending = await gateway.submit(envelope)
+            call.pending = await gateway.submit(envelope, getattr(request.state, "trace", None))
         except GatewayError:
             gateway.finish(identity, estimate, None)
             raise
@@ -515,6 +526,8 @@ def create_app(gateway: Gateway) -> FastAPI:
                 call.guard.check_answer(reply)  # output guardrails, before the answer is returned
             finally:
                 _settle(call, reply)
+        else:
+            call.first_chunk_at = time.perf_counter()
         return reply
 
     def _settle(call: InFlight, last: Reply | None) -> None:
@@ -523,6 +536,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             return
         call.settled = True
         gateway.replies.unregister(call.envelope.id)
+        if last is not None:
+            call.provider_ms = last.provider_ms
         usage = (last.data or {}).get("usage") if last is not None else None
         gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
         env = call.envelope
@@ -637,6 +652,10 @@ class InFlight:
     pending: Pending = field(default_factory=Pending)
     settled: bool = False
     guard: RequestGuard = field(default_factory=lambda: RequestGuard([], False))
+    provider_ms: float | None = None
+    """Time spent in provider calls, from the final reply (metrics: the gateway's overhead is the rest)."""
+    first_chunk_at: float | None = None
+    """perf_counter() when a stream's first chunk arrived (metrics: time to first token)."""
 
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -8,6 +8,7 @@ import os
 import uvicorn
 
 from services.ingress.app import Gateway, create_app, reply_partition_from_env
+from shared import tracing
 from shared.config import load_config, load_settings
 from shared.logs import setup_logging
 
@@ -21,9 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     setup_logging("ingress")
+    tracing.setup_tracing("ingress")
     settings = load_settings()
     config = load_config(args.config)
     gateway = Gateway(settings, config, reply_partition_from_env(args.reply_partition))
     uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning", access_log=False,
                 loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
                 server_header=False)
+    tracing.shutdown()

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import os
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.contracts import OUT_OF_BAND, REPLY_VERSION, Reply
 from shared.errors import GatewayError
 from shared.kafka import make_consumer, start_client, topic_partitions
@@ -184,17 +185,17 @@ class ReplyListener:
                 continue
             for records in batches.values():
                 for record in records:
-                    self._offer(record.key, record.value, record.offset)
+                    self._offer(record)
 
-    def _offer(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+    def _offer(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Hand one record to the caller waiting for it. The key is the request id, so records nobody here
         waits for (callers gone, another gateway's requests) are skipped without being parsed."""
-        if key is not None and key.decode(errors="replace") not in self._pending:
+        if record.key is not None and record.key.decode(errors="replace") not in self._pending:
             return
         try:
-            reply = Reply.model_validate_json(value or b"")
+            reply = Reply.model_validate_json(record.value or b"")
         except ValidationError:
-            log.error("dropping malformed reply", extra={"offset": offset})
+            log.error("dropping malformed reply", extra={"offset": record.offset})
             return
         pending = self._pending.get(reply.id)
         if pending is None:
@@ -205,4 +206,6 @@ class ReplyListener:
                                code="reply_version")
             reply = Reply(id=reply.id, attempt=reply.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
                           data=err.body())
+        if tracing.enabled() and (reply.seq == 0 or reply.type != "chunk"):
+            tracing.wait_in_topic(self.topic, tracing.from_record(record.headers), record.timestamp)
         pending.offer(reply)

@@ -23,11 +23,12 @@ import random
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import decide
-from shared import topics
+from shared import metrics, topics, tracing
 from shared.answers import answer, refuse_unreadable
 from shared.config import GatewayConfig, load_config, load_settings
 from shared.contracts import CONTRACT_VERSION, AttemptEvent, RequestEnvelope, now_ms
@@ -47,6 +48,7 @@ from shared.kafka import (
     start_client,
     topic_partitions,
 )
+from shared.lag import follow_lag
 from shared.logs import setup_logging
 from shared.service import run_until_signal
 
@@ -142,15 +144,33 @@ class Router:
                 await self.offsets.commit()
                 last_commit = loop.time()
 
+    def export_states(self) -> None:
+        """Set `switchyard_deployment_state` for every configured deployment (run at scrape time)."""
+        now = now_ms() / 1000.0
+        for group in self.config.models:
+            for dep in group.deployments:
+                health = self.health.deployments.get(dep.id)
+                state = health.state(now) if health is not None else "closed"
+                metrics.DEPLOYMENT_STATE.labels(dep.id).set(metrics.BREAKER_STATES[state])
+
     async def route(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        """Route one envelope, or answer it, or dead-letter it; returns once that is acknowledged."""
+        """Route one envelope, or answer it, or dead-letter it; returns once that is acknowledged.
+
+        The decision is a span (child of the hop that produced the envelope, after a span for its wait in
+        llm.requests), and whatever the router produces for it carries that span's trace context."""
+        parent = tracing.from_record(record.headers)
+        tracing.wait_in_topic(record.topic, parent, record.timestamp)
+        hop = tracing.start("route", parent, SpanKind.INTERNAL) if tracing.enabled() else tracing.Hop(None, parent)
+        tracing.use(hop.context)
         try:
-            await self._route(record)
+            await self._route(record, hop)
         except DeliveryRefused as refused:  # not even llm.dead takes it (a cluster without the topic)
             log.error("dropping an envelope that can be neither routed, answered nor dead-lettered",
                       extra={"reason": refused.reason, "error": refused.message, "offset": record.offset})
+        finally:
+            hop.end()
 
-    async def _route(self, record: ConsumerRecord[bytes, bytes]) -> None:
+    async def _route(self, record: ConsumerRecord[bytes, bytes], hop: tracing.Hop) -> None:
         try:
             env = RequestEnvelope.model_validate_json(record.value)
         except ValidationError as e:  # a batch producer's: answered where it can be, else dead-lettered
@@ -183,12 +203,17 @@ class Router:
                                                        code="routing_error"))
         env.model_group = decision.group.name
         env.deployment = decision.deployment.id
+        hop.set({"gen_ai.request.model": env.model, "switchyard.model_group": env.model_group,
+                 "switchyard.deployment": env.deployment, "gen_ai.provider.name": decision.deployment.provider,
+                 "switchyard.attempt": env.attempt, "switchyard.request_id": env.id,
+                 "switchyard.rule": decision.rule or ""})
         env.not_before_ms = decision.not_before_ms
         topic = topics.provider_topic(decision.deployment.provider, batch=env.priority == "batch")
         log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt,
                                    "rule": decision.rule, "not_before_ms": env.not_before_ms})
         try:
-            await send_and_wait(self.producer, topic, encode(env), key=env.id.encode())
+            await send_and_wait(self.producer, topic, encode(env), key=env.id.encode(),
+                                headers=tracing.current_headers())
         except DeliveryRefused as refused:  # e.g. routing made a batch producer's largest envelope too large
             await self.answer(env, GatewayError(refused.status, f"The request cannot be routed: {refused.message}.",
                                                 code="delivery_refused", retryable=False))
@@ -207,12 +232,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> None:
     settings = load_settings()
     router = Router(settings.bootstrap_servers, load_config(args.config))
+    tracing.setup_tracing("router")
     await router.start()
+    metrics.on_scrape(router.export_states)
     if args.health_port:
         await serve_health(args.health_port, lambda: router.ready)
     log.info("router started")
-    await run_until_signal(log, router.follow_events(), router.route_forever())
+    await run_until_signal(log, router.follow_events(), router.route_forever(), follow_lag(router.requests, "router"))
     await router.stop()
+    tracing.shutdown()
 
 
 def run(args: argparse.Namespace) -> None:

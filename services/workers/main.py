@@ -34,12 +34,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from services.workers import observe
 from services.workers.calls import CallFailed, CallResult, call, for_caller, make_client
 from services.workers.chunks import ChunkStream
 from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
-from shared import topics
+from shared import metrics, topics, tracing
 from shared.answers import refuse_unreadable
 from shared.config import Deployment, GatewayConfig, load_config, load_settings
 from shared.contracts import (
@@ -70,6 +71,7 @@ from shared.kafka import (
     start_client,
     too_large,
 )
+from shared.lag import follow_lag
 from shared.logs import setup_logging
 from shared.parts import MAX_REPLY_BYTES, split
 from shared.service import run_until_signal
@@ -194,7 +196,7 @@ class Worker:
                 for record in records:
                     self._in_flight[is_batch] += 1
                     claim = self.tracker.started(tp, record.offset)
-                    task = asyncio.create_task(self._process(claim, record.value, is_batch))
+                    task = asyncio.create_task(self._process(claim, record.value, is_batch, record))
                     running = self._tasks.setdefault(tp, set())
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -203,7 +205,7 @@ class Worker:
                 await self.commit()
                 last_commit = time.monotonic()
 
-    async def _process(self, claim: Claim, raw: bytes, is_batch: bool) -> None:
+    async def _process(self, claim: Claim, raw: bytes, is_batch: bool, record: Any = None) -> None:
         """Handle one message and deliver what it owes; then its offset may be committed.
 
         A failure of this message alone (a bug, a delivery the broker refuses) is answered with an error
@@ -212,6 +214,10 @@ class Worker:
         the group redelivers the message (to a restarted or another worker). Cancellation (a revocation)
         leaves the offset unfinished: redelivered.
         """
+        if record is not None:
+            parent = tracing.from_record(record.headers)
+            tracing.wait_in_topic(record.topic, parent, record.timestamp)
+            tracing.receive(parent)
         try:
             try:
                 acks = await self.handle(raw)
@@ -300,6 +306,7 @@ class Worker:
         route = f"group={env.model_group}; deployment={dep.id}; attempt={env.attempt}"
         ctx = CallContext(dep, env.body, env.stream, lease.key, env.id, strict=bool(env.body.get("strict")))
         started = self._write_ahead(env, dep, call_seq)
+        hop = observe.start_attempt(env, dep)
 
         def send_chunks(chunks: list[dict[str, Any]], seq: int) -> asyncio.Future[Any]:
             reply = Reply(id=env.id, attempt=env.attempt, seq=seq, type="chunk", data=chunks[0], chunks=chunks[1:],
@@ -313,7 +320,8 @@ class Worker:
         # Queued together, the start event and the write-ahead record share one produce request; only the
         # write-ahead record must be acknowledged before the provider is called.
         acks.append(self._started(env, dep))
-        await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started))
+        await send_and_wait(self.producer, topics.USAGE, encode(started), key=_usage_key(started),
+                            headers=tracing.current_headers())
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
             result = await call(self.client, self.adapter, ctx, kind=env.kind, on_chunk=on_chunk,
@@ -321,22 +329,25 @@ class Worker:
         except CallFailed as failed:
             seq = stream.close()
             acks.extend(stream.sent)
+            observe.finish_attempt(hop, env, dep, None, failed)
             self.pacer.observe_failure(dep, lease, failed.error)
-            acks.append(self._usage(started, None, failed))
+            acks.append(self._usage(started, None, failed, env))
             acks.append(self._event(env, dep, None, failed))
             failed.error = for_caller(failed.error, dep.provider, dep.id)
             if failed.chunks_sent == 0 and failed.error.status == 429 and (
                     env.priority == "batch" or self.pacer.any_key_free(dep)):
                 return acks, True
             if failed.chunks_sent == 0:
-                acks.append(self._retry(env, dep, failed.error))
+                acks.append(self._retry(env, dep, failed.error, failed.latency_ms))
             else:
                 err = failed.error
                 acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="error",
                                                               status=err.status, data=err.body(),
                                                               custom_id=env.custom_id, call=started.event_id)))
             return acks, False
+        observe.finish_attempt(hop, env, dep, result, None)
         self.pacer.record_usage(lease, result.usage.prompt_tokens + result.usage.completion_tokens)
+        provider_ms = result.latency_ms + sum(h.latency_ms for h in env.history)
         headers = {topics.HEADER_ROUTE: route}
         if result.dropped_params:
             headers[topics.HEADER_DROPPED_PARAMS] = ",".join(result.dropped_params)
@@ -347,12 +358,14 @@ class Worker:
             acks.extend(stream.sent)
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="end",
                                                     headers=headers, custom_id=env.custom_id, call=started.event_id,
-                                                    data={"usage": _usage_chunk(result, env)["usage"]})))
+                                                    data={"usage": _usage_chunk(result, env)["usage"]},
+                                                    provider_ms=provider_ms)))
         else:
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, type="response",
                                                           data=result.response, headers=headers,
-                                                          custom_id=env.custom_id, call=started.event_id)))
-        acks.append(self._usage(started, result, None))
+                                                          custom_id=env.custom_id, call=started.event_id,
+                                                          provider_ms=provider_ms)))
+        acks.append(self._usage(started, result, None, env))
         acks.append(self._event(env, dep, result, None))
         return acks, False
 
@@ -370,7 +383,7 @@ class Worker:
                 return await self._deliver_in_parts(env, reply, len(value))
             try:
                 return await send_and_wait(self.producer, env.reply_topic, value, key=env.id.encode(),
-                                           partition=env.reply_partition)
+                                           partition=env.reply_partition, headers=tracing.current_headers())
             except DeliveryRefused as refused:
                 if refused.reason != REFUSED_TOO_LARGE or reply.type != "response":
                     raise
@@ -405,20 +418,22 @@ class Worker:
                       data=err.body(), headers=err.response_headers(), custom_id=env.custom_id)
         return self._send_reply(env, reply)
 
-    def _retry(self, env: RequestEnvelope, dep: Deployment, err: GatewayError) -> asyncio.Future[Any]:
+    def _retry(self, env: RequestEnvelope, dep: Deployment, err: GatewayError,
+               latency_ms: float = 0.0) -> asyncio.Future[Any]:
         """Hand the request back to the router with this attempt in its history; it picks what comes next."""
         nxt = env.model_copy(deep=True)
         nxt.attempt += 1
         nxt.not_before_ms = 0
         nxt.history.append(AttemptRecord(deployment=dep.id, status=err.status, error_type=err.type,
                                          message=err.message, retry_after_s=err.retry_after_s, code=err.code,
-                                         param=err.param))
-        return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode())
+                                         param=err.param, latency_ms=latency_ms))
+        return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode(),
+                       headers=tracing.current_headers())
 
     def _record(self, topic: str, message: UsageEvent | AttemptEvent, key: bytes) -> asyncio.Future[Any]:
         """Usage and events have no caller to answer: what the broker refuses is dead-lettered."""
         return deliver_or_bury(self.producer, topic, encode(message), key=key, service=self.service,
-                               request_id=message.request_id)
+                               request_id=message.request_id, headers=tracing.current_headers())
 
     def _started(self, env: RequestEnvelope, dep: Deployment) -> asyncio.Future[Any]:
         """Tell every router a call began: least-busy counts it, and it takes a half-open breaker's probe."""
@@ -437,12 +452,13 @@ class Worker:
         )
 
     def _usage(self, started: UsageEvent, result: CallResult | None,
-               failed: CallFailed | None) -> asyncio.Future[Any]:
+               failed: CallFailed | None, env: RequestEnvelope) -> asyncio.Future[Any]:
         """The call's outcome, under its write-ahead record's event id (accounting completes that row)."""
         event = started.model_copy(update={
             "usage": result.usage if result else started.usage,
             "status": failed.error.status if failed else 200, "ok": failed is None,
             "latency_ms": result.latency_ms if result else failed.latency_ms if failed else 0.0,
+            "ttft_ms": result.ttft_ms if result else None, "total_ms": float(now_ms() - env.created_ms),
         })
         return self._record(topics.USAGE, event, _usage_key(event))
 
@@ -496,12 +512,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> None:
     settings = load_settings()
     worker = Worker(args.provider, settings.bootstrap_servers, load_config(args.config))
+    tracing.setup_tracing(f"worker-{args.provider}")
     await worker.start()
+    metrics.on_scrape(worker.pacer.export_depth)
     if args.health_port:
         await serve_health(args.health_port, lambda: worker.ready)
     log.info("worker started", extra={"provider": args.provider})
-    await run_until_signal(log, worker.consume_forever())
+    await run_until_signal(log, worker.consume_forever(), follow_lag(worker.consumer, f"workers.{args.provider}"))
     await worker.stop()
+    tracing.shutdown()
 
 
 def run(args: argparse.Namespace) -> None:

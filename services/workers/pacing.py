@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from shared.config import Deployment
 from shared.contracts import RequestEnvelope
 from shared.errors import GatewayError
+from shared.metrics import PACING_QUEUE_DEPTH
 from shared.tokens import estimate_total_tokens
 
 WINDOW_S = 60.0
@@ -73,6 +74,8 @@ class DeploymentPace:
     keys: list[KeyPace]
     next_index: int = 0
     interactive_waiting: int = 0
+    waiting: int = 0
+    """Requests of any priority waiting in `slot` for room under the limits (`switchyard_pacing_queue_depth`)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def notify(self) -> None:
@@ -124,6 +127,7 @@ class Pacer:
         interactive = env.priority == "interactive"
         if interactive:
             pace.interactive_waiting += 1
+        pace.waiting += 1
         try:
             while True:
                 now = time.time()
@@ -152,6 +156,7 @@ class Pacer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(pace.changed.wait(), timeout=min(wait, 1.0))
         finally:
+            pace.waiting -= 1
             if interactive:
                 pace.interactive_waiting -= 1
         entry = [time.time(), tokens]
@@ -176,6 +181,11 @@ class Pacer:
             lease.pace.paused_until = max(lease.pace.paused_until,
                                           time.time() + (error.retry_after_s or DEFAULT_PAUSE_S))
             self._pace(dep).notify()
+
+    def export_depth(self) -> None:
+        """Set `switchyard_pacing_queue_depth` per deployment (run at scrape time, not per request)."""
+        for dep_id, pace in self._deployments.items():
+            PACING_QUEUE_DEPTH.labels(dep_id).set(pace.waiting)
 
     def any_key_free(self, dep: Deployment) -> bool:
         now = time.time()

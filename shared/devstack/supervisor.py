@@ -190,8 +190,18 @@ def up(args: Any) -> int:
         }
         stack.publish()
         cli = [sys.executable, "-m", "shared.cli"]
+        metrics_urls: dict[str, str] = {}
+        stack.info["metrics_urls"] = metrics_urls
+
         def add(name: str, argv: list[str], replica: int) -> None:
-            """A service process; its replica index makes it a static member of its consumer group."""
+            """A service process; its replica index makes it a static member of its consumer group. Those
+            without an HTTP port of their own get a health port, which serves /health, /ready and /metrics."""
+            if argv[0] == "ingress":
+                metrics_urls[name] = f"http://{_client_host(args.host)}:{argv[argv.index('--port') + 1]}/metrics"
+            else:
+                port = free_port()
+                argv = [*argv, "--health-port", str(port)]
+                metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
             stack.children.append(Child(name, [*cli, *argv], {**env, REPLICA_ENV: str(replica)},
                                         base / "logs" / f"{name}.log"))
 

@@ -1,0 +1,106 @@
+"""What Prometheus metrics and OpenTelemetry tracing cost: max throughput and CPU per request, A/B (issue 15).
+
+    .venv/bin/python bench/observability.py --base main            # ~5 min: bench/run.py --quick, two stacks
+    .venv/bin/python bench/observability.py --base f094608 --smoke # harness check
+
+- `base`: Switchyard from `--base` (a revision without issue 15's metrics and traces), extracted with
+  `git archive` into bench/.work/src/obs-base (the repository itself is not touched);
+- `observed`: this checkout, with OTEL_EXPORTER_OTLP_ENDPOINT pointing at an OTLP/HTTP sink started here, so
+  every service records and exports spans, and every request is counted in the Prometheus metrics. The sink
+  answers 200 to every export and counts them, so the run shows that spans were really exported.
+
+Both stacks run interleaved in one `bench/run.py` run (the other one paused while one is measured), so they
+see the same machine load. The target in the issue: observability on costs at most 10 % of max throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_DIR = ROOT / "bench" / ".work" / "src" / "obs-base"
+
+
+class Sink:
+    """An OTLP/HTTP endpoint that accepts every export (POST /v1/traces) and counts requests and bytes."""
+
+    def __init__(self) -> None:
+        self.exports = 0
+        self.bytes = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                size = int(self.headers.get("content-length") or 0)
+                self.rfile.read(size)
+                sink.exports += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def extract(rev: str) -> Path:
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True).stdout
+    if BASE_DIR.exists():
+        subprocess.run(["rm", "-rf", str(BASE_DIR)], check=True)
+    BASE_DIR.mkdir(parents=True)
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(BASE_DIR, filter="data")
+    return BASE_DIR
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="main", help="revision without the observability code (default: main)")
+    parser.add_argument("--smoke", action="store_true", help="bench/run.py --smoke instead of --quick")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    base = extract(args.base)
+    sink = Sink()
+    name = "observability-smoke" if args.smoke else "observability"
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke" if args.smoke else "--quick",
+               "--targets", "switchyard", "--repo", str(base), "--variant", f"observed={ROOT}",
+               "--env", f"OTEL_EXPORTER_OTLP_ENDPOINT={sink.url}", "--env", "OTEL_BSP_SCHEDULE_DELAY=1000",
+               "--no-readme", "--name", name]
+    if args.repeats:
+        command += ["--repeats", str(args.repeats)]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    results = sorted((ROOT / "bench" / ("results" if not args.smoke else ".work")).glob(f"*{name}*.json"))
+    summary = json.loads(results[-1].read_text())["summary"] if results else {}
+    rows = []
+    for target in ("switchyard", "switchyard-observed"):
+        s = summary.get(target, {})
+        rows.append((target, s.get("max_rps", {}).get("median"), s.get("cpu_ms_per_req_at_max", {}).get("median")))
+    print(f"\n{'target':<22}{'max req/s (median)':>20}{'CPU ms/req at max':>20}")
+    for target, rps, cpu in rows:
+        print(f"{target:<22}{rps!s:>20}{cpu!s:>20}")
+    if rows[0][1] and rows[1][1]:
+        print(f"\nobserved / base max throughput: {rows[1][1] / rows[0][1]:.1%} (target: >= 90%)")
+    print(f"OTLP exports received: {sink.exports} ({sink.bytes:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
