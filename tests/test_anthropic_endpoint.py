@@ -81,10 +81,17 @@ def test_messages_errors_in_anthropic_shape(client: anthropic.Anthropic, stack: 
 
 
 def test_provider_error_maps_to_anthropic_error(client: anthropic.Anthropic, fakes: Fakes) -> None:
-    fakes.faulty.inject(status=401, message="bad upstream key")
-    with pytest.raises(anthropic.AuthenticationError) as info:
+    fakes.faulty.inject(status=400, message="bad upstream request")
+    with pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(model="faulty", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-    assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    assert info.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    # The provider refusing the gateway's own credentials is the operator's problem, not the caller's: a 502
+    # that names no provider detail (issue 18), in Anthropic's error shape.
+    fakes.faulty.inject(status=401, message="bad upstream key")
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        client.messages.create(model="faulty", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert failed.value.status_code == 502 and failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    assert "bad upstream key" not in str(failed.value.body)
 
 
 def test_count_tokens_is_a_marked_estimate(stack: RunningStack, client: anthropic.Anthropic) -> None:
