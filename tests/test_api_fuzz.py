@@ -53,6 +53,7 @@ ROUTES = [
     "POST /v1/embeddings", "POST /v1/messages", "POST /v1/messages/count_tokens", "GET /v1/keys", "POST /v1/keys",
     "GET /v1/keys/{key_id}", "PATCH /v1/keys/{key_id}", "DELETE /v1/keys/{key_id}", "POST /v1/keys/{key_id}/revoke",
     "PUT /v1/budgets/{scope}/{scope_id}", "GET /v1/spend", "GET /v1/stats/latency",
+    "GET /v1/logs", "GET /v1/logs/{request_id}",
     "POST /v1/responses", "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
     "GET /v1/responses/{response_id}/input_items",
     "POST /v1/files", "GET /v1/files", "GET /v1/files/{file_id}", "DELETE /v1/files/{file_id}",

@@ -753,6 +753,6 @@ def test_dockerfile_builds_one_non_root_image_for_every_service() -> None:
 def test_readme_covers_what_an_operator_needs() -> None:
     text = README.read_text()
     for needle in ("acks=all", "enable.idempotence", "min.insync.replicas=2", "--reset-offsets",
-                   "--to-datetime", "llm.usage", "event id", "llm.dlq", "Little's law", "in memory",
+                   "--to-datetime", "llm.usage", "event id", "llm.dead", "Little's law", "in memory",
                    "consumer lag", "at least once", "exactly once"):
         assert needle in text, f"deploy/README.md does not mention {needle!r}"

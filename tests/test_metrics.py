@@ -89,8 +89,8 @@ def test_known_mix_of_requests_is_counted(stack: RunningStack, fakes: Fakes) -> 
     assert final, lines
     prompt_tokens += final[-1]["prompt_tokens"]
     completion_tokens += final[-1]["completion_tokens"]
-    fakes.faulty.inject(status=401, message="bad upstream key")
-    assert chat(stack, "faulty", "x").status_code == 401
+    fakes.faulty.inject(status=400, message="bad upstream request")
+    assert chat(stack, "faulty", "x").status_code == 400
     fakes.primary.inject(status=503, times=1)
     assert chat(stack, "failover", "hi").status_code == 200
     assert chat(stack, "no-such-model-" + str(time.time()), "x").status_code == 404
@@ -110,7 +110,7 @@ def test_known_mix_of_requests_is_counted(stack: RunningStack, fakes: Fakes) -> 
 
     # Ingress: every request by route, model and status; unknown models do not become labels.
     assert d(ingress, "switchyard_requests_total", route=CHAT, model="gpt-test", status_code="200") == 3
-    assert d(ingress, "switchyard_requests_total", route=CHAT, model="faulty", status_code="401") == 1
+    assert d(ingress, "switchyard_requests_total", route=CHAT, model="faulty", status_code="400") == 1
     assert d(ingress, "switchyard_requests_total", route=CHAT, model="failover", status_code="200") == 1
     assert d(ingress, "switchyard_requests_total", route=CHAT, model="other", status_code="404") == 1
     assert not any("no-such-model" in str(key) for key in after[ingress])

@@ -74,6 +74,12 @@ ENDPOINTS = {**URL_KINDS, "/v1/responses": RESPONSES}
 answer is translated back to a response object when it is stored, as `POST /v1/responses` does."""
 
 
+def _timed_out(reply: Any) -> bool:
+    """Whether a reply is the pipeline's deadline error (shared.errors.timeout_error), not a provider's answer."""
+    return reply.type == "error" and reply.status == 504 and ((reply.data or {}).get("error") or {}).get("code") \
+        == "timeout"
+
+
 class LeaseLost(Exception):
     """Another replica drives this batch now (or it is gone): stop without touching it."""
 
@@ -202,7 +208,7 @@ class BatchRun:
                     await self.submit(batch, room)
             records = (await consumer.getmany(tp, timeout_ms=500)).get(tp) or []
             if records:
-                await self.store(records, batch.endpoint)
+                await self.store(records, batch.endpoint, batch.expires_at.timestamp())
             batch = await self.renew()
             if batch.status == "finalizing" or (batch.status == "in_progress" and not batch.in_flight
                                                 and not batch.unsent):
@@ -249,8 +255,11 @@ class BatchRun:
                 batch_lines.c.batch_id == self.id, batch_lines.c.line.in_([r.line for r in rows]))
                 .values(submitted=True))
 
-    async def store(self, records: list[Any], endpoint: str) -> None:
-        """Store each line's first answer and the position after `records`, in one transaction."""
+    async def store(self, records: list[Any], endpoint: str, expires_at_s: float) -> None:
+        """Store each line's first answer and the position after `records`, in one transaction.
+
+        A line the pipeline gave up on because the batch's window ran out (its deadline is the window's end)
+        is not an answer: it stays pending, and the batch's expiry writes it as `batch_expired`."""
         prefix = f"{self.id}-"
         answers: dict[int, tuple[str, bytes]] = {}
         for record in records:
@@ -258,6 +267,8 @@ class BatchRun:
             if reply is None or not reply.id.startswith(prefix) or not reply.id[len(prefix):].isdigit():
                 continue
             self.assembler.forget(reply.id)
+            if _timed_out(reply) and time.time() >= expires_at_s:
+                continue
             ok = reply.type == "response" and 200 <= reply.status < 300
             answers.setdefault(int(reply.id[len(prefix):]), (
                 "ok" if ok else "error", orjson.dumps({"status_code": reply.status, "body": reply.data})))
