@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 CONTRACT_VERSION = 1
 
@@ -153,11 +153,35 @@ class Reply(BaseModel):
     (ingress subtracts it from its end-to-end time to measure the gateway's own overhead)."""
 
 
+def without_nul(value: Any) -> Any:
+    """`value` with every NUL character removed from its strings (dict keys too), nested dicts and lists
+    included: PostgreSQL stores no NUL in text or JSONB. Returns `value` itself when it holds none."""
+    if isinstance(value, str):
+        return value.replace("\x00", "") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
+MAX_TOKENS = 2**31 - 1
+"""The most tokens a Usage counts of each kind: far beyond any context window, so only a broken or hostile
+provider reports more; clamping keeps the priced cost and the spend totals within what PostgreSQL stores."""
+
+
 class Usage(BaseModel):
+    """Token counts, each clamped to [0, MAX_TOKENS]."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+
+    @field_validator("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+    @classmethod
+    def _bounded(cls, value: int) -> int:
+        return min(max(value, 0), MAX_TOKENS)
 
 
 IN_DOUBT = 0
@@ -207,6 +231,12 @@ class UsageEvent(BaseModel):
     cache_hit: bool = False
     """Answered from the response cache (by ingress, no provider call): stored at cost 0, with the cost the
     provider call that produced the entry would have had (`usage`, `provider`, `provider_model`) as saved."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """Strings carry no NUL (accounting stores them as text and JSONB, which refuse it)."""
+        return without_nul(data)
 
 
 class AttemptEvent(BaseModel):

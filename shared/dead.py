@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared import topics
@@ -33,6 +33,10 @@ log = logging.getLogger("switchyard.dead")
 UNREADABLE = "unreadable"
 """The reason of a dead letter that is no message its stage can read (an envelope that does not validate
 and names no reply topic that exists); the broker's refusals have shared.kafka's REFUSED_* codes."""
+
+UNSTORABLE = "unstorable"
+"""The reason of a dead letter whose message PostgreSQL refuses for good (shared/storable.py): a value no
+column of its table can hold. Replayed to the topic it was consumed from, once the cause is fixed."""
 
 _DEAD_HEADERS = frozenset({topics.DEAD_HEADER_REASON, topics.DEAD_HEADER_ERROR, topics.DEAD_HEADER_TOPIC,
                            topics.DEAD_HEADER_PARTITION, topics.DEAD_HEADER_SERVICE, topics.DEAD_HEADER_TS,
@@ -88,6 +92,16 @@ async def send_or_bury(producer: AIOKafkaProducer, topic: str, value: bytes, *, 
     except DeliveryRefused as refused:
         return await bury(producer, refused, value, key=key, service=service, request_id=request_id,
                           headers=headers)
+
+
+async def bury_consumed(producer: AIOKafkaProducer, record: ConsumerRecord[bytes, bytes], reason: str, error: str, *,
+                        service: str, request_id: str | None = None) -> Any:
+    """Dead-letter a consumed message its service can never handle (UNREADABLE, UNSTORABLE), unchanged, to be
+    replayed to the topic it came from (partitioned by its key again); returns once `llm.dead` has it, so the
+    caller may commit its offset."""
+    refused = DeliveryRefused(reason, error, status=422, topic=record.topic, partition=None)
+    return await bury(producer, refused, record.value or b"", key=record.key, service=service,
+                      request_id=request_id, headers=record.headers)
 
 
 def deliver_or_bury(producer: AIOKafkaProducer, topic: str, value: bytes, *, key: bytes | None, service: str,

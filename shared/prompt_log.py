@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import Boolean, Column, DateTime, Integer, Table, Text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from shared.contracts import CONTRACT_VERSION, now_ms
+from shared.contracts import CONTRACT_VERSION, now_ms, without_nul
 from shared.db import metadata
 
 prompt_log = Table(
@@ -60,6 +60,13 @@ class PromptRecord(BaseModel):
     """`total_ms` (ingress saw the request to its last byte) and, on streams, `first_chunk_ms`."""
     usage: dict[str, Any] | None = None
     guardrails: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """Strings carry no NUL, prompts and answers included (PostgreSQL's text and JSONB refuse it; a
+        NUL in a prompt is no character a reader of the log needs)."""
+        return without_nul(data)
 
 
 def attempts_from_route(route: str | None) -> int:

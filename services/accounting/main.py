@@ -5,6 +5,10 @@ the batch and the unique event id drops what was already stored. While PostgreSQ
 the batch is retried and consumption waits: nothing is lost, lag grows. A rebalance commits what
 was stored before the partitions move, and a commit the group refuses is logged, not fatal: the
 batch is redelivered and stored once.
+
+No message can stall the ledger: an event that does not validate is dead-lettered as `unreadable`, one that
+PostgreSQL refuses for good (a value no column can hold) as `unstorable`, found by bisecting its batch
+(shared/storable.py) so that every other event of the batch is stored; then the offsets move on.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import argparse
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import SpanContext, SpanKind
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -23,9 +29,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from services.accounting.ledger import to_row, write_batch
 from services.accounting.prompt_log import PromptLogWriter
 from shared import topics, tracing
+from shared.answers import problems
 from shared.config import load_config, load_settings
 from shared.contracts import IN_DOUBT, UsageEvent
 from shared.db import make_engine
+from shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
 from shared.health import health_port_default, serve_health
 from shared.kafka import (
     BatchOffsets,
@@ -40,9 +48,19 @@ from shared.kafka import (
 from shared.lag import follow_lag
 from shared.logs import setup_logging
 from shared.service import run_until_signal
+from shared.storable import store_or_isolate
 
 log = logging.getLogger("switchyard.accounting")
 BATCH_MAX = 1000
+
+
+@dataclass
+class Row:
+    """A consumed usage event and its priced row: the record is kept to dead-letter it unchanged."""
+
+    record: ConsumerRecord[bytes, bytes]
+    event: UsageEvent
+    row: dict[str, Any]
 
 
 class Accounting:
@@ -76,20 +94,17 @@ class Accounting:
             if not batches:
                 continue
             self.offsets.begin(batches)
-            rows = []
+            rows: list[Row] = []
             traced: list[tuple[SpanContext, UsageEvent]] = []
             started_ns = time.time_ns()
             for records in batches.values():
                 for record in records:
-                    try:
-                        event = UsageEvent.model_validate_json(record.value)
-                        rows.append(to_row(event))
-                        if tracing.enabled() and (parent := tracing.from_record(record.headers)) is not None:
-                            tracing.wait_in_topic(record.topic, parent, record.timestamp)
-                            traced.append((parent, event))
-                    except ValidationError as e:
-                        log.error("dropping malformed usage event", extra={"offset": record.offset,
-                                                                           "error": str(e)[:300]})
+                    if (row := await self._row(record)) is None:
+                        continue
+                    rows.append(row)
+                    if tracing.enabled() and (parent := tracing.from_record(record.headers)) is not None:
+                        tracing.wait_in_topic(record.topic, parent, record.timestamp)
+                        traced.append((parent, row.event))
             if rows:
                 await self._write_until_stored(rows)
             for parent, event in traced:
@@ -101,20 +116,45 @@ class Accounting:
             self.offsets.done()
             await self.offsets.commit()
 
-    async def _write_until_stored(self, rows: list[dict[str, Any]]) -> None:
+    async def _row(self, record: ConsumerRecord[bytes, bytes]) -> Row | None:
+        """The record's event and its priced row; None once a record that can be neither is dead-lettered."""
+        try:
+            event = UsageEvent.model_validate_json(record.value or b"")
+        except ValidationError as e:
+            await bury_consumed(self.producer, record, UNREADABLE, f"the usage event cannot be read: {problems(e)}",
+                                service="accounting")
+            return None
+        try:
+            return Row(record, event, to_row(event))
+        except (ValueError, OverflowError, OSError) as e:  # e.g. a ts_ms no date can hold
+            await bury_consumed(self.producer, record, UNSTORABLE, f"the usage event cannot be stored: {e}"[:300],
+                                service="accounting", request_id=event.request_id)
+            return None
+
+    async def _write_until_stored(self, rows: list[Row]) -> None:
+        """Store the rows; a row PostgreSQL refuses for good is dead-lettered, any other database error is
+        retried (the whole batch again: what a first try stored is stored once)."""
         delay = 0.5
         while True:
             try:
-                stored, events = await write_batch(self.engine, rows)
-                self.stored += stored
-                for event in events:
-                    await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
-                return
+                _, refused = await store_or_isolate(rows, self._store)
+                break
             except (OperationalError, DBAPIError, OSError) as e:
                 log.warning("database unavailable; retrying the batch", extra={"rows": len(rows),
                                                                                "error": repr(e)[:300]})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        for bad in refused:
+            row: Row = bad.item
+            await bury_consumed(self.producer, row.record, UNSTORABLE, bad.error, service="accounting",
+                                request_id=row.event.request_id)
+
+    async def _store(self, rows: Sequence[Row]) -> None:
+        """One transaction of rows, then the budget events it caused."""
+        stored, events = await write_batch(self.engine, [row.row for row in rows])
+        self.stored += stored
+        for event in events:
+            await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +170,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.health_port:
         await serve_health(args.health_port, lambda: accounting.ready)
     log.info("accounting started")
-    prompts = PromptLogWriter(settings.bootstrap_servers, accounting.engine, load_config().logging.retention_days)
+    prompts = PromptLogWriter(settings.bootstrap_servers, accounting.engine, load_config().logging.retention_days,
+                              accounting.producer)
     await run_until_signal(log, accounting.run_forever(), prompts.run(), follow_lag(accounting.consumer, "accounting"))
     await accounting.stop()
     tracing.shutdown()

@@ -5,7 +5,9 @@ spend ledger): it stores the logged records in `prompt_log` in batches (a redeli
 the request id is the key) and writes each record's guardrail decisions onto the request's usage rows. Usage
 rows may arrive after the record (another topic, another consumer); a record whose rows are not there yet is
 tried again with each following batch for up to USAGE_WAIT_S. Offsets are committed after the batch's
-transaction, so a crash replays the batch.
+transaction, so a crash replays the batch. A record that does not validate is dead-lettered as `unreadable`;
+one PostgreSQL refuses for good as `unstorable`, found by bisecting the batch (shared/storable.py), so the
+other records are stored and the writer moves on.
 
 Retention: every RETENTION_EVERY_S, rows older than `logging.retention_days` are deleted RETENTION_BATCH at a
 time, each batch its own short transaction (no long locks; readers and the writer carry on between batches).
@@ -18,11 +20,13 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
@@ -30,8 +34,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import topics
+from shared.answers import problems
+from shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
 from shared.kafka import group_instance_id, make_consumer, start_client
 from shared.prompt_log import PromptRecord, prompt_log
+from shared.storable import store_or_isolate
 
 log = logging.getLogger("switchyard.accounting.prompts")
 
@@ -54,15 +61,31 @@ def to_row(record: PromptRecord) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Entry:
+    """A record still to be stored: its prompt_log row (`insert`) and/or its guardrail decisions."""
+
+    record: PromptRecord
+    message: ConsumerRecord[bytes, bytes]
+    """As consumed, to dead-letter it unchanged."""
+    since: float
+    row: dict[str, Any] | None
+    """Its prompt_log row while that is still to be stored."""
+    guardrails: str | None
+    """Its guardrail decisions as JSON, if it has any."""
+
+
 class PromptLogWriter:
-    def __init__(self, bootstrap: str, engine: AsyncEngine, retention_days: float) -> None:
+    def __init__(self, bootstrap: str, engine: AsyncEngine, retention_days: float,
+                 producer: AIOKafkaProducer) -> None:
         self.engine = engine
+        self.producer = producer
         self.retention_days = retention_days
         self.consumer: AIOKafkaConsumer = make_consumer(
             bootstrap=bootstrap, group_id="accounting-prompts",
             group_instance_id=group_instance_id("accounting-prompts"), tansu_fetch_wait_ms=100)
-        self.waiting: dict[str, tuple[float, PromptRecord]] = {}
-        """Records whose usage rows had not arrived yet: request id → (first tried, record)."""
+        self.waiting: dict[str, _Entry] = {}
+        """Records whose usage rows had not arrived yet, by request id (their own row is stored)."""
 
     async def run(self) -> None:
         await start_client(self.consumer, "accounting-prompts")
@@ -71,51 +94,80 @@ class PromptLogWriter:
         try:
             while True:
                 batches = await self.consumer.getmany(timeout_ms=500, max_records=500)
-                records: list[PromptRecord] = []
+                now = time.monotonic()
+                entries: list[_Entry] = []
                 for messages in batches.values():
                     for message in messages:
-                        try:
-                            records.append(PromptRecord.model_validate_json(message.value))
-                        except ValidationError as e:
-                            log.error("dropping malformed prompt record", extra={"error": str(e)[:300]})
-                if records or self.waiting:
-                    await self._until_stored(records)
+                        if (entry := await self._entry(message, now)) is not None:
+                            entries.append(entry)
+                if entries or self.waiting:
+                    await self._until_stored(entries, now)
                 if batches:
                     await self.consumer.commit()
         finally:
             retention.cancel()
             await self.consumer.stop()
 
-    async def _until_stored(self, records: list[PromptRecord]) -> None:
+    async def _entry(self, message: ConsumerRecord[bytes, bytes], now: float) -> _Entry | None:
+        """What the record asks to store; None when it asks nothing, or once a record that cannot be read or
+        converted is dead-lettered."""
+        try:
+            record = PromptRecord.model_validate_json(message.value or b"")
+        except ValidationError as e:
+            await bury_consumed(self.producer, message, UNREADABLE, f"the prompt record cannot be read: {problems(e)}",
+                                service="accounting")
+            return None
+        if not (record.logged or record.guardrails):
+            return None
+        try:
+            return _Entry(record, message, now, row=to_row(record) if record.logged else None,
+                          guardrails=orjson.dumps(record.guardrails).decode() if record.guardrails else None)
+        except (ValueError, OverflowError, TypeError) as e:  # a ts_ms no date can hold, an integer JSON cannot
+            await bury_consumed(self.producer, message, UNSTORABLE, f"the prompt record cannot be stored: {e}"[:300],
+                                service="accounting", request_id=record.request_id)
+            return None
+
+    async def _until_stored(self, entries: list[_Entry], now: float) -> None:
+        """Store the batch and the records still waiting; a record PostgreSQL refuses for good is
+        dead-lettered, any other database error retried."""
+        entries += [e for e in self.waiting.values() if now - e.since < USAGE_WAIT_S]
         delay = 0.5
         while True:
             try:
-                await self._store(records)
-                return
+                results, refused = await store_or_isolate(entries, self._store)
+                break
             except (OperationalError, DBAPIError, OSError) as e:
                 log.warning("database unavailable; retrying the prompt records", extra={"error": repr(e)[:300]})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        done = set().union(*results)
+        gone = {id(bad.item) for bad in refused}
+        for bad in refused:
+            entry: _Entry = bad.item
+            await bury_consumed(self.producer, entry.message, UNSTORABLE, bad.error, service="accounting",
+                                request_id=entry.record.request_id)
+        self.waiting = {}
+        for entry in entries:
+            entry.row = None
+            if entry.guardrails and entry.record.request_id not in done and id(entry) not in gone:
+                self.waiting.setdefault(entry.record.request_id, entry)
 
-    async def _store(self, records: list[PromptRecord]) -> None:
-        rows = [to_row(r) for r in records if r.logged]
-        now = time.monotonic()
-        pending = {rid: entry for rid, entry in self.waiting.items() if now - entry[0] < USAGE_WAIT_S}
-        for r in records:
-            if r.guardrails:
-                pending.setdefault(r.request_id, (now, r))
+    async def _store(self, entries: Sequence[_Entry]) -> set[str]:
+        """One transaction: the entries' prompt_log rows, and their guardrail decisions onto their usage rows;
+        returns the request ids whose usage rows took the decisions."""
+        rows = [e.row for e in entries if e.row is not None]
+        done: set[str] = set()
         async with self.engine.begin() as conn:
             if rows:
                 await conn.execute(insert(prompt_log).on_conflict_do_nothing(index_elements=["request_id"]), rows)
-            done = []
-            for request_id, (_, record) in pending.items():
-                result = await conn.execute(_SET_GUARDRAILS, {"request_id": request_id,
-                                                              "guardrails": orjson.dumps(record.guardrails).decode()})
+            for entry in entries:
+                if entry.guardrails is None:
+                    continue
+                result = await conn.execute(_SET_GUARDRAILS, {"request_id": entry.record.request_id,
+                                                              "guardrails": entry.guardrails})
                 if result.rowcount:
-                    done.append(request_id)
-        for request_id in done:
-            pending.pop(request_id, None)
-        self.waiting = pending
+                    done.add(entry.record.request_id)
+        return done
 
     async def retain(self) -> int:
         """Delete rows older than retention_days, RETENTION_BATCH per transaction; returns how many went."""
