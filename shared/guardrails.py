@@ -254,10 +254,12 @@ def request_texts(body: dict[str, Any]) -> list[tuple[str, dict[str, Any] | list
     return found
 
 
-def guard_request(guardrails: list[Guardrail], body: dict[str, Any]) -> list[Decision]:
-    """Apply the input guardrails to a request body in place (masking), or raise the violation of a block."""
+def guard_request(guardrails: list[Guardrail], body: dict[str, Any],
+                  decisions: list[Decision] | None = None) -> list[Decision]:
+    """Apply the input guardrails to a request body in place (masking), or raise the violation of a block.
+    Decisions are appended to `decisions` (when given) as they are taken, so a block's survive its raise."""
     active = [g for g in guardrails if g.on("input") and (g.detectors or g.patterns)]
-    decisions: list[Decision] = []
+    decisions = [] if decisions is None else decisions
     if not active:
         return decisions
     for path, container, key in request_texts(body):
@@ -268,9 +270,11 @@ def guard_request(guardrails: list[Guardrail], body: dict[str, Any]) -> list[Dec
     return decisions
 
 
-def guard_answer(guardrails: list[Guardrail], data: dict[str, Any]) -> list[Decision]:
-    """Apply output guardrails to a non-streamed chat completion in place, or raise the violation of a block."""
-    decisions: list[Decision] = []
+def guard_answer(guardrails: list[Guardrail], data: dict[str, Any],
+                 decisions: list[Decision] | None = None) -> list[Decision]:
+    """Apply output guardrails to a non-streamed chat completion in place, or raise the violation of a block.
+    Decisions are appended to `decisions` (when given) as they are taken, so a block's survive its raise."""
+    decisions = [] if decisions is None else decisions
     active = [g for g in guardrails if g.on("output")]
     if not active:
         return decisions

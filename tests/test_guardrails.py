@@ -164,6 +164,8 @@ def test_block_is_a_400_and_costs_no_provider_call(gstack: RunningStack, fake: F
     assert refused.value.code == "guardrail_violation"
     assert "no-ssn" in refused.value.message and SSN not in refused.value.message
     assert fake.calls("/chat/completions") == []
+    entry = log_entry(gstack, refused.value.response.headers["x-request-id"])
+    assert ("no-ssn", "block", "input", "ssn") in decided(entry)  # a block's decision survives its refusal
 
 
 def log_entry(stack: RunningStack, request_id: str) -> dict[str, Any]:

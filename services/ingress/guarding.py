@@ -51,7 +51,7 @@ class RequestGuard:
 
     def check_request(self, body: dict[str, Any]) -> None:
         try:
-            self.decisions.extend(guard_request(self.input, body))
+            guard_request(self.input, body, self.decisions)
         except GatewayError as e:
             self.error, self.status = e.body(), e.status
             raise

@@ -65,7 +65,7 @@ class OutputGuard:
     def answer(self, data: dict[str, Any] | None) -> None:
         """A non-streamed chat answer: masked in place, or the violation of a block raised."""
         if self.active and data is not None and "choices" in data:
-            self.decisions.extend(guard_answer(self.output, data))
+            guard_answer(self.output, data, self.decisions)
 
     # ---- streams ------------------------------------------------------------------------------------
 
