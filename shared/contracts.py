@@ -99,6 +99,8 @@ class RequestEnvelope(BaseModel):
     allowed_models: list[str] = Field(default_factory=list)
     """The model groups the caller's key may use (empty: any). The router never leaves them: not by a
     routing rule, a configured fallback, a request's `fallbacks` nor a context-window or policy switch."""
+    guardrails: list[str] = Field(default_factory=list)
+    """The extra guardrails the caller's key names: the worker applies their output stage on top of the model's."""
     # Set by the router.
     attempt: int = 0
     model_group: str | None = None

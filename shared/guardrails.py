@@ -32,6 +32,10 @@ DEFAULT_REDACT: tuple[DetectorName, ...] = ("email", "phone", "credit_card", "se
 VIOLATION_CODE = "guardrail_violation"
 SCHEMA_LABEL = "json_schema"
 """The `detector` of a decision taken by a schema guardrail."""
+HEADER_DECISIONS = "x-switchyard-guardrails"
+"""Reply header (on `llm.replies`) by which a worker hands its output decisions to ingress; never shown to clients."""
+MAX_CARRIED = 200
+"""Decisions one reply carries at most (a long answer full of matches keeps its reply small)."""
 
 GUARDRAIL_ACTIONS = Counter("switchyard_guardrail_actions_total",
                             "Guardrail decisions, one per request and guardrail that acted (mask, block, log).",
@@ -109,6 +113,33 @@ class Decision:
     def as_dict(self) -> dict[str, Any]:
         return {"guardrail": self.guardrail, "action": self.action, "stage": self.stage, "detector": self.detector,
                 "path": self.path, "start": self.start, "end": self.end}
+
+
+def decisions_header(decisions: list[Decision]) -> dict[str, str]:
+    """The reply headers that carry `decisions` (the first MAX_CARRIED): `{}` when there are none."""
+    if not decisions:
+        return {}
+    return {HEADER_DECISIONS: orjson.dumps([d.as_dict() for d in decisions[:MAX_CARRIED]]).decode()}
+
+
+def decisions_from(headers: dict[str, str]) -> list[Decision]:
+    """Take the decisions out of a reply's headers (removing the header, so it never reaches a client).
+    Anything malformed is dropped: a reply is never refused for its decisions."""
+    raw = headers.pop(HEADER_DECISIONS, None)
+    if not raw:
+        return []
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return []
+    found: list[Decision] = []
+    for item in items[:MAX_CARRIED] if isinstance(items, list) else []:
+        try:
+            found.append(Decision(str(item["guardrail"]), item["action"], item["stage"], str(item["detector"]),
+                                  str(item["path"]), int(item["start"]), int(item["end"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return [d for d in found if d.action in ("mask", "block", "log") and d.stage in ("input", "output")]
 
 
 def violation(name: str, stage: str = "input") -> GatewayError:
@@ -223,10 +254,12 @@ def request_texts(body: dict[str, Any]) -> list[tuple[str, dict[str, Any] | list
     return found
 
 
-def guard_request(guardrails: list[Guardrail], body: dict[str, Any]) -> list[Decision]:
-    """Apply the input guardrails to a request body in place (masking), or raise the violation of a block."""
+def guard_request(guardrails: list[Guardrail], body: dict[str, Any],
+                  decisions: list[Decision] | None = None) -> list[Decision]:
+    """Apply the input guardrails to a request body in place (masking), or raise the violation of a block.
+    Decisions are appended to `decisions` (when given) as they are taken, so a block's survive its raise."""
     active = [g for g in guardrails if g.on("input") and (g.detectors or g.patterns)]
-    decisions: list[Decision] = []
+    decisions = [] if decisions is None else decisions
     if not active:
         return decisions
     for path, container, key in request_texts(body):
@@ -237,9 +270,11 @@ def guard_request(guardrails: list[Guardrail], body: dict[str, Any]) -> list[Dec
     return decisions
 
 
-def guard_answer(guardrails: list[Guardrail], data: dict[str, Any]) -> list[Decision]:
-    """Apply output guardrails to a non-streamed chat completion in place, or raise the violation of a block."""
-    decisions: list[Decision] = []
+def guard_answer(guardrails: list[Guardrail], data: dict[str, Any],
+                 decisions: list[Decision] | None = None) -> list[Decision]:
+    """Apply output guardrails to a non-streamed chat completion in place, or raise the violation of a block.
+    Decisions are appended to `decisions` (when given) as they are taken, so a block's survive its raise."""
+    decisions = [] if decisions is None else decisions
     active = [g for g in guardrails if g.on("output")]
     if not active:
         return decisions

@@ -42,6 +42,7 @@ guardrails:
   - {{name: no-ssn, stage: input, action: block, detectors: [ssn], models: [out]}}
   - {{name: note-ip, stage: input, action: log, detectors: [ip_address], models: [out]}}
   - {{name: out-pii, stage: output, action: mask, detectors: [credit_card, email], models: [out]}}
+  - {{name: out-stop, stage: output, action: block, patterns: ["(?i)forbidden"], models: [out]}}
   - {{name: answer-is-json, stage: output, action: block, json_schema: {{type: object, required: [answer]}},
      models: [json-only]}}
   - {{name: keyed, stage: input, action: block, patterns: ["(?i)codename"], models: []}}
@@ -98,13 +99,13 @@ def sql(stack: RunningStack, query: str, **params: Any) -> list[Any]:
     return asyncio.run(run())
 
 
-async def topic_dump(bootstrap: str) -> bytes:
-    """Every message of every gateway topic, from the beginning."""
+async def topic_dump(bootstrap: str, only: str | None = None) -> bytes:
+    """Every message of every gateway topic (or of the topic `only`), from the beginning."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        names = [t for t in await consumer.topics() if t.startswith("llm.")]
+        names = [t for t in await consumer.topics() if t.startswith("llm.") and only in (None, t)]
         consumer.subscribe(names)
         out = bytearray()
         idle = 0
@@ -163,19 +164,64 @@ def test_block_is_a_400_and_costs_no_provider_call(gstack: RunningStack, fake: F
     assert refused.value.code == "guardrail_violation"
     assert "no-ssn" in refused.value.message and SSN not in refused.value.message
     assert fake.calls("/chat/completions") == []
+    entry = log_entry(gstack, refused.value.response.headers["x-request-id"])
+    assert ("no-ssn", "block", "input", "ssn") in decided(entry)  # a block's decision survives its refusal
+
+
+def log_entry(stack: RunningStack, request_id: str) -> dict[str, Any]:
+    return wait_for(lambda: (lambda x: x.json() if x.status_code == 200 else None)(
+        httpx.get(f"{stack.url}/v1/logs/{request_id}", headers=stack.headers(), timeout=30)))
+
+
+def decided(entry: dict[str, Any]) -> set[tuple[str, str, str, str]]:
+    return {(d["guardrail"], d["action"], d["stage"], d["detector"]) for d in entry["guardrails"]}
 
 
 def test_output_mask_split_across_stream_chunks(gstack: RunningStack, fake: FakeOpenAI) -> None:
     client = openai.OpenAI(base_url=f"{gstack.url}/v1", api_key=MASTER_KEY)
-    stream = client.chat.completions.create(model="out", stream=True,
-                                            messages=[{"role": "user", "content": f"pay with {CARD} now"}])
-    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    raw = client.chat.completions.with_raw_response.create(
+        model="out", stream=True, messages=[{"role": "user", "content": f"pay with {CARD} now"}])
+    streamed_id = raw.headers["x-request-id"]
+    pieces = [c.choices[0].delta.content or "" for c in raw.parse() if c.choices]
     text = "".join(pieces)
     assert text == "Echo: pay with [CREDIT_CARD] now"
     assert not any("4111" in p for p in pieces)
     # The same guardrail on a whole answer; `log` notes an IP without touching it.
     r = chat(gstack, "out", f"from 10.1.2.3 mail {EMAIL}")
     assert r.json()["choices"][0]["message"]["content"] == "Echo: from 10.1.2.3 mail [EMAIL]"
+    assert "x-switchyard-guardrails" not in r.headers  # the worker's decisions are for ingress, not the client
+    # The worker masked both before producing them: the provider's words never crossed llm.replies.
+    replies = asyncio.run(topic_dump(gstack.bootstrap, "llm.replies")).decode(errors="replace")
+    assert streamed_id in replies and r.headers["x-request-id"] in replies  # the dump did read both answers
+    assert "[CREDIT_CARD]" in replies and "[EMAIL]" in replies
+    for secret in ("4111", EMAIL, "ana.perez"):
+        assert secret not in replies, f"{secret!r} reached llm.replies"
+    # The output decisions (taken in the worker) reach the prompt log and the usage row, as input ones do.
+    assert ("out-pii", "mask", "output", "credit_card") in decided(log_entry(gstack, streamed_id))
+    whole = log_entry(gstack, r.headers["x-request-id"])
+    assert {("out-pii", "mask", "output", "email"), ("note-ip", "log", "input", "ip_address")} <= decided(whole)
+    assert whole["answer"]["choices"][0]["message"]["content"] == "Echo: from 10.1.2.3 mail [EMAIL]"
+    rows = wait_for(lambda: sql(gstack, "SELECT guardrails::text FROM usage WHERE request_id = :r AND "
+                                         "guardrails IS NOT NULL", r=streamed_id))
+    assert "out-pii" in rows[0][0] and "4111" not in rows[0][0]
+
+
+def test_output_block_ends_a_stream_and_refuses_an_answer(gstack: RunningStack) -> None:
+    r = chat(gstack, "out", "this word is forbidden here")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "guardrail_violation"
+    assert "out-stop" in r.json()["error"]["message"] and "forbidden" not in r.json()["error"]["message"]
+    body = httpx.post(f"{gstack.url}/v1/chat/completions", headers=gstack.headers(), timeout=60,
+                      json={"model": "out", "stream": True, "messages": [
+                          {"role": "user", "content": "one two three four five six seven eight nine ten " * 20
+                           + "and then forbidden words"}]})
+    events = [line[6:] for line in body.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and orjson.loads(events[-2])["error"]["code"] == "guardrail_violation"
+    shown = "".join(c["delta"].get("content") or "" for e in events[:-2] for c in orjson.loads(e)["choices"])
+    assert shown.startswith("Echo: one two") and "forbidden" not in shown  # text before the window was shown
+    replies = asyncio.run(topic_dump(gstack.bootstrap, "llm.replies")).decode(errors="replace")
+    assert body.headers["x-request-id"] in replies and "forbidden" not in replies
+    entry = log_entry(gstack, body.headers["x-request-id"])
+    assert ("out-stop", "block", "output", "pattern") in decided(entry) and entry["status"] == 400
 
 
 def test_schema_guardrail_blocks_a_non_json_answer(gstack: RunningStack) -> None:
@@ -187,6 +233,7 @@ def test_schema_guardrail_blocks_a_non_json_answer(gstack: RunningStack) -> None
                             "messages": [{"role": "user", "content": "still not json"}]}).text
     events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and orjson.loads(events[-2])["error"]["code"] == "guardrail_violation"
+    assert ("answer-is-json", "block", "output", "json_schema") in decided(log_entry(gstack, r.headers["x-request-id"]))
 
 
 def test_key_guardrails_and_log_access(gstack: RunningStack) -> None:

@@ -487,9 +487,11 @@ def create_app(gateway: Gateway) -> FastAPI:
             reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
             route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
+            guardrails=identity.guardrails,  # the worker applies their output stage on top of the model's
         )
+        # A key with guardrails of its own skips the cache: an entry holds an answer guarded for another key.
         cached = await gateway.cache.lookup(request.headers, identity, envelope) \
-            if gateway.cache.enabled(model) else None
+            if gateway.cache.enabled(model) and not identity.guardrails else None
         estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
         call = InFlight(envelope, identity, estimate, guard=guard)
         request.state.call = call
@@ -522,10 +524,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             _settle(call, None)
             raise GatewayError.from_body(reply.status, reply.data, reply.headers)
         if reply.type != "chunk":
-            try:
-                call.guard.check_answer(reply)  # output guardrails, before the answer is returned
-            finally:
-                _settle(call, reply)
+            call.guard.answered(reply)  # the worker applied the output guardrails; this takes its decisions
+            _settle(call, reply)
         else:
             call.first_chunk_at = time.perf_counter()
         return reply
@@ -548,14 +548,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         reply: Reply | None = first
         try:
             while reply is not None:
-                shown = call.guard.stream(reply)  # output guardrails over a sliding window of the text
-                blocked = call.guard.end_check() if reply.type == "end" and shown.type != "error" else None
-                if shown.type == "chunk" and reply.type == "end":  # text the window still held, then the end
-                    yield shown
-                    shown = reply
-                yield Reply(id=reply.id, type="error", status=blocked.status, data=blocked.body()) if blocked \
-                    else shown
-                if shown.type != "chunk":
+                call.guard.streamed(reply)  # the worker applied the output guardrails; this takes its decisions
+                yield reply
+                if reply.type != "chunk":
                     return
                 try:
                     reply = await call.pending.next(_wait_s(call.envelope))

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from services.workers import observe
 from services.workers.calls import CallFailed, CallResult, call, for_caller, make_client
 from services.workers.chunks import ChunkStream
+from services.workers.guarding import OutputGuard
 from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
@@ -55,6 +56,7 @@ from shared.contracts import (
 )
 from shared.dead import bury, deliver_or_bury
 from shared.errors import GatewayError, timeout_error
+from shared.guardrails import Guardrails
 from shared.health import health_port_default, serve_health
 from shared.kafka import (
     REFUSED_TOO_LARGE,
@@ -101,6 +103,7 @@ class Worker:
         self.service = f"worker.{provider}"
         self.adapter = get_adapter(provider)
         self.config = config
+        self.guardrails = Guardrails(config.guardrails)
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
         group = topics.worker_group(provider)
         # The rebalance timeout covers the drain (see `drain`), so the coordinator never evicts a worker that is
@@ -314,8 +317,15 @@ class Worker:
                           call=started.event_id)
             return self._send_reply(env, reply)
 
+        def blocked(err: GatewayError) -> None:  # an output guardrail ended the stream: the error goes at once
+            acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=stream.close(), type="error",
+                                                    status=err.status, data=err.body(), custom_id=env.custom_id,
+                                                    headers={topics.HEADER_ROUTE: route, **guard.headers()},
+                                                    call=started.event_id)))
+
         stream = ChunkStream(send_chunks)
-        on_chunk = stream.add
+        guard = OutputGuard.of(self.guardrails, env)  # nothing unmasked is produced to Kafka
+        on_chunk = guard.guarded(stream.add, blocked)
 
         # Queued together, the start event and the write-ahead record share one produce request; only the
         # write-ahead record must be acknowledged before the provider is called.
@@ -339,7 +349,7 @@ class Worker:
                 return acks, True
             if failed.chunks_sent == 0:
                 acks.append(self._retry(env, dep, failed.error, failed.latency_ms))
-            else:
+            elif guard.blocked is None:
                 err = failed.error
                 acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="error",
                                                               status=err.status, data=err.body(),
@@ -351,7 +361,26 @@ class Worker:
         headers = {topics.HEADER_ROUTE: route}
         if result.dropped_params:
             headers[topics.HEADER_DROPPED_PARAMS] = ",".join(result.dropped_params)
-        if env.stream:
+        final_error = None
+        try:
+            if env.stream:
+                tail = guard.close()  # text the window still held; the schema guardrails over the whole text
+                if tail is not None:
+                    await stream.add(tail)
+            else:
+                guard.answer(result.response)
+        except GatewayError as e:
+            final_error = e
+        headers.update(guard.headers())
+        if guard.blocked is not None or final_error is not None:
+            acks.extend(stream.sent)
+            if final_error is not None:
+                acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=stream.close(),
+                                                        type="error", status=final_error.status,
+                                                        data=final_error.body(), headers=headers,
+                                                        custom_id=env.custom_id, call=started.event_id,
+                                                        provider_ms=provider_ms)))
+        elif env.stream:
             if (env.body.get("stream_options") or {}).get("include_usage"):
                 await on_chunk(_usage_chunk(result, env))
             seq = stream.close()
