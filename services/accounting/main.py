@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from services.accounting.ledger import to_row, write_batch
 from services.accounting.prompt_log import PromptLogWriter
 from shared import topics, tracing
+from shared.answers import problems
 from shared.config import load_config, load_settings
 from shared.contracts import IN_DOUBT, UsageEvent
 from shared.db import make_engine
@@ -89,7 +90,7 @@ class Accounting:
                             traced.append((parent, event))
                     except ValidationError as e:
                         log.error("dropping malformed usage event", extra={"offset": record.offset,
-                                                                           "error": str(e)[:300]})
+                                                                           "error": problems(e)})
             if rows:
                 await self._write_until_stored(rows)
             for parent, event in traced:

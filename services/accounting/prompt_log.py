@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import topics
+from shared.answers import problems
 from shared.kafka import group_instance_id, make_consumer, start_client
 from shared.prompt_log import PromptRecord, prompt_log
 
@@ -77,7 +78,7 @@ class PromptLogWriter:
                         try:
                             records.append(PromptRecord.model_validate_json(message.value))
                         except ValidationError as e:
-                            log.error("dropping malformed prompt record", extra={"error": str(e)[:300]})
+                            log.error("dropping malformed prompt record", extra={"error": problems(e)})
                 if records or self.waiting:
                     await self._until_stored(records)
                 if batches:
