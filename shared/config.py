@@ -2,6 +2,11 @@
 
 `${VAR}` and `${VAR:-default}` in the YAML are replaced from the environment, so secrets
 stay out of the file. A missing variable is an error that names the field that needed it.
+
+A deployment's credentials (CREDENTIAL_FIELDS) are the exception: they are resolved only in the worker pool of
+that deployment's provider (`load_config(..., secrets_for=provider)`); every other process (ingress, router,
+accounting, the CLI, other providers' workers) loads them blank and never reads their variables. So no process
+holds a secret it does not use, and a variable missing for one provider stops no other process from starting.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from shared.guardrails import GuardrailSpec, PromptLogging
 
@@ -56,6 +61,13 @@ class Deployment(BaseModel):
     first_byte_timeout_s: float = Field(default=60.0, gt=0)
     context_window: int | None = Field(default=None, ge=1)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    _credentials_missing: str | None = PrivateAttr(default=None)
+
+    @property
+    def credentials_missing(self) -> str | None:
+        """Why this deployment's credentials could not be resolved in this worker (the field and the variable,
+        never a value); None when they were, or when this process does not resolve them."""
+        return self._credentials_missing
 
     @field_validator("api_version", mode="before")
     @classmethod
@@ -203,10 +215,22 @@ class GatewayConfig(BaseModel):
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+CREDENTIAL_FIELDS = ("api_key", "api_keys", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                     "headers")
+"""The fields of a deployment that hold secrets: resolved only by the worker pool of its provider."""
+_DEPLOYMENT_PATH = re.compile(r"^models\[\d+\]\.deployments\[\d+\]$")
+
+
+def _blank(name: str) -> Any:
+    """The value of credential field `name` in a process that does not hold it."""
+    return [] if name == "api_keys" else {} if name == "headers" else None
 
 
 def _interpolate(node: Any, path: str, env: dict[str, str]) -> Any:
+    """`node` with `${VAR}` replaced, except in a deployment's CREDENTIAL_FIELDS (left as written)."""
     if isinstance(node, dict):
+        if _DEPLOYMENT_PATH.match(path):
+            return {k: v if k in CREDENTIAL_FIELDS else _interpolate(v, f"{path}.{k}", env) for k, v in node.items()}
         return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
@@ -231,19 +255,48 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse_config(text: str, env: dict[str, str] | None = None, source: str = "config") -> GatewayConfig:
+def _scope_credentials(config: GatewayConfig, secrets_for: str | None, env: dict[str, str]) -> None:
+    """Resolve the credentials of `secrets_for`'s deployments; blank every other deployment's.
+
+    A variable missing for one of this provider's deployments does not stop the worker: that deployment's
+    credentials stay blank, `credentials_missing` says which field and variable, and the worker answers its
+    calls with an auth error (the operator's log names the variable) while its other deployments serve."""
+    for m_index, group in enumerate(config.models):
+        for d_index, dep in enumerate(group.deployments):
+            path = f"models[{m_index}].deployments[{d_index}]"
+            resolved: dict[str, Any] = {name: _blank(name) for name in CREDENTIAL_FIELDS}
+            missing = None
+            if dep.provider == secrets_for:
+                for name in CREDENTIAL_FIELDS:
+                    try:
+                        resolved[name] = _interpolate(getattr(dep, name), f"{path}.{name}", env)
+                    except ConfigError as e:
+                        missing = str(e)
+                        break
+            for name in CREDENTIAL_FIELDS:
+                setattr(dep, name, resolved[name] if missing is None else _blank(name))
+            dep._credentials_missing = missing
+
+
+def parse_config(text: str, env: dict[str, str] | None = None, source: str = "config",
+                 secrets_for: str | None = None) -> GatewayConfig:
+    """The validated config. Credentials are resolved for the deployments of provider `secrets_for` only
+    (a worker pool's own); every other deployment's are blank (see CREDENTIAL_FIELDS)."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with a `models` list")
-    raw = _interpolate(raw, "", dict(os.environ) if env is None else env)
+    environ = dict(os.environ) if env is None else env
+    raw = _interpolate(raw, "", environ)
     try:
-        return GatewayConfig.model_validate(raw)
+        config = GatewayConfig.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(f"{_loc(err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{source}: {problems}") from e
+        raise ConfigError(f"{source}: {problems}") from None
+    _scope_credentials(config, secrets_for, environ)
+    return config
 
 
 def demo_group(api_base: str) -> ModelGroup:
@@ -262,15 +315,16 @@ def config_path(explicit: str | None = None) -> Path | None:
     return default if default.exists() else None
 
 
-def load_config(explicit: str | None = None) -> GatewayConfig:
-    """The gateway config; with no models configured, `demo` is served by the built-in fake provider."""
+def load_config(explicit: str | None = None, secrets_for: str | None = None) -> GatewayConfig:
+    """The gateway config; with no models configured, `demo` is served by the built-in fake provider.
+    Only a worker passes `secrets_for` (its provider): the credentials of that provider's deployments."""
     path = config_path(explicit)
     if path is None:
         config = GatewayConfig()
     else:
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        config = parse_config(path.read_text(), source=str(path))
+        config = parse_config(path.read_text(), source=str(path), secrets_for=secrets_for)
     demo_url = os.environ.get("SWITCHYARD_DEMO_URL")
     if not config.models and demo_url:
         config.models.append(demo_group(demo_url))

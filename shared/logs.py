@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shared.redaction import RedactingFilter
+from shared.redaction import RedactingFilter, exception_text
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -34,7 +34,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = exception_text(record.exc_info)
         elif record.exc_text:
             entry["exc"] = record.exc_text
         return orjson.dumps(entry, default=str).decode()

@@ -10,7 +10,11 @@ every sink for what guardrails do not cover (a `log` guardrail, an answer, an er
 from __future__ import annotations
 
 import logging
+import traceback
+from types import TracebackType
 from typing import Any
+
+from pydantic import ValidationError
 
 from shared.detectors import DETECTORS, Detector, digit_runs, mask, non_overlapping
 from shared.guardrails import DEFAULT_REDACT
@@ -87,6 +91,34 @@ class RedactingFilter(logging.Filter):
             if key not in _STANDARD and not key.startswith("_") and isinstance(value, str | dict | list):
                 record.__dict__[key] = redactor.value(value)
         if record.exc_info and not record.exc_text:
-            record.exc_text = redactor.text(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = redactor.text(exception_text(record.exc_info))
             record.exc_info = None
         return True
+
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def exception_text(exc_info: ExcInfo) -> str:
+    """A traceback as logging formats it, except that a pydantic ValidationError anywhere in it (cause and
+    context included) reads as its problems by field, without the input values it would quote: those are
+    request bodies (prompts) or secrets. No redaction policy catches a prompt, so it must never be written."""
+    value = exc_info[1]
+    if value is None:
+        return logging.Formatter().formatException(exc_info)
+    from shared.answers import problems  # here: shared.answers loads Kafka clients, which logging must not
+
+    rendered = traceback.TracebackException.from_exception(value)
+    seen: set[int] = set()
+    stack: list[tuple[traceback.TracebackException, BaseException]] = [(rendered, value)]
+    while stack:
+        te, exc = stack.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, ValidationError):
+            te._str = f"{exc.error_count()} validation error(s) for {exc.title}: {problems(exc)}"  # type: ignore[attr-defined]
+        for linked_te, linked in ((te.__cause__, exc.__cause__), (te.__context__, exc.__context__)):
+            if linked_te is not None and linked is not None:
+                stack.append((linked_te, linked))
+    return "".join(rendered.format()).rstrip("\n")

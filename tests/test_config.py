@@ -21,18 +21,22 @@ models:
 
 
 def test_interpolates_env_and_defaults() -> None:
-    config = parse_config(GOOD, env={"OPENAI_API_KEY": "sk-live"})
+    config = parse_config(GOOD, env={"OPENAI_API_KEY": "sk-live"}, secrets_for="openai")
     deps = config.models[0].deployments
-    assert deps[0].api_key == "sk-live" and deps[1].api_key == "fallback-key"
+    assert deps[0].api_key == "sk-live" and deps[1].api_key is None  # groq's key: only groq's workers hold it
+    assert parse_config(GOOD, env={}, secrets_for="groq").models[0].deployments[1].api_key == "fallback-key"
     assert [d.id for d in deps] == ["gpt-4o-mini/0", "gpt-4o-mini/1"]
     assert config.providers() == ["groq", "openai"]
     assert "sk-live" not in repr(deps[0])  # secrets stay out of reprs (and so out of logs)
 
 
 def test_missing_env_var_names_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.api_key: environment variable "
-                                          r"OPENAI_API_KEY is not set"):
-        parse_config(GOOD, env={})
+    dep = parse_config(GOOD, env={}, secrets_for="openai").models[0].deployments[0]
+    assert dep.credentials_missing == ("models[0].deployments[0].api_key: environment variable OPENAI_API_KEY "
+                                       "is not set")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.api_base: environment variable "
+                                          r"OPENAI_BASE is not set"):
+        parse_config(GOOD.replace("https://api.openai.com/v1", "${OPENAI_BASE}"), env={})
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from shared import topics
-from shared.config import parse_config
+from shared.config import CREDENTIAL_FIELDS, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -149,6 +149,23 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def env_example() -> dict[str, str]:
     return read_env_file(ENV_EXAMPLE)
+
+
+def provider_env_examples() -> dict[str, dict[str, str]]:
+    """deploy/<provider>.env.example for every provider of the example config: that provider's keys."""
+    return {p: read_env_file(DEPLOY / f"{p}.env.example") for p in config_providers()
+            if (DEPLOY / f"{p}.env.example").is_file()}
+
+
+def credential_vars() -> dict[str, set[str]]:
+    """provider -> the ${VAR}s its deployments' credentials (CREDENTIAL_FIELDS) reference in the example config."""
+    out: dict[str, set[str]] = {}
+    for group in yaml.safe_load(config_text()).get("models") or []:
+        for dep in group.get("deployments") or []:
+            found = out.setdefault(dep["provider"], set())
+            for name in CREDENTIAL_FIELDS:
+                found.update(_CONFIG_VAR.findall(json.dumps(dep.get(name)) if name in dep else ""))
+    return out
 
 
 def compose_command(svc: dict[str, Any]) -> list[str]:
@@ -483,16 +500,60 @@ def test_compose_config_and_secrets() -> None:
         assert (DEPLOY / mounts[0].split(":")[0]).resolve() == EXAMPLE_CONFIG.resolve()
         files = compose_env_files(svc)
         assert files, f"{name}: secrets come from the env file"
+        assert files[0] == ENV_EXAMPLE.with_suffix(""), f"{name}: the shared env file comes first"
         for f in files:
-            assert f.with_name(f.name + ".example") == ENV_EXAMPLE, f"{name}: {f} has no .example beside it"
+            assert f.with_name(f.name + ".example").is_file(), f"{name}: {f} has no .example beside it"
     example = env_example()
-    assert config_vars() <= set(example), "every ${VAR} in the example config must be in the env file example"
+    every_example = set(example).union(*provider_env_examples().values())
+    assert config_vars() <= every_example, "every ${VAR} in the example config must be in an env file example"
     assert {"DATABASE_URL", "SWITCHYARD_MASTER_KEY"} <= set(example)
     password = re.match(r"postgresql://[^:]+:([^@]+)@", example["DATABASE_URL"])
     assert password and password.group(1) == example["POSTGRES_PASSWORD"], "keep the two passwords in step"
     secret = k8s_one("Secret", "switchyard-secrets")["stringData"]
-    assert config_vars() <= set(secret), "every ${VAR} in the example config must be in the example Secret"
+    every_secret = {key for doc in k8s_kind("Secret") for key in doc["stringData"]}
+    assert config_vars() <= every_secret, "every ${VAR} in the example config must be in an example Secret"
     assert {"DATABASE_URL", "SWITCHYARD_MASTER_KEY"} <= set(secret)
+
+
+def _k8s_secret_keys(container: dict[str, Any]) -> set[str]:
+    """The keys of every Secret a container reads (envFrom, or env valueFrom.secretKeyRef)."""
+    keys = {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    for src in container.get("envFrom", []):
+        if "secretRef" in src:
+            keys |= set(k8s_one("Secret", src["secretRef"]["name"])["stringData"])
+    return keys
+
+
+def _compose_keys(svc: dict[str, Any]) -> set[str]:
+    """Every variable a compose service gets: its environment and its env files (their .example beside them)."""
+    keys = set(compose_env(svc))
+    for f in compose_env_files(svc):
+        keys |= set(read_env_file(f.with_name(f.name + ".example")))
+    return keys
+
+
+def test_provider_secrets_reach_only_their_providers_workers() -> None:
+    """Issue 18: a provider's keys are mounted in that provider's worker pool only, never in ingress (the
+    internet-facing process), the router, accounting, the setup job or another provider's workers."""
+    by_provider = credential_vars()
+    assert by_provider and all(by_provider.values()), "the example config's credentials name no ${VAR}"
+    every = set().union(*by_provider.values())
+    for wl in workloads():
+        for c in switchyard_containers(wl):
+            args = [str(a) for a in c["args"]]
+            own = by_provider.get(flag_value(args, "--provider") or "", set()) if args[0] == "worker" else set()
+            held = _k8s_secret_keys(c) & every
+            where = f"k8s {wl['metadata']['name']}/{c['name']}"
+            assert held == own, f"{where} holds provider keys {sorted(held)}; it should hold {sorted(own)}"
+    names = [d["metadata"]["name"] for d in k8s_kind("Secret")]
+    assert len(names) == len(set(names)), f"Secret names repeat: {names}"
+    shared = set(k8s_one("Secret", "switchyard-secrets")["stringData"])
+    assert not shared & every, f"the Secret every pod reads holds provider keys {sorted(shared & every)}"
+    for name, svc in compose_switchyard_services().items():
+        cmd = compose_command(svc)
+        own = by_provider.get(flag_value(cmd, "--provider") or "", set()) if cmd[0] == "worker" else set()
+        held = _compose_keys(svc) & every
+        assert held == own, f"compose {name} holds provider keys {sorted(held)}; it should hold {sorted(own)}"
 
 
 # ---- in step with the code ------------------------------------------------------------------------
@@ -547,6 +608,9 @@ def _deploy_env_names() -> dict[str, set[str]]:
     for key in env_example():
         if key not in THIRD_PARTY_ENV:
             add(key, ENV_EXAMPLE.name)
+    for provider, keys in provider_env_examples().items():
+        for key in keys:
+            add(key, f"{provider}.env.example")
     envfrom_cms, envfrom_secrets = set(), set()
     for wl in workloads():
         for c in switchyard_containers(wl):

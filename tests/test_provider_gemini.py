@@ -234,11 +234,10 @@ async def test_tool_call_completion(fake: FakeGemini) -> None:
 
 
 async def test_usage_with_cached_and_reasoning_tokens(fake: FakeGemini) -> None:
-    body = {**BODY, "cached_content": "cachedContents/abc",
-            "thinking_config": {"thinking_budget": 512, "include_thoughts": True}}
+    fake.implicit_cache = True  # Gemini's implicit caching: cachedContentTokenCount with no cachedContent sent
+    body = {**BODY, "thinking_config": {"thinking_budget": 512, "include_thoughts": True}}
     result = await run(fake, body)
     sent = fake.calls()[0].body
-    assert sent["cachedContent"] == "cachedContents/abc"
     assert sent["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 512, "includeThoughts": True}
     assert result.response is not None
     usage = result.response["usage"]

@@ -35,14 +35,14 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from services.workers import observe
-from services.workers.calls import CallFailed, CallResult, call, for_caller, make_client
+from services.workers.calls import UPSTREAM_AUTH_ERROR, CallFailed, CallResult, call, for_caller, make_client
 from services.workers.chunks import ChunkStream
 from services.workers.guarding import OutputGuard
 from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
 from shared import metrics, topics, tracing
-from shared.answers import refuse_unreadable
+from shared.answers import problems, refuse_unreadable
 from shared.config import Deployment, GatewayConfig, load_config, load_settings
 from shared.contracts import (
     IN_DOUBT,
@@ -246,8 +246,9 @@ class Worker:
         owed, 500 otherwise), so its caller is not left waiting and the offset moves on."""
         try:
             env = RequestEnvelope.model_validate_json(raw)
-        except ValidationError:
-            log.exception("dropping a message that failed and is not an envelope")
+        except ValidationError as e:
+            log.error("dropping a message that failed and is not an envelope",
+                      extra={"error": type(error).__name__, "problems": problems(e)})
             return
         if isinstance(error, DeliveryRefused):
             log.error("the broker refused what a request owes; answering with an error",
@@ -278,6 +279,11 @@ class Worker:
         if dep is None:
             err = GatewayError(500, f"deployment {env.deployment!r} is not configured on this worker",
                                code="unknown_deployment", retryable=False)
+            return [self._reply_error(env, err)]
+        if dep.credentials_missing:  # the operator's log names the variable (at start); the caller gets no detail
+            err = GatewayError(502, f"The gateway could not authenticate with the provider of this model "
+                               f"({self.provider}); the operator has been told.", code=UPSTREAM_AUTH_ERROR,
+                               retryable=False)
             return [self._reply_error(env, err)]
         wait_s = (env.not_before_ms - now_ms()) / 1000.0
         if wait_s > 0:
@@ -540,7 +546,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     settings = load_settings()
-    worker = Worker(args.provider, settings.bootstrap_servers, load_config(args.config))
+    config = load_config(args.config, secrets_for=args.provider)  # this pool's secrets, no other provider's
+    for dep in (d for m in config.models for d in m.deployments if d.credentials_missing):
+        log.error("a deployment has no credentials; its calls fail with upstream_auth_error",
+                  extra={"deployment": dep.id, "reason": dep.credentials_missing})
+    worker = Worker(args.provider, settings.bootstrap_servers, config)
     tracing.setup_tracing(f"worker-{args.provider}")
     await worker.start()
     metrics.on_scrape(worker.pacer.export_depth)

@@ -7,8 +7,8 @@ Behaviour, deterministic so tests can check every byte:
 - with functionDeclarations, mode not NONE and a last turn that is not a functionResponse, it
   calls the first allowed function with {"query": <last user text>} (and a thoughtSignature);
 - `candidateCount` answers that many candidates;
-- usage: promptTokenCount/candidatesTokenCount ~ 1 token per 4 chars; `cachedContent` in the request
-  adds cachedContentTokenCount; a thinkingConfig adds thoughtsTokenCount (and a thought part when
+- usage: promptTokenCount/candidatesTokenCount ~ 1 token per 4 chars; `implicit_cache` (Gemini's
+  implicit caching) adds cachedContentTokenCount; a thinkingConfig adds thoughtsTokenCount (and a thought part when
   `includeThoughts`);
 - "[[unsafe]]" in the last user text ends the candidate with finishReason SAFETY; "[[block]]"
   blocks the prompt (promptFeedback.blockReason, no candidates); "[[stream-error]]" makes a
@@ -48,12 +48,14 @@ class FakeGemini(FakeProvider):
     def __init__(self) -> None:
         self.retry_delay_in_body = False
         self.error_as_list = False
+        self.implicit_cache = False
         super().__init__()
 
     def reset(self) -> None:
         super().reset()
         self.retry_delay_in_body = False
         self.error_as_list = False
+        self.implicit_cache = False
 
     # ---- Google error bodies ----
     def error_body(self, status: int, message: str, retry_delay: float | None = None) -> Any:
@@ -167,7 +169,7 @@ class FakeGemini(FakeProvider):
         candidates = count_tokens(out_text) * int((body.get("generationConfig") or {}).get("candidateCount") or 1)
         usage: dict[str, Any] = {"promptTokenCount": prompt, "candidatesTokenCount": candidates}
         total = prompt + candidates
-        if body.get("cachedContent"):
+        if self.implicit_cache:
             usage["cachedContentTokenCount"] = min(prompt, 3)
         if (body.get("generationConfig") or {}).get("thinkingConfig"):
             usage["thoughtsTokenCount"] = 7

@@ -28,6 +28,10 @@ Decisions worth knowing:
   turn gets Google's documented `skip_thought_signature_validator` so the request is not refused.
 - Thought-summary parts (`thought: true`) never enter `content`; they are returned as
   `reasoning_content`.
+- Callers never reach the gateway's Google project: Gemini resolves `cachedContent`, Files API names
+  (`files/...`, a `file_id`) and `gs://` / googleapis.com URIs with the deployment's credentials, so a
+  caller naming one would read the caches and files of every other caller. They are refused with a 400
+  naming the parameter; media goes inline (data: URLs) or as a public http(s) URL (`public_media_url`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import re
 import struct
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -62,6 +67,7 @@ from services.workers.providers.base import (
     forced_function,
     function_tool,
     image_url,
+    invalid,
     objects,
     openai_usage,
     part_text,
@@ -84,8 +90,12 @@ _IGNORED = frozenset({"model", "messages", "stream", "stream_options", "user", "
 
 _CHAT_HANDLED = frozenset({"temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n",
                            "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-                           "reasoning_effort", "top_k", "safety_settings", "safetySettings", "cached_content",
-                           "cachedContent", "thinking_config", "thinkingConfig"})
+                           "reasoning_effort", "top_k", "safety_settings", "safetySettings",
+                           "thinking_config", "thinkingConfig"})
+# Names of a context cache in the gateway's own Google project: never taken from a caller (refused).
+_REFUSED = ("cached_content", "cachedContent")
+# Hosts whose URLs Gemini reads with the deployment's credentials (Files API, Cloud Storage), not publicly.
+_PROJECT_HOSTS = ("googleapis.com", "storage.cloud.google.com")
 _EMBED_HANDLED = frozenset({"input", "encoding_format", "dimensions", "task_type", "taskType"})
 
 # Gemini-native tools a caller may pass through in `tools` next to OpenAI function tools.
@@ -353,6 +363,11 @@ class GeminiAdapter(ProviderAdapter):
     # ---- chat ----
     def chat_request(self, ctx: CallContext) -> UpstreamRequest:
         body = ctx.body
+        for name in _REFUSED:
+            if body.get(name) is not None:
+                raise invalid(self.name, f"'{name}' is not accepted: a context cache is a resource of the gateway's "
+                              "Google project, which callers cannot name; send the content itself", name,
+                              code="unsupported_parameter")
         dropped = [k for k, v in body.items()
                    if v is not None and k not in _IGNORED and k not in _CHAT_HANDLED]
         system, contents = self._contents(chat_messages(body, self.name), ctx)
@@ -376,9 +391,6 @@ class GeminiAdapter(ProviderAdapter):
         safety = body.get("safety_settings") or body.get("safetySettings")
         if safety:
             out["safetySettings"] = safety
-        cached = body.get("cached_content") or body.get("cachedContent")
-        if cached:
-            out["cachedContent"] = cached
         dropped = self._unsupported(ctx, dropped)
         url = self._url(ctx, "streamGenerateContent") + "?alt=sse" if ctx.stream \
             else self._url(ctx, "generateContent")
@@ -463,7 +475,7 @@ class GeminiAdapter(ProviderAdapter):
                 if text:
                     parts.append({"text": text})
             elif kind == "image_url":
-                parts.append(_media_part(image_url(p, where, self.name), None))
+                parts.append(self._media_part(image_url(p, where, self.name), None, f"{where}.image_url.url"))
             elif kind == "input_audio":
                 audio = as_object(p.get("input_audio"), f"{where}.input_audio", self.name)
                 audio_format = as_text(audio.get("format"), f"{where}.input_audio.format", self.name)
@@ -471,14 +483,33 @@ class GeminiAdapter(ProviderAdapter):
                 parts.append({"inlineData": {"mimeType": f"audio/{audio_format or 'wav'}", "data": data}})
             elif kind == "file":
                 f = as_object(p.get("file"), f"{where}.file", self.name)
-                ref = f.get("file_data") or f.get("file_id") or ""
+                if f.get("file_id") is not None:
+                    raise invalid(self.name, f"'{where}.file.file_id' is not accepted: it would name a file of the "
+                                  "gateway's Google project; send the file as 'file_data' (a data: URL)",
+                                  f"{where}.file.file_id", code="unsupported_parameter")
+                ref = as_text(f.get("file_data"), f"{where}.file.file_data", self.name)
                 mime = as_text(f.get("mime_type"), f"{where}.file.mime_type", self.name)
                 filename = as_text(f.get("filename"), f"{where}.file.filename", self.name)
-                parts.append(_media_part(str(ref), mime or _guess_type(filename)))
+                parts.append(self._media_part(ref, mime or _guess_type(filename), f"{where}.file.file_data"))
             else:
                 raise GatewayError(400, f"{self.name} does not support content parts of type {kind!r}",
                                    param=f"messages[{i}].content[{j}].type")
         return parts
+
+    def _media_part(self, url: str, mime: str | None, param: str) -> dict[str, Any]:
+        """Inline data for a data: URL; a `fileData` part only for a public http(s) URL (`public_media_url`)."""
+        inline = split_data_url(url)
+        if inline is not None:
+            return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
+        if not public_media_url(url):
+            raise invalid(self.name, f"'{param}' must be a data: URL or a public http(s) URL: Gemini would read "
+                          "any other file reference (files/..., gs://, googleapis.com) as the gateway's Google "
+                          "project", param)
+        ref: dict[str, Any] = {"fileUri": url}
+        mime = mime or _guess_type(url)
+        if mime:
+            ref["mimeType"] = mime
+        return {"fileData": ref}
 
     def _tools(self, tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
         if not tools:
@@ -654,15 +685,17 @@ def _guess_type(name: str | None) -> str | None:
     return mimetypes.guess_type(name.split("?")[0])[0]
 
 
-def _media_part(url: str, mime: str | None) -> dict[str, Any]:
-    inline = split_data_url(url)
-    if inline is not None:
-        return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
-    ref: dict[str, Any] = {"fileUri": url}
-    mime = mime or _guess_type(url)
-    if mime:
-        ref["mimeType"] = mime
-    return {"fileData": ref}
+def public_media_url(url: str) -> bool:
+    """Whether Gemini would fetch `url` as anyone could: an http(s) URL whose host is not one that Gemini reads
+    with the deployment's credentials (the Files API and Cloud Storage under googleapis.com)."""
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").rstrip(".").lower()
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    return not any(host == h or host.endswith("." + h) for h in _PROJECT_HOSTS)
 
 
 def _arguments(arguments: Any, i: int) -> dict[str, Any]:
