@@ -113,6 +113,8 @@ spend_totals = Table(
     Column("cost_usd", Numeric(20, 10), nullable=False),
     Column("tokens", BigInteger, nullable=False),
     Column("requests", BigInteger, nullable=False),
+    Column("reserved_usd", Numeric(20, 10), nullable=False, server_default="0"),
+    Column("budget_usd", Numeric(20, 10)),
 )
 
 response_cache = Table(
@@ -137,6 +139,7 @@ rate_counters = Table(
     Column("kind", Text, primary_key=True),
     Column("window_start", DateTime(timezone=True), primary_key=True),
     Column("used", BigInteger, nullable=False),
+    Column("granted", BigInteger, nullable=False, server_default="0"),
 )
 
 

@@ -27,6 +27,8 @@ def estimate_input_tokens(body: dict[str, Any]) -> int:
 
 
 def estimate_total_tokens(body: dict[str, Any]) -> int:
-    """Input estimate plus the most the completion may use (max_tokens, or a default)."""
+    """Input estimate plus the most the completions may use (max_tokens, or a default, for each of `n`)."""
     out = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_OUTPUT_TOKENS
-    return estimate_input_tokens(body) + (int(out) if "messages" in body else 0)
+    n = body.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    return estimate_input_tokens(body) + (int(out) * choices if "messages" in body else 0)

@@ -128,3 +128,13 @@ def test_the_stack_file_is_never_readable_by_others(tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert orjson.loads(path.read_bytes()) == {"master_key": "sk-secret"}
+
+
+def test_attempts_that_never_end_are_forgotten_under_every_strategy() -> None:
+    """Calls routed (or started) whose outcome never comes do not grow the health book, even when nothing
+    asks for the in-flight count (only least-busy routing did, before)."""
+    book = HealthBook(BreakerSettings(in_flight_ttl_s=60))
+    for i in range(1000):
+        book.note_routed("d1", f"r{i}", 0, now=100.0)
+    book.note_routed("d1", "late", 0, now=100.0 + 61)
+    assert len(book.get("d1").started) == 1

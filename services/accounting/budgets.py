@@ -1,9 +1,9 @@
 """Running spend totals per key / team / project and period, and the events budgets raise.
 
 Totals are updated once per batch of usage rows, in the same transaction as the rows (one
-UPSERT for the whole batch, never a hot-row UPDATE per request), so a replayed batch adds
-nothing twice. When a total crosses a budget (or an alert threshold) in this batch, a
-`KeyEvent` is returned for `llm.keys`; ingress blocks the scope until the period ends.
+UPSERT for the whole batch, never a hot-row UPDATE per request, rows in one fixed order so replicas
+never deadlock), so a replayed batch adds nothing twice. When a total crosses a budget (or an
+alert threshold) in this batch, a `KeyEvent` is returned for `llm.keys`; ingress blocks the scope until the period ends.
 """
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[TotalKey, list[Decimal | int]]
     return sums
 
 
+def ordered_values(sums: dict[TotalKey, list[Decimal | int]]) -> list[dict[str, Any]]:
+    """The rows to upsert, in the one lock order of spend_totals (scope, id, period, start).
+
+    The UPSERT locks rows in the order given; accounting replicas (and ingress's budget holds, which sort the
+    same way) that all lock shared team and project rows in one order can wait for each other but never
+    deadlock.
+    """
+    return [{"scope": k[0], "scope_id": k[1], "period": k[2], "period_start": k[3], "cost_usd": v[0],
+             "tokens": v[1], "requests": v[2]} for k, v in sorted(sums.items())]
+
+
 async def _budgets_for(conn: AsyncConnection, scopes: set[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     found: dict[tuple[str, str], Any] = {}
     key_ids = [sid for scope, sid in scopes if scope == "key"]
@@ -67,8 +78,7 @@ async def update_totals(conn: AsyncConnection, rows: list[dict[str, Any]]) -> li
     sums = aggregate(rows)
     if not sums:
         return []
-    values = [{"scope": k[0], "scope_id": k[1], "period": k[2], "period_start": k[3], "cost_usd": v[0],
-               "tokens": v[1], "requests": v[2]} for k, v in sums.items()]
+    values = ordered_values(sums)
     base = insert(spend_totals).values(values)
     stmt = base.on_conflict_do_update(
         index_elements=["scope", "scope_id", "period", "period_start"],

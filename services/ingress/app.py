@@ -36,6 +36,7 @@ from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
 from services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
 from services.ingress.batch_driver import BatchDriver
 from services.ingress.batches import add_batch_routes
+from services.ingress.budget_holds import BudgetHolds, Hold
 from services.ingress.cache import ResponseCache
 from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
@@ -90,6 +91,7 @@ class Gateway:
         self._request_engine: AsyncEngine | None = None
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
+        self.budget_holds: BudgetHolds | None = None
         self.in_flight = InFlightCap()
         self.auth_failures = AuthFailures()
         self.max_timeout_s = max_timeout_s()
@@ -136,6 +138,7 @@ class Gateway:
             # Nothing here waits for PostgreSQL: the keys load in the background (see `ready`).
             self.keys = KeyStore(self.engine(), key_hash_secret(self.settings), request_engine=self.request_engine())
             self.limiter = RateLimiter(self.request_engine())
+            self.budget_holds = BudgetHolds(self.request_engine(), self.config)
             self._tasks.append(asyncio.create_task(self._follow_key_events()))
             self._tasks.append(asyncio.create_task(self._keep_keys_loaded()))
             self.batch_driver = BatchDriver(self)
@@ -248,15 +251,23 @@ class Gateway:
         if not (await self.authenticate(request)).is_master:
             raise GatewayError(403, "This endpoint needs the master key.", code="forbidden")
 
-    async def admit(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
-        """Apply the replica's and the key's limits; returns the token estimate to correct later. Headers go on
-        the response. Whatever it takes is given back by exactly one `finish` (and nothing when it raises)."""
+    async def admit(self, request: Request, identity: Identity, body: dict[str, Any]) -> Admitted:
+        """Apply the replica's and the key's limits and hold the budgets; returns what to correct and release
+        later. Headers go on the response. Whatever it takes is given back by exactly one `finish` (and nothing
+        when it raises)."""
         self.in_flight.enter()
         try:
-            return await self._admit_key(request, identity, body)
+            tokens = await self._admit_key(request, identity, body)
         except BaseException:
             self.in_flight.leave()
             raise
+        try:
+            hold = None if self.budget_holds is None else await self.budget_holds.reserve(
+                identity, str(body.get("model") or ""), body)
+        except BaseException:
+            self.finish(identity, Admitted(tokens), None)
+            raise
+        return Admitted(tokens, hold)
 
     async def _admit_key(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
         if self.limiter is None or identity.is_master:
@@ -274,13 +285,15 @@ class Gateway:
         self.limiter.enter(identity.key_id, identity.max_parallel)
         return estimate
 
-    def finish(self, identity: Identity, estimate: int, actual_tokens: int | None) -> None:
+    def finish(self, identity: Identity, admitted: Admitted, actual_tokens: int | None) -> None:
         self.in_flight.leave()
+        if self.budget_holds is not None:
+            self.budget_holds.settle(admitted.hold)
         if self.limiter is None or identity.is_master:
             return
         self.limiter.leave(identity.key_id)
         if identity.tpm and actual_tokens is not None:
-            self.limiter.correct(identity.key_id, actual_tokens - estimate)
+            self.limiter.correct(identity.key_id, actual_tokens - admitted.tokens)
 
     def route_headers(self, request: Request) -> dict[str, str]:
         """Only the headers routing rules look at travel in the envelope (never credentials)."""
@@ -308,6 +321,14 @@ class Gateway:
             raise GatewayError(503, "The gateway could not accept the request (message broker unavailable).",
                                code="broker_unavailable") from e
         return pending
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What `Gateway.admit` took for one request: its token estimate (corrected later) and its budget hold."""
+
+    tokens: int
+    hold: Hold | None = None
 
 
 def _reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
@@ -643,7 +664,7 @@ class InFlight:
 
     envelope: RequestEnvelope
     identity: Identity
-    estimate: int
+    estimate: Admitted
     pending: Pending = field(default_factory=Pending)
     settled: bool = False
     guard: RequestGuard = field(default_factory=lambda: RequestGuard([], False))

@@ -1,11 +1,13 @@
 """Per-key RPM / TPM limits that hold across ingress replicas: a counter table with batched reservations.
 
 Each replica reserves a block of the current minute's allowance for a key from PostgreSQL
-(one atomic UPDATE for up to `BLOCK_FRACTION` of the limit) and spends it locally, so the
+(one atomic UPSERT, one round trip, for up to `BLOCK_FRACTION` of the limit) and spends it locally, so the
 database sees one round trip per block, not per request, and the replicas together can
 never admit more than the limit per window: a reservation never takes the counter past it.
 Unused reservations lapse with their window (replicas may under-admit by at most one block
-each). Tokens are reserved by estimate and corrected by the actual usage afterwards.
+each). Tokens are reserved by estimate (prompt plus `max_tokens` or 256, times `n`) and corrected by the
+actual usage afterwards: usage beyond the estimate is charged to the shared counter, so no replica forgives it.
+Rows of ended windows are deleted (every `PRUNE_EVERY_S` by each replica).
 Parallel requests are counted per replica.
 
 When PostgreSQL is unreachable (or a reservation fails or times out), a replica limits on its
@@ -25,8 +27,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -40,9 +44,25 @@ WINDOW_S = 60
 BLOCK_FRACTION = 0.05
 RESERVE_TIMEOUT_S = 3.0
 """Bound on one reservation (the engine's connect/command timeouts come first); past it, count locally."""
+PRUNE_EVERY_S = 60.0
+"""How often a replica deletes the counter rows of ended windows."""
 RETRY_DB_S = 2.0
 """While PostgreSQL is unreachable, one reservation every this many seconds probes it; others count locally."""
 LOCAL_SHARE_ENV = "SWITCHYARD_LOCAL_LIMIT_SHARE"
+
+_RESERVE = text("""
+INSERT INTO rate_counters AS c (key_id, kind, window_start, used, granted)
+VALUES (:key_id, :kind, :window,
+        CAST(:add AS bigint) + LEAST(CAST(:want AS bigint), GREATEST(0, CAST(:limit AS bigint) - :add)),
+        LEAST(CAST(:want AS bigint), GREATEST(0, CAST(:limit AS bigint) - :add)))
+ON CONFLICT (key_id, kind, window_start) DO UPDATE
+SET used = c.used + CAST(:add AS bigint)
+           + LEAST(CAST(:want AS bigint), GREATEST(0, CAST(:limit AS bigint) - c.used - :add)),
+    granted = LEAST(CAST(:want AS bigint), GREATEST(0, CAST(:limit AS bigint) - c.used - :add))
+RETURNING c.used, c.granted
+""")
+
+"""A reservation: add what is owed, grant what the limit still allows (at most `want`), in one statement."""
 
 
 def local_share_from_env() -> float:
@@ -83,6 +103,8 @@ class RateLimiter:
         self._allowances: dict[tuple[str, str], Allowance] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._in_flight: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._pruned_at = 0.0
         self.outage = DatabaseOutage(log, "rate limits", f"each key is limited on this replica's own count "
                                      f"({self.local_share:g} of its limit per minute) until it answers",
                                      retry_s=RETRY_DB_S)
@@ -90,20 +112,38 @@ class RateLimiter:
     async def _reserve(self, key_id: str, kind: str, window: int, want: int, limit: int,
                        unreserved: int = 0) -> tuple[int, int]:
         """Atomically take up to `want` from the shared counter, first adding `unreserved` (what this replica
-        admitted on its own count while PostgreSQL was unreachable); returns (granted, counter after)."""
-        params = {"key_id": key_id, "kind": kind, "window": datetime.fromtimestamp(window, UTC), "limit": limit}
+        admitted or was charged on its own count: outage admissions, TPM corrections); returns (granted, counter
+        after). One statement, one round trip: the row lock of the UPSERT serialises replicas."""
+        params = {"key_id": key_id, "kind": kind, "window": datetime.fromtimestamp(window, UTC), "limit": limit,
+                  "want": want, "add": unreserved}
         async with self.engine.begin() as conn:
-            await conn.execute(text("INSERT INTO rate_counters (key_id, kind, window_start, used) "
-                                    "VALUES (:key_id, :kind, :window, 0) ON CONFLICT DO NOTHING"), params)
-            before = int((await conn.execute(text(
-                "SELECT used FROM rate_counters WHERE key_id = :key_id AND kind = :kind AND window_start = :window "
-                "FOR UPDATE"), params)).scalar_one())
-            granted = max(0, min(want, limit - before - unreserved))
-            if granted or unreserved:
-                await conn.execute(text("UPDATE rate_counters SET used = used + :add WHERE key_id = :key_id "
-                                        "AND kind = :kind AND window_start = :window"),
-                                   {**params, "add": granted + unreserved})
-        return granted, before + granted + unreserved
+            row = (await conn.execute(_RESERVE, params)).one()
+        return int(row.granted), int(row.used)
+
+    async def _prune(self, now: float) -> None:
+        """Delete counter rows of windows that ended (kept one extra window for late corrections)."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(text("DELETE FROM rate_counters WHERE window_start < :before"),
+                                   {"before": datetime.fromtimestamp(_window(now) - WINDOW_S, UTC)})
+        except DATABASE_ERRORS as e:
+            self.outage.failed(e)
+
+    def _maybe_prune(self, now: float) -> None:
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        self._spawn(self._prune(now))
+
+    async def drain(self) -> None:
+        """Wait for the background work under way (corrections to the shared counter, pruning)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _try_reserve(self, key_id: str, kind: str, window: int, want: int, limit: int,
                            unreserved: int) -> tuple[int, int] | None:
@@ -127,6 +167,7 @@ class RateLimiter:
         """Spend `amount` of this minute's allowance, reserving a block when the local share runs out."""
         now = now or time.time()
         window = _window(now)
+        self._maybe_prune(now)
         lock = self._locks.setdefault((key_id, kind), asyncio.Lock())
         async with lock:
             allowance = self._allowances.setdefault((key_id, kind), Allowance())
@@ -165,11 +206,36 @@ class RateLimiter:
                             retry_after_s=reset, headers=self.headers(kind, limit, allowance, now))
 
     def correct(self, key_id: str, delta_tokens: int) -> None:
-        """Apply actual usage minus the admission estimate to this replica's token allowance."""
+        """Apply actual usage minus the admission estimate to the key's token allowance, across replicas.
+
+        Tokens used beyond the estimate come first out of this replica's unspent reservation; the rest is
+        added to the shared counter at once (in the background), so every replica's next reservation sees
+        it and the excess is never forgiven. Tokens estimated but not used are kept by this replica.
+        """
         allowance = self._allowances.get((key_id, "tokens"))
-        if allowance is not None and allowance.window == _window(time.time()):
+        if allowance is None or allowance.window != _window(time.time()) or not delta_tokens:
+            return
+        allowance.spent += delta_tokens
+        if delta_tokens < 0:
             allowance.local -= delta_tokens
-            allowance.spent += delta_tokens
+            return
+        covered = min(max(allowance.local, 0), delta_tokens)
+        allowance.local -= covered
+        if delta_tokens > covered:
+            self._spawn(self._charge(key_id, allowance.window, delta_tokens - covered))
+
+    async def _charge(self, key_id: str, window: int, tokens: int) -> None:
+        """Add `tokens` to the shared counter (under the key's lock, like a reservation); while PostgreSQL is
+        unreachable they wait in `unreserved` and go with this replica's next reservation."""
+        async with self._locks.setdefault((key_id, "tokens"), asyncio.Lock()):
+            allowance = self._allowances.get((key_id, "tokens"))
+            if allowance is None or allowance.window != window:
+                return
+            charged = await self._try_reserve(key_id, "tokens", window, 0, 0, allowance.unreserved + tokens)
+            if charged is None:
+                allowance.unreserved += tokens
+            else:
+                allowance.used_global, allowance.unreserved = charged[1], 0
 
     @staticmethod
     def headers(kind: str, limit: int, allowance: Allowance, now: float | None = None) -> dict[str, str]:

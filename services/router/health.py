@@ -40,6 +40,10 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+MAX_STARTED = 100_000
+"""The most calls without an outcome one deployment's entry remembers (the oldest are forgotten first)."""
+
+
 @dataclass(frozen=True)
 class BreakerSettings:
     """Tuning of the breaker and of latency scoring; `from_env()` reads the `SWITCHYARD_BREAKER_*` variables."""
@@ -118,7 +122,7 @@ class HealthBook:
         at = event.ts_ms / 1000.0
         if event.phase == "start":
             if time.time() - at < s.in_flight_ttl_s:
-                h.started[key] = at
+                self._note_start(h, key, at)
             if h.tripped and at >= h.open_until:
                 h.probe_until = max(h.probe_until, at + s.probe_timeout_s)
             return
@@ -162,9 +166,22 @@ class HealthBook:
     def note_routed(self, deployment: str, request_id: str, attempt: int, now: float) -> None:
         """This router sent a call to `deployment`: count it in flight, and take the probe if half-open."""
         h = self.get(deployment)
-        h.started[(request_id, attempt)] = now
+        self._note_start(h, (request_id, attempt), now)
         if h.tripped and now >= h.open_until:
             h.probe_until = max(h.probe_until, now + self.settings.probe_timeout_s)
+
+    def _note_start(self, h: DeploymentHealth, key: tuple[str, int], at: float) -> None:
+        """Count a call in flight, and forget the oldest entries of calls that never ended: those past the TTL
+        (entries are kept in insertion order, which is about time order, so this is amortised O(1)) and any
+        beyond MAX_STARTED, so attempts whose outcome never comes cannot grow memory under any strategy."""
+        h.started.pop(key, None)
+        h.started[key] = at
+        ttl = self.settings.in_flight_ttl_s
+        while h.started:
+            oldest_key = next(iter(h.started))
+            if len(h.started) <= MAX_STARTED and at - h.started[oldest_key] <= ttl:
+                break
+            del h.started[oldest_key]
 
     def _record(self, h: DeploymentHealth, at: float, ok: bool) -> None:
         h.outcomes.append((at, ok))

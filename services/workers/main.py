@@ -113,7 +113,7 @@ class Worker:
                                                         rebalance_timeout_ms=int((DRAIN_S + 10) * 1000),
                                                         max_poll_records=FETCH_MAX)
         self.tracker = OffsetTracker()
-        self.pacer = Pacer(share=self._share)
+        self.pacer = Pacer(owned=self._owned, partitions=topics.PROVIDER_PARTITIONS)
         self.client: httpx.AsyncClient = make_client()
         self.ready = False
         self._in_flight = {False: 0, True: 0}
@@ -122,10 +122,15 @@ class Worker:
         """Tasks past the point of no return: their provider call has begun, or they are delivering what
         their message owes. A revocation drains these and cancels every other task."""
 
-    def _share(self) -> float:
-        """The part of the provider's traffic this process sees: the partitions it owns, of all."""
-        owned = [tp for tp in self.consumer.assignment() if tp.topic == topics.provider_topic(self.provider)]
-        return len(owned) / topics.PROVIDER_PARTITIONS if owned else 1.0
+    def _owned(self) -> list[int]:
+        """The provider partitions this process owns (of the interactive topic, else of the batch one); none
+        during a rebalance, so it starts no new call then."""
+        assigned = self.consumer.assignment()
+        for topic in (topics.provider_topic(self.provider), topics.provider_topic(self.provider, True)):
+            owned = [tp.partition for tp in assigned if tp.topic == topic]
+            if owned:
+                return owned
+        return []
 
     async def start(self) -> None:
         await start_client(self.producer, "worker-producer")

@@ -3,14 +3,22 @@ kept by the workers, so the provider never sees more than it allows and the back
 Kafka instead of failing.
 
 - Every API key of a deployment has its own sliding 60-second window of calls and tokens and
-  its own concurrency count; calls rotate over the keys that have room.
-- Several worker processes share a deployment's limits in proportion to the partitions each
-  one owns (`share`): messages are spread evenly over partitions, so the shares add up to the
-  whole limit.
+  its own concurrency count; calls rotate over the keys that have room. A call counts while it
+  runs and for 60 s after it ends (the provider saw it somewhere in between). Ended calls enter
+  the window in the order they end, on a monotonic clock, so the window stays in time order and
+  a long call never holds up the expiry of the calls behind it.
+- Several worker processes share a deployment's limits by the partitions each one owns: the
+  limit is split over the partitions (`part_of`), so the parts of all owners add up to the limit
+  exactly, never more. A process that owns no partition (during a rebalance) starts nothing. A
+  process whose part rounds to 0 (a limit smaller than the number of workers) starts nothing on
+  that limit: keep limits at least the number of worker processes.
 - A key that got a 429 is paused for the provider's Retry-After.
-- Interactive requests go first: a batch request waits while an interactive one is waiting for
-  the same deployment. An interactive request that cannot get a slot before its deadline gets
-  a retryable 429, so the router can send it elsewhere; batch requests wait as long as needed.
+- Waiters queue per deployment, interactive before batch, first come first served; only the
+  head of the queue looks for room, and a call's end wakes only the head (which wakes the next
+  when it got a slot), so a call end costs O(1) wake-ups and the token sums are kept running.
+- An interactive request waits for a slot at most `interactive_wait_s`, and never past half the
+  time it had left when it arrived: then it gets a retryable 429 while there is still time for
+  the router to send it elsewhere. Batch requests wait as long as needed.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -32,30 +40,47 @@ from shared.tokens import estimate_total_tokens
 
 WINDOW_S = 60.0
 DEFAULT_PAUSE_S = 5.0
+INTERACTIVE_WAIT_S = 10.0
+"""The longest an interactive request waits for room before it is handed back to the router."""
+
+
+def part_of(limit: int, owned: Collection[int], partitions: int) -> int:
+    """This process's part of `limit` when it owns `owned` of `partitions`: the limit is split over the
+    partitions (the remainder spread evenly over them), so the parts of all owners sum to the limit."""
+    base, extra = divmod(limit, partitions)
+    bonus = {(j * partitions) // extra for j in range(extra)} if extra else set()
+    return sum(base + (1 if p in bonus else 0) for p in owned if 0 <= p < partitions)
 
 
 @dataclass
 class KeyPace:
     key: str | None
-    calls: deque[list[float]] = field(default_factory=deque)
-    """[start time, tokens] of each call in the last window (tokens corrected after the call)."""
+    ended: deque[tuple[float, float]] = field(default_factory=deque)
+    """(end time, tokens) of each call that ended in the last window, in end order."""
+    ended_tokens: float = 0.0
     in_flight: int = 0
+    in_flight_tokens: float = 0.0
     paused_until: float = 0.0
 
     def prune(self, now: float) -> None:
-        while self.calls and self.calls[0][0] <= now - WINDOW_S:
-            self.calls.popleft()
+        while self.ended and self.ended[0][0] <= now - WINDOW_S:
+            self.ended_tokens -= self.ended.popleft()[1]
+        if not self.ended:
+            self.ended_tokens = 0.0  # no float drift
+
+    def calls(self) -> int:
+        return len(self.ended) + self.in_flight
 
     def tokens(self) -> float:
-        return sum(c[1] for c in self.calls)
+        return self.ended_tokens + self.in_flight_tokens
 
 
 @dataclass
 class Lease:
-    """One call's claim on a key: the key to use and its window entry (corrected after the call)."""
+    """One call's claim on a key: the key to use and the call's token count (corrected after the call)."""
 
     pace: KeyPace
-    entry: list[float]
+    tokens: float
 
     @property
     def key(self) -> str | None:
@@ -73,19 +98,31 @@ class Limits:
 class DeploymentPace:
     keys: list[KeyPace]
     next_index: int = 0
-    interactive_waiting: int = 0
-    waiting: int = 0
-    """Requests of any priority waiting in `slot` for room under the limits (`switchyard_pacing_queue_depth`)."""
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: dict[bool, deque[asyncio.Future[None]]] = field(
+        default_factory=lambda: {True: deque(), False: deque()})
+    """Who waits for a slot: interactive (True) and batch (False), each first come first served."""
+
+    def head(self) -> asyncio.Future[None] | None:
+        for queue in (self.waiters[True], self.waiters[False]):
+            if queue:
+                return queue[0]
+        return None
 
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        """Wake the head of the queue (it wakes the next when it gets a slot)."""
+        head = self.head()
+        if head is not None and not head.done():
+            head.set_result(None)
 
 
 class Pacer:
-    def __init__(self, share: Callable[[], float] = lambda: 1.0) -> None:
-        self.share = share
+    def __init__(self, owned: Callable[[], Collection[int] | None] = lambda: None, partitions: int = 1,
+                 clock: Callable[[], float] = time.monotonic, interactive_wait_s: float = INTERACTIVE_WAIT_S) -> None:
+        """`owned`: the partitions this process owns (None: it is alone and takes whole limits)."""
+        self.owned = owned
+        self.partitions = partitions
+        self.clock = clock
+        self.interactive_wait_s = interactive_wait_s
         self._deployments: dict[str, DeploymentPace] = {}
 
     def _pace(self, dep: Deployment) -> DeploymentPace:
@@ -96,28 +133,45 @@ class Pacer:
         return pace
 
     def limits(self, dep: Deployment) -> Limits:
-        share = self.share()
+        owned = self.owned()
 
         def part(limit: int | None) -> float | None:
-            return None if limit is None else max(1.0, math.floor(limit * share))
+            return None if limit is None else float(limit if owned is None else
+                                                    part_of(limit, owned, self.partitions))
 
         return Limits(part(dep.rpm), part(dep.tpm), part(dep.max_concurrent))
 
     def _free_in(self, kp: KeyPace, limits: Limits, tokens: float, now: float) -> float:
-        """Seconds until this key could take a call of `tokens` (0: now; inf: only when a call ends)."""
+        """Seconds until this key could take a call of `tokens` (0: now; inf: only when a call ends or the
+        process's part grows)."""
         kp.prune(now)
         wait = max(0.0, kp.paused_until - now)
         if limits.concurrent is not None and kp.in_flight >= limits.concurrent:
-            wait = max(wait, math.inf)
-        if limits.rpm is not None and len(kp.calls) >= limits.rpm:
-            wait = max(wait, kp.calls[0][0] + WINDOW_S - now)
-        if limits.tpm is not None and kp.tokens() + tokens > limits.tpm and kp.calls:
-            freed, needed, i = 0.0, kp.tokens() + tokens - limits.tpm, 0
-            while freed < needed and i < len(kp.calls):
-                freed += kp.calls[i][1]
-                i += 1
-            wait = max(wait, kp.calls[i - 1][0] + WINDOW_S - now)
+            return math.inf
+        if limits.rpm is not None and kp.calls() >= limits.rpm:
+            if kp.in_flight >= limits.rpm or not kp.ended:
+                return math.inf
+            wait = max(wait, kp.ended[kp.calls() - int(limits.rpm)][0] + WINDOW_S - now)
+        if limits.tpm is not None and kp.tokens() + tokens > limits.tpm:
+            needed, freed = kp.tokens() + tokens - limits.tpm, 0.0
+            for end, spent in kp.ended:
+                freed += spent
+                if freed >= needed:
+                    return max(wait, end + WINDOW_S - now)
+            return math.inf  # only calls in flight (or a call larger than the part) can free it
         return wait
+
+    def _choose(self, pace: DeploymentPace, limits: Limits, tokens: float, now: float) -> tuple[KeyPace | None,
+                                                                                               float]:
+        waits = []
+        for i in range(len(pace.keys)):
+            kp = pace.keys[(pace.next_index + i) % len(pace.keys)]
+            wait = self._free_in(kp, limits, tokens, now)
+            if wait == 0:
+                pace.next_index = (pace.next_index + i + 1) % len(pace.keys)
+                return kp, 0.0
+            waits.append(wait)
+        return None, min(waits)
 
     @asynccontextmanager
     async def slot(self, dep: Deployment, env: RequestEnvelope) -> AsyncIterator[Lease]:
@@ -125,68 +179,70 @@ class Pacer:
         pace = self._pace(dep)
         tokens = float(estimate_total_tokens(env.body))
         interactive = env.priority == "interactive"
-        if interactive:
-            pace.interactive_waiting += 1
-        pace.waiting += 1
+        arrived = self.clock()
+        give_up = arrived + min(self.interactive_wait_s, max(0.0, (env.deadline_ms / 1000 - time.time()) / 2))
+        me: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = pace.waiters[interactive]
+        queue.append(me)
+        chosen: KeyPace | None = None
         try:
             while True:
-                now = time.time()
-                limits = self.limits(dep)
-                waits = []
-                chosen = None
-                for i in range(len(pace.keys)):
-                    kp = pace.keys[(pace.next_index + i) % len(pace.keys)]
-                    wait = self._free_in(kp, limits, tokens, now)
-                    if wait == 0 and (interactive or pace.interactive_waiting == 0):
-                        chosen = kp
-                        pace.next_index = (pace.next_index + i + 1) % len(pace.keys)
+                now = self.clock()
+                wait = math.inf
+                if pace.head() is me:
+                    chosen, wait = self._choose(pace, self.limits(dep), tokens, now)
+                    if chosen is not None:
                         break
-                    waits.append(wait)
-                if chosen is not None:
-                    break
-                wait = min(waits) if waits else 0.05  # inf: free only when a call ends
-                if interactive and all(kp.paused_until > now for kp in pace.keys):
-                    # The provider said stop on every key: let the router fail over now instead of waiting here.
-                    raise GatewayError(429, f"Deployment {dep.id} is rate limited by the provider.",
-                                       code="rate_limit_exceeded",
-                                       retry_after_s=min(kp.paused_until for kp in pace.keys) - now)
-                if interactive and now + (0.0 if wait == math.inf else wait) >= env.deadline_ms / 1000:
-                    raise GatewayError(429, f"Deployment {dep.id} is at its configured rate limit.",
-                                       code="rate_limit_exceeded", retry_after_s=1.0 if wait == math.inf else wait)
+                if interactive:
+                    if all(kp.paused_until > now for kp in pace.keys):
+                        # The provider said stop on every key: let the router fail over now instead of waiting.
+                        raise GatewayError(429, f"Deployment {dep.id} is rate limited by the provider.",
+                                           code="rate_limit_exceeded",
+                                           retry_after_s=min(kp.paused_until for kp in pace.keys) - now)
+                    if now + wait > give_up or now >= give_up:
+                        raise GatewayError(429, f"Deployment {dep.id} is at its configured rate limit.",
+                                           code="rate_limit_exceeded",
+                                           retry_after_s=1.0 if wait == math.inf else max(wait, 0.1))
+                    wait = min(wait, give_up - now)
+                if me.done():  # woken before: wait on a fresh future in the same place in the queue
+                    fresh = asyncio.get_running_loop().create_future()
+                    queue[queue.index(me)], me = fresh, fresh
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pace.changed.wait(), timeout=min(wait, 1.0))
+                    await asyncio.wait_for(asyncio.shield(me), timeout=None if wait == math.inf else wait)
         finally:
-            pace.waiting -= 1
-            if interactive:
-                pace.interactive_waiting -= 1
-        entry = [time.time(), tokens]
-        chosen.calls.append(entry)
+            with contextlib.suppress(ValueError):
+                queue.remove(me)
+            if chosen is not None or pace.head() is not None:
+                pace.notify()  # the next waiter looks (there may be room for it too, or we gave up the head)
+        assert chosen is not None
         chosen.in_flight += 1
+        chosen.in_flight_tokens += tokens
+        lease = Lease(chosen, tokens)
         try:
-            yield Lease(chosen, entry)
+            yield lease
         finally:
-            # Count the call from when it ended: the provider saw it somewhere in between, so its window
-            # entry can only expire after ours (no 429 from sending the next call a little early).
-            entry[0] = max(entry[0], time.time())
             chosen.in_flight -= 1
+            chosen.in_flight_tokens -= lease.tokens
+            chosen.ended.append((self.clock(), lease.tokens))
+            chosen.ended_tokens += lease.tokens
             pace.notify()
 
-    @staticmethod
-    def record_usage(lease: Lease, actual_tokens: int) -> None:
-        """Replace the call's token estimate with what the provider reported."""
-        lease.entry[1] = float(actual_tokens)
+    def record_usage(self, lease: Lease, actual_tokens: int) -> None:
+        """Replace the call's token estimate with what the provider reported (the call is still in flight)."""
+        lease.pace.in_flight_tokens += float(actual_tokens) - lease.tokens
+        lease.tokens = float(actual_tokens)
 
     def observe_failure(self, dep: Deployment, lease: Lease, error: GatewayError) -> None:
         if error.status == 429:
             lease.pace.paused_until = max(lease.pace.paused_until,
-                                          time.time() + (error.retry_after_s or DEFAULT_PAUSE_S))
+                                          self.clock() + (error.retry_after_s or DEFAULT_PAUSE_S))
             self._pace(dep).notify()
 
     def export_depth(self) -> None:
         """Set `switchyard_pacing_queue_depth` per deployment (run at scrape time, not per request)."""
         for dep_id, pace in self._deployments.items():
-            PACING_QUEUE_DEPTH.labels(dep_id).set(pace.waiting)
+            PACING_QUEUE_DEPTH.labels(dep_id).set(len(pace.waiters[True]) + len(pace.waiters[False]))
 
     def any_key_free(self, dep: Deployment) -> bool:
-        now = time.time()
+        now = self.clock()
         return any(kp.paused_until <= now for kp in self._pace(dep).keys)
