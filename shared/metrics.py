@@ -75,8 +75,8 @@ DEPLOYMENT_STATE = Gauge("switchyard_deployment_state",
                          ["deployment"])
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
-CACHE_REQUESTS = Counter("switchyard_cache_requests_total", "Response cache lookups by result (hit, miss).",
-                         ["result"])
+CACHE_REQUESTS = Counter("switchyard_cache_requests_total",
+                         "Response cache lookups by result (hit, semantic-hit, miss, bypass).", ["result"])
 
 # ---- every consumer -------------------------------------------------------------------------------------
 

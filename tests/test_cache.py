@@ -174,6 +174,7 @@ def unique(text: str) -> str:
 def test_exact_hit_on_a_second_replica_without_a_provider_call(cstack: RunningStack, replica: str,
                                                                providers: Providers) -> None:
     payload = body(unique("What is the boiling point of water?"), temperature=0)
+    hits_before = cache_metric(replica, "hit")
     first = post(cstack.url, payload)
     assert first.status_code == 200, first.text
     assert first.headers["x-switchyard-cache"] == "miss"
@@ -184,6 +185,15 @@ def test_exact_hit_on_a_second_replica_without_a_provider_call(cstack: RunningSt
     assert second.json() == first.json()
     assert "x-switchyard-cache-similarity" not in second.headers
     assert provider_calls(providers) == 1
+    assert cache_metric(replica, "hit") == hits_before + 1  # switchyard_cache_requests_total on that replica
+
+
+def cache_metric(url: str, result: str) -> float:
+    """switchyard_cache_requests_total{result=...} on one ingress replica's /metrics."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(f'switchyard_cache_requests_total{{result="{result}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_a_change_of_any_parameter_misses(cstack: RunningStack, providers: Providers) -> None:

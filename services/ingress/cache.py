@@ -39,6 +39,7 @@ from shared import topics
 from shared.config import GatewayConfig, ModelGroup
 from shared.contracts import Reply, RequestEnvelope, Usage, UsageEvent, now_ms
 from shared.kafka import encode, send
+from shared.metrics import CACHE_REQUESTS
 
 log = logging.getLogger("switchyard.ingress.cache")
 
@@ -121,6 +122,7 @@ class ResponseCache:
             latency_ms = (time.perf_counter() - started) * 1000
             found.pending.on_served = lambda: self._publish_hit(identity, envelope, found, latency_ms)
         found.headers[topics.HEADER_CACHE] = found.status
+        CACHE_REQUESTS.labels(found.status).inc()
         if found.similarity is not None:
             found.headers[topics.HEADER_CACHE_SIMILARITY] = f"{found.similarity:.4f}"
         return found
