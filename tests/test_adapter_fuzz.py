@@ -36,8 +36,8 @@ from services.workers.providers.openai import OpenAICompatibleAdapter
 from shared.config import Deployment
 from shared.errors import GatewayError
 
-EXAMPLES = int(os.environ.get("SWITCHYARD_FUZZ_EXAMPLES", "200"))
-"""Examples per test and adapter class: 200 keeps the file well under a minute; raise it for a deeper local run."""
+EXAMPLES = int(os.environ.get("SWITCHYARD_FUZZ_EXAMPLES", "100"))
+"""Examples per test and adapter class: 100 keeps the file near half a minute; raise it for a deeper local run."""
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 

@@ -137,9 +137,11 @@ def test_known_mix_of_requests_is_counted(stack: RunningStack, fakes: Fakes) -> 
              gen_ai_request_model="gpt-test", gen_ai_token_type="input") == prompt_tokens
     assert ("switchyard_pacing_queue_depth", frozenset({("deployment", "gpt-test/0")})) in after[worker]
 
-    # Router: every configured deployment's breaker (one failure does not open one); consumer lag per stage.
+    # Router: every configured deployment's breaker state (failover/0's depends on what earlier tests on this
+    # shared stack did to it; gpt-test/0 only ever answers), and consumer lag per stage.
     router = next(n for n in urls(stack) if n.startswith("router"))
-    assert value(after[router], "switchyard_deployment_state", deployment="failover/0") == 0
+    assert value(after[router], "switchyard_deployment_state", deployment="gpt-test/0") == 0
+    assert value(after[router], "switchyard_deployment_state", deployment="failover/0") in (0, 1, 2)
     assert ("switchyard_deployment_state", frozenset({("deployment", "nova/0")})) in after[router]
     wait_for(lambda: "accounting llm.usage" in _lag_groups(stack, "accounting"), "accounting's lag to be measured")
     wait_for(lambda: "router llm.requests" in _lag_groups(stack, "router"), "the router's lag to be measured")

@@ -22,9 +22,9 @@ from shared.config import read_stack
 from shared.devstack.tansu_rotation import CHECK_ENV, ROTATE_ENV, rss_kb
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 
-THRESHOLD = 3000
-"""Messages in the broker's logs that trigger a rotation: about 15 long streams' worth."""
-ROTATIONS = 3
+THRESHOLD = 1500
+"""Messages in the broker's logs that trigger a rotation: a few dozen long streams' worth."""
+ROTATIONS = 2
 WORDS = 150
 """Words per streamed answer: the demo model streams one chunk per word, each chunk one Kafka message."""
 CLIENTS = 3
