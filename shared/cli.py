@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,27 +152,35 @@ def _print_table(rows: list[dict[str, Any]], by: str) -> None:
           f"(cache: {hits} hits saved ${saved:.6f})")
 
 
-def cmd_spend(args: argparse.Namespace) -> int:
+def _query_database(query: Callable[[Any], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]] | None:
+    """Run `query(engine)` on a one-connection engine to DATABASE_URL; None (said on stderr) without one."""
     from shared.config import load_settings
     from shared.db import make_engine
-    from shared.spend import spend
 
-    settings = load_settings()
-    if not settings.database_url:
+    database_url = load_settings().database_url
+    if not database_url:
         print("switchyard: no database: start `switchyard up` here or set DATABASE_URL", file=sys.stderr)
-        return 2
+        return None
 
-    async def query() -> list[dict[str, Any]]:
-        engine = make_engine(settings.database_url, pool_size=1)
+    async def run() -> list[dict[str, Any]]:
+        engine = make_engine(database_url, pool_size=1)
         try:
-            return await spend(engine, by=args.by, since=args.since)
+            return await query(engine)
         finally:
             await engine.dispose()
 
+    return asyncio.run(run())
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    from shared.spend import spend
+
     try:
-        rows = asyncio.run(query())
+        rows = _query_database(lambda engine: spend(engine, by=args.by, since=args.since))
     except ValueError as e:
         print(f"switchyard: {e}", file=sys.stderr)
+        return 2
+    if rows is None:
         return 2
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
@@ -181,23 +190,11 @@ def cmd_spend(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from shared.config import load_settings
-    from shared.db import make_engine
     from shared.stats import TIMINGS, latency
 
-    settings = load_settings()
-    if not settings.database_url:
-        print("switchyard: no database: start `switchyard up` here or set DATABASE_URL", file=sys.stderr)
+    rows = _query_database(lambda engine: latency(engine, by=args.by, window=args.window))
+    if rows is None:
         return 2
-
-    async def query() -> list[dict[str, Any]]:
-        engine = make_engine(settings.database_url, pool_size=1)
-        try:
-            return await latency(engine, by=args.by, window=args.window)
-        finally:
-            await engine.dispose()
-
-    rows = asyncio.run(query())
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
