@@ -24,3 +24,21 @@ async def run_until_signal(log: logging.Logger, *work: Coroutine[Any, Any, None]
         if task is not stopper and not task.cancelled() and task.exception():
             log.error("service loop failed", exc_info=task.exception())
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class BackgroundTasks:
+    """Work a component starts and does not wait for at once: each task stays referenced until it ends (the
+    event loop keeps only weak references, so an unreferenced task can vanish mid-way), and `drain` waits
+    for every task under way, including those started while it waits."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

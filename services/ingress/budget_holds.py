@@ -31,7 +31,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -48,6 +47,7 @@ from shared.db import budgets, virtual_keys
 from shared.errors import GatewayError
 from shared.periods import period_end, period_start
 from shared.pricing import cost
+from shared.service import BackgroundTasks
 from shared.tokens import estimate_input_tokens, estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress.budgets")
@@ -121,7 +121,7 @@ class BudgetHolds:
         self.grace_s = settle_grace_s() if grace_s is None else grace_s
         self._budgets: dict[tuple[str, str], tuple[Decimal, str]] = {}
         self._loaded_at = -BUDGETS_REFRESH_S
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
         self.outage = DatabaseOutage(log, "budget holds", "budgets are enforced only after spend is accounted "
                                      "until it answers", retry_s=2.0)
 
@@ -189,7 +189,7 @@ class BudgetHolds:
     def settle(self, hold: Hold | None) -> None:
         """Release the hold once accounting has had `grace_s` to write the actual cost (in the background)."""
         if hold is not None:
-            self._spawn(self._release(hold, self.grace_s))
+            self._background.spawn(self._release(hold, self.grace_s))
 
     async def _release(self, hold: Hold, after_s: float = 0.0) -> None:
         await asyncio.sleep(after_s)
@@ -201,10 +201,4 @@ class BudgetHolds:
 
     async def drain(self) -> None:
         """Wait for the releases under way (each after its grace)."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        await self._background.drain()

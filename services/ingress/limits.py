@@ -27,16 +27,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.ingress.database import DATABASE_ERRORS, DatabaseOutage
 from shared.errors import GatewayError
+from shared.service import BackgroundTasks
 
 log = logging.getLogger("switchyard.ingress.limits")
 
@@ -103,7 +102,7 @@ class RateLimiter:
         self._allowances: dict[tuple[str, str], Allowance] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._in_flight: dict[str, int] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
         self._pruned_at = 0.0
         self.outage = DatabaseOutage(log, "rate limits", f"each key is limited on this replica's own count "
                                      f"({self.local_share:g} of its limit per minute) until it answers",
@@ -133,17 +132,11 @@ class RateLimiter:
         if now - self._pruned_at < PRUNE_EVERY_S:
             return
         self._pruned_at = now
-        self._spawn(self._prune(now))
+        self._background.spawn(self._prune(now))
 
     async def drain(self) -> None:
         """Wait for the background work under way (corrections to the shared counter, pruning)."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        await self._background.drain()
 
     async def _try_reserve(self, key_id: str, kind: str, window: int, want: int, limit: int,
                            unreserved: int) -> tuple[int, int] | None:
@@ -222,7 +215,7 @@ class RateLimiter:
         covered = min(max(allowance.local, 0), delta_tokens)
         allowance.local -= covered
         if delta_tokens > covered:
-            self._spawn(self._charge(key_id, allowance.window, delta_tokens - covered))
+            self._background.spawn(self._charge(key_id, allowance.window, delta_tokens - covered))
 
     async def _charge(self, key_id: str, window: int, tokens: int) -> None:
         """Add `tokens` to the shared counter (under the key's lock, like a reservation); while PostgreSQL is
