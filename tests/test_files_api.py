@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 
 import httpx
 import openai
@@ -96,13 +97,28 @@ def test_a_body_that_is_not_a_multipart_upload_gets_a_400(stack: RunningStack, b
 
 def test_an_upload_past_the_size_limit_is_refused_before_it_is_read(stack: RunningStack) -> None:
     """A declared 300 MB body gets its 413 at once (nothing of it is read or stored)."""
-    import socket
 
     head = (f"POST /v1/files HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: {stack.headers()['authorization']}\r\n"
             "content-type: multipart/form-data; boundary=xyz\r\ncontent-length: 300000000\r\n\r\n")
     with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as conn:
         conn.sendall(head.encode() + b"--xyz\r\n")
-        answer = conn.recv(65536).decode(errors="replace")
+        answer = _read_answer(conn).decode(errors="replace")
     status = answer.split("\r\n", 1)[0]
     assert " 413 " in status, answer
     assert '"file_too_large"' in answer
+
+
+def _read_answer(conn: socket.socket) -> bytes:
+    """One whole HTTP answer from a raw socket: headers and body can arrive in separate reads."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(body) >= length:
+                return data
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
