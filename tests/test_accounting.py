@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from services.accounting.ledger import to_row, write_batch
-from shared.contracts import Usage, UsageEvent
+from shared.contracts import IN_DOUBT, Usage, UsageEvent
 from shared.db import make_engine
 from shared.pricing import cost, lookup
 from tests.stack import RunningStack
@@ -75,6 +75,27 @@ async def test_usage_writes_are_idempotent_by_event_id(stack: RunningStack) -> N
         await engine.dispose()
     assert (first, again) == (1, 1)
     assert len(await _rows(stack.database_url, "req-idem", wait_s=0)) == 2
+
+
+async def test_an_outcome_keeps_guardrail_decisions_set_on_its_write_ahead_row(stack: RunningStack) -> None:
+    """The prompt-log writer may set a request's guardrail decisions while its row is still in doubt; the outcome
+    completing that row must not wipe them (they come from another topic and are never sent again)."""
+    started = UsageEvent(event_id="evt-guarded", request_id="req-guarded", attempt=0, provider="openai",
+                         deployment="gpt-test/0", model_group="gpt-test", provider_model="gpt-4o-mini",
+                         status=IN_DOUBT)
+    engine = make_engine(stack.database_url, pool_size=1)
+    try:
+        await write_batch(engine, [to_row(started)])
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE usage SET guardrails = CAST(:g AS jsonb) WHERE request_id = 'req-guarded'"),
+                               {"g": orjson.dumps([{"guardrail": "out-pii", "action": "mask"}]).decode()})
+        await write_batch(engine, [to_row(started.model_copy(update={
+            "status": 200, "usage": Usage(prompt_tokens=3, completion_tokens=2)}))])
+    finally:
+        await engine.dispose()
+    [row] = await _rows(stack.database_url, "req-guarded", wait_s=0)
+    assert row["status"] == 200 and row["completion_tokens"] == 2
+    assert row["guardrails"] == [{"guardrail": "out-pii", "action": "mask"}]
 
 
 def test_pricing_catalogue_entries_have_source_and_date() -> None:

@@ -65,8 +65,9 @@ def to_row(event: UsageEvent) -> dict[str, Any]:
     }
 
 
-_KEPT = ("event_id", "ts", "redelivered")
-"""Columns an outcome leaves as its write-ahead record stored them (the call's identity and start)."""
+_KEPT = ("event_id", "ts", "redelivered", "guardrails")
+"""Columns an outcome leaves as the row has them: the call's identity and start (from its write-ahead record),
+and the guardrail decisions, which only the prompt-log writer sets and may set before the outcome lands."""
 
 _MARK_REPEATED_CALLS = text("""
 UPDATE usage AS u SET redelivered = r.n > 1
