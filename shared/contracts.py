@@ -269,3 +269,13 @@ class KeyEvent(BaseModel):
     action: Literal["created", "revoked", "updated", "budget_exceeded", "budget_reset", "budget_alert"]
     ts_ms: int = Field(default_factory=now_ms)
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class CancelRequest(BaseModel):
+    """Ingress's signal on `llm.cancel` that a request's client went away: a worker holding a provider call for
+    it stops that call (and still publishes its usage, as a cancelled call). Best effort: a call that already
+    finished, or that no worker holds yet, is not affected."""
+
+    v: int = CONTRACT_VERSION
+    request_id: str
+    ts_ms: int = Field(default_factory=now_ms)

@@ -25,6 +25,10 @@ DEAD = "llm.dead"
 """Dead letters: messages the broker can never accept where they were meant to go (too large, no such
 topic or partition), each with the DEAD_HEADER_* headers saying why and where (shared/dead.py)."""
 
+CANCEL = "llm.cancel"
+"""Cancel signals from ingress when a client goes away before its answer; every worker reads all of them
+(no consumer group) and stops the provider call it holds for that request, if any."""
+
 PROMPTS = "llm.prompts"
 """Prompt-log records (already redacted) and guardrail decisions from ingress, stored by accounting."""
 
@@ -40,6 +44,7 @@ PARTITIONS: dict[str, int] = {
     KEYS: 1,
     DEAD: 1,
     PROMPTS: 4,
+    CANCEL: 1,
 }
 PROVIDER_PARTITIONS = 16
 """Upper bound on worker processes per provider pool (one consumer per partition)."""
@@ -53,6 +58,7 @@ Topics are created with it (`max.message.bytes`), producers may send it and cons
 RETENTION_MS: dict[str, int] = {
     REPLIES: 3_600_000,
     EVENTS: 3_600_000,
+    CANCEL: 3_600_000,
     DEAD: 7 * 24 * 3_600_000,
 }
 """Per-topic retention where the broker's default does not fit. Replies and events are worthless after an
