@@ -1,14 +1,19 @@
 """CPU cost of guardrails: every built-in detector plus one pattern over a 4 kB prompt (issue 17: ≤ 0.5 ms).
 
-Run: `python bench/guardrails.py`. Prints the median CPU time per request (process time, so other load on the
-machine does not count) of the input pass (mask) and of the output pass over an answer of the same size.
+Run: `python bench/guardrails.py`. Prints the CPU time per request (process time, so other load on the machine
+counts less) of the input pass (mask) and of the output pass over an answer of the same size: the median, and
+the 10th percentile, which a loaded machine disturbs less. Results: bench/results/guardrails-2026-12-01.md.
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
 
 from shared.config import parse_config
 from shared.guardrails import Guardrails, guard_answer, guard_request
@@ -40,13 +45,15 @@ def prompt(size: int = 4096, dense: bool = False) -> str:
     return prose[: size // 2] + PII + prose[size // 2:]
 
 
-def measure(fn: object, rounds: int = 300) -> float:
+def measure(fn: object, rounds: int = 300, best: bool = False) -> float:
+    """The median CPU time of `fn` in ms, or (`best`) the fastest tenth's bound: on a shared, loaded machine
+    the median measures the neighbours as much as the code; the 10th percentile stays close to a quiet run."""
     samples = []
     for _ in range(rounds):
         start = time.process_time_ns()
         fn()  # type: ignore[operator]
         samples.append(time.process_time_ns() - start)
-    return statistics.median(samples) / 1e6
+    return (sorted(samples)[rounds // 10] if best else statistics.median(samples)) / 1e6
 
 
 def main() -> None:
@@ -55,12 +62,14 @@ def main() -> None:
         body = {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
                                            {"role": "user", "content": prompt(dense=dense)}]}
         answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": prompt(dense=dense)}}]}
-        copy_ms = measure(lambda body=body: copy.deepcopy(body))
-        input_ms = measure(lambda body=body: guard_request(rails, copy.deepcopy(body))) - copy_ms
-        output_ms = measure(lambda answer=answer: guard_answer(rails, copy.deepcopy(answer))) - copy_ms
         kind = "PII every 250 chars" if dense else "prose, 3 PII items"
-        print(f"4 kB prompt ({kind}), all detectors + 1 pattern: input {input_ms:.3f} ms CPU, "
-              f"output {output_ms:.3f} ms CPU")
+        for best in (False, True):
+            copy_ms = measure(lambda body=body: copy.deepcopy(body), best=best)
+            input_ms = measure(lambda body=body: guard_request(rails, copy.deepcopy(body)), best=best) - copy_ms
+            output_ms = measure(lambda answer=answer: guard_answer(rails, copy.deepcopy(answer)), best=best) \
+                - copy_ms
+            print(f"4 kB prompt ({kind}), all detectors + 1 pattern, {'p10' if best else 'median'}: "
+                  f"input {input_ms:.3f} ms CPU, output {output_ms:.3f} ms CPU")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ TRUE_POSITIVES = {
     "email": ["write to ana.perez+work@example.co.uk today", "x@y.io"],
     "phone": ["call +1 415 555 0132", "(415) 555-0132", "+442079460958", "415-555-0132", "+49 30 1234 5678"],
     "credit_card": ["card 4111 1111 1111 1111 exp", "5500-0000-0000-0004", "378282246310005", "4012888888881881"],
-    "iban": ["IBAN DE89 3704 0044 0532 0130 00 please", "GB82WEST12345698765432", "FR1420041010050500013M02606"],
+    "iban": ["IBAN DE89 3704 0044 0532 0130 00 please", "GB82WEST12345698765432", "FR1420041010050500013M02606",
+             "DE89 3704 0044 0532 0130 00 12 more"],  # followed by more digit groups: read to its country's length
     "ssn": ["ssn 123-45-6789", "078-05-1121"],
-    "ip_address": ["from 192.168.1.20 at", "10.0.0.1", "2001:db8::8a2e:370:7334", "::1"],
+    "ip_address": ["from 192.168.1.20 at", "10.0.0.1", "2001:db8::8a2e:370:7334", "::1", "1:2:3:4:5:6:7:8",
+                   "::ffff:10.0.0.1", "255.255.255.255"],
     "secret": ["key sk-proj-abcDEF1234567890abcdEFGH5678", "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWx",
                "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1B2" * 9, "xoxb-1234567890-abcdefghij",
                "AIza" + "Sy" + "D1234567890abcdefghijklmnopqrstu", "hf_" + "AbCd1234" * 4,
@@ -32,7 +34,8 @@ FALSE_POSITIVES = {
                     "phone +1 415 555 0132"],
     "iban": ["DE89 3704 0044 0532 0130 01", "GB00WEST12345698765432", "XX12345678901234567"],
     "ssn": ["000-12-3456", "666-12-3456", "123-00-4567", "123-45-0000", "1234-56-7890", "2024-11-24"],
-    "ip_address": ["version 1.2.3", "999.1.1.1", "at 12:30:45 today", "std::vector", "1.2.3.4.5"],
+    "ip_address": ["version 1.2.3", "999.1.1.1", "at 12:30:45 today", "std::vector", "1.2.3.4.5", "256.1.1.1",
+                   "01.2.3.4", "1:2:3:4:5:6:7"],
     "secret": ["the quick brown fox jumps over the lazy dog", "internationalization_localization_settings",
                "/usr/local/lib/python3.11/site-packages", "sk-short", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
                "1234567890123456789012345678", "CamelCaseIdentifierForSomethingLong",
@@ -110,3 +113,14 @@ def test_schema_guardrail_checks_the_answer() -> None:
 def test_bad_guardrail_config_is_refused_at_load(bad: str) -> None:
     with pytest.raises(ConfigError):
         parse_config(bad)
+
+
+def test_a_secret_or_key_block_is_found_wherever_it_sits_in_a_long_prompt() -> None:
+    """Secrets are looked for only in long words and near a key block's marker: one deep in a prompt, quoted,
+    after a newline or at the very end is found all the same."""
+    pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----"
+    filler = "the quick brown fox jumps over the lazy dog. " * 90
+    for secret in ("AKIAIOSFODNN7EXAMPLE", "xoxb-1234567890-abcdefghij", "Zx8Qp2Lm7Vn4Rt6Ws1Yk9Bd3Hg5Jf0Ca", pem):
+        for text in (f"{filler}{secret}", f'{filler}"{secret}",', f"{filler}\n{secret}\n{filler}"):
+            spans = DETECTORS["secret"].find(text)
+            assert [text[s:e] for s, e, _ in spans] == [secret], (secret, text[-80:])
