@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from shared import topics
 from shared.contracts import Reply, RequestEnvelope, now_ms
-from shared.errors import GatewayError
+from shared.errors import GatewayError, redact_message
 from shared.kafka import (
     Producer,
     encode,
@@ -59,6 +59,7 @@ class LineError(ValueError):
     """A bad input line: its number, a stable `code` and the offending `param`; str() is `line N: reason`."""
 
     def __init__(self, number: int, reason: str, code: str = "invalid_line", param: str | None = None) -> None:
+        reason = redact_message(reason)  # it may quote the line (a model name, a custom_id): error text is redacted
         super().__init__(f"line {number}: {reason}")
         self.number, self.reason, self.code, self.param = number, reason, code, param
 
@@ -109,12 +110,15 @@ def unanswered_line(custom_id: str, request_id: str, code: str, message: str) ->
 
 
 def envelope_for(request_id: str, custom_id: str, kind: str, body: dict[str, Any], reply_topic: str,
-                 deadline_ms: int, key_id: str | None, metadata: dict[str, str] | None = None) -> RequestEnvelope:
+                 deadline_ms: int, key_id: str | None, metadata: dict[str, str] | None = None,
+                 guardrails: list[str] | None = None) -> RequestEnvelope:
     """The request envelope of one batch line: batch priority (paced behind interactive traffic by the
-    workers), its own reply topic (partition 0), and the batch's deadline."""
+    workers), its own reply topic (partition 0), and the batch's deadline; `guardrails`: those the batch's
+    key names (the worker applies their output stage, as for the key's interactive requests)."""
     return RequestEnvelope(id=request_id, kind=kind, model=body["model"], body=body,  # type: ignore[arg-type]
                            reply_topic=reply_topic, reply_partition=0, priority="batch", custom_id=custom_id,
-                           deadline_ms=deadline_ms, key_id=key_id, metadata=metadata or {})
+                           deadline_ms=deadline_ms, key_id=key_id, metadata=metadata or {},
+                           guardrails=guardrails or [])
 
 
 def terminal(raw: bytes | None, assembler: Assembler) -> Reply | None:

@@ -70,8 +70,45 @@ ENTROPY_MIN_BITS = 4.0
 English words, UUID-free identifiers, paths and base-10 numbers stay below; random base64/hex-ish keys don't."""
 
 
+_ID_PARTS = re.compile(r"[-_]+")
+
+
+def _identifier(candidate: str) -> bool:
+    """Hex, or words and hex joined by `-`/`_`: the gateway's and providers' own ids (`chatcmpl-<hex>`,
+    `batch_<hex>`, `file-<hex>`, UUIDs), hashes and commit ids, which error messages and log lines quote."""
+    return all(part.isalpha() or all(c in _HEX for c in part) for part in _ID_PARTS.split(candidate))
+
+
+ID_MIN_HEX = 24
+"""The fewest hex digits of an id (the gateway's request and batch ids have 32, OpenAI's `req_` ids 24)."""
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_DIGITS_OR_HYPHEN = frozenset("0123456789-")
+
+
+def _inside_identifier(text: str, start: int, end: int) -> bool:
+    """Whether a match of digits (and `-`) is part of a longer id: the unbroken token around it is words and
+    hex joined by `-`/`_`, with at least ID_MIN_HEX hex digits, one part mixing hex letters and digits
+    (`batch_e9c6bbc8576147518485aff3b4703f27`, the `2413-4393-9084` of a UUID). Such digits are no card or
+    phone; `card_4111111111111111` (no mixed part) and `4111111111111111ab` (too short for an id) still are."""
+    if not _DIGITS_OR_HYPHEN.issuperset(text[start:end]):
+        return False
+    lo, hi = start, end
+    while lo > 0 and text[lo - 1] in _ID_CHARS:
+        lo -= 1
+    while hi < len(text) and text[hi] in _ID_CHARS:
+        hi += 1
+    if lo == start and hi == end:
+        return False
+    token = text[lo:hi]
+    if not _identifier(token):
+        return False
+    hex_parts = [part for part in _ID_PARTS.split(token) if part and all(c in _HEX for c in part)]
+    return sum(map(len, hex_parts)) >= ID_MIN_HEX and any(
+        not part.isdigit() and not part.isalpha() for part in hex_parts)
+
+
 def _high_entropy(candidate: str) -> bool:
-    if all(c in _HEX for c in candidate):  # request ids, hashes and commit ids: hex, at most 4 bits/char
+    if _identifier(candidate):  # at most 4 bits/char in its random part, and no secret's shape
         return False
     has_digit = any(c.isdigit() for c in candidate)
     has_alpha = any(c.isalpha() for c in candidate)
@@ -132,7 +169,10 @@ class Detector:
                        for m in finditer(text, start, end)]
         else:
             matches = list(self.pattern.finditer(text))
-        return [(m.start(), m.end(), self.name) for m in matches if self.valid is None or self.valid(m.group())]
+        found = [(m.start(), m.end(), self.name) for m in matches if self.valid is None or self.valid(m.group())]
+        if self.within == "digits" and found:
+            found = [span for span in found if not _inside_identifier(text, span[0], span[1])]
+        return found
 
 
 _DIGIT_RUN = re.compile(r"[0-9+(][0-9 ().+\-]{5,}")

@@ -25,10 +25,28 @@ _DEFAULT_TYPES = {
 }
 
 
+MAX_MESSAGE_CHARS = 32_768
+"""An error message is cut to this (a provider's error body may echo a whole prompt): it stays cheap to redact."""
+
+
+def redact_message(text: str) -> str:
+    """`text` through the redaction policy (`logging.redact`, shared/redaction.py). Imported on first use:
+    shared.redaction depends on shared.guardrails, which depends on this module."""
+    from shared.redaction import redact_text
+
+    return redact_text(text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "…")
+
+
 class GatewayError(Exception):
     """An error a client sees as `{"error": {"message", "type", "param", "code"}}` with `status`.
 
     `retryable` tells the router whether another attempt (same or next deployment) may help.
+
+    The message and param are redacted when the error is made (issue 17: redaction applies before every
+    sink, error text included): whatever quotes a caller's input or a provider's echo of it (a model name
+    that is a key, an upstream error repeating the prompt's email or card) reaches the client, the reply
+    topic, the prompt log and the log lines with the policy's placeholders only. Every error a client sees
+    is one of these, rebuilt from its wire form by `from_body` at each hop, so this is the one place.
     """
 
     def __init__(
@@ -43,11 +61,12 @@ class GatewayError(Exception):
         retry_after_s: float | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = redact_message(message)
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type or _DEFAULT_TYPES.get(status, "api_error")
-        self.param = param
+        self.param = redact_message(param) if param else param
         self.code = code
         self.retryable = status in RETRYABLE_STATUSES if retryable is None else retryable
         self.retry_after_s = retry_after_s

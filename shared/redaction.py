@@ -2,7 +2,8 @@
 
 Every sink goes through it: the prompt log (ingress redacts a record before it reaches the topic), the
 services' own log lines (`RedactingFilter`, installed by `shared.logs.setup_logging` on every service),
-error text stored with a request, and any span attribute (`redact_text`). Input guardrails with `mask`
+every error's text (`shared.errors.GatewayError` redacts its message when it is made, so clients, reply
+topics and stored errors see the same), and any span attribute (`redact_text`). Input guardrails with `mask`
 have already replaced what they matched before the request left ingress; this policy is the net under
 every sink for what guardrails do not cover (a `log` guardrail, an answer, an error message).
 """
@@ -45,19 +46,27 @@ class Redactor:
 
 
 _policy: Redactor | None = None
+_DEFAULT = Redactor(DEFAULT_REDACT)
+_loading = False
 
 
 def policy() -> Redactor:
-    """The process's policy: `logging.redact` of the gateway config (the default list when there is none)."""
-    global _policy
+    """The process's policy: `logging.redact` of the gateway config (the default list when there is none).
+    While the config is being read (an error made then asks for the policy too), the default applies."""
+    global _policy, _loading
     if _policy is None:
+        if _loading:
+            return _DEFAULT
         names: list[str] = list(DEFAULT_REDACT)
+        _loading = True
         try:
             from shared.config import load_config
 
             names = list(load_config().logging.redact)
         except Exception:  # a config error is reported by the service itself; logs stay redacted by default
             pass
+        finally:
+            _loading = False
         _policy = Redactor(names)
     return _policy
 

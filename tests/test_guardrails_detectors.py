@@ -39,7 +39,11 @@ FALSE_POSITIVES = {
     "secret": ["the quick brown fox jumps over the lazy dog", "internationalization_localization_settings",
                "/usr/local/lib/python3.11/site-packages", "sk-short", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
                "1234567890123456789012345678", "CamelCaseIdentifierForSomethingLong",
-               "GET /v1/logs/4f9c2a7e1b3d4c5a8e6f7a9b0c1d2e3f", "lib/python3.11/site-packages/starlette/middleware"],
+               "GET /v1/logs/4f9c2a7e1b3d4c5a8e6f7a9b0c1d2e3f", "lib/python3.11/site-packages/starlette/middleware",
+               # ids an error message or a log line quotes: a word prefix and hex, or a UUID
+               "batch batch_0378ecf0ad894ecb9614bade71c5f233 not found", "chatcmpl-908e094f7eef4d3880ea9fa5d9c141c3",
+               "file-0b9b3257244c46bab899cb28dfa2d126", "req_f5c8173ead094c789e82144b",
+               "908e094f-7eef-4d38-80ea-9fa5d9c141c3"],
 }
 
 

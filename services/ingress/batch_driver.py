@@ -38,11 +38,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.ingress.database import DATABASE_ERRORS
 from services.ingress.file_store import FileWriter, lines, new_file_id
+from services.ingress.guarding import guard_batch_line
 from services.ingress.responses_api import to_chat_request
 from services.ingress.responses_output import from_chat_completion, response_id
 from services.ingress.validation import MAX_BODY_BYTES, ChatCompletionRequest, EmbeddingsRequest
 from services.ingress.validation import validate as validate_body
 from shared import topics
+from shared.answers import answer
 from shared.batch import URL_KINDS, LineError, envelope_for, parse_line, result_line, terminal, unanswered_line
 from shared.db import batch_lines, batches, files, make_engine
 from shared.errors import GatewayError
@@ -241,13 +243,19 @@ class BatchRun:
         responses = ENDPOINTS[batch.endpoint] == RESPONSES
         kind = "chat" if responses else ENDPOINTS[batch.endpoint]
         deadline_ms = int(batch.expires_at.timestamp() * 1000)
+        record = self.gateway.keys.by_id.get(batch.key_id) if self.gateway.keys is not None else None
+        key_guardrails = list(record.guardrails or []) if record is not None else []
         acks = []
         for row in rows:
             body = orjson.loads(row.body)
             if responses:
                 body = {**to_chat_request(body), "stream": False}
+            blocked = guard_batch_line(self.gateway.guardrails, body, key_guardrails)  # masks in place
             env = envelope_for(f"{self.id}-{row.line}", row.custom_id, kind, body, self.topic,
-                               deadline_ms, batch.key_id, batch.key_metadata)
+                               deadline_ms, batch.key_id, batch.key_metadata, key_guardrails)
+            if blocked is not None:  # the line's answer is the refusal, on its reply topic: no provider call
+                await answer(self.gateway.producer, env, blocked, service="ingress")
+                continue
             acks.append(await send(self.gateway.producer, topics.REQUESTS, encode(env), key=env.id.encode()))
         await asyncio.gather(*acks)
         async with self.engine.begin() as conn:

@@ -21,6 +21,21 @@ from shared.redaction import policy
 from shared.topics import HEADER_ROUTE
 
 
+def guard_batch_line(guardrails: Guardrails, body: dict[str, Any], key_names: list[str]) -> GatewayError | None:
+    """The input guardrails of one batch line, as an interactive request of the same key and model gets them:
+    `mask` rewrites `body` in place before its envelope exists (the provider, Kafka and the logs see only the
+    placeholders); a `block` is returned, to be the line's answer instead of a provider call. The decisions
+    are counted on `switchyard_guardrail_actions_total`."""
+    decisions: list[Decision] = []
+    try:
+        guard_request(guardrails.select(str(body.get("model")), key_names), body, decisions)
+    except GatewayError as e:
+        return e
+    finally:
+        count(decisions)
+    return None
+
+
 def check_key_guardrails(guardrails: Guardrails, names: list[str] | None) -> None:
     """A key may name only guardrails of the config: 400 naming the unknown ones."""
     unknown = guardrails.unknown(names or [])
