@@ -28,7 +28,6 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -114,7 +113,7 @@ class Worker:
                                                         max_poll_records=FETCH_MAX)
         self.tracker = OffsetTracker()
         self.pacer = Pacer(owned=self._owned, partitions=topics.PROVIDER_PARTITIONS)
-        self.client: httpx.AsyncClient = make_client()
+        self.client = make_client()
         self.ready = False
         self._in_flight = {False: 0, True: 0}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
