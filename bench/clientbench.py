@@ -4,9 +4,9 @@
 
 Why: py-spy showed the worker spending over half its CPU in httpx/httpcore/anyio (see
 bench/README.md, "Profile findings"). This isolates the client: the same POST + JSON decode, at
-the same concurrency, with (a) httpx's own pool as the worker configures it, (b) httpx's
-interface over an aiohttp transport (the worker's, services/workers/aiohttp_transport.py), (c) aiohttp
-directly. It needs aiohttp, which the LiteLLM venv has (the project's venv does not).
+the same concurrency, with (a) httpx's own pool as the worker once configured it, (b) aiohttp
+directly, as the worker calls it now (services/workers/upstream.py; bench/worker_call.py measures the
+worker's whole call path). It needs aiohttp, which the LiteLLM venv has.
 """
 
 from __future__ import annotations
@@ -46,9 +46,6 @@ async def main_async(url: str, concurrency: int, n: int) -> None:
     import aiohttp
     import httpx
 
-    sys.path.insert(0, str(BENCH.parent))
-    from services.workers.aiohttp_transport import AiohttpTransport
-
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
                                timeout=httpx.Timeout(600.0, connect=10.0))
 
@@ -59,9 +56,6 @@ async def main_async(url: str, concurrency: int, n: int) -> None:
 
     await measure("httpx (worker's pool, 512)", via_httpx, concurrency, n)
     await client.aclose()
-    bridged = httpx.AsyncClient(transport=AiohttpTransport(512), timeout=httpx.Timeout(600.0, connect=10.0))
-    await measure("httpx over AiohttpTransport", lambda: via_httpx(bridged), concurrency, n)
-    await bridged.aclose()
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
 
     async def via_aiohttp() -> None:

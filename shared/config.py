@@ -278,6 +278,63 @@ def _scope_credentials(config: GatewayConfig, secrets_for: str | None, env: dict
             dep._credentials_missing = missing
 
 
+PROVIDER_ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "openai": ("OPENAI_API_KEY",),
+    "anthropic": ("ANTHROPIC_API_KEY",),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "azure": ("AZURE_OPENAI_API_KEY", "AZURE_API_KEY"),
+    "bedrock": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_BEARER_TOKEN_BEDROCK"),
+    "cohere": ("COHERE_API_KEY", "CO_API_KEY"),
+    "mistral": ("MISTRAL_API_KEY",),
+    "deepseek": ("DEEPSEEK_API_KEY",),
+    "groq": ("GROQ_API_KEY",),
+    "together": ("TOGETHER_API_KEY",),
+    "xai": ("XAI_API_KEY",),
+    "openrouter": ("OPENROUTER_API_KEY",),
+    "fireworks": ("FIREWORKS_API_KEY",),
+}
+"""The variables a provider's key conventionally lives in (the SDKs' own, and what Bedrock's worker reads from its
+environment). `switchyard up` gives them to that provider's workers only, whether the config names them or not."""
+
+
+def secret_variables(text: str | None) -> dict[str, set[str]]:
+    """Provider -> the environment variables that hold its secrets: every `${VAR}` in the CREDENTIAL_FIELDS of
+    its deployments in the config `text` (None: no config file), plus its PROVIDER_ENV_KEYS. What the
+    supervisor keeps out of every process but that provider's workers. A variable the config also uses outside
+    credentials (an `api_base`) is not a secret: every process resolves it, and needs it to start."""
+    found: dict[str, set[str]] = {provider: set(names) for provider, names in PROVIDER_ENV_KEYS.items()}
+    try:
+        raw = yaml.safe_load(text or "") or {}
+    except yaml.YAMLError:
+        return found  # load_config reports it
+    models = raw.get("models") if isinstance(raw, dict) else None
+    public = _var_names({k: v for k, v in raw.items() if k != "models"} if isinstance(raw, dict) else raw)
+    for group in models if isinstance(models, list) else []:
+        if not isinstance(group, dict):
+            continue
+        public |= _var_names({k: v for k, v in group.items() if k != "deployments"})
+        deployments = group.get("deployments")
+        for dep in deployments if isinstance(deployments, list) else []:
+            if not isinstance(dep, dict):
+                continue
+            public |= _var_names({k: v for k, v in dep.items() if k not in CREDENTIAL_FIELDS})
+            if isinstance(dep.get("provider"), str):
+                found.setdefault(dep["provider"], set()).update(
+                    *(_var_names(dep.get(name)) for name in CREDENTIAL_FIELDS))
+    return {provider: names - public for provider, names in found.items()}
+
+
+def _var_names(node: Any) -> set[str]:
+    """The names of the `${VAR}`s anywhere in `node` (strings in nested lists and mappings)."""
+    if isinstance(node, str):
+        return {m.group(1) for m in _VAR.finditer(node)}
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, list):
+        return set().union(*(_var_names(v) for v in node))
+    return set()
+
+
 def parse_config(text: str, env: dict[str, str] | None = None, source: str = "config",
                  secrets_for: str | None = None) -> GatewayConfig:
     """The validated config. Credentials are resolved for the deployments of provider `secrets_for` only

@@ -10,12 +10,13 @@ so this is the property that keeps one body or one answer from taking a pool dow
   of any JSON either gives OpenAI-shaped dicts or a `GatewayError`;
 - `services.workers.calls.call` ends in a result or a `CallFailed`, and never swallows cancellation.
 
-No network: upstream answers come from `httpx.MockTransport`.
+No network: upstream answers come from a handler that builds `httpx.Response`s (`MockUpstream`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,13 @@ from pydantic import BaseModel, ValidationError
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest
 from services.workers.calls import CallFailed, CallResult, call, translate
 from services.workers.providers import ADAPTERS, get_adapter
-from services.workers.providers.base import CallContext, ProviderAdapter, ServerEvent, usage_from_openai
+from services.workers.providers.base import (
+    CallContext,
+    ProviderAdapter,
+    ServerEvent,
+    UpstreamRequest,
+    usage_from_openai,
+)
 from services.workers.providers.bedrock import EventStreamDecoder
 from services.workers.providers.openai import OpenAICompatibleAdapter
 from shared.config import Deployment
@@ -356,15 +363,33 @@ def test_bedrock_event_stream_decoder_raises_only_gateway_errors(chunks: list[by
 # ---- whole calls: a result or a CallFailed, never anything else -----------------------------------
 
 
-def mock_client(handler: Callable[[httpx.Request], Any]) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+class MockUpstream:
+    """The worker's client interface (services/workers/upstream.py), answered by `handler` without a network."""
+
+    def __init__(self, handler: Callable[[httpx.Request], Any]) -> None:
+        self.handler = handler
+
+    async def send(self, up: UpstreamRequest, first_byte_timeout_s: float) -> httpx.Response:
+        content = orjson.dumps(up.json) if up.json is not None else up.content
+        response = self.handler(httpx.Request(up.method, up.url, headers=up.headers, content=content))
+        return await response if inspect.isawaitable(response) else response  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> MockUpstream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+
+def mock_client(handler: Callable[[httpx.Request], Any]) -> MockUpstream:
+    return MockUpstream(handler)
 
 
 def answer(status: int, content: bytes) -> Callable[[httpx.Request], httpx.Response]:
     return lambda request: httpx.Response(status, content=content)
 
 
-async def outcome(provider: str, ctx: CallContext, client: httpx.AsyncClient,
+async def outcome(provider: str, ctx: CallContext, client: MockUpstream,
                   kind: str = "chat") -> CallResult | GatewayError:
     async with client:
         try:

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call
+from services.workers.calls import CallFailed, CallResult, call, make_client
 from services.workers.providers.anthropic import AnthropicAdapter
 from services.workers.providers.base import CallContext
 from shared.config import Deployment
@@ -50,7 +50,7 @@ def user(text: str) -> dict[str, Any]:
 
 
 async def run(fake: FakeAnthropic, body: dict[str, Any], **kw: Any) -> CallResult:
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         return await call(client, AnthropicAdapter(), ctx(fake, body, **kw))
 
 
@@ -60,7 +60,7 @@ async def run_stream(fake: FakeAnthropic, body: dict[str, Any], **kw: Any) -> tu
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, AnthropicAdapter(), ctx(fake, body, stream=True, **kw), on_chunk=sink)
     return result, got
 
@@ -72,7 +72,7 @@ async def fails(fake: FakeAnthropic, body: dict[str, Any], stream: bool = False,
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         with pytest.raises(CallFailed) as info:
             await call(client, AnthropicAdapter(), ctx(fake, body, stream=stream, **kw), on_chunk=sink)
     return info.value, got

@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call
+from services.workers.calls import CallFailed, CallResult, call, make_client
 from services.workers.providers.azure import DEFAULT_API_VERSION, AzureOpenAIAdapter, strip_annotations
 from services.workers.providers.base import CallContext
 from shared.config import Deployment
@@ -41,7 +41,7 @@ def ctx(fake: FakeAzureOpenAI, body: dict[str, Any], stream: bool = False, deplo
 
 
 async def run(context: CallContext, kind: str = "chat") -> CallResult:
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         return await call(client, AzureOpenAIAdapter(), context, kind=kind)
 
 
@@ -53,7 +53,7 @@ async def run_stream(context: CallContext,
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, AzureOpenAIAdapter(), context, on_chunk=sink)
     return result, got
 

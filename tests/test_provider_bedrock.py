@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call
+from services.workers.calls import CallFailed, CallResult, call, make_client
 from services.workers.providers import sigv4
 from services.workers.providers.base import CallContext
 from services.workers.providers.bedrock import BedrockAdapter, EventStreamDecoder
@@ -68,7 +68,7 @@ def ctx(fake: FakeBedrock, body: dict[str, Any], stream: bool = False, creds: st
 
 async def run(fake: FakeBedrock, body: dict[str, Any], **kw: Any) -> CallResult:
     kind = kw.pop("kind", "chat")
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         return await call(client, BedrockAdapter(), ctx(fake, body, **kw), kind=kind)
 
 
@@ -78,7 +78,7 @@ async def run_stream(fake: FakeBedrock, body: dict[str, Any], **kw: Any) -> tupl
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, BedrockAdapter(), ctx(fake, body, stream=True, **kw), on_chunk=sink)
     return result, got
 
@@ -90,7 +90,7 @@ async def fails(fake: FakeBedrock, body: dict[str, Any], **kw: Any) -> tuple[Cal
         got.append(c)
 
     kind = kw.pop("kind", "chat")
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         with pytest.raises(CallFailed) as info:
             await call(client, BedrockAdapter(), ctx(fake, body, **kw), kind=kind, on_chunk=sink)
     return info.value, got

@@ -7,11 +7,10 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call
+from services.workers.calls import CallFailed, CallResult, call, make_client
 from services.workers.providers.base import CallContext, ServerEvent
 from services.workers.providers.cohere import CohereAdapter, CohereStream
 from shared.config import Deployment
@@ -48,7 +47,7 @@ def ctx(fake: FakeCohere, body: dict[str, Any], stream: bool = False, strict: bo
 
 async def run(fake: FakeCohere, body: dict[str, Any], **kw: Any) -> CallResult:
     kind = kw.pop("kind", "chat")
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         return await call(client, CohereAdapter(), ctx(fake, body, **kw), kind=kind)
 
 
@@ -66,7 +65,7 @@ async def run_stream(fake: FakeCohere, body: dict[str, Any],
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, CohereAdapter(), ctx(fake, body, stream=True), on_chunk=sink)
     return result, got
 

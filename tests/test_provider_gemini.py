@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call
+from services.workers.calls import CallFailed, CallResult, call, make_client
 from services.workers.providers.base import CallContext
 from services.workers.providers.gemini import GeminiAdapter, gemini_error
 from shared.config import Deployment
@@ -48,7 +48,7 @@ def ctx(fake: FakeGemini, body: dict[str, Any], stream: bool = False, key: str =
 
 async def run(fake: FakeGemini, body: dict[str, Any], **kw: Any) -> CallResult:
     kind = kw.pop("kind", "chat")
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         return await call(client, GeminiAdapter(), ctx(fake, body, **kw), kind=kind)
 
 
@@ -58,7 +58,7 @@ async def run_stream(fake: FakeGemini, body: dict[str, Any], **kw: Any) -> tuple
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, GeminiAdapter(), ctx(fake, body, stream=True, **kw), on_chunk=sink)
     return result, got
 
@@ -320,7 +320,7 @@ async def test_stream_cut_halfway_is_a_retryable_error_after_chunks(fake: FakeGe
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         with pytest.raises(CallFailed) as info:
             await call(client, GeminiAdapter(), ctx(fake, BODY, stream=True), on_chunk=sink)
     err = info.value.error

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
-from services.workers.calls import CallFailed, call
+from services.workers.calls import CallFailed, call, make_client
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
 from shared.config import Deployment
@@ -37,7 +36,7 @@ BODY = {"model": "my-group", "messages": [{"role": "user", "content": "hello the
 
 
 async def test_chat_sends_provider_model_and_key_and_returns_completion(fake: FakeOpenAI) -> None:
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, get_adapter("openai"), ctx(fake, BODY))
     sent = fake.calls("/chat/completions")[0]
     assert sent.body["model"] == "gpt-4o-mini"
@@ -54,7 +53,7 @@ async def test_stream_delivers_chunks_in_order_and_captures_usage(fake: FakeOpen
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, get_adapter("openai"), ctx(fake, BODY, stream=True), on_chunk=sink)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in got)
     assert text == "Echo: hello there"
@@ -80,7 +79,7 @@ async def test_stream_delivers_chunks_in_order_and_captures_usage(fake: FakeOpen
 async def test_errors_map_to_openai_statuses(fake: FakeOpenAI, fault: dict[str, Any], status: int, code: str,
                                              retryable: bool) -> None:
     fake.inject(**fault)
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         with pytest.raises(CallFailed) as info:
             await call(client, get_adapter("openai"), ctx(fake, BODY))
     err = info.value.error
@@ -96,7 +95,7 @@ async def test_stream_cut_halfway_is_a_retryable_error_after_chunks(fake: FakeOp
     async def sink(c: dict[str, Any]) -> None:
         got.append(c)
 
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         with pytest.raises(CallFailed) as info:
             await call(client, get_adapter("openai"), ctx(fake, BODY, stream=True), on_chunk=sink)
     assert info.value.error.code == "stream_interrupted"
@@ -105,7 +104,7 @@ async def test_stream_cut_halfway_is_a_retryable_error_after_chunks(fake: FakeOp
 
 async def test_embeddings(fake: FakeOpenAI) -> None:
     body = {"model": "emb", "input": ["a", "b"]}
-    async with httpx.AsyncClient() as client:
+    async with make_client() as client:
         result = await call(client, get_adapter("openai"), ctx(fake, body), kind="embeddings")
     assert result.response is not None and len(result.response["data"]) == 2
     assert fake.calls("/embeddings")[0].body["model"] == "gpt-4o-mini"

@@ -2,6 +2,9 @@
 
 - A deployment's credentials are resolved only by its provider's worker pool: ingress, the router and
   accounting load them blank, and a variable missing for one provider stops no process from starting.
+- `switchyard up` gives each process only the secrets it needs: a provider's variables (the `${VAR}`s of its
+  deployments' credentials, and its conventional ones such as OPENAI_API_KEY) reach only that provider's
+  workers; ingress, the router and accounting start without them.
 - A pydantic validation error never writes the input it refused (a prompt, a key) into a log line.
 """
 
@@ -20,7 +23,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared import topics
-from shared.config import parse_config
+from shared.config import parse_config, read_stack, secret_variables
 from shared.contracts import UsageEvent
 from shared.kafka import make_producer, send_and_wait, start_client
 from shared.logs import JsonFormatter
@@ -45,6 +48,9 @@ models:
          api_key: "${SCOPE_MISSING_ANTHROPIC_KEY}"}
 """
 ENV = {"SCOPE_OPENAI_KEY": "sk-scope-openai-secret", "SCOPE_OPENAI_TEAM": "team-secret"}
+CONVENTIONAL = {"OPENAI_API_KEY": "sk-conventional-openai", "ANTHROPIC_API_KEY": "sk-ant-conventional",
+                "AWS_SECRET_ACCESS_KEY": "aws-secret-nobody-uses"}
+"""Provider keys in the environment `switchyard up` starts from, whether the config names them or not."""
 
 
 # ---- config: who resolves what ----------------------------------------------------------------------
@@ -67,6 +73,18 @@ def test_only_the_providers_worker_resolves_its_credentials() -> None:
     assert claude.credentials_missing == ("models[1].deployments[0].api_key: environment variable "
                                           "SCOPE_MISSING_ANTHROPIC_KEY is not set")
     assert "SCOPE" not in repr(claude)
+
+
+def test_secret_variables_are_the_credentials_variables_of_each_provider() -> None:
+    found = secret_variables(CONFIG)
+    assert {"SCOPE_OPENAI_KEY", "SCOPE_OPENAI_TEAM", "OPENAI_API_KEY"} <= found["openai"]
+    assert {"SCOPE_MISSING_ANTHROPIC_KEY", "ANTHROPIC_API_KEY"} <= found["anthropic"]
+    assert "SCOPE_OPENAI_KEY" not in found["anthropic"] and "AWS_SECRET_ACCESS_KEY" in found["bedrock"]
+    shared_base = ("models:\n  - name: a\n    deployments:\n      - {provider: azure, model: m, "
+                   'api_base: "${AZ_BASE}", api_key: "${AZ_KEY}", headers: {x-base: "${AZ_BASE}"}}\n')
+    assert "AZ_KEY" in secret_variables(shared_base)["azure"]
+    assert "AZ_BASE" not in secret_variables(shared_base)["azure"], "every process needs an api_base to start"
+    assert secret_variables("models: [") == secret_variables(None)  # a broken file is load_config's to report
 
 
 def test_a_literal_key_in_the_file_is_blank_outside_its_workers() -> None:
@@ -111,7 +129,7 @@ def test_a_logged_validation_error_does_not_quote_its_input() -> None:
 def scoped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningStack, FakeOpenAI, FakeAnthropic]]:
     openai_fake, anthropic_fake = FakeOpenAI().start(), FakeAnthropic().start()
     config = CONFIG.replace("OPENAI_URL", openai_fake.url).replace("ANTHROPIC_URL", anthropic_fake.url)
-    running = start_stack(tmp_path_factory.mktemp("scoped"), config, extra_env=dict(ENV))
+    running = start_stack(tmp_path_factory.mktemp("scoped"), config, extra_env={**ENV, **CONVENTIONAL})
     try:
         warm_up(running, "gpt")
         openai_fake.reset()
@@ -139,6 +157,28 @@ def test_a_missing_key_for_one_provider_stops_nothing(scoped: tuple[RunningStack
     assert anthropic_fake.calls() == [], "no call goes out without the deployment's credentials"
     worker_log = (stack.cwd / ".switchyard" / "logs" / "worker-anthropic-0.log").read_text()
     assert "SCOPE_MISSING_ANTHROPIC_KEY" in worker_log, "the operator's log names the missing variable"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+def test_only_a_providers_workers_hold_its_secrets(scoped: tuple[RunningStack, FakeOpenAI, FakeAnthropic]) -> None:
+    stack = scoped[0]
+    children = read_stack(stack.cwd)["children"]
+    envs = {name: _environ(pid) for name, pid in children.items()}
+    assert {"ingress-0", "router-0", "accounting-0", "worker-openai-0", "worker-anthropic-0"} <= envs.keys()
+    openai_worker = envs["worker-openai-0"]
+    assert (openai_worker.get("SCOPE_OPENAI_KEY"), openai_worker.get("SCOPE_OPENAI_TEAM"),
+            openai_worker.get("OPENAI_API_KEY")) == ("sk-scope-openai-secret", "team-secret", "sk-conventional-openai")
+    assert envs["worker-anthropic-0"].get("ANTHROPIC_API_KEY") == "sk-ant-conventional"
+    secrets = {*ENV, *CONVENTIONAL}
+    owners = {"worker-openai-0": {*ENV, "OPENAI_API_KEY"}, "worker-anthropic-0": {"ANTHROPIC_API_KEY"}}
+    for name, env in envs.items():
+        own = owners.get(name, set())
+        assert not (secrets - own) & env.keys(), f"{name} holds {sorted((secrets - own) & env.keys())}"
+    assert envs["ingress-0"]["SWITCHYARD_MASTER_KEY"] == stack.info["master_key"]  # what it does need, it has
 
 
 async def _produce_hostile(bootstrap: str) -> None:

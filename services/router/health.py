@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 from shared.contracts import AttemptEvent
 
-CLIENT_FAULT_STATUSES = frozenset({400, 413, 422})
-"""Failures caused by the request itself: they say nothing about the deployment's health."""
+CLIENT_FAULT_STATUSES = frozenset({400, 413, 422, 499})
+"""Failures caused by the request itself (499: its client went away and the call was stopped, issue 18): they
+say nothing about the deployment's health."""
 
 
 def _env_float(name: str, default: float) -> float:

@@ -5,8 +5,13 @@ and no upstream answer can take the worker down:
 - a request the adapter cannot translate: 400, not retryable (it fails the same everywhere);
 - an upstream answer that cannot be read (body, stream event, error body): 502 `bad_upstream_response`;
 - transport faults: connect errors and broken streams 502, silence past the first-byte timeout or
-  the deadline 504; all retryable.
+  the deadline 504; all retryable;
+- a call its client gave up on (`Cancel`): 499 `client_closed_request`, not retryable.
 Task cancellation is never caught.
+
+Adapters are typed against httpx's response (`events`, `map_error`); they read only what
+`Answer` offers (status, headers' `get`, `aread`, `aiter_bytes`, `aiter_lines`), so it is
+handed to them as it is, in `_answer` and `_stream` (the two `type: ignore[arg-type]`).
 """
 
 from __future__ import annotations
@@ -19,10 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 
-from services.workers.aiohttp_transport import AiohttpTransport
 from services.workers.providers.base import (
     CallContext,
     ProviderAdapter,
@@ -32,15 +35,13 @@ from services.workers.providers.base import (
     response_fault,
     usage_from_openai,
 )
+from services.workers.upstream import TRANSPORT_ERRORS, Answer, Upstream, UpstreamClient
 from shared.contracts import Usage
 from shared.errors import GatewayError
 
 ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
 
 log = logging.getLogger("switchyard.worker")
-
-TRANSPORT_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, OSError, TimeoutError)
-"""Faults of the connection, not of what came over it: they keep their own mapping (`_transport_error`)."""
 
 
 @dataclass
@@ -57,35 +58,22 @@ class CallResult:
 class CallFailed(Exception):
     """A call that failed after `chunks_sent` chunks already reached the caller (0: safe to retry)."""
 
-    def __init__(self, error: GatewayError, chunks_sent: int, latency_ms: float) -> None:
+    def __init__(self, error: GatewayError, chunks_sent: int, latency_ms: float, usage: Usage | None = None) -> None:
         super().__init__(error.message)
         self.error = error
         self.chunks_sent = chunks_sent
         self.latency_ms = latency_ms
+        self.usage = usage
+        """What the provider reported before the call ended (a cancelled stream's tokens so far), if anything."""
 
 
-def make_client(max_connections: int = 512) -> httpx.AsyncClient:
-    """The pooled client a worker process shares across all its calls (httpx's interface, aiohttp's pool)."""
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(max_connections),
-        timeout=httpx.Timeout(600.0, connect=10.0),
-        follow_redirects=False,
-    )
-
-
-def _build(client: httpx.AsyncClient, up: UpstreamRequest, first_byte_timeout: float) -> httpx.Request:
-    timeout = httpx.Timeout(connect=min(10.0, first_byte_timeout), read=first_byte_timeout,
-                            write=first_byte_timeout, pool=first_byte_timeout)
-    content, headers = up.content, up.headers
-    if up.json is not None:  # orjson, not httpx's stdlib json: several times faster on a large body
-        content = orjson.dumps(up.json)
-        if not any(name.lower() == "content-type" for name in headers):
-            headers = {"content-type": "application/json", **headers}
-    return client.build_request(up.method, up.url, headers=headers, content=content, timeout=timeout)
+def make_client(max_connections: int = 512) -> UpstreamClient:
+    """The pooled client a worker process shares across all its calls."""
+    return UpstreamClient(max_connections)
 
 
 def _transport_error(exc: Exception, provider: str) -> GatewayError:
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors too
         return GatewayError(504, f"{provider}: upstream did not answer in time ({type(exc).__name__})",
                             code="upstream_timeout", retryable=True)
     return GatewayError(502, f"{provider}: upstream connection failed ({type(exc).__name__})",
@@ -116,37 +104,82 @@ def for_caller(err: GatewayError, provider: str, deployment: str) -> GatewayErro
                         "the operator has been told.", type="api_error", code=UPSTREAM_AUTH_ERROR, retryable=False)
 
 
+CLIENT_CLOSED = 499
+"""The status of a call stopped because its client went away (nginx's "client closed request")."""
+
+
+class Cancel:
+    """Lets another task stop one provider call (its client went away, issue 18).
+
+    `cancel()` ends the call at its next await, whether it waits for the provider's first byte or reads
+    its stream: the connection is closed (the provider sees the client go) and `call` raises `CallFailed`
+    with a 499 `client_closed_request`, carrying the usage the stream reported so far. A cancel before the
+    call starts keeps it from starting; one after it ended changes nothing. It works through the call's own
+    `asyncio.timeout` (expired at once), so nothing but the call is interrupted and the task's cancellation
+    bookkeeping stays exact.
+    """
+
+    __slots__ = ("requested", "_scope")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._scope: asyncio.Timeout | None = None
+
+    def cancel(self) -> None:
+        self.requested = True
+        if self._scope is not None and not self._scope.expired():
+            self._scope.reschedule(asyncio.get_running_loop().time())
+
+
+def _cancelled(provider: str) -> GatewayError:
+    return GatewayError(CLIENT_CLOSED, f"{provider}: the call was stopped because its client closed the request",
+                        type="invalid_request_error", code="client_closed_request", retryable=False)
+
+
 async def call(
-    client: httpx.AsyncClient,
+    client: Upstream,
     adapter: ProviderAdapter,
     ctx: CallContext,
     *,
     kind: str = "chat",
     on_chunk: ChunkSink | None = None,
     total_timeout_s: float | None = None,
+    cancel: Cancel | None = None,
 ) -> CallResult:
     """Make one provider call. Streams deliver OpenAI chunks to `on_chunk` as they arrive."""
     started = time.monotonic()
     result = CallResult()
     timeout = min(ctx.deployment.timeout_s, total_timeout_s or ctx.deployment.timeout_s)
+    scope: asyncio.Timeout | None = None
     try:
+        if cancel is not None and cancel.requested:
+            raise _cancelled(adapter.name)
         up = translate(adapter, ctx, kind)
         result.dropped_params = up.dropped_params
-        async with asyncio.timeout(max(0.001, timeout)):
-            request = _build(client, up, ctx.deployment.first_byte_timeout_s)
-            response = await client.send(request, stream=True)
+        async with asyncio.timeout(max(0.001, timeout)) as scope:
+            if cancel is not None:
+                cancel._scope = scope
             try:
-                with faults_as(response_fault, adapter.name, passing=TRANSPORT_ERRORS):
-                    await _answer(adapter, ctx, kind, response, result, on_chunk, started)
+                response = await client.send(up, ctx.deployment.first_byte_timeout_s)
+                try:
+                    with faults_as(response_fault, adapter.name, passing=TRANSPORT_ERRORS):
+                        await _answer(adapter, ctx, kind, response, result, on_chunk, started)
+                finally:
+                    await response.aclose()
             finally:
-                await response.aclose()
+                if cancel is not None:
+                    cancel._scope = None
     except GatewayError as e:
-        raise CallFailed(e, result.chunks_sent, _ms(started)) from e
-    except TimeoutError:
+        raise CallFailed(e, result.chunks_sent, _ms(started), result.usage) from e
+    except TimeoutError as e:
+        if cancel is not None and cancel.requested:
+            raise CallFailed(_cancelled(adapter.name), result.chunks_sent, _ms(started), result.usage) from None
+        if scope is None or not scope.expired():  # the connect or read timeout, not the call's deadline
+            raise CallFailed(_transport_error(e, adapter.name), result.chunks_sent, _ms(started)) from e
         err = GatewayError(504, f"{adapter.name}: upstream call exceeded {timeout:.1f}s", code="upstream_timeout",
                            retryable=True)
         raise CallFailed(err, result.chunks_sent, _ms(started)) from None
-    except (httpx.HTTPError, OSError) as e:
+    except TRANSPORT_ERRORS as e:
         raise CallFailed(_transport_error(e, adapter.name), result.chunks_sent, _ms(started)) from e
     except Exception as e:
         log.exception("%s: provider call failed outside translation and parsing", adapter.name)
@@ -163,12 +196,12 @@ def translate(adapter: ProviderAdapter, ctx: CallContext, kind: str) -> Upstream
         return adapter.embeddings_request(ctx) if kind == "embeddings" else adapter.chat_request(ctx)
 
 
-async def _answer(adapter: ProviderAdapter, ctx: CallContext, kind: str, response: httpx.Response,
+async def _answer(adapter: ProviderAdapter, ctx: CallContext, kind: str, response: Answer,
                   result: CallResult, on_chunk: ChunkSink | None, started: float) -> None:
     """Read the upstream answer into `result` (or deliver its stream); an error status raises its mapping."""
     if response.status_code >= 400:
         body = await response.aread()
-        raise adapter.map_error(response.status_code, body, response.headers)
+        raise adapter.map_error(response.status_code, body, response.headers)  # type: ignore[arg-type]
     if ctx.stream and kind == "chat":
         await _stream(adapter, ctx, response, result, on_chunk, started)
         return
@@ -182,10 +215,10 @@ async def _answer(adapter: ProviderAdapter, ctx: CallContext, kind: str, respons
     result.usage = usage_from_openai(result.response.get("usage"))
 
 
-async def _stream(adapter: ProviderAdapter, ctx: CallContext, response: httpx.Response, result: CallResult,
+async def _stream(adapter: ProviderAdapter, ctx: CallContext, response: Answer, result: CallResult,
                   on_chunk: ChunkSink | None, started: float) -> None:
     parser = adapter.stream_parser(ctx)
-    async for event in adapter.events(response):
+    async for event in adapter.events(response):  # type: ignore[arg-type]
         for c in parser.feed(event):
             await _deliver(c, result, on_chunk, started)
     for c in parser.finish():

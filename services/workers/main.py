@@ -9,7 +9,9 @@ first), so a worker killed mid-call leaves a usage row "in doubt" rather than a 
 counted. When the group rebalances, a worker cancels the work that has not begun its provider call
 (queued in the pacer, or waiting for its not-before time: the next owner gets it again) and finishes
 the calls it has in flight (up to SWITCHYARD_WORKER_DRAIN_S) before giving its partitions up, so the
-next owner does not call again.
+next owner does not call again. A `CancelRequest` on `llm.cancel` (its client went away) stops the call held
+for that request (services/workers/cancels.py): its usage is still recorded (499), it is not retried, and its
+offset is committed as done.
 
 A message never stops the process: a response too large for one message is sent in parts
 (shared/parts.py), and one past SWITCHYARD_MAX_REPLY_BYTES, or a chunk the broker refuses, with a 413;
@@ -28,14 +30,23 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from services.workers import observe
-from services.workers.calls import UPSTREAM_AUTH_ERROR, CallFailed, CallResult, call, for_caller, make_client
+from services.workers.calls import (
+    CLIENT_CLOSED,
+    UPSTREAM_AUTH_ERROR,
+    CallFailed,
+    CallResult,
+    Cancel,
+    call,
+    for_caller,
+    make_client,
+)
+from services.workers.cancels import Cancels
 from services.workers.chunks import ChunkStream
 from services.workers.guarding import OutputGuard
 from services.workers.pacing import Lease, Pacer
@@ -114,7 +125,10 @@ class Worker:
                                                         max_poll_records=FETCH_MAX)
         self.tracker = OffsetTracker()
         self.pacer = Pacer(owned=self._owned, partitions=topics.PROVIDER_PARTITIONS)
-        self.client: httpx.AsyncClient = make_client()
+        self.client = make_client()
+        self.bootstrap = bootstrap
+        self.cancels = Cancels()
+        """The calls this process holds, stopped by `llm.cancel` (a client that went away)."""
         self.ready = False
         self._in_flight = {False: 0, True: 0}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
@@ -133,6 +147,7 @@ class Worker:
         return []
 
     async def start(self) -> None:
+        await self.cancels.start(self.bootstrap)
         await start_client(self.producer, "worker-producer")
         await start_client(self.consumer, "worker-consumer")
         self.consumer.subscribe([topics.provider_topic(self.provider), topics.provider_topic(self.provider, True)],
@@ -143,6 +158,7 @@ class Worker:
         await self.consumer.stop()
         await self.producer.stop()
         await self.client.aclose()
+        await self.cancels.stop()
 
     async def give_up(self, partitions: list[TopicPartition], timeout_s: float = DRAIN_S) -> None:
         """Hand partitions over (revoked, or the worker stops): cancel, drain, commit, forget.
@@ -290,6 +306,12 @@ class Worker:
                                f"({self.provider}); the operator has been told.", code=UPSTREAM_AUTH_ERROR,
                                retryable=False)
             return [self._reply_error(env, err)]
+        with self.cancels.holding(env.id) as cancel:
+            return await self._attempt(env, dep, cancel)
+
+    async def _attempt(self, env: RequestEnvelope, dep: Deployment, cancel: Cancel) -> list[asyncio.Future[Any]]:
+        """Wait for the request's time and a slot, then call (again, after a 429 another key can serve);
+        a request whose client went away before its call began is dropped: nobody waits for its answer."""
         wait_s = (env.not_before_ms - now_ms()) / 1000.0
         if wait_s > 0:
             await asyncio.sleep(min(wait_s, max(0.0, (env.deadline_ms - now_ms()) / 1000.0)))
@@ -298,12 +320,15 @@ class Worker:
         acks: list[asyncio.Future[Any]] = []
         call_seq = 0
         while True:
+            if cancel.requested:
+                log.info("dropping a request whose client went away before its call", extra={"request_id": env.id})
+                return acks
             try:
                 async with self.pacer.slot(dep, env) as lease:
                     self._no_return()
                     if env.expired():
                         return [*acks, self._reply_error(env, timeout_error())]
-                    done, retry_here = await self._call(env, dep, lease, call_seq)
+                    done, retry_here = await self._call(env, dep, lease, call_seq, cancel)
                     acks.extend(done)
                     call_seq += 1
             except GatewayError as e:  # no slot before an interactive request's deadline: let the router decide
@@ -313,7 +338,7 @@ class Worker:
             self._no_return(False)  # waiting for a key again: nothing in flight to lose
 
     async def _call(self, env: RequestEnvelope, dep: Deployment, lease: Lease,
-                    call_seq: int) -> tuple[list[asyncio.Future[Any]], bool]:
+                    call_seq: int, cancel: Cancel | None = None) -> tuple[list[asyncio.Future[Any]], bool]:
         """One provider call and everything it owes; True when the worker should call again itself
         (a 429 that paused one key while another key, or for batch, time, can still serve it)."""
         acks: list[asyncio.Future[Any]] = []
@@ -346,11 +371,15 @@ class Worker:
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
             result = await call(self.client, self.adapter, ctx, kind=env.kind, on_chunk=on_chunk,
-                                total_timeout_s=remaining_s)
+                                total_timeout_s=remaining_s, cancel=cancel)
         except CallFailed as failed:
             seq = stream.close()
             acks.extend(stream.sent)
             observe.finish_attempt(hop, env, dep, None, failed)
+            if failed.error.status == CLIENT_CLOSED:  # its client went away: the call is owed, no answer is
+                acks.append(self._usage(started, None, failed, env))
+                acks.append(self._event(env, dep, None, failed))
+                return acks, False
             self.pacer.observe_failure(dep, lease, failed.error)
             acks.append(self._usage(started, None, failed, env))
             acks.append(self._event(env, dep, None, failed))
@@ -495,7 +524,7 @@ class Worker:
                failed: CallFailed | None, env: RequestEnvelope) -> asyncio.Future[Any]:
         """The call's outcome, under its write-ahead record's event id (accounting completes that row)."""
         event = started.model_copy(update={
-            "usage": result.usage if result else started.usage,
+            "usage": result.usage if result else failed.usage if failed and failed.usage else started.usage,
             "status": failed.error.status if failed else 200, "ok": failed is None,
             "latency_ms": result.latency_ms if result else failed.latency_ms if failed else 0.0,
             "ttft_ms": result.ttft_ms if result else None, "total_ms": float(now_ms() - env.created_ms),
@@ -562,7 +591,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.health_port:
         await serve_health(args.health_port, lambda: worker.ready)
     log.info("worker started", extra={"provider": args.provider})
-    await run_until_signal(log, worker.consume_forever(), follow_lag(worker.consumer, f"workers.{args.provider}"))
+    await run_until_signal(log, worker.consume_forever(), follow_lag(worker.consumer, f"workers.{args.provider}"),
+                           worker.cancels.follow())
     await worker.stop()
     tracing.shutdown()
 

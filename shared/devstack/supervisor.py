@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 
 from shared import topics
-from shared.config import STATE_DIR, ConfigError, config_path, load_config, stack_file
+from shared.config import STATE_DIR, ConfigError, config_path, load_config, secret_variables, stack_file
 from shared.devstack import probe
 from shared.devstack.broker import EmbeddedBroker, choose_broker, free_port, wait_port
 from shared.devstack.postgres import EmbeddedPostgres
@@ -142,6 +142,7 @@ def up(args: Any) -> int:
     except ConfigError as e:
         print(f"switchyard: {e}", file=sys.stderr)
         return 2
+    secret_vars = secret_variables(path.read_text() if path else None)
 
     def shutdown(*_: Any) -> None:
         stack.stopping = True
@@ -170,7 +171,7 @@ def up(args: Any) -> int:
             port = free_port()
             env["SWITCHYARD_DEMO_URL"] = f"http://127.0.0.1:{port}/v1"
             demo = Child("demo-provider", [sys.executable, "-m", "shared.devstack.demo_provider", "--port", str(port)],
-                         env, base / "logs" / "demo-provider.log")
+                         _scoped_env(env, secret_vars), base / "logs" / "demo-provider.log")
             demo.start()
             stack.children.append(demo)
             wait_port(port)
@@ -178,7 +179,7 @@ def up(args: Any) -> int:
             _say(f"provider    no models configured: `demo` is served by the built-in fake on port {port}")
         bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
         stack.topics = topics.all_topics(config.providers())
-        _prepare(bootstrap, env["DATABASE_URL"], stack.topics, env)
+        _prepare(bootstrap, env["DATABASE_URL"], stack.topics, _scoped_env(env, secret_vars))
         if stack.broker is not None and stack.broker.loses_data:
             stack.rotation = TansuRotation.from_env(bootstrap, stack.topics, topics.consumer_groups(config.providers()))
         ingress_url = f"http://{_client_host(args.host)}:{args.port}"
@@ -193,16 +194,18 @@ def up(args: Any) -> int:
         metrics_urls: dict[str, str] = {}
         stack.info["metrics_urls"] = metrics_urls
 
-        def add(name: str, argv: list[str], replica: int) -> None:
+        def add(name: str, argv: list[str], replica: int, provider: str | None = None) -> None:
             """A service process; its replica index makes it a static member of its consumer group. Those
-            without an HTTP port of their own get a health port, which serves /health, /ready and /metrics."""
+            without an HTTP port of their own get a health port, which serves /health, /ready and /metrics.
+            Only a `provider`'s workers get that provider's secrets (`_scoped_env`)."""
             if argv[0] == "ingress":
                 metrics_urls[name] = f"http://{_client_host(args.host)}:{argv[argv.index('--port') + 1]}/metrics"
             else:
                 port = free_port()
                 argv = [*argv, "--health-port", str(port)]
                 metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
-            stack.children.append(Child(name, [*cli, *argv], {**env, REPLICA_ENV: str(replica)},
+            stack.children.append(Child(name, [*cli, *argv],
+                                        {**_scoped_env(env, secret_vars, provider), REPLICA_ENV: str(replica)},
                                         base / "logs" / f"{name}.log"))
 
         for i in range(replicas["ingress"]):
@@ -212,7 +215,7 @@ def up(args: Any) -> int:
             add(f"router-{i}", ["router"], i)
         for provider in config.providers():
             for i in range(replicas["worker"]):
-                add(f"worker-{provider}-{i}", ["worker", "--provider", provider], i)
+                add(f"worker-{provider}-{i}", ["worker", "--provider", provider], i, provider)
         for i in range(replicas["accounting"]):
             add(f"accounting-{i}", ["accounting"], i)
         for child in stack.children:
@@ -235,6 +238,15 @@ def up(args: Any) -> int:
         return 1
     _teardown(stack)
     return 0
+
+
+def _scoped_env(env: dict[str, str], secret_vars: dict[str, set[str]], provider: str | None = None) -> dict[str, str]:
+    """`env` without any provider's secrets but `provider`'s own (issue 18): ingress, the router, accounting,
+    the migration and the demo provider start with none, a worker with its own provider's only, so a process
+    that is compromised (ingress faces the internet) holds no key it does not use."""
+    own = secret_vars.get(provider, set()) if provider else set()
+    withheld = set().union(*secret_vars.values()) - own
+    return {name: value for name, value in env.items() if name not in withheld}
 
 
 def _with_demo(env: dict[str, str]) -> Any:

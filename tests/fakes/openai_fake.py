@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict, deque
 from typing import Any
@@ -70,25 +71,39 @@ class FakeOpenAI(FakeProvider):
     def routes(self) -> None:
         @self.app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
-            await self.record(request)
+            recorded = await self.record(request)
             body = orjson.loads(await request.body())
             limited = self.over_limit(request)
             if limited is not None:
                 return limited
             fault = self.take_fault(request)
+            if fault is not None and fault.latency_ms:
+                fault = await self.watched_latency(fault, request, recorded)
+                if fault is None:
+                    return Response(status_code=499)  # nobody is listening any more
             early = await self.fault_response(fault)
             if early is not None:
                 return early
             if not body.get("stream"):
                 return Response(orjson.dumps(completion_for(body)), media_type="application/json")
             cut = fault.cut_after if fault else None
+            gap_s = fault.chunk_latency_ms / 1000.0 if fault else 0.0
 
             async def gen():  # type: ignore[no-untyped-def]
-                for i, event in enumerate(stream_events(body)):
-                    if cut is not None and i >= cut:
-                        return
-                    yield sse(event)
-                yield b"data: [DONE]\n\n"
+                complete = False
+                try:
+                    for i, event in enumerate(stream_events(body)):
+                        if cut is not None and i >= cut:
+                            complete = True
+                            return
+                        if gap_s and i:
+                            await asyncio.sleep(gap_s)
+                        yield sse(event)
+                    yield b"data: [DONE]\n\n"
+                    complete = True
+                finally:
+                    if not complete:  # the client went away mid-stream (the server cancelled this generator)
+                        self.client_went_away(recorded)
 
             return StreamingResponse(gen(), media_type="text/event-stream")
 

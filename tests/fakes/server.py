@@ -6,16 +6,21 @@ the queue filled by `fake.inject(...)` (or `POST /_fake/faults`). Faults:
   {"status": 503}                        answer that status with the provider's own error body
   {"status": 429, "retry_after": 2}      ...plus a Retry-After header
   {"latency_ms": 300}                    wait before answering (combines with others)
+  {"chunk_latency_ms": 200}              wait before each stream event (a slow stream)
   {"malformed": true}                    200 with a body that is not JSON
   {"cut_after": 2}                       a stream that stops after 2 events, without its end marker
   {"silent": true}                       accept the request and never send a byte
   {"message": "..."}                     the error message to use (e.g. "context length exceeded")
   {"times": 3}                           a queued fault repeats for that many requests
+
+A client that goes away before its answer is complete (during `latency_ms`, or mid-stream) is recorded in
+`disconnects`; `wait_for_disconnect` blocks until one is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import threading
 import time
@@ -44,6 +49,7 @@ class Fault:
     status: int | None = None
     retry_after: float | None = None
     latency_ms: float = 0.0
+    chunk_latency_ms: float = 0.0
     malformed: bool = False
     cut_after: int | None = None
     silent: bool = False
@@ -70,6 +76,9 @@ class FakeProvider:
         self.app = FastAPI()
         self.requests: list[Recorded] = []
         self.faults: deque[Fault] = deque()
+        self.disconnects: list[Recorded] = []
+        """Requests whose client closed the connection before the answer was complete."""
+        self._disconnected = threading.Condition()
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -119,6 +128,39 @@ class FakeProvider:
         with self._lock:
             self.faults.clear()
             self.requests.clear()
+        with self._disconnected:
+            self.disconnects.clear()
+
+    def client_went_away(self, recorded: Recorded) -> None:
+        with self._disconnected:
+            self.disconnects.append(recorded)
+            self._disconnected.notify_all()
+
+    def wait_for_disconnect(self, timeout_s: float = 30.0, count: int = 1) -> list[Recorded]:
+        """Block until `count` clients went away mid-answer (or fail after `timeout_s`)."""
+        with self._disconnected:
+            if not self._disconnected.wait_for(lambda: len(self.disconnects) >= count, timeout_s):
+                raise AssertionError(f"{self.name} fake: {len(self.disconnects)} of {count} clients went away")
+            return list(self.disconnects)
+
+    async def watched_latency(self, fault: Fault | None, request: Request, recorded: Recorded) -> Fault | None:
+        """Apply a fault's latency watching the client: None (the disconnect recorded) if it went away meanwhile,
+        else the fault without its latency (for `fault_response`)."""
+        if fault is None or not fault.latency_ms:
+            return fault
+        if not await self.pause(fault.latency_ms / 1000.0, request, recorded):
+            return None
+        return dataclasses.replace(fault, latency_ms=0.0)
+
+    async def pause(self, seconds: float, request: Request, recorded: Recorded) -> bool:
+        """Sleep `seconds`, watching the client: False (and the disconnect recorded) if it went away meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.02))
+            if await request.is_disconnected():
+                self.client_went_away(recorded)
+                return False
+        return True
 
     def calls(self, path_contains: str = "") -> list[Recorded]:
         with self._lock:

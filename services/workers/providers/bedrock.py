@@ -259,10 +259,24 @@ class EventStreamDecoder:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._error: GatewayError | None = None
 
     def feed(self, data: bytes) -> list[tuple[dict[str, Any], bytes]]:
+        """The whole frames `data` completes. A corrupt frame raises, but only after the frames before it
+        (in the same read) were returned: it raises on the next `feed` (`feed(b"")` at the stream's end)."""
+        if self._error is not None:
+            raise self._error
         self._buf += data
         out: list[tuple[dict[str, Any], bytes]] = []
+        try:
+            self._frames(out)
+        except GatewayError as e:
+            if not out:
+                raise
+            self._error = e
+        return out
+
+    def _frames(self, out: list[tuple[dict[str, Any], bytes]]) -> None:
         while len(self._buf) >= 12:
             total, headers_len, prelude_crc = struct.unpack_from(">III", self._buf, 0)
             if zlib.crc32(self._buf[:8]) != prelude_crc:
@@ -277,7 +291,6 @@ class EventStreamDecoder:
             if zlib.crc32(frame[:-4]) != message_crc:
                 raise _frame_error("message checksum mismatch")
             out.append((_decode_headers(frame[12:12 + headers_len]), frame[12 + headers_len:-4]))
-        return out
 
     @property
     def pending(self) -> int:
@@ -715,6 +728,7 @@ class BedrockAdapter(ProviderAdapter):
                 event = _frame_event(headers, payload)
                 if event is not None:
                     yield event
+        decoder.feed(b"")  # a corrupt frame after the last good ones of a read raises now
         if decoder.pending:
             raise GatewayError(502, "bedrock: upstream stream ended inside an event frame", code="stream_interrupted",
                                retryable=True)
