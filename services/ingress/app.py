@@ -12,6 +12,7 @@ its own count while it is down, and answers admin calls that need it with a 503 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -61,6 +62,7 @@ from shared.errors import GatewayError
 from shared.guardrails import Guardrails
 from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client, topic_partitions
 from shared.prompt_log import PromptRecord
+from shared.service import BackgroundTasks
 from shared.tansu import is_tansu
 from shared.tokens import estimate_total_tokens
 
@@ -70,6 +72,8 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("SWITCHYARD_REQUEST_TIMEOUT", "300"))
 KEY_LOAD_RETRY_S = (0.5, 4.0)
 """Backoff between attempts to load the virtual keys while PostgreSQL does not answer (first, most)."""
 KEY_LOAD_TIMEOUT_S = 30.0
+PUBLISH_DRAIN_S = 5.0
+"""How long a stopping ingress waits for its prompt-log records and cancel requests to reach the broker."""
 
 
 class Gateway:
@@ -92,7 +96,8 @@ class Gateway:
         self.auth_failures = AuthFailures()
         self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
-        self._records: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
+        """Prompt-log records and cancel requests on their way to the broker (drained before the producer stops)."""
         self.batch_driver: BatchDriver | None = None
         self.hold = AdmissionHold()
         """Held by `switchyard up` while it rotates the Tansu broker (services/ingress/hold.py)."""
@@ -127,9 +132,7 @@ class Gateway:
             except Exception as e:
                 log.warning(f"could not publish {what}", extra={"request_id": request_id, "error": repr(e)[:300]})
 
-        task = asyncio.get_running_loop().create_task(publish())
-        self._records.add(task)
-        task.add_done_callback(self._records.discard)
+        self._background.spawn(publish())
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
@@ -159,6 +162,8 @@ class Gateway:
             task.cancel()
         await self.replies.stop()
         await self.cache.close()
+        with contextlib.suppress(TimeoutError):  # a broker that is gone cannot hold the shutdown
+            await asyncio.wait_for(self._background.drain(), PUBLISH_DRAIN_S)
         await self.producer.stop()
         for engine in (self._engine, self._request_engine):
             if engine is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict, deque
 from typing import Any
@@ -82,11 +83,14 @@ class FakeOpenAI(FakeProvider):
             if not body.get("stream"):
                 return Response(orjson.dumps(completion_for(body)), media_type="application/json")
             cut = fault.cut_after if fault else None
+            pause_s = fault.chunk_latency_ms / 1000.0 if fault else 0.0
 
             async def gen():  # type: ignore[no-untyped-def]
                 for i, event in enumerate(stream_events(body)):
                     if cut is not None and i >= cut:
                         return
+                    if pause_s and i:
+                        await asyncio.sleep(pause_s)
                     yield sse(event)
                 yield b"data: [DONE]\n\n"
 

@@ -8,6 +8,7 @@ the queue filled by `fake.inject(...)` (or `POST /_fake/faults`). Faults:
   {"latency_ms": 300}                    wait before answering (combines with others)
   {"malformed": true}                    200 with a body that is not JSON
   {"cut_after": 2}                       a stream that stops after 2 events, without its end marker
+  {"chunk_latency_ms": 200}              wait that long before each stream event (a slow generation)
   {"silent": true}                       accept the request and never send a byte
   {"message": "..."}                     the error message to use (e.g. "context length exceeded")
   {"times": 3}                           a queued fault repeats for that many requests
@@ -46,6 +47,7 @@ class Fault:
     latency_ms: float = 0.0
     malformed: bool = False
     cut_after: int | None = None
+    chunk_latency_ms: float = 0.0
     silent: bool = False
     message: str | None = None
     times: int = 1
