@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,6 +48,7 @@ from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secr
 from services.ingress.limits import RateLimiter
 from services.ingress.observability import ObservabilityMiddleware
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
+from services.ingress.plain_routes import ChatCompletions, PlainRoutes
 from services.ingress.prompt_logs import add_log_routes
 from services.ingress.relay import SSE_HEADERS, Relay, reply_headers
 from services.ingress.replies import Pending, ReplyListener
@@ -393,6 +395,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     pipeline = Relay(gateway)
     openapi.install(app)
 
+    plain: dict[tuple[str, str], APIRoute] = {}
+    app.add_middleware(PlainRoutes, routes=plain)  # innermost: the hot route skips FastAPI's own per-request work
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(ObservabilityMiddleware)
     app.add_middleware(HardeningMiddleware)  # outermost: bad headers never reach a route
@@ -458,11 +462,13 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        identity = await gateway.authenticate(request)
-        body = await read_json(request)
-        parsed = validate(ChatCompletionRequest, body)
-        assert isinstance(parsed, ChatCompletionRequest)
-        return await pipeline.dispatch(request, identity, body, parsed.model, "chat", parsed.stream)
+        """Documents the operation; requests are served by the route's plain app (plain_routes.py)."""
+        raise AssertionError("POST /v1/chat/completions is served by ChatCompletions")
+
+    chat_route = app.router.routes[-1]
+    assert isinstance(chat_route, APIRoute) and chat_route.path == "/v1/chat/completions"
+    chat_route.app = ChatCompletions(gateway.authenticate, pipeline, app.exception_handlers)
+    plain[("POST", chat_route.path)] = chat_route
 
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def legacy_completions(request: Request) -> Response:

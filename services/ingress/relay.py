@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -225,7 +225,7 @@ class Relay:
         """What a streaming response calls when it is over, however it ends."""
         return lambda: self.settle(call, None)
 
-    async def sse(self, call: InFlight, first: Reply, shape_chunk: Shape = same) -> AsyncIterator[bytes]:
+    async def sse(self, call: InFlight, first: Reply, shape_chunk: Shape = same) -> AsyncGenerator[bytes, None]:
         """A stream in OpenAI's SSE framing: each chunk (shaped), an error as its body, then `[DONE]`."""
         async for reply in self.rest(call, first):
             if reply.type == "chunk":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
@@ -26,6 +27,47 @@ STREAM_BUFFER_ENV = "SWITCHYARD_STREAM_BUFFER"
 STREAM_BUFFER = int(os.environ.get(STREAM_BUFFER_ENV) or 1024)
 """The most replies one caller may leave unread: a client reading slower than its stream arrives has its
 stream ended with a 503 `stream_buffer_full` error instead of growing this process's memory."""
+
+
+class ReplyQueue:
+    """The replies waiting for one reader: put never blocks, `get` waits for one within a timeout.
+
+    What one request needs of asyncio.Queue, without its cost (a Queue builds two deques, an Event and a
+    future per waiter; one per request showed as ~9% of ingress CPU in py-spy): one deque and, only while the
+    reader waits, one future.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, reply: Reply) -> None:
+        self._items.append(reply)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_nowait(self) -> Reply:
+        return self._items.popleft()  # IndexError when empty, as only a bug would ask
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    async def get(self, timeout_s: float) -> Reply:
+        """The next reply; TimeoutError when none comes within `timeout_s`."""
+        if not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(max(0.0, timeout_s)):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 class ClientGone(GatewayError):
@@ -50,7 +92,7 @@ class Pending:
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit or STREAM_BUFFER
-        self.queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self.queue = ReplyQueue()
         self.attempt = 0
         self.next_seq = 0
         self.call: str | None = None
@@ -124,11 +166,7 @@ class Pending:
         """The next reply, within `timeout_s` (TimeoutError); ClientGone once the client left."""
         if self._gone:
             raise ClientGone()
-        if self.queue.empty():
-            async with asyncio.timeout(max(0.0, timeout_s)):  # no Task per wait, unlike wait_for on 3.11
-                reply = await self.queue.get()
-        else:
-            reply = self.queue.get_nowait()
+        reply = await self.queue.get(timeout_s)  # no Task per wait, unlike wait_for on 3.11
         if self._gone:
             raise ClientGone()
         return reply
