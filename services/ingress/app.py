@@ -12,21 +12,21 @@ its own count while it is down, and answers admin calls that need it with a 503 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,38 +42,40 @@ from services.ingress.completions import CompletionRequest
 from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
 from services.ingress.files import add_file_routes
 from services.ingress.guarding import RequestGuard
-from services.ingress.hardening import HardeningMiddleware, echo
+from services.ingress.hardening import HardeningMiddleware
 from services.ingress.hold import AdmissionHold
 from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
 from services.ingress.limits import RateLimiter
 from services.ingress.observability import ObservabilityMiddleware
 from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
+from services.ingress.plain_routes import ChatCompletions, PlainRoutes
 from services.ingress.prompt_logs import add_log_routes
+from services.ingress.relay import SSE_HEADERS, Relay, reply_headers
 from services.ingress.replies import Pending, ReplyListener
-from services.ingress.responses import SettlingStream, error_response, header_value, json_response, safe_headers
+from services.ingress.responses import SettlingStream, error_response, header_value, json_response
 from services.ingress.responses_routes import Pipeline, add_responses_routes
 from services.ingress.ui.routes import add_ui_routes
 from services.ingress.ui.session import session_identity
 from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
 from shared import metrics, topics, tracing
 from shared.config import GatewayConfig, Settings
-from shared.contracts import KeyEvent, Reply, RequestEnvelope, now_ms
-from shared.errors import GatewayError, timeout_error
+from shared.contracts import CancelRequest, KeyEvent, RequestEnvelope, now_ms
+from shared.errors import GatewayError
 from shared.guardrails import Guardrails
 from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client, topic_partitions
 from shared.prompt_log import PromptRecord
+from shared.service import BackgroundTasks
 from shared.tansu import is_tansu
 from shared.tokens import estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress")
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("SWITCHYARD_REQUEST_TIMEOUT", "300"))
-REPLY_GRACE_S = 2.0
-"""How long past the deadline ingress still waits for the pipeline's own timeout answer."""
-
 KEY_LOAD_RETRY_S = (0.5, 4.0)
 """Backoff between attempts to load the virtual keys while PostgreSQL does not answer (first, most)."""
 KEY_LOAD_TIMEOUT_S = 30.0
+PUBLISH_DRAIN_S = 5.0
+"""How long a stopping ingress waits for its prompt-log records and cancel requests to reach the broker."""
 
 
 class Gateway:
@@ -96,7 +98,8 @@ class Gateway:
         self.auth_failures = AuthFailures()
         self.max_timeout_s = max_timeout_s()
         self._tasks: list[asyncio.Task[None]] = []
-        self._records: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
+        """Prompt-log records and cancel requests on their way to the broker (drained before the producer stops)."""
         self.batch_driver: BatchDriver | None = None
         self.hold = AdmissionHold()
         """Held by `switchyard up` while it rotates the Tansu broker (services/ingress/hold.py)."""
@@ -113,19 +116,25 @@ class Gateway:
 
     def publish_record(self, record: PromptRecord | None) -> None:
         """Hand a request's (redacted) prompt-log record to the producer; its failure is logged, never raised."""
-        if record is None:
-            return
+        if record is not None:
+            self._publish_soon(topics.PROMPTS, encode(record), record.request_id, "a prompt-log record")
+
+    def publish_cancel(self, request_id: str) -> None:
+        """Ask the workers to stop the provider call of `request_id` (its client is gone); never blocks, its
+        failure is logged, never raised: a call not cancelled only runs to its end, as before."""
+        self._publish_soon(topics.CANCEL, encode(CancelRequest(request_id=request_id)), request_id,
+                           "a cancel request")
+
+    def _publish_soon(self, topic: str, value: bytes, request_id: str, what: str) -> None:
+        """Send one message keyed by `request_id` in the background (the response path never waits for it)."""
 
         async def publish() -> None:
             try:
-                await send_and_wait(self.producer, topics.PROMPTS, encode(record), key=record.request_id.encode())
+                await send_and_wait(self.producer, topic, value, key=request_id.encode())
             except Exception as e:
-                log.warning("could not publish a prompt-log record",
-                            extra={"request_id": record.request_id, "error": repr(e)[:300]})
+                log.warning(f"could not publish {what}", extra={"request_id": request_id, "error": repr(e)[:300]})
 
-        task = asyncio.get_running_loop().create_task(publish())
-        self._records.add(task)
-        task.add_done_callback(self._records.discard)
+        self._background.spawn(publish())
 
     async def start(self) -> None:
         # aiokafka clients must be created inside the running event loop.
@@ -155,6 +164,8 @@ class Gateway:
             task.cancel()
         await self.replies.stop()
         await self.cache.close()
+        with contextlib.suppress(TimeoutError):  # a broker that is gone cannot hold the shutdown
+            await asyncio.wait_for(self._background.drain(), PUBLISH_DRAIN_S)
         await self.producer.stop()
         for engine in (self._engine, self._request_engine):
             if engine is not None:
@@ -331,10 +342,6 @@ class Admitted:
     hold: Hold | None = None
 
 
-def _reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
-    return {**safe_headers(reply.headers), topics.HEADER_REQUEST_ID: request_id}
-
-
 # FastAPI >= 0.16x asks OpenTelemetry for its tracer/meter/logger providers on every request (each a
 # read of os.environ), ~5% of ingress CPU under load; Switchyard has no OpenTelemetry set-up to feed.
 _NO_TELEMETRY: dict[str, Any] = (
@@ -385,8 +392,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="Switchyard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL,
                   **_NO_TELEMETRY)
     app.state.gateway = gateway
+    pipeline = Relay(gateway)
     openapi.install(app)
 
+    plain: dict[tuple[str, str], APIRoute] = {}
+    app.add_middleware(PlainRoutes, routes=plain)  # innermost: the hot route skips FastAPI's own per-request work
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(ObservabilityMiddleware)
     app.add_middleware(HardeningMiddleware)  # outermost: bad headers never reach a route
@@ -452,11 +462,13 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        identity = await gateway.authenticate(request)
-        body = await read_json(request)
-        parsed = validate(ChatCompletionRequest, body)
-        assert isinstance(parsed, ChatCompletionRequest)
-        return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream)
+        """Documents the operation; requests are served by the route's plain app (plain_routes.py)."""
+        raise AssertionError("POST /v1/chat/completions is served by ChatCompletions")
+
+    chat_route = app.router.routes[-1]
+    assert isinstance(chat_route, APIRoute) and chat_route.path == "/v1/chat/completions"
+    chat_route.app = ChatCompletions(gateway.authenticate, pipeline, app.exception_handlers)
+    plain[("POST", chat_route.path)] = chat_route
 
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def legacy_completions(request: Request) -> Response:
@@ -466,8 +478,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         assert isinstance(parsed, CompletionRequest)
         body = completions.to_chat(raw, parsed)
         validate(ChatCompletionRequest, body)
-        return await _dispatch(request, identity, body, parsed.model, "chat", parsed.stream,
-                               completions.from_chat, completions.chunk_from_chat)
+        return await pipeline.dispatch(request, identity, body, parsed.model, "chat", parsed.stream,
+                                       completions.from_chat, completions.chunk_from_chat)
 
     @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingsRequest))
     async def embeddings(request: Request) -> Response:
@@ -475,131 +487,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         body = await read_json(request)
         parsed = validate(EmbeddingsRequest, body)
         assert isinstance(parsed, EmbeddingsRequest)
-        return await _dispatch(request, identity, body, parsed.model, "embeddings", False)
+        return await pipeline.dispatch(request, identity, body, parsed.model, "embeddings", False)
 
     add_admin_routes(app, gateway)
     add_file_routes(app, gateway)
     add_batch_routes(app, gateway)
     add_ui_routes(app, gateway)
     add_log_routes(app, gateway)
-
-    async def _submit(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
-                      stream: bool) -> InFlight:
-        if gateway.config.group(model) is None:
-            raise GatewayError(404, f"The model '{echo(model)}' does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
-        if not identity.may_use(model):
-            raise GatewayError(403, f"This key may not use the model '{echo(model)}'.", param="model",
-                               code="model_not_allowed")
-        for fallback in body.get("fallbacks") or []:
-            if not identity.may_use(str(fallback)):
-                raise GatewayError(403, f"This key may not use the fallback model '{echo(str(fallback))}'.",
-                                   param="fallbacks",
-                                   code="model_not_allowed")
-        guard = gateway.guard(identity, model)
-        try:
-            guard.check_request(body)  # masks in place, before the envelope exists; a block costs nothing
-        except GatewayError:
-            gateway.publish_record(guard.record(request.state.request_id, identity.key_id, model, kind, stream))
-            raise
-        request.state.model = model  # a configured model: a bounded metric label
-        envelope = RequestEnvelope(
-            id=request.state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
-            reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
-            deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
-            route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
-            guardrails=identity.guardrails,  # the worker applies their output stage on top of the model's
-        )
-        # A key with guardrails of its own skips the cache: an entry holds an answer guarded for another key.
-        cached = await gateway.cache.lookup(request.headers, identity, envelope) \
-            if gateway.cache.enabled(model) and not identity.guardrails else None
-        estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
-        call = InFlight(envelope, identity, estimate, guard=guard)
-        request.state.call = call
-        if cached is not None:
-            request.state.extra_headers.update(cached.headers)
-            if cached.pending is not None:  # a hit: answered from the cache, nothing goes to Kafka
-                call.pending = cached.pending
-                return call
-        try:
-            call.pending = await gateway.submit(envelope, getattr(request.state, "trace", None))
-        except GatewayError:
-            gateway.finish(identity, estimate, None)
-            raise
-        if cached is not None:
-            call.pending = gateway.cache.recording(call.pending, cached)
-        return call
-
-    async def _first(call: InFlight) -> Reply:
-        """The first reply; an error reply (or the deadline) becomes a GatewayError before any byte is sent."""
-        try:
-            reply = await call.pending.next(_wait_s(call.envelope))
-        except TimeoutError:
-            _settle(call, None)
-            raise timeout_error() from None
-        except BaseException:  # cancelled (the client went away, shutdown): release all the same
-            _settle(call, None)
-            raise
-        if reply.type == "error":
-            call.guard.note(reply)
-            _settle(call, None)
-            raise GatewayError.from_body(reply.status, reply.data, reply.headers)
-        if reply.type != "chunk":
-            call.guard.answered(reply)  # the worker applied the output guardrails; this takes its decisions
-            _settle(call, reply)
-        else:
-            call.first_chunk_at = time.perf_counter()
-        return reply
-
-    def _settle(call: InFlight, last: Reply | None) -> None:
-        """The request is over: stop listening, release its limits, correct the token estimate. Once only."""
-        if call.settled:
-            return
-        call.settled = True
-        gateway.replies.unregister(call.envelope.id)
-        if last is not None:
-            call.provider_ms = last.provider_ms
-        usage = (last.data or {}).get("usage") if last is not None else None
-        gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
-        env = call.envelope
-        gateway.publish_record(call.guard.record(env.id, env.key_id, env.model, env.kind, env.stream))
-
-    async def _rest(call: InFlight, first: Reply) -> AsyncIterator[Reply]:
-        """A stream's replies from the first on; a deadline mid-stream ends it with a timeout error reply."""
-        reply: Reply | None = first
-        try:
-            while reply is not None:
-                call.guard.streamed(reply)  # the worker applied the output guardrails; this takes its decisions
-                yield reply
-                if reply.type != "chunk":
-                    return
-                try:
-                    reply = await call.pending.next(_wait_s(call.envelope))
-                except TimeoutError:
-                    reply = None
-                    yield Reply(id=call.envelope.id, type="error", status=504, data=timeout_error().body())
-        finally:
-            _settle(call, reply)
-
-    async def _dispatch(request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
-                        stream: bool, shape: Shape = _same, shape_chunk: Shape = _same) -> Response:
-        """Submit, then answer in OpenAI's shape (or another, through `shape` / `shape_chunk`)."""
-        call = await _submit(request, identity, body, model, kind, stream)
-        first = await _first(call)
-        headers = _reply_headers(first, call.envelope.id)
-        if not stream:
-            return json_response(shape(first.data or {}), first.status, headers)
-
-        async def relay() -> AsyncIterator[bytes]:
-            async for reply in _rest(call, first):
-                if reply.type == "chunk":
-                    yield b"data: " + orjson.dumps(shape_chunk(reply.data or {})) + b"\n\n"
-                elif reply.type == "error":
-                    yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
-            yield b"data: [DONE]\n\n"
-
-        return SettlingStream(relay(), lambda: _settle(call, None), media_type="text/event-stream",
-                              headers={**headers, **SSE_HEADERS})
 
     @app.post("/v1/messages", openapi_extra=json_body("AnthropicMessagesRequest"))
     async def anthropic_messages(request: Request) -> Response:
@@ -610,11 +504,11 @@ def create_app(gateway: Gateway) -> FastAPI:
             body = anthropic_api.to_openai_request(raw)
             validate(ChatCompletionRequest, body)
             model, stream = str(raw["model"]), bool(body.get("stream"))
-            call = await _submit(request, identity, body, model, "chat", stream)
-            first = await _first(call)
+            call = await pipeline.submit(request, identity, body, model, "chat", stream)
+            first = await pipeline.first(call)
         except GatewayError as e:
             return _anthropic_error(e, request_id, request.state.extra_headers)
-        headers = {**_reply_headers(first, request_id), "request-id": request_id}
+        headers = {**reply_headers(first, request_id), "request-id": request_id}
         dropped = anthropic_api.dropped_params(raw)
         if dropped:
             headers[topics.HEADER_DROPPED_PARAMS] = header_value(",".join(dropped))
@@ -623,7 +517,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
         async def relay() -> AsyncIterator[bytes]:
             translator = anthropic_api.StreamTranslator(model)
-            async for reply in _rest(call, first):
+            async for reply in pipeline.rest(call, first):
                 if reply.type == "chunk":
                     for event, data in translator.feed(reply.data or {}):
                         yield anthropic_api.format_sse(event, data)
@@ -634,7 +528,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             for event, data in translator.finish():
                 yield anthropic_api.format_sse(event, data)
 
-        return SettlingStream(relay(), lambda: _settle(call, None), media_type="text/event-stream",
+        return SettlingStream(relay(), pipeline.closer(call), media_type="text/event-stream",
                               headers={**headers, **SSE_HEADERS})
 
     @app.post("/v1/messages/count_tokens", openapi_extra=json_body("AnthropicCountTokensRequest"))
@@ -647,44 +541,15 @@ def create_app(gateway: Gateway) -> FastAPI:
             return _anthropic_error(e, request_id)
         return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})
 
-    add_responses_routes(app, gateway, Pipeline(_submit, _first, _rest, _reply_headers, SSE_HEADERS, _settle))
+    add_responses_routes(app, gateway, Pipeline(pipeline.submit, pipeline.first, pipeline.rest, reply_headers,
+                                                SSE_HEADERS, pipeline.settle))
     return app
-
-
-Shape = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def _same(data: dict[str, Any]) -> dict[str, Any]:
-    return data
-
-
-@dataclass
-class InFlight:
-    """One accepted request between submission and its last reply."""
-
-    envelope: RequestEnvelope
-    identity: Identity
-    estimate: Admitted
-    pending: Pending = field(default_factory=Pending)
-    settled: bool = False
-    guard: RequestGuard = field(default_factory=lambda: RequestGuard([], False))
-    provider_ms: float | None = None
-    """Time spent in provider calls, from the final reply (metrics: the gateway's overhead is the rest)."""
-    first_chunk_at: float | None = None
-    """perf_counter() when a stream's first chunk arrived (metrics: time to first token)."""
-
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def _anthropic_error(err: GatewayError, request_id: str, extra: dict[str, str] | None = None) -> Response:
     headers = {**(extra or {}), **err.response_headers(), topics.HEADER_REQUEST_ID: request_id,
                "request-id": request_id}
     return json_response(anthropic_api.error_body(err, request_id), err.status, headers)
-
-
-def _wait_s(envelope: RequestEnvelope) -> float:
-    return (envelope.deadline_ms - time.time() * 1000) / 1000.0 + REPLY_GRACE_S
 
 
 def reply_partition_from_env(value: str | None) -> int:

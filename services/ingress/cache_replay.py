@@ -28,7 +28,7 @@ class ReplayPending(Pending):
         super().__init__()
         for reply in replies:
             self.queue.put_nowait(reply)
-        self.finished = True
+        self.finished = self._done = True  # no provider call works for a hit
         self.on_served: Callable[[], None] | None = None
 
     async def next(self, timeout_s: float) -> Reply:
@@ -47,25 +47,32 @@ class RecordingPending(Pending):
         self.inner = inner
         self.on_complete = on_complete
         self.chunks: list[dict[str, Any]] = []
-        self.done = False
+        self.recorded = False
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    def client_gone(self) -> None:
+        self.inner.client_gone()
 
     async def next(self, timeout_s: float) -> Reply:
         reply = await self.inner.next(timeout_s)
-        if self.done:
+        if self.recorded:
             return reply
         if reply.type == "chunk" and reply.data is not None:
             if reply.data.get("choices") or not reply.data.get("usage"):
                 self.chunks.append(reply.data)
         elif reply.type == "response":
-            self.done = True
+            self.recorded = True
             if reply.status == 200 and reply.data:
                 self.on_complete(reply.data, None, reply)
         elif reply.type == "end":
-            self.done = True
+            self.recorded = True
             if self.chunks:
                 self.on_complete(assemble(self.chunks, (reply.data or {}).get("usage")), self.chunks, reply)
         else:
-            self.done = True  # an error is never cached
+            self.recorded = True  # an error is never cached
         return reply
 
 
