@@ -40,12 +40,13 @@ function fmt(v) {
   return v.toPrecision(2);
 }
 
-async function draw(container, label, build) {
+async function draw(container, label, hasData, build) {
   const uPlot = await load();
   if (!uPlot) {
     note(container, "Charts unavailable: run `switchyard ui install` where the gateway runs, then reload.", "empty unavailable");
     return;
   }
+  if (!hasData) return note(container, "No data yet", "empty");
   forget(container);
   container.replaceChildren();
   const colours = palette();
@@ -64,10 +65,8 @@ async function draw(container, label, build) {
 /** Lines over time. `series`: [{name, points: [[tSeconds, value|null], ...]}]; gaps where value is null.
  * `range`: [fromSeconds, toSeconds], the window the x axis spans (else the data's own extent). */
 export async function lineChart(container, series, label = "chart", range = null) {
-  if (!series.some((s) => s.points.some((p) => p[1] !== null && p[1] !== undefined))) {
-    return note(container, "No data yet", "empty");
-  }
-  await draw(container, label, (uPlot, colours, axis) => {
+  const hasData = series.some((s) => s.points.some((p) => p[1] !== null && p[1] !== undefined));
+  await draw(container, label, hasData, (uPlot, colours, axis) => {
     const xs = [...new Set(series.flatMap((s) => s.points.map((p) => p[0])))].sort((a, b) => a - b);
     const ys = series.map((s) => {
       const byT = new Map(s.points.map(([t, v]) => [t, v ?? null]));
@@ -88,8 +87,7 @@ export async function lineChart(container, series, label = "chart", range = null
 
 /** Vertical bars, one per item: [{label, value}]; `name` is the series' name in the legend, `xName` the bars'. */
 export async function barChart(container, items, label = "chart", name = "USD", xName = "") {
-  if (!items.length) return note(container, "No data yet", "empty");
-  await draw(container, label, (uPlot, colours, axis) => {
+  await draw(container, label, items.length > 0, (uPlot, colours, axis) => {
     const labels = items.map((i) => String(i.label));
     const stride = Math.ceil(labels.length / 12);
     return {
