@@ -36,9 +36,11 @@ function fmt(v) {
   if (v === null || v === undefined) return "—";
   if (Math.abs(v) >= 1000) return `${(v / 1000).toFixed(1)}k`;
   if (Math.abs(v) >= 10 || v === 0) return v.toFixed(0);
-  if (Math.abs(v) < 0.01) return v.toExponential(1);
-  return v.toPrecision(2);
+  return String(Number(v.toPrecision(2)));
 }
+
+// The y axis is as wide as its longest label (small dollar amounts are long), so no label is cut off.
+const ySize = (u, values) => (values?.length ? Math.max(...values.map((v) => String(v).length)) * 7 + 16 : 40);
 
 async function draw(container, label, hasData, build) {
   const uPlot = await load();
@@ -78,7 +80,7 @@ export async function lineChart(container, series, label = "chart", range = null
         series: [{ label: "time" },
                  ...series.map((s, i) => ({ label: s.name, stroke: colours.series[i % 3], width: 2,
                                            points: { show: true, size: 5 }, value: (u, v) => fmt(v) }))],
-        axes: [{ ...axis }, { ...axis, values: (u, vals) => vals.map(fmt), size: 50 }],
+        axes: [{ ...axis }, { ...axis, values: (u, vals) => vals.map(fmt), size: ySize }],
         scales: { x: { time: true, ...(range ? { range: () => range } : {}) } },
       },
     };
@@ -98,7 +100,7 @@ export async function barChart(container, items, label = "chart", name = "USD", 
                    paths: uPlot.paths.bars({ size: [0.7, 80] }), points: { show: false }, value: (u, v) => fmt(v) }],
         axes: [{ ...axis, splits: () => labels.map((_, i) => i).filter((i) => i % stride === 0),
                  values: (u, vals) => vals.map((v) => (labels[v] ?? "").slice(0, 14)) },
-               { ...axis, values: (u, vals) => vals.map(fmt), size: 50 }],
+               { ...axis, values: (u, vals) => vals.map(fmt), size: ySize }],
         scales: { x: { time: false, range: () => [-0.5, labels.length - 0.5] }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
       },
     };
