@@ -6,15 +6,19 @@ page, wide tables scroll inside their own box)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
+from shared.db import upgrade_blocking
+from shared.devstack.postgres import EmbeddedPostgres
 from tests.fakes.server import free_port
 from tests.stack import MASTER_KEY, RunningStack
-from tests.test_dashboard import api, browser, new_context, sign_in
+from tests.test_dashboard import api, browser, new_context, sign_in, wait_until
 from tests.test_ingress_without_database import Spawn, spawn
 
 __all__ = ["browser", "spawn"]  # fixtures shared with tests/test_dashboard.py and test_ingress_without_database.py
@@ -80,28 +84,54 @@ def test_a_key_revoked_behind_the_page_cannot_be_edited(page: Page, stack: Runni
     assert r.status_code == 409 and r.json()["error"]["code"] == "key_revoked"
 
 
-def test_with_the_database_down_every_page_says_so_and_nothing_is_created(browser: Browser, spawn: Spawn) -> None:
-    ingress = spawn(f"postgresql://switchyard@127.0.0.1:{free_port()}/switchyard")  # nothing listens there
-    context = browser.new_context(base_url=ingress.url, viewport={"width": 1366, "height": 900})
-    pg = context.new_page()
-    sign_in(pg)  # the master key needs no database
-    expect(pg.locator("#nav")).to_be_visible()
-    expect(pg.locator("#flash")).to_contain_text("database")
-    for name in ("spend", "providers", "keys", "requests"):
-        pg.goto(f"/ui#{name}")
-        expect(pg.locator(f"#{name}")).to_be_visible()
-        expect(pg.locator("#flash")).to_contain_text("database")
-    pg.goto("/ui#keys")
-    pg.click("#create-key-box summary")
-    pg.fill("#create-key input[name=name]", "while-down")
-    pg.click("#create-key button[type=submit]")
-    expect(pg.locator("#keys-error")).to_contain_text("database")
-    expect(pg.locator("#new-key")).to_be_hidden()
-    context.close()
-    assert ingress.proc.poll() is None  # still serving
-    r = httpx.get(f"{ingress.url}/v1/dashboard/overview", headers={"authorization": f"Bearer {MASTER_KEY}"},
-                  timeout=30)
-    assert r.status_code == 503 and r.headers.get("retry-after") and r.json()["error"]["message"]
+def test_with_the_database_down_every_page_says_so_nothing_is_created_and_it_recovers(
+        browser: Browser, spawn: Spawn, tmp_path: Path) -> None:
+    pg_server = EmbeddedPostgres(tmp_path / "pg", free_port())
+    pg_server.start()
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    try:
+        with ThreadPoolExecutor(1) as pool:  # its own event loop: Playwright's sync API runs one in this thread
+            pool.submit(upgrade_blocking, pg_server.url).result()
+        ingress = spawn(pg_server.url)
+        master = {"authorization": f"Bearer {MASTER_KEY}"}
+        pg = context.new_page()
+        pg.goto(f"{ingress.url}/ui")
+        pg.fill("#master-key", MASTER_KEY)
+        pg.click("#login-form button[type=submit]")
+        expect(pg.locator("#overview-cards [data-testid=requests-1h] .value")).to_have_text("0")
+        expect(pg.locator("#flash")).to_be_hidden()
+
+        pg_server.stop()
+        pg.reload()
+        expect(pg.locator("#nav")).to_be_visible()  # still signed in: the session needs no database
+        expect(pg.locator("#flash")).to_contain_text("PostgreSQL")
+        for name in ("spend", "providers", "keys", "requests"):
+            pg.goto(f"{ingress.url}/ui#{name}")
+            expect(pg.locator(f"#{name}")).to_be_visible()
+            expect(pg.locator("#flash")).to_contain_text("unreachable right now")
+        pg.goto(f"{ingress.url}/ui#keys")
+        expect(pg.locator("#keys")).to_be_visible()
+        pg.click("#create-key-box summary")
+        pg.fill("#create-key input[name=name]", "while-down")
+        pg.click("#create-key button[type=submit]")
+        expect(pg.locator("#keys-error")).to_contain_text("PostgreSQL")
+        expect(pg.locator("#new-key")).to_be_hidden()
+        assert ingress.proc.poll() is None  # still serving
+        r = httpx.get(f"{ingress.url}/v1/dashboard/overview", headers=master, timeout=30)
+        assert r.status_code == 503 and r.headers.get("retry-after") and r.json()["error"]["message"]
+
+        pg_server.start()  # back: the same page works again, and the key refused meanwhile does not exist
+        pg.goto(f"{ingress.url}/ui#keys")
+        wait_until(lambda: httpx.get(f"{ingress.url}/v1/dashboard/keys", headers=master, timeout=30).status_code
+                   == 200, "the admin API to answer again")
+        pg.reload()
+        expect(pg.locator("#flash")).to_be_hidden()
+        expect(pg.locator("#keys-table")).to_be_visible()
+        keys = httpx.get(f"{ingress.url}/v1/keys", headers=master, timeout=30).json()["data"]
+        assert [k for k in keys if k["name"] == "while-down"] == []
+    finally:
+        context.close()
+        pg_server.stop(quiet=True)
 
 
 def test_without_the_charting_library_the_charts_say_how_to_get_it(page: Page, stack: RunningStack) -> None:
