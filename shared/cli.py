@@ -43,6 +43,22 @@ def cmd_kafka_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui_install(args: argparse.Namespace) -> int:
+    from shared import ui_assets
+
+    if ui_assets.installed():
+        print(f"uPlot {ui_assets.UPLOT_VERSION} is installed in {ui_assets.ui_home()}")
+        return 0
+    print(f"fetching uPlot {ui_assets.UPLOT_VERSION} (the dashboard's charts) from the npm registry...", flush=True)
+    try:
+        home = ui_assets.install()
+    except RuntimeError as e:
+        print(f"switchyard: {e}", file=sys.stderr)
+        return 1
+    print(f"uPlot {ui_assets.UPLOT_VERSION} installed in {home}")
+    return 0
+
+
 def cmd_ingress(args: argparse.Namespace) -> int:
     from services.ingress.main import run
 
@@ -327,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = p.add_subparsers(dest="kafka_command", required=True)
     k = ksub.add_parser("install", help="fetch the pinned Apache Kafka's jars from Maven Central (once; then a no-op)")
     k.set_defaults(func=cmd_kafka_install)
+
+    p = sub.add_parser("ui", help="the dashboard's assets")
+    usub = p.add_subparsers(dest="ui_command", required=True)
+    u = usub.add_parser("install", help="fetch the pinned uPlot charting library, integrity-checked (once; then no-op)")
+    u.set_defaults(func=cmd_ui_install)
 
     from services.ingress.main import add_arguments as ingress_args
 

@@ -16,9 +16,9 @@ import pytest
 
 from services.ingress.admission import InFlightCap, timeout_s
 from services.ingress.replies import Pending
-from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import decide
 from shared import topics
+from shared.breaker import BreakerSettings, HealthBook
 from shared.contracts import AttemptRecord, Reply, RequestEnvelope
 from shared.devstack.supervisor import _write_stack
 from shared.errors import GatewayError

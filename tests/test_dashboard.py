@@ -138,8 +138,11 @@ def test_overview_shows_the_figures_of_real_requests(page: Page, stack: RunningS
     expect(cards.locator("[data-testid=p50-1h] .value")).to_have_text(f"{round(hour['p50_ms'])} ms")
     expect(cards.locator("[data-testid=p99-24h] .value")).to_have_text(f"{round(day['p99_ms'])} ms")
     expect(cards.locator("[data-testid=error-rate-1h] .value")).to_have_text(f"{100 * hour['error_rate']:.1f}%")
-    for chart in ("requests-1h", "latency-24h", "errors-24h", "spend-month"):
-        expect(page.locator(f"#chart-{chart} svg")).to_be_visible()
+    # Drawn by uPlot (a canvas per chart), with the real series named in each chart's legend.
+    for chart, names in (("requests-1h", ["requests", "errors"]), ("latency-24h", ["p50", "p95", "p99"]),
+                         ("errors-24h", ["error %"]), ("spend-month", ["USD per day"])):
+        expect(page.locator(f"#chart-{chart} .uplot canvas")).to_be_visible()
+        expect(page.locator(f"#chart-{chart} .u-legend .u-series .u-label")).to_contain_text(names)
     DOCS.mkdir(exist_ok=True)  # the README shows this picture; every run takes it again
     page.screenshot(path=str(DOCS / "dashboard-overview.png"), full_page=True)
 
@@ -164,7 +167,8 @@ def test_spend_by_key_and_team_with_csv_export(page: Page, stack: RunningStack, 
     row = page.locator("#spend-table tr", has_text=traffic["team"])
     expect(row).to_contain_text(f"${traffic['cost']:.6f}")
     expect(row.locator("td").nth(1)).to_have_text("5")
-    expect(page.locator("#chart-spend svg")).to_be_visible()
+    expect(page.locator("#chart-spend .uplot canvas")).to_be_visible()
+    expect(page.locator("#chart-spend .u-legend .u-series .u-label")).to_contain_text(["USD"])
 
     page.select_option("#spend-by", "key")
     page.click("#spend-form button[type=submit]")

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import (
     BACKOFF_BASE_S,
     MAX_ATTEMPTS,
@@ -22,6 +21,7 @@ from services.router.routing import (
     decide,
     estimate_input_tokens,
 )
+from shared.breaker import BreakerSettings, HealthBook
 from shared.config import GatewayConfig, parse_config
 from shared.contracts import AttemptEvent, AttemptRecord, RequestEnvelope, now_ms
 from shared.errors import GatewayError

@@ -385,16 +385,33 @@ class KeyStore:
         return self.by_id[key_id], token
 
     async def update(self, key_id: str, changes: dict[str, Any]) -> KeyRecord:
+        """Change a key that is not revoked: a revoked key is final (409 `key_revoked`, nothing changed), so an
+        edit racing a revocation cannot quietly give a revoked key new limits."""
+        found = None
         async with self.engine.begin() as conn:
-            result = await conn.execute(update(virtual_keys).where(virtual_keys.c.key_id == key_id)
+            result = await conn.execute(update(virtual_keys)
+                                        .where(virtual_keys.c.key_id == key_id, virtual_keys.c.revoked_at.is_(None))
                                         .values(**changes, updated_at=datetime.now(UTC)))
+            if result.rowcount == 0:
+                found = (await conn.execute(select(virtual_keys.c.key_id)
+                                            .where(virtual_keys.c.key_id == key_id))).first()
         if result.rowcount == 0:
-            raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
+            if found is None:
+                raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
+            raise GatewayError(409, f"Key {key_id!r} is revoked: it can no longer be changed.", param="key_id",
+                               code="key_revoked")
         await self.reload(key_id)
         return self.by_id[key_id]
 
     async def revoke(self, key_id: str) -> KeyRecord:
-        return await self.update(key_id, {"revoked_at": datetime.now(UTC)})
+        """Revoke a key; revoking it again changes nothing (it keeps its first revocation time)."""
+        try:
+            return await self.update(key_id, {"revoked_at": datetime.now(UTC)})
+        except GatewayError as e:
+            if e.code != "key_revoked":
+                raise
+        await self.reload(key_id)
+        return self.by_id[key_id]
 
     async def all_keys(self) -> list[KeyRecord]:
         await self.load_all()

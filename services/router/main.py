@@ -22,31 +22,30 @@ import logging
 import random
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from services.router.health import BreakerSettings, HealthBook
 from services.router.routing import decide
 from shared import metrics, topics, tracing
 from shared.answers import answer, refuse_unreadable
+from shared.breaker import BreakerSettings, HealthBook
 from shared.config import GatewayConfig, load_config, load_settings
-from shared.contracts import CONTRACT_VERSION, AttemptEvent, RequestEnvelope, now_ms
+from shared.contracts import CONTRACT_VERSION, RequestEnvelope, now_ms
 from shared.dead import bury
 from shared.errors import GatewayError, nesting_error, timeout_error
 from shared.health import health_port_default, serve_health
+from shared.health_feed import HealthFeed
 from shared.kafka import (
     BatchOffsets,
     DeliveryRefused,
     check_destination,
     encode,
     group_instance_id,
-    lagging_fetch,
     make_consumer,
     make_producer,
     send_and_wait,
     start_client,
-    topic_partitions,
 )
 from shared.lag import follow_lag
 from shared.logs import setup_logging
@@ -54,9 +53,7 @@ from shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.router")
 SERVICE = "router"
-HEALTH_REPLAY_MS = 120_000
 COMMIT_INTERVAL_S = 0.2
-CATCH_UP_TIMEOUT_S = 15.0
 
 
 class Router:
@@ -68,60 +65,22 @@ class Router:
         self.requests: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=topics.ROUTER_GROUP,
                                                        group_instance_id=group_instance_id(topics.ROUTER_GROUP))
         self.offsets = BatchOffsets(self.requests)
-        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=50,
-                                                     **lagging_fetch(50, 16 << 10))
+        self.feed = HealthFeed(bootstrap, self.health, "router-events")
         self.ready = False
 
     async def start(self) -> None:
         await start_client(self.producer, "router-producer")
-        await start_client(self.events, "router-events")
-        parts = await topic_partitions(self.events, topics.EVENTS)
-        self.events.assign(parts)
-        offsets = await self.events.offsets_for_times({tp: now_ms() - HEALTH_REPLAY_MS for tp in parts})
-        for tp in parts:
-            found = offsets.get(tp)
-            if found is None:
-                await self.events.seek_to_end(tp)
-            else:
-                self.events.seek(tp, found.offset)
-        await self.catch_up(parts)
+        await self.feed.start()
         await start_client(self.requests, "router-requests")
         self.requests.subscribe([topics.REQUESTS], listener=self.offsets)
 
-    async def catch_up(self, parts: list[TopicPartition]) -> None:
-        """Replay recent events up to the current end before routing, so a restarted router knows
-        which deployments are cooling down instead of sending them traffic."""
-        ends = await self.events.end_offsets(parts)
-        deadline = asyncio.get_running_loop().time() + CATCH_UP_TIMEOUT_S
-        while True:
-            behind = [tp for tp, end in ends.items() if await self.events.position(tp) < end]
-            if not behind:
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                log.warning("health replay incomplete; routing anyway", extra={"partitions": len(behind)})
-                return
-            await self.read_events(timeout_ms=200)
-
     async def stop(self) -> None:
         await self.requests.stop()
-        await self.events.stop()
+        await self.feed.stop()
         await self.producer.stop()
 
     async def follow_events(self) -> None:
-        while True:
-            await self.read_events(timeout_ms=500)
-
-    async def read_events(self, timeout_ms: int) -> None:
-        batches = await self.events.getmany(timeout_ms=timeout_ms, max_records=2000)
-        for records in batches.values():
-            for record in records:
-                try:
-                    event = AttemptEvent.model_validate_json(record.value)
-                except ValidationError:
-                    log.error("dropping malformed event", extra={"offset": record.offset})
-                    continue
-                if event.v <= CONTRACT_VERSION:
-                    self.health.apply(event)
+        await self.feed.follow()
 
     async def route_forever(self) -> None:
         """Route batch after batch; commit at most every COMMIT_INTERVAL_S (and when the topic goes quiet).

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from services.router.health import HealthBook
 from shared import topics
+from shared.breaker import HealthBook
 from shared.config import Deployment, GatewayConfig, ModelGroup, RouteRule
 from shared.contracts import AttemptRecord, RequestEnvelope
 from shared.errors import RETRYABLE_STATUSES, GatewayError

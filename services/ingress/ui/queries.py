@@ -11,7 +11,6 @@ Attempts still in doubt (a worker died mid-call, IN_DOUBT) count neither as succ
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -95,49 +94,20 @@ async def overview(engine: AsyncEngine, now: datetime | None = None) -> dict[str
     return out
 
 
-def _breaker_settings() -> tuple[int, float]:
-    """The router's breaker settings, from the same variables it reads (SWITCHYARD_BREAKER_*)."""
-    failures = int(float(os.environ.get("SWITCHYARD_BREAKER_FAILURES") or 3))
-    cooldown = float(os.environ.get("SWITCHYARD_BREAKER_COOLDOWN_S") or 10)
-    return max(1, failures), cooldown
-
-
 async def deployments(engine: AsyncEngine, configured: list[dict[str, str]],
                       now: datetime | None = None) -> list[dict[str, Any]]:
-    """Each configured deployment (plus any seen in the last hour) with its figures over the last hour and
-    its breaker state as the router would see it: `open` when its last N finished attempts all failed
-    (N = SWITCHYARD_BREAKER_FAILURES) and the last failure is within the cooldown, `half-open` after the
-    cooldown until a success, else `closed`. (The router keeps its breakers in memory; ingress derives the
-    same rule from the attempts accounting recorded, so this is the router's view within the cooldown.)"""
+    """Each configured deployment (plus any seen in the last hour) with its figures over the last hour.
+    Breaker states and backlogs are not in PostgreSQL: the caller adds them (services/ingress/ui/providers.py)."""
     now = now or datetime.now(UTC)
-    failures, cooldown = _breaker_settings()
-    recent = (select(usage.c.deployment, usage.c.ok, usage.c.ts,
-                     func.row_number().over(partition_by=usage.c.deployment, order_by=usage.c.ts.desc()).label("n"))
-              .where(_finished(), usage.c.ts >= now - timedelta(days=1)).subquery())
     async with engine.connect() as conn:
         stats = {r.deployment: r for r in (await conn.execute(
             select(usage.c.deployment, func.max(usage.c.provider).label("provider"),
                    func.max(usage.c.model_group).label("model_group"), *_request_columns())
             .where(usage.c.ts >= now - timedelta(hours=1)).group_by(usage.c.deployment))).all()}
-        tails = {r.deployment: r for r in (await conn.execute(
-            select(recent.c.deployment, func.count().label("n"),
-                   func.count().filter(recent.c.ok.is_(False)).label("failed"),
-                   func.max(recent.c.ts).filter(recent.c.ok.is_(False)).label("last_failure"))
-            .where(recent.c.n <= failures).group_by(recent.c.deployment))).all()}
-    out = []
     known = {c["deployment"] for c in configured}
     extra = [{"deployment": d, "provider": r.provider, "model_group": r.model_group}
              for d, r in stats.items() if d not in known]
-    for dep in configured + extra:
-        name = dep["deployment"]
-        tail = tails.get(name)
-        state = "closed"
-        if tail is not None and tail.n >= failures and tail.failed == tail.n:
-            state = "open" if (now - tail.last_failure).total_seconds() < cooldown else "half-open"
-        row = stats.get(name)
-        figures = _figures(row) if row is not None else _figures(_Empty())
-        out.append({**dep, "state": state, **figures, "backlog": None})
-    return out
+    return [{**dep, **_figures(stats.get(dep["deployment"]) or _Empty())} for dep in configured + extra]
 
 
 def _plain(row: Any) -> dict[str, Any]:

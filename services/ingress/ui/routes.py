@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,12 +26,14 @@ from services.ingress.admin import By, Since, needs_database
 from services.ingress.auth import is_master
 from services.ingress.responses import json_response
 from services.ingress.ui import queries
+from services.ingress.ui.providers import ProviderWatch
 from services.ingress.ui.session import (
     SESSION_COOKIE,
     SESSION_TTL_S,
     refuse_cross_site,
     sessions_for,
 )
+from shared import topics, ui_assets
 from shared.errors import GatewayError
 from shared.spend import GROUPINGS, parse_since, spend
 
@@ -41,6 +45,8 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
             "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 CSV_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "errors", "in_doubt")
 MAX_LOGIN_BODY = 4096
+STATES_UNKNOWN = "The breaker states are unknown: this ingress cannot read llm.events from the broker right now."
+VENDOR_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
 def _since(value: str, param: str = "since") -> datetime:
@@ -86,6 +92,16 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
         return Response(page, media_type="text/html; charset=utf-8",
                         headers={"content-security-policy": PAGE_CSP, "x-frame-options": "DENY",
                                  "referrer-policy": "no-referrer"})
+
+    @app.get("/ui/vendor/{name}", include_in_schema=False)
+    async def ui_vendor(name: str) -> Response:
+        """The charting library installed by `switchyard ui install` (only its known files); 404 until then."""
+        path = ui_assets.asset(name)
+        if path is None:
+            raise GatewayError(404, f"Charts are unavailable: run `{ui_assets.INSTALL_COMMAND}` where ingress runs.",
+                               code="ui_assets_missing")
+        media = VENDOR_TYPES.get(path.suffix, "text/plain; charset=utf-8")
+        return Response(path.read_bytes(), media_type=media, headers={"cache-control": "public, max-age=86400"})
 
     @app.post("/ui/login", include_in_schema=False)
     async def ui_login(request: Request) -> Response:
@@ -133,14 +149,28 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
         return json_response({"object": "list", "by": by, "since": start.isoformat(),
                               "until": end.isoformat() if end else None, "data": rows})
 
+    watch = ProviderWatch(gateway.settings.bootstrap_servers)
+    _stop_with_app(app, watch.stop)
+
     @app.get("/v1/dashboard/providers")
     @needs_database
     async def dashboard_providers(request: Request) -> Response:
+        """Each deployment's figures over the last hour (PostgreSQL), its breaker state as the routers hold it
+        (`llm.events`) and its provider pool's backlog (the worker group's lag); recent failovers."""
         await gateway.authenticate_admin(request)
         configured = [{"deployment": d.id, "provider": d.provider, "model_group": m.name}
                       for m in gateway.config.models for d in m.deployments]
-        return json_response({"deployments": await queries.deployments(gateway.engine(), configured),
-                              "failovers": await queries.failovers(gateway.engine())})
+        rows = await queries.deployments(gateway.engine(), configured)
+        states = await watch.states([r["deployment"] for r in rows])
+        pools, backlog_error = await watch.backlogs(gateway.config.providers())
+        for row in rows:
+            row["state"] = states.get(row["deployment"], "closed") if states is not None else None
+            row["pool"] = topics.worker_group(row["provider"]) if row["provider"] in pools else None
+            row["backlog"] = pools.get(row["provider"])
+        return json_response({"deployments": rows, "failovers": await queries.failovers(gateway.engine()),
+                              "pools": {topics.worker_group(p): n for p, n in pools.items()},
+                              "errors": {"state": None if states is not None else STATES_UNKNOWN,
+                                         "backlog": backlog_error}})
 
     @app.get("/v1/dashboard/keys")
     @needs_database
@@ -172,6 +202,21 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
                                code="request_not_found")
         return json_response({"request_id": request_id, "attempts": attempts,
                               "cost_usd": round(sum(a["cost_usd"] for a in attempts), 10)})
+
+
+def _stop_with_app(app: FastAPI, stop: Callable[[], Awaitable[None]]) -> None:
+    """Run `stop` when the app's lifespan ends (after ingress's own shutdown), without touching app.py."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                await stop()
+
+    app.router.lifespan_context = lifespan
 
 
 def _csv(by: str, rows: list[dict[str, Any]]) -> Response:

@@ -80,13 +80,14 @@ async function loadOverview() {
              card("Cache hit rate", o.cache ? pct(o.cache.hit_rate) : "no cache", "cache-hit-rate"));
   $("overview-cards").replaceChildren(...cards);
   const h = o.windows["1h"].series, d = o.windows["24h"].series;
+  const now = Date.parse(o.generated_at) / 1000, hour = [now - 3600, now], day = [now - 86400, now];
   lineChart($("chart-requests-1h"), [{ name: "requests", points: h.map((p) => [p.t, p.requests]) },
-                                     { name: "errors", points: h.map((p) => [p.t, p.errors]) }], "Requests per minute");
+                                     { name: "errors", points: h.map((p) => [p.t, p.errors]) }], "Requests per minute", hour);
   lineChart($("chart-latency-24h"), ["p50_ms", "p95_ms", "p99_ms"].map((k) => ({ name: k.slice(0, 3), points: d.map((p) => [p.t, p[k]]) })),
-            "Latency percentiles per hour");
-  lineChart($("chart-errors-24h"), [{ name: "error %", points: d.map((p) => [p.t, 100 * p.error_rate]) }], "Error rate per hour");
+            "Latency percentiles per hour", day);
+  lineChart($("chart-errors-24h"), [{ name: "error %", points: d.map((p) => [p.t, 100 * p.error_rate]) }], "Error rate per hour", day);
   barChart($("chart-spend-month"), o.spend.series.map((p) => ({ label: new Date(p.t * 1000).toISOString().slice(5, 10), value: p.cost_usd })),
-           "Spend per day");
+           "Spend per day", "USD per day", "day");
 }
 
 // ---- spend
@@ -102,7 +103,7 @@ async function loadSpend() {
   $("spend-csv").href = `/v1/dashboard/spend?${csv}`;
   const s = await api(`/v1/dashboard/spend?${q}`);
   const by = s.by;
-  barChart($("chart-spend"), s.data.slice(0, 30).map((r) => ({ label: r[by] ?? "(none)", value: r.cost_usd })), `Spend by ${by}`);
+  barChart($("chart-spend"), s.data.slice(0, 30).map((r) => ({ label: r[by] ?? "(none)", value: r.cost_usd })), `Spend by ${by}`, "USD", by);
   table($("spend-table"), [by, "requests", "prompt tokens", "completion tokens", "cost", "errors"],
         s.data.map((r) => [r[by] ?? "(none)", r.requests, r.prompt_tokens, r.completion_tokens, usd(r.cost_usd), r.errors]));
 }
@@ -110,9 +111,11 @@ async function loadSpend() {
 // ---- providers
 async function loadProviders() {
   const p = await api("/v1/dashboard/providers");
-  table($("providers-table"), ["deployment", "model group", "provider", "state", "requests (1h)", "error rate", "P50", "P95", "P99", "pacing backlog"],
-        p.deployments.map((d) => [d.deployment, d.model_group, d.provider, badge(d.state), d.requests, pct(d.error_rate),
-                                  ms(d.p50_ms), ms(d.p95_ms), ms(d.p99_ms), d.backlog ?? "n/a"]));
+  const problems = [p.errors?.state, p.errors?.backlog].filter(Boolean);
+  $("providers-error").textContent = problems.join(" ");
+  table($("providers-table"), ["deployment", "model group", "provider", "breaker", "requests (1h)", "error rate", "P50", "P95", "P99", "pool backlog"],
+        p.deployments.map((d) => [d.deployment, d.model_group, d.provider, badge(d.state ?? "unknown"), d.requests, pct(d.error_rate),
+                                  ms(d.p50_ms), ms(d.p95_ms), ms(d.p99_ms), d.backlog ?? "—"]));
   table($("failovers-table"), ["time", "request", "model group", "from", "to", "attempt", "succeeded"],
         p.failovers.map((f) => [f.ts.slice(0, 19).replace("T", " "), f.request_id, f.model_group, f.from_deployment,
                                 f.to_deployment, f.attempt, f.ok ? "yes" : "no"]));

@@ -1,5 +1,7 @@
 """Deployment health, derived only from `llm.events`, so every router replica agrees and a restarted
-router rebuilds it by re-reading the recent past.
+router rebuilds it by re-reading the recent past. Pure state, no I/O: routers decide with it, and ingress's
+dashboard follows the same events into its own book (shared/health_feed.py), so the state it shows is the
+routers' own, not a guess from usage rows.
 
 Circuit breaker per deployment, with three states:
 
