@@ -509,6 +509,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
             route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
             guardrails=identity.guardrails,  # the worker applies their output stage on top of the model's
+            native=None if guard.input else getattr(request.state, "native", None),  # unmasked: not with input rails
         )
         # A key with guardrails of its own skips the cache: an entry holds an answer guarded for another key.
         cached = await gateway.cache.lookup(request.headers, identity, envelope) \
@@ -559,7 +560,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         gateway.replies.unregister(call.envelope.id)
         if last is not None:
             call.provider_ms = last.provider_ms
-        usage = (last.data or {}).get("usage") if last is not None else None
+        usage = (last.usage or (last.data or {}).get("usage")) if last is not None else None
         gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
         env = call.envelope
         gateway.publish_record(call.guard.record(env.id, env.key_id, env.model, env.kind, env.stream))
@@ -610,29 +611,30 @@ def create_app(gateway: Gateway) -> FastAPI:
             body = anthropic_api.to_openai_request(raw)
             validate(ChatCompletionRequest, body)
             model, stream = str(raw["model"]), bool(body.get("stream"))
+            request.state.native = anthropic_api.native_request(raw, request.headers)  # passthrough to Anthropic
             call = await _submit(request, identity, body, model, "chat", stream)
             first = await _first(call)
         except GatewayError as e:
             return _anthropic_error(e, request_id, request.state.extra_headers)
         headers = {**_reply_headers(first, request_id), "request-id": request_id}
-        dropped = anthropic_api.dropped_params(raw)
+        dropped = [] if first.format == "anthropic" else anthropic_api.dropped_params(raw)  # passed through: none
         if dropped:
             headers[topics.HEADER_DROPPED_PARAMS] = header_value(",".join(dropped))
         if not stream:
-            return json_response(anthropic_api.from_openai_response(first.data or {}, model), 200, headers)
+            answer = first.data if first.format == "anthropic" else anthropic_api.from_openai_response(
+                first.data or {}, model)
+            return json_response(answer or {}, 200, headers)
 
         async def relay() -> AsyncIterator[bytes]:
-            translator = anthropic_api.StreamTranslator(model)
+            events = anthropic_api.AnthropicEvents(model)
             async for reply in _rest(call, first):
                 if reply.type == "chunk":
-                    for event, data in translator.feed(reply.data or {}):
-                        yield anthropic_api.format_sse(event, data)
+                    yield events.chunk(reply)
                 elif reply.type == "error":
                     err = GatewayError.from_body(reply.status, reply.data, reply.headers)
                     yield anthropic_api.format_sse(*anthropic_api.error_event(err, request_id))
                     return
-            for event, data in translator.finish():
-                yield anthropic_api.format_sse(event, data)
+            yield events.finish()
 
         return SettlingStream(relay(), lambda: _settle(call, None), media_type="text/event-stream",
                               headers={**headers, **SSE_HEADERS})

@@ -27,7 +27,7 @@ import httpx
 import orjson
 
 from shared.config import Deployment
-from shared.contracts import Usage
+from shared.contracts import NativeRequest, Usage
 from shared.errors import GatewayError
 
 GATEWAY_FIELDS = ("fallbacks", "strict")
@@ -106,6 +106,9 @@ class CallContext:
     request_id: str
     strict: bool = False
     """Refuse (400) instead of dropping parameters the provider does not support."""
+    native: NativeRequest | None = None
+    """The caller's request in this adapter's own format (`ProviderAdapter.native_format`): sent as written,
+    and its answer returned as the provider wrote it."""
 
 
 @dataclass
@@ -144,6 +147,10 @@ class StreamParser:
 
     provider: str = "upstream"
     """Names the provider in error messages."""
+    native: bool = False
+    """Its chunks are the provider's own stream events, relayed unchanged; `usage` holds their usage."""
+    usage: dict[str, Any] | None = None
+    """A native stream's usage in OpenAI's shape, complete once the stream is."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,8 +178,10 @@ class ProviderAdapter:
     """
 
     name: str = ""
+    native_format: str | None = None
+    """The caller format (`NativeRequest.format`) this provider speaks: such a request is passed through."""
     REQUEST_METHODS = ("chat_request", "embeddings_request")
-    RESPONSE_METHODS = ("parse_chat", "parse_embeddings", "stream_parser", "map_error")
+    RESPONSE_METHODS = ("parse_chat", "parse_embeddings", "stream_parser", "map_error", "usage_of")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -193,6 +202,10 @@ class ProviderAdapter:
 
     def parse_embeddings(self, data: Any, ctx: CallContext) -> dict[str, Any]:
         raise GatewayError(400, f"provider {self.name!r} does not support embeddings", param="model")
+
+    def usage_of(self, response: dict[str, Any], ctx: CallContext) -> Usage:
+        """The token usage of what `parse_chat` / `parse_embeddings` returned."""
+        return usage_from_openai(response.get("usage"))
 
     async def events(self, response: httpx.Response) -> AsyncIterator[ServerEvent]:
         """Decode the response body into events; SSE unless the provider frames differently."""
