@@ -37,6 +37,7 @@ from services.ingress.anthropic_stream import StreamTranslator as StreamTranslat
 from services.ingress.anthropic_stream import format_sse as format_sse
 from shared.contracts import NativeRequest
 from shared.errors import GatewayError
+from shared.formats import data_url
 
 TOOL_ERROR_PREFIX = "[tool error] "
 """Prefixed to a `tool_result` with `is_error: true` (OpenAI tool messages have no error flag)."""
@@ -104,7 +105,7 @@ def _image_url(block: dict[str, Any], param: str) -> str:
             raise _missing(f"{param}.source.media_type")
         if not isinstance(data, str) or not data:
             raise _missing(f"{param}.source.data")
-        return f"data:{media_type};base64,{data}"
+        return data_url(media_type, data)
     if kind == "url":
         url = source.get("url")
         if not isinstance(url, str) or not url:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import orjson
-
 from shared.errors import GatewayError
+from shared.formats import json_object
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -64,15 +63,8 @@ def _tool_input(arguments: Any) -> dict[str, Any]:
     """OpenAI `arguments` (a JSON string) -> Anthropic `input` (an object).
 
     Arguments that are not a JSON object are kept as `{"_raw_arguments": <the string>}`, never lost."""
-    if isinstance(arguments, dict):
-        return arguments
-    if not arguments:
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, TypeError):
-        parsed = None
-    return parsed if isinstance(parsed, dict) else {"_raw_arguments": str(arguments)}
+    parsed = json_object(arguments)
+    return parsed if parsed is not None else {"_raw_arguments": str(arguments)}
 
 
 def from_openai_response(completion: dict[str, Any], requested_model: str) -> dict[str, Any]:

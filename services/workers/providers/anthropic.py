@@ -20,15 +20,9 @@ from services.workers.providers.anthropic_response import (
     checked_message,
     openai_message,
 )
-from services.workers.providers.base import (
-    CallContext,
-    ProviderAdapter,
-    StreamParser,
-    UpstreamRequest,
-    encode_json,
-    error_message,
-    usage_from_openai,
-)
+from services.workers.providers.base import CallContext, ProviderAdapter, StreamParser, UpstreamRequest
+from services.workers.providers.openai_shape import error_message, usage_from_openai
+from services.workers.providers.reading import encode_json
 from shared.contracts import Usage
 from shared.errors import GatewayError
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.workers.providers.base import (
-    GATEWAY_FIELDS,
-    CallContext,
+from services.workers.providers.base import GATEWAY_FIELDS, CallContext
+from services.workers.providers.reading import (
     as_object,
     as_text,
     chat_messages,
@@ -30,17 +29,19 @@ from services.workers.providers.base import (
     forced_function,
     function_tool,
     image_url,
+    inline_media,
     invalid,
     number,
     objects,
     part_text,
     response_format,
-    split_data_url,
     stop_sequences,
     tool_arguments,
     tool_call_function,
+    unsupported,
 )
 from shared.errors import GatewayError
+from shared.formats import split_data_url
 
 PROVIDER = "anthropic"
 DEFAULT_BASE = "https://api.anthropic.com"
@@ -105,10 +106,10 @@ def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
             block = _image(image_url(part, f"{param}[{j}]", PROVIDER), f"{param}[{j}].image_url")
         elif kind == "file":
             file = as_object(part.get("file"), f"{param}[{j}].file", PROVIDER)
-            data_url = split_data_url(as_text(file.get("file_data"), f"{param}[{j}].file.file_data", PROVIDER))
-            if data_url is None:
-                raise _bad("file parts need `file_data` as a data: URL", f"{param}[{j}].file")
-            block = {"type": "document", "source": {"type": "base64", "media_type": data_url[0], "data": data_url[1]}}
+            file_data = as_text(file.get("file_data"), f"{param}[{j}].file.file_data", PROVIDER)
+            media_type, data = inline_media(file_data, f"{param}[{j}].file", PROVIDER,
+                                            "file parts need `file_data` as a data: URL")
+            block = {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": data}}
         else:
             raise _bad(f"content part type {kind!r} is not supported", f"{param}[{j}]")
         if part.get("cache_control"):
@@ -210,9 +211,7 @@ def _unsupported(body: dict[str, Any]) -> list[str]:
 def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
     """The Anthropic request body for an OpenAI chat body, and the parameters left out."""
     body = ctx.body
-    dropped = _unsupported(body)
-    if ctx.strict and dropped:
-        raise _bad(f"parameter {dropped[0]!r} is not supported by this provider", dropped[0])
+    dropped = unsupported(ctx, _unsupported(body), PROVIDER)
     temperature = number(body, "temperature", PROVIDER)
     if temperature is not None and temperature > 1:
         if ctx.strict:

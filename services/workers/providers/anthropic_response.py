@@ -15,10 +15,8 @@ import httpx
 import orjson
 
 from services.workers.providers.anthropic_request import PROVIDER, json_tool
-from services.workers.providers.base import (
-    CallContext,
-    ServerEvent,
-    StreamParser,
+from services.workers.providers.base import CallContext, ServerEvent, StreamParser
+from services.workers.providers.openai_shape import (
     chunk,
     classify_status,
     completion,

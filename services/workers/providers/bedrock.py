@@ -56,7 +56,6 @@ count, so its usage is an estimate (about one token per 4 characters).
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import struct
@@ -77,29 +76,35 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
-    as_object,
-    as_text,
-    chat_messages,
+)
+from services.workers.providers.openai_shape import (
     chunk,
     classify_status,
     completion,
+    error_message,
+    float32_base64,
+    openai_usage,
+    retry_after_seconds,
+)
+from services.workers.providers.reading import (
+    as_object,
+    as_text,
+    chat_messages,
     content_parts,
     encode_json,
-    error_message,
     forced_function,
     function_tool,
     image_url,
+    inline_media,
     invalid,
     name_of,
     objects,
-    openai_usage,
     part_text,
     response_format,
-    retry_after_seconds,
-    split_data_url,
     stop_sequences,
     tool_arguments,
     tool_call_function,
+    unsupported,
 )
 from shared.config import Deployment
 from shared.errors import GatewayError
@@ -308,11 +313,8 @@ def _frame_event(headers: dict[str, Any], payload: bytes) -> ServerEvent | None:
 
 
 def _image(url: str, param: str) -> dict[str, Any]:
-    data_url = split_data_url(url)
-    if data_url is None:
-        raise _bad("images must be data: URLs (base64 png, jpeg, gif or webp); Bedrock Converse does not "
-                   "fetch image URLs", param)
-    media_type, data = data_url
+    media_type, data = inline_media(url, param, SERVICE, "images must be data: URLs (base64 png, jpeg, gif or "
+                                    "webp); Bedrock Converse does not fetch image URLs")
     fmt = IMAGE_FORMATS.get(media_type.lower())
     if fmt is None:
         raise _bad(f"image type {media_type!r} is not supported (png, jpeg, gif, webp)", param)
@@ -328,10 +330,8 @@ def _document_name(filename: str | None, n: int) -> str:
 
 def _document(part: dict[str, Any], param: str, n: int) -> dict[str, Any]:
     f = as_object(part.get("file"), f"{param}.file", SERVICE)
-    data_url = split_data_url(as_text(f.get("file_data"), f"{param}.file.file_data", SERVICE))
-    if data_url is None:
-        raise _bad("file parts need file_data as a data: URL (file ids are not supported)", param)
-    media_type, data = data_url
+    media_type, data = inline_media(as_text(f.get("file_data"), f"{param}.file.file_data", SERVICE), param, SERVICE,
+                                    "file parts need file_data as a data: URL (file ids are not supported)")
     fmt = DOCUMENT_FORMATS.get(media_type.lower())
     if fmt is None:
         raise _bad(f"document type {media_type!r} is not supported", param)
@@ -465,10 +465,7 @@ def _unsupported(body: dict[str, Any]) -> list[str]:
 def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
     """The Converse request body for an OpenAI chat body, and the parameters not honoured."""
     body = ctx.body
-    dropped = _unsupported(body)
-    if ctx.strict and dropped:
-        raise _bad(f"parameter {dropped[0]!r} is not supported by this provider", dropped[0],
-                   "unsupported_parameter")
+    dropped = unsupported(ctx, _unsupported(body), SERVICE)
     system, messages, used = _messages(chat_messages(body, SERVICE))
     if not messages:
         raise _bad("at least one user or assistant message with content is required", "messages")
@@ -612,11 +609,6 @@ def _embed_family(model: str) -> str | None:
     return None
 
 
-def _float32_base64(vector: list[float]) -> str:
-    """OpenAI's `encoding_format: base64`: little-endian float32s, base64-encoded."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
 def _estimate_tokens(texts: list[str]) -> int:
     return sum(max(1, (len(t) + 3) // 4) for t in texts)
 
@@ -748,10 +740,8 @@ class BedrockAdapter(ProviderAdapter):
         for name in native:
             if body.get(name) is not None:
                 out[name] = body[name]
-        dropped = [k for k, v in body.items() if k not in handled and k not in native and v is not None]
-        if ctx.strict and dropped:
-            raise _bad(f"parameter {dropped[0]!r} is not supported by this provider", dropped[0],
-                       "unsupported_parameter")
+        dropped = unsupported(ctx, [k for k, v in body.items() if k not in handled and k not in native
+                                    and v is not None], SERVICE)
         return self._request(ctx, "invoke", out, dropped)
 
     def parse_embeddings(self, data: Any, ctx: CallContext) -> dict[str, Any]:
@@ -772,7 +762,7 @@ class BedrockAdapter(ProviderAdapter):
             raise GatewayError(502, "bedrock: malformed embeddings response", code="bad_upstream_response",
                                retryable=True)
         as_base64 = ctx.body.get("encoding_format") == "base64"
-        items = [{"object": "embedding", "index": i, "embedding": _float32_base64(v) if as_base64 else v}
+        items = [{"object": "embedding", "index": i, "embedding": float32_base64(v) if as_base64 else v}
                  for i, v in enumerate(vectors)]
         return {"object": "list", "data": items, "model": ctx.deployment.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -36,11 +36,9 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import mimetypes
 import re
-import struct
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,13 +53,20 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
+)
+from services.workers.providers.openai_shape import (
+    chunk,
+    classify_status,
+    completion_id,
+    float32_base64,
+    openai_usage,
+    retry_after_seconds,
+)
+from services.workers.providers.reading import (
     as_object,
     as_text,
     called_function,
     chat_messages,
-    chunk,
-    classify_status,
-    completion_id,
     content_parts,
     encode_json,
     forced_function,
@@ -69,16 +74,16 @@ from services.workers.providers.base import (
     image_url,
     invalid,
     objects,
-    openai_usage,
     part_text,
     response_format,
-    retry_after_seconds,
-    split_data_url,
     stop_sequences,
     text_of,
+    tool_arguments,
     tool_call_function,
+    unsupported,
 )
 from shared.errors import GatewayError
+from shared.formats import split_data_url
 
 DEFAULT_BASE = "https://generativelanguage.googleapis.com"
 DEFAULT_VERSION = "v1beta"
@@ -354,12 +359,6 @@ class GeminiAdapter(ProviderAdapter):
             headers["x-goog-api-key"] = ctx.api_key
         return headers
 
-    def _unsupported(self, ctx: CallContext, names: list[str]) -> list[str]:
-        if names and ctx.strict:
-            raise GatewayError(400, f"{self.name} does not support the parameter(s): {', '.join(names)}",
-                               param=names[0], code="unsupported_parameter")
-        return names
-
     # ---- chat ----
     def chat_request(self, ctx: CallContext) -> UpstreamRequest:
         body = ctx.body
@@ -391,7 +390,7 @@ class GeminiAdapter(ProviderAdapter):
         safety = body.get("safety_settings") or body.get("safetySettings")
         if safety:
             out["safetySettings"] = safety
-        dropped = self._unsupported(ctx, dropped)
+        dropped = unsupported(ctx, dropped, self.name)
         url = self._url(ctx, "streamGenerateContent") + "?alt=sse" if ctx.stream \
             else self._url(ctx, "generateContent")
         return UpstreamRequest("POST", url, self._headers(ctx), content=encode_json(out, body, self.name),
@@ -434,8 +433,8 @@ class GeminiAdapter(ProviderAdapter):
                 signed = any(signature for _, _, signature in calls)
                 for n, (call, fn, signature) in enumerate(calls):
                     names[str(call.get("id"))] = fn["name"]
-                    part: dict[str, Any] = {"functionCall": {"name": fn["name"],
-                                                             "args": _arguments(fn.get("arguments"), i)}}
+                    args = tool_arguments(fn, f"{where}.tool_calls[{n}]", self.name)
+                    part: dict[str, Any] = {"functionCall": {"name": fn["name"], "args": args}}
                     if signature:
                         part["thoughtSignature"] = signature
                     elif gemini3 and not signed and n == 0:
@@ -636,7 +635,7 @@ class GeminiAdapter(ProviderAdapter):
         dropped = [k for k, v in body.items() if v is not None and k not in _IGNORED and k not in _EMBED_HANDLED]
         if body.get("encoding_format") not in (None, "float", "base64"):
             dropped.append("encoding_format")
-        dropped = self._unsupported(ctx, dropped)
+        dropped = unsupported(ctx, dropped, self.name)
         model = self._resource(ctx)
         task = body.get("task_type") or body.get("taskType")
         requests = []
@@ -658,7 +657,7 @@ class GeminiAdapter(ProviderAdapter):
         out = []
         for i, emb in enumerate(data["embeddings"]):
             values = [float(v) for v in emb.get("values") or []]
-            vector: Any = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if b64 else values
+            vector: Any = float32_base64(values) if b64 else values
             out.append({"object": "embedding", "index": i, "embedding": vector})
         meta = data.get("usageMetadata") or {}
         if meta.get("promptTokenCount") is not None:
@@ -696,19 +695,6 @@ def public_media_url(url: str) -> bool:
     if parts.scheme not in ("http", "https") or not host:
         return False
     return not any(host == h or host.endswith("." + h) for h in _PROJECT_HOSTS)
-
-
-def _arguments(arguments: Any, i: int) -> dict[str, Any]:
-    if isinstance(arguments, dict):
-        return arguments
-    if not arguments:
-        return {}
-    try:
-        args = orjson.loads(arguments)
-    except orjson.JSONDecodeError:
-        raise GatewayError(400, f"messages[{i}]: tool call arguments are not valid JSON",
-                           param=f"messages[{i}].tool_calls") from None
-    return args if isinstance(args, dict) else {"value": args}
 
 
 def _tool_result(text: str) -> dict[str, Any]:
