@@ -73,6 +73,24 @@ class AttemptRecord(BaseModel):
     """How long the failed provider call took (0 when no call was made): ingress counts it as provider time."""
 
 
+NativeFormat = Literal["anthropic"]
+"""Provider wire formats a caller can speak to Switchyard besides OpenAI's (`POST /v1/messages`)."""
+
+
+class NativeRequest(BaseModel):
+    """The caller's request exactly as written in a provider's own format, next to its OpenAI translation.
+
+    A worker whose provider speaks `format` sends `body` as it is (only `model` replaced by the
+    deployment's), so nothing the translation cannot express (`thinking`, `top_k`, cache-control marks,
+    fields newer than Switchyard) is lost; any other provider serves the envelope's OpenAI `body`.
+    """
+
+    format: NativeFormat
+    body: dict[str, Any]
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Provider request headers the caller set that shape the answer (`anthropic-beta`); never credentials."""
+
+
 class RequestEnvelope(BaseModel):
     """A request on its way to a provider: written by ingress or any batch producer to `llm.requests`.
 
@@ -101,6 +119,8 @@ class RequestEnvelope(BaseModel):
     routing rule, a configured fallback, a request's `fallbacks` nor a context-window or policy switch."""
     guardrails: list[str] = Field(default_factory=list)
     """The extra guardrails the caller's key names: the worker applies their output stage on top of the model's."""
+    native: NativeRequest | None = None
+    """The caller's own provider-format request, for a deployment of that format to send unchanged."""
     # Set by the router.
     attempt: int = 0
     model_group: str | None = None
@@ -153,6 +173,11 @@ class Reply(BaseModel):
     provider_ms: float | None = None
     """On a `response` or `end`: milliseconds spent in provider calls for this request, every attempt's
     (ingress subtracts it from its end-to-end time to measure the gateway's own overhead)."""
+    format: NativeFormat | None = None
+    """On a `response` or `chunk`: `data` is the provider's own answer or stream event in this format (the
+    envelope's `native` request was sent), not OpenAI's; ingress relays it unchanged."""
+    usage: dict[str, Any] | None = None
+    """On a `response` in a native `format`: its usage in OpenAI's shape (what limits and logs count)."""
 
 
 def without_nul(value: Any) -> Any:

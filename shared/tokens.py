@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.formats import content_text
+
 DEFAULT_OUTPUT_TOKENS = 256
 
 
-def text_of(content: Any) -> str:
-    """The text of an OpenAI message content, whether a string or a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
+text_of = content_text
+"""The text of an OpenAI message content (shared/formats.py), as the router's content rules read it."""
 
 
 def estimate_input_tokens(body: dict[str, Any]) -> int:

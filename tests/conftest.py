@@ -114,6 +114,10 @@ models:
   - name: claude
     deployments:
       - {{provider: anthropic, model: claude-3-5-haiku-20241022, api_base: "{f.anthropic.url}", api_key: sk-ant}}
+  - name: claude-failover
+    deployments:
+      - {{provider: anthropic, model: claude-3-5-haiku-20241022, api_base: "{f.anthropic.url}", api_key: sk-ant}}
+      - {{provider: openai, model: gpt-4o-mini, api_base: "{f.secondary.url}/v1", api_key: sk-secondary}}
   - name: gemini-flash
     deployments:
       - {{provider: gemini, model: gemini-2.0-flash, api_base: "{f.gemini.url}", api_key: goog-key}}

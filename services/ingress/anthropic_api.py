@@ -1,9 +1,9 @@
-"""Anthropic Messages API on top of the OpenAI-shaped pipeline: pure translation, no I/O.
+"""The request side of the Anthropic Messages API: `POST /v1/messages` bodies as OpenAI chat bodies.
 
-`POST /v1/messages` bodies become OpenAI chat bodies (`to_openai_request`), so any provider
-can serve them; OpenAI completions and chunk streams come back as Anthropic Messages
-(`from_openai_response`) and Anthropic SSE events (`StreamTranslator`); gateway errors take
-Anthropic's error shape (`error_body`, `error_event`). `estimate_tokens` answers
+`to_openai_request` validates a body (400s name the parameter) and translates it, so any provider can
+serve it; an Anthropic deployment is sent the caller's own body instead (`native_request`: passthrough,
+nothing lost). Answers go back through anthropic_response.py (messages, errors) and anthropic_stream.py
+(SSE events); their public names are importable from here too. `estimate_tokens` answers
 `/v1/messages/count_tokens` with an estimate (characters / 4), not a tokenizer count.
 
 Mapping notes (what has no OpenAI equivalent is dropped; `dropped_params` names those fields):
@@ -17,19 +17,27 @@ Mapping notes (what has no OpenAI equivalent is dropped; `dropped_params` names 
   `disable_parallel_tool_use` -> `parallel_tool_calls: false`.
 - `stop_sequences` -> `stop`; `metadata.user_id` -> `user`; `top_k`, `thinking` and the other
   Anthropic-only fields are dropped; streaming always asks for the final usage chunk.
-- OpenAI `prompt_tokens` include cached tokens; Anthropic's `input_tokens` do not, so
-  `input_tokens = prompt_tokens - cached_tokens` and `cache_read_input_tokens = cached_tokens`.
 """
 
 from __future__ import annotations
 
 import math
-import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
+from services.ingress.anthropic_response import error_body as error_body
+from services.ingress.anthropic_response import error_event as error_event
+from services.ingress.anthropic_response import error_type as error_type
+from services.ingress.anthropic_response import from_openai_response as from_openai_response
+from services.ingress.anthropic_response import message_id as message_id
+from services.ingress.anthropic_stream import AnthropicEvents as AnthropicEvents
+from services.ingress.anthropic_stream import StreamTranslator as StreamTranslator
+from services.ingress.anthropic_stream import format_sse as format_sse
+from shared.contracts import NativeRequest
 from shared.errors import GatewayError
+from shared.formats import data_url
 
 TOOL_ERROR_PREFIX = "[tool error] "
 """Prefixed to a `tool_result` with `is_error: true` (OpenAI tool messages have no error flag)."""
@@ -44,14 +52,6 @@ _KNOWN_FIELDS = frozenset({
     "model", "max_tokens", "messages", "system", "metadata", "stop_sequences", "stream", "temperature",
     "top_p", "top_k", "tools", "tool_choice", "thinking",
 })
-
-_STOP_REASONS = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "function_call": "tool_use",
-    "content_filter": "refusal",
-}
 
 
 # ---------------------------------------------------------------- helpers
@@ -76,40 +76,6 @@ def _is_number(value: Any) -> bool:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-def message_id(openai_id: str | None) -> str:
-    """An Anthropic-style id (`msg_...`) derived from the OpenAI completion id, or a fresh one."""
-    if openai_id:
-        core = openai_id.removeprefix("chatcmpl-").removeprefix("msg_")
-        if core:
-            return "msg_" + core
-    return "msg_" + uuid.uuid4().hex
-
-
-def _tool_use_id(openai_id: str | None) -> str:
-    # Kept as the provider sent it: the client echoes it back as `tool_use_id` and the provider
-    # must recognise it as its own `tool_call_id` on the next turn.
-    return openai_id or "toolu_" + uuid.uuid4().hex[:24]
-
-
-def stop_reason(finish_reason: str | None) -> str:
-    """OpenAI `finish_reason` -> Anthropic `stop_reason` (OpenAI does not say which stop sequence hit)."""
-    return _STOP_REASONS.get(finish_reason or "stop", "end_turn")
-
-
-def anthropic_usage(usage: dict[str, Any] | None) -> dict[str, int]:
-    usage = usage or {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    details = usage.get("prompt_tokens_details") or {}
-    cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
-    cached = min(cached, prompt)
-    return {
-        "input_tokens": prompt - cached,
-        "output_tokens": int(usage.get("completion_tokens") or 0),
-        "cache_read_input_tokens": cached,
-        "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens") or 0),
-    }
 
 
 # ---------------------------------------------------------------- request
@@ -139,7 +105,7 @@ def _image_url(block: dict[str, Any], param: str) -> str:
             raise _missing(f"{param}.source.media_type")
         if not isinstance(data, str) or not data:
             raise _missing(f"{param}.source.data")
-        return f"data:{media_type};base64,{data}"
+        return data_url(media_type, data)
     if kind == "url":
         url = source.get("url")
         if not isinstance(url, str) or not url:
@@ -441,6 +407,25 @@ def to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+NATIVE_HEADERS = ("anthropic-beta",)
+"""Request headers that shape an Anthropic answer: sent on to an Anthropic deployment with the body."""
+
+NATIVE_MAX_BYTES = 4 << 20
+"""A body larger than this (as JSON) is not carried twice in its envelope: it is served translated."""
+
+
+def native_request(body: dict[str, Any], headers: Mapping[str, str]) -> NativeRequest | None:
+    """The caller's body as written, for an Anthropic deployment to receive unchanged (passthrough); None
+    when it is too large to travel next to its translation (NATIVE_MAX_BYTES)."""
+    try:
+        if len(orjson.dumps(body)) > NATIVE_MAX_BYTES:
+            return None
+    except orjson.JSONEncodeError:  # a value JSON cannot carry: the translation's checks answer it
+        return None
+    kept = {name: headers[name] for name in NATIVE_HEADERS if headers.get(name)}
+    return NativeRequest(format="anthropic", body=body, headers=kept)
+
+
 def dropped_params(body: dict[str, Any]) -> list[str]:
     """Top-level request fields with no OpenAI equivalent that `to_openai_request` leaves out, sorted
     (for the `x-switchyard-dropped-params` header). `top_k` and `thinking` are always dropped."""
@@ -449,245 +434,6 @@ def dropped_params(body: dict[str, Any]) -> list[str]:
     dropped = {k for k in body if k not in _KNOWN_FIELDS}
     dropped |= {k for k in ("top_k", "thinking") if body.get(k) is not None}
     return sorted(dropped)
-
-
-# ---------------------------------------------------------------- response
-
-
-def _tool_input(arguments: Any) -> dict[str, Any]:
-    """OpenAI `arguments` (a JSON string) -> Anthropic `input` (an object).
-
-    Arguments that are not a JSON object are kept as `{"_raw_arguments": <the string>}`, never lost."""
-    if isinstance(arguments, dict):
-        return arguments
-    if not arguments:
-        return {}
-    try:
-        parsed = orjson.loads(arguments)
-    except (orjson.JSONDecodeError, TypeError):
-        parsed = None
-    return parsed if isinstance(parsed, dict) else {"_raw_arguments": str(arguments)}
-
-
-def from_openai_response(completion: dict[str, Any], requested_model: str) -> dict[str, Any]:
-    """An OpenAI `chat.completion` -> an Anthropic Message (`model` is the name the client asked for)."""
-    choices = completion.get("choices") or []
-    choice = choices[0] if choices else {}
-    message = choice.get("message") or {}
-    content: list[dict[str, Any]] = []
-    text = message.get("content")
-    if isinstance(text, list):
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-    refusal = message.get("refusal")
-    if text:
-        content.append({"type": "text", "text": text})
-    elif refusal:
-        content.append({"type": "text", "text": refusal})
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function") or {}
-        content.append({"type": "tool_use", "id": _tool_use_id(call.get("id")), "name": fn.get("name", ""),
-                        "input": _tool_input(fn.get("arguments"))})
-    finish = choice.get("finish_reason")
-    reason = stop_reason(finish)
-    if refusal and not text and finish in (None, "stop"):
-        reason = "refusal"
-    if message.get("tool_calls") and reason == "end_turn":
-        reason = "tool_use"
-    return {
-        "id": message_id(completion.get("id")),
-        "type": "message",
-        "role": "assistant",
-        "model": requested_model,
-        "content": content,
-        "stop_reason": reason,
-        "stop_sequence": None,
-        "usage": anthropic_usage(completion.get("usage")),
-    }
-
-
-# ---------------------------------------------------------------- streaming
-
-
-def format_sse(event: str, data: dict[str, Any]) -> bytes:
-    """One Anthropic SSE frame: `event: <name>` then `data: <json>` (the SDK ignores frames without `event:`)."""
-    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
-def ping_event() -> tuple[str, dict[str, Any]]:
-    """A keep-alive the endpoint may send while waiting (Anthropic sends one after message_start)."""
-    return "ping", {"type": "ping"}
-
-
-class StreamTranslator:
-    """OpenAI `chat.completion.chunk` dicts in, Anthropic SSE events `(event, data)` out.
-
-    Call `feed(chunk)` for each chunk in order, then `finish()` once the stream ends (`[DONE]`, or
-    the pipeline's end marker). Events: message_start (on the first chunk), then per content block
-    content_block_start / content_block_delta* / content_block_stop (text blocks and one tool_use
-    block per OpenAI tool-call `index`), then message_delta (stop_reason, usage) and message_stop.
-    Usage arrives after the finish_reason chunk, so message_delta is emitted when the usage chunk
-    comes (after a finish_reason), else by `finish()`. `finish()` is idempotent; after the stream is
-    complete `feed` returns nothing.
-    """
-
-    def __init__(self, requested_model: str, message_id: str | None = None) -> None:
-        self.model = requested_model
-        self.message_id = message_id
-        self.started = False
-        self.done = False
-        self._next_index = 0
-        self._open: int | None = None  # Anthropic index of the open block
-        self._open_kind: str | None = None
-        self._tools: dict[int, int] = {}  # OpenAI tool-call index -> Anthropic block index
-        self._tool_ids: set[str] = set()
-        self._last_tool: int | None = None
-        self._finish: str | None = None
-        self._refused = False
-        self._usage: dict[str, Any] | None = None
-
-    def _start(self, chunk: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
-        self.started = True
-        if self.message_id is None:
-            self.message_id = message_id((chunk or {}).get("id"))
-        usage = anthropic_usage(self._usage)
-        message: dict[str, Any] = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
-        return [("message_start", {"type": "message_start", "message": message})]
-
-    def _close(self) -> list[tuple[str, dict[str, Any]]]:
-        if self._open is None:
-            return []
-        index, self._open, self._open_kind = self._open, None, None
-        return [("content_block_stop", {"type": "content_block_stop", "index": index})]
-
-    def _open_block(self, kind: str, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        events = self._close()
-        index = self._next_index
-        self._next_index += 1
-        self._open, self._open_kind = index, kind
-        events.append(("content_block_start", {"type": "content_block_start", "index": index, "content_block": block}))
-        return events
-
-    def _text(self, text: str) -> list[tuple[str, dict[str, Any]]]:
-        events = [] if self._open_kind == "text" else self._open_block("text", {"type": "text", "text": ""})
-        assert self._open is not None
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": self._open,
-                                               "delta": {"type": "text_delta", "text": text}}))
-        return events
-
-    def _tool_delta(self, call: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        events: list[tuple[str, dict[str, Any]]] = []
-        fn = call.get("function") or {}
-        if _is_int(call.get("index")):
-            oa_index = call["index"]
-        elif call.get("id") and call["id"] not in self._tool_ids:  # no index: a new id starts a new call
-            oa_index = max(self._tools, default=-1) + 1
-        else:  # no index, no new id: more of the latest call
-            oa_index = self._last_tool if self._last_tool is not None else 0
-        self._last_tool = oa_index
-        if call.get("id"):
-            self._tool_ids.add(call["id"])
-        if oa_index not in self._tools:
-            block: dict[str, Any] = {"type": "tool_use", "id": _tool_use_id(call.get("id")),
-                                     "name": fn.get("name") or "", "input": {}}
-            events += self._open_block(f"tool:{oa_index}", block)
-            self._tools[oa_index] = self._next_index - 1
-        arguments = fn.get("arguments")
-        if arguments:
-            # Providers stream calls one after another; a late fragment for an earlier call still
-            # carries its own block index, which is how the SDK accumulates it.
-            events.append(("content_block_delta", {
-                "type": "content_block_delta", "index": self._tools[oa_index],
-                "delta": {"type": "input_json_delta", "partial_json": arguments}}))
-        return events
-
-    def _end(self) -> list[tuple[str, dict[str, Any]]]:
-        events = self._close()
-        reason = stop_reason(self._finish)
-        if self._refused and reason == "end_turn":
-            reason = "refusal"
-        if self._tools and reason == "end_turn":
-            reason = "tool_use"
-        usage = anthropic_usage(self._usage)
-        # message_start went out before the usage was known: every count here is the final total
-        # (the SDK overwrites its snapshot with each count present on message_delta).
-        events.append(("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": reason, "stop_sequence": None},
-                                         "usage": usage}))
-        events.append(("message_stop", {"type": "message_stop"}))
-        self.done = True
-        return events
-
-    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        if self.done:
-            return []
-        events: list[tuple[str, dict[str, Any]]] = []
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        if not self.started:
-            events += self._start(chunk)
-        choices = chunk.get("choices") or []
-        for choice in choices[:1]:  # Anthropic has no `n`: the first choice is the message
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                events += self._text(text)
-            refusal = delta.get("refusal")
-            if refusal:
-                self._refused = True
-                events += self._text(refusal)
-            for call in delta.get("tool_calls") or []:
-                events += self._tool_delta(call)
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-                events += self._close()
-        if not choices and chunk.get("usage") and self._finish is not None:
-            events += self._end()
-        return events
-
-    def finish(self) -> list[tuple[str, dict[str, Any]]]:
-        if self.done:
-            return []
-        events = [] if self.started else self._start(None)
-        return events + self._end()
-
-
-# ---------------------------------------------------------------- errors
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
-def error_type(status: int) -> str:
-    """Anthropic's error `type` for an HTTP status (other 4xx: invalid_request_error; other 5xx: api_error)."""
-    if status in _ERROR_TYPES:
-        return _ERROR_TYPES[status]
-    return "invalid_request_error" if 400 <= status < 500 else "api_error"
-
-
-def error_body(err: GatewayError, request_id: str | None = None) -> dict[str, Any]:
-    """`{"type": "error", "error": {"type", "message"}}` (+ `request_id` when given), as Anthropic answers."""
-    body: dict[str, Any] = {"type": "error", "error": {"type": error_type(err.status), "message": err.message}}
-    if request_id:
-        body["request_id"] = request_id
-    return body
-
-
-def error_event(err: GatewayError, request_id: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The `error` SSE event for a failure after the stream started (the SDK raises APIStatusError)."""
-    return "error", error_body(err, request_id)
 
 
 # ---------------------------------------------------------------- count_tokens

@@ -504,29 +504,30 @@ def create_app(gateway: Gateway) -> FastAPI:
             body = anthropic_api.to_openai_request(raw)
             validate(ChatCompletionRequest, body)
             model, stream = str(raw["model"]), bool(body.get("stream"))
+            request.state.native = anthropic_api.native_request(raw, request.headers)  # passthrough to Anthropic
             call = await pipeline.submit(request, identity, body, model, "chat", stream)
             first = await pipeline.first(call)
         except GatewayError as e:
             return _anthropic_error(e, request_id, request.state.extra_headers)
         headers = {**reply_headers(first, request_id), "request-id": request_id}
-        dropped = anthropic_api.dropped_params(raw)
+        dropped = [] if first.format == "anthropic" else anthropic_api.dropped_params(raw)  # passed through: none
         if dropped:
             headers[topics.HEADER_DROPPED_PARAMS] = header_value(",".join(dropped))
         if not stream:
-            return json_response(anthropic_api.from_openai_response(first.data or {}, model), 200, headers)
+            answer = first.data if first.format == "anthropic" else anthropic_api.from_openai_response(
+                first.data or {}, model)
+            return json_response(answer or {}, 200, headers)
 
         async def relay() -> AsyncIterator[bytes]:
-            translator = anthropic_api.StreamTranslator(model)
+            events = anthropic_api.AnthropicEvents(model)
             async for reply in pipeline.rest(call, first):
                 if reply.type == "chunk":
-                    for event, data in translator.feed(reply.data or {}):
-                        yield anthropic_api.format_sse(event, data)
+                    yield events.chunk(reply)
                 elif reply.type == "error":
                     err = GatewayError.from_body(reply.status, reply.data, reply.headers)
                     yield anthropic_api.format_sse(*anthropic_api.error_event(err, request_id))
                     return
-            for event, data in translator.finish():
-                yield anthropic_api.format_sse(event, data)
+            yield events.finish()
 
         return SettlingStream(relay(), pipeline.closer(call), media_type="text/event-stream",
                               headers={**headers, **SSE_HEADERS})

@@ -60,6 +60,9 @@ class RecordingPending(Pending):
         reply = await self.inner.next(timeout_s)
         if self.recorded:
             return reply
+        if reply.format is not None:  # a provider's own format: entries hold OpenAI-shaped answers only
+            self.done = True
+            return reply
         if reply.type == "chunk" and reply.data is not None:
             if reply.data.get("choices") or not reply.data.get("usage"):
                 self.chunks.append(reply.data)

@@ -86,7 +86,7 @@ class RequestGuard:
         decisions (taken out of its headers)."""
         self.decisions.extend(decisions_from(reply.headers))
         self.route = reply.headers.get(HEADER_ROUTE) or self.route
-        usage = (reply.data or {}).get("usage")
+        usage = reply.usage or (reply.data or {}).get("usage")  # a native answer's, in OpenAI's shape
         if isinstance(usage, dict):
             self.usage = usage
         if reply.type == "error":

@@ -132,6 +132,7 @@ class Relay:
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
             route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
             guardrails=identity.guardrails,  # the worker applies their output stage on top of the model's
+            native=None if guard.input else getattr(state, "native", None),  # unmasked: not with input rails
         )
         # A key with guardrails of its own skips the cache: an entry holds an answer guarded for another key.
         cached = await gateway.cache.lookup(request.headers, identity, envelope) \
@@ -216,7 +217,7 @@ class Relay:
             gateway.publish_cancel(call.envelope.id)
         if last is not None:
             call.provider_ms = last.provider_ms
-        usage = (last.data or {}).get("usage") if last is not None else None
+        usage = (last.usage or (last.data or {}).get("usage")) if last is not None else None
         gateway.finish(call.identity, call.estimate, int(usage.get("total_tokens") or 0) if usage else None)
         env = call.envelope
         gateway.publish_record(call.guard.record(env.id, env.key_id, env.model, env.kind, env.stream))

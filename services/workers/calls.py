@@ -212,7 +212,7 @@ async def _answer(adapter: ProviderAdapter, ctx: CallContext, kind: str, respons
         raise GatewayError(502, f"{adapter.name}: upstream returned malformed JSON",
                            code="bad_upstream_response", retryable=True) from None
     result.response = adapter.parse_embeddings(data, ctx) if kind == "embeddings" else adapter.parse_chat(data, ctx)
-    result.usage = usage_from_openai(result.response.get("usage"))
+    result.usage = adapter.usage_of(result.response, ctx)
 
 
 async def _stream(adapter: ProviderAdapter, ctx: CallContext, response: Answer, result: CallResult,
@@ -220,21 +220,23 @@ async def _stream(adapter: ProviderAdapter, ctx: CallContext, response: Answer, 
     parser = adapter.stream_parser(ctx)
     async for event in adapter.events(response):  # type: ignore[arg-type]
         for c in parser.feed(event):
-            await _deliver(c, result, on_chunk, started)
+            await _deliver(c, result, on_chunk, started, parser.native)
     for c in parser.finish():
-        await _deliver(c, result, on_chunk, started)
+        await _deliver(c, result, on_chunk, started, parser.native)
+    if parser.native:
+        result.usage = usage_from_openai(parser.usage)
     if not parser.done:
         raise GatewayError(502, f"{adapter.name}: upstream stream ended before completion",
                            code="stream_interrupted", retryable=True)
 
 
-async def _deliver(c: dict[str, Any], result: CallResult, on_chunk: ChunkSink | None, started: float) -> None:
-    if c.get("usage") and not c.get("choices"):
+async def _deliver(c: dict[str, Any], result: CallResult, on_chunk: ChunkSink | None, started: float,
+                   native: bool = False) -> None:
+    if c.get("usage") and not native:  # a native event is relayed as it is; its parser keeps the usage
         result.usage = usage_from_openai(c["usage"])
-        result.usage_chunk = c
-        return
-    if c.get("usage"):
-        result.usage = usage_from_openai(c["usage"])
+        if not c.get("choices"):
+            result.usage_chunk = c
+            return
         c = {k: v for k, v in c.items() if k != "usage"}
     if result.ttft_ms is None:
         result.ttft_ms = _ms(started)

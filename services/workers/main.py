@@ -52,6 +52,7 @@ from services.workers.guarding import OutputGuard
 from services.workers.pacing import Lease, Pacer
 from services.workers.providers import get_adapter
 from services.workers.providers.base import CallContext
+from services.workers.providers.native import native_request
 from shared import metrics, topics, tracing
 from shared.answers import problems, refuse_unreadable
 from shared.config import Deployment, GatewayConfig, load_config, load_settings
@@ -350,7 +351,7 @@ class Worker:
         def send_chunks(chunks: list[dict[str, Any]], seq: int) -> asyncio.Future[Any]:
             reply = Reply(id=env.id, attempt=env.attempt, seq=seq, type="chunk", data=chunks[0], chunks=chunks[1:],
                           headers={topics.HEADER_ROUTE: route} if seq == 0 else {}, custom_id=env.custom_id,
-                          call=started.event_id)
+                          call=started.event_id, format=native_format)
             return self._send_reply(env, reply)
 
         def blocked(err: GatewayError) -> None:  # an output guardrail ended the stream: the error goes at once
@@ -362,6 +363,8 @@ class Worker:
         stream = ChunkStream(send_chunks)
         guard = OutputGuard.of(self.guardrails, env)  # nothing unmasked is produced to Kafka
         on_chunk = guard.guarded(stream.add, blocked)
+        ctx.native = native_request(env, self.adapter, guarded=guard.active)  # sent as the caller wrote it
+        native_format = ctx.native.format if ctx.native is not None else None
 
         # Queued together, the start event and the write-ahead record share one produce request; only the
         # write-ahead record must be acknowledged before the provider is called.
@@ -421,7 +424,7 @@ class Worker:
                                                         custom_id=env.custom_id, call=started.event_id,
                                                         provider_ms=provider_ms)))
         elif env.stream:
-            if (env.body.get("stream_options") or {}).get("include_usage"):
+            if native_format is None and (env.body.get("stream_options") or {}).get("include_usage"):
                 await on_chunk(_usage_chunk(result, env))
             seq = stream.close()
             acks.extend(stream.sent)
@@ -433,7 +436,9 @@ class Worker:
             acks.append(self._send_reply(env, Reply(id=env.id, attempt=env.attempt, type="response",
                                                           data=result.response, headers=headers,
                                                           custom_id=env.custom_id, call=started.event_id,
-                                                          provider_ms=provider_ms)))
+                                                          provider_ms=provider_ms, format=native_format,
+                                                          usage=_usage_chunk(result, env)["usage"]
+                                                          if native_format else None)))
         acks.append(self._usage(started, result, None, env))
         acks.append(self._event(env, dep, result, None))
         return acks, False

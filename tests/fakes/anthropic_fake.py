@@ -68,6 +68,8 @@ class FakeAnthropic(FakeProvider):
     def __init__(self) -> None:
         self.scripted: deque[Scripted] = deque()
         self.cache: set[str] = set()
+        self.accepted: set[str] = set()
+        """Request fields accepted beyond today's (`accept`): a newer API version's."""
         super().__init__()
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
@@ -78,11 +80,17 @@ class FakeAnthropic(FakeProvider):
         with self._lock:
             self.scripted.append(Scripted(content, **kw))
 
+    def accept(self, *fields: str) -> None:
+        """Accept these request fields too until `reset`, as a newer API version would."""
+        with self._lock:
+            self.accepted.update(fields)
+
     def reset(self) -> None:
         super().reset()
         with self._lock:
             self.scripted.clear()
             self.cache.clear()
+            self.accepted.clear()
 
     # ---- the real API's checks ----
     def problem(self, headers: dict[str, str], body: Any) -> tuple[int, str] | None:
@@ -92,7 +100,7 @@ class FakeAnthropic(FakeProvider):
             return 400, "anthropic-version: header is required"
         if not isinstance(body, dict):
             return 400, "body: invalid JSON"
-        extra = sorted(set(body) - _FIELDS)
+        extra = sorted(set(body) - _FIELDS - self.accepted)
         if extra:
             return 400, f"{extra[0]}: Extra inputs are not permitted"
         if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:

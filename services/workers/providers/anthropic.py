@@ -1,449 +1,61 @@
-"""Anthropic's Messages API (`POST /v1/messages`), translated to and from OpenAI's chat format.
+"""Anthropic's Messages API (`POST /v1/messages`): the adapter.
 
-Request: system/developer messages become `system`; tool calls become `tool_use` blocks and
-`tool` messages `tool_result` blocks in a user turn; consecutive turns of one role are merged,
-as Anthropic wants alternating roles; `max_tokens` is required there, so it defaults to 4096.
-
-Parameters Anthropic cannot honour (seed, n>1, logprobs, penalties, logit_bias, ...) are
-dropped and named in `dropped_params`, or refused with a 400 naming the parameter when the
-call is strict. `response_format` is emulated, since Anthropic has no JSON mode:
-`json_schema` becomes a forced tool whose input schema is the caller's schema, and the tool's
-input comes back as the message content (finish_reason "stop"); `json_object`, or
-`json_schema` next to the caller's own tools, becomes a system instruction to answer in JSON.
+An OpenAI chat request is translated (anthropic_request.py) and its answer translated back
+(anthropic_response.py); a request the caller wrote in Anthropic's own format
+(`CallContext.native`) is passed through: sent as written, answered as Anthropic answered.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
-import orjson
 
-from services.workers.providers.base import (
-    GATEWAY_FIELDS,
-    CallContext,
-    ProviderAdapter,
-    ServerEvent,
-    StreamParser,
-    UpstreamRequest,
-    as_object,
-    as_text,
-    chat_messages,
-    chunk,
-    classify_status,
-    completion,
-    content_parts,
-    encode_json,
-    error_message,
-    forced_function,
-    function_tool,
-    image_url,
-    invalid,
-    number,
-    objects,
-    openai_usage,
-    part_text,
-    response_format,
-    retry_after_seconds,
-    split_data_url,
-    stop_sequences,
-    tool_arguments,
-    tool_call_function,
+from services.workers.providers.anthropic_request import API_VERSION, DEFAULT_BASE, PROVIDER, build_body, native_body
+from services.workers.providers.anthropic_response import (
+    AnthropicPassthrough,
+    AnthropicStream,
+    anthropic_error,
+    anthropic_usage,
+    checked_message,
+    openai_message,
 )
+from services.workers.providers.base import CallContext, ProviderAdapter, StreamParser, UpstreamRequest
+from services.workers.providers.openai_shape import error_message, usage_from_openai
+from services.workers.providers.reading import encode_json
+from shared.contracts import Usage
 from shared.errors import GatewayError
-
-DEFAULT_BASE = "https://api.anthropic.com"
-API_VERSION = "2023-06-01"
-DEFAULT_MAX_TOKENS = 4096
-
-# Anthropic error type -> (the HTTP status it comes with, the OpenAI error code a client expects).
-# The status matters for error events inside a stream, which carry only the type.
-ERROR_TYPES: dict[str, tuple[int, str | None]] = {
-    "invalid_request_error": (400, None),
-    "authentication_error": (401, "invalid_api_key"),
-    "billing_error": (402, "insufficient_quota"),
-    "permission_error": (403, "permission_denied"),
-    "not_found_error": (404, "model_not_found"),
-    "request_too_large": (413, "request_too_large"),
-    "rate_limit_error": (429, "rate_limit_exceeded"),
-    "api_error": (500, "upstream_error"),
-    "timeout_error": (504, "timeout"),
-    "overloaded_error": (529, "overloaded"),
-}
-
-FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
-
-# OpenAI parameters this adapter translates, or that Switchyard reads itself (`metadata` feeds the
-# router's rules); never forwarded as they are.
-_HANDLED = frozenset({
-    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop",
-    "temperature", "top_p", "tools", "tool_choice", "parallel_tool_calls", "response_format", "user",
-    "metadata", *GATEWAY_FIELDS,
-})
-# Anthropic's own request fields, passed through when a caller sends them.
-_NATIVE = frozenset({"top_k", "thinking", "output_config", "context_management", "mcp_servers", "container"})
-# Values of unsupported parameters that ask for nothing, so dropping them loses nothing.
-_HARMLESS: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "logprobs": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-    "store": (False,), "logit_bias": ({},),
-}
-
-_JSON_INSTRUCTION = "Respond only with a single valid JSON object: no prose, no markdown code fences."
-
-
-PROVIDER = "anthropic"
-
-
-def _bad(message: str, param: str) -> GatewayError:
-    return invalid(PROVIDER, message, param, code="unsupported_parameter")
-
-
-# ---- request ---------------------------------------------------------------------------------
-
-
-def _json_tool(body: dict[str, Any]) -> str | None:
-    """The name of the forced tool that emulates `response_format: json_schema`, when emulated that way."""
-    rf = response_format(body, PROVIDER)
-    if rf.type != "json_schema" or body.get("tools") or body.get("thinking"):
-        return None
-    return rf.name or "json_response"
-
-
-def _image(url: str, param: str) -> dict[str, Any]:
-    data_url = split_data_url(url)
-    if data_url is not None:
-        media_type, data = data_url
-        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-    if url.startswith(("https://", "http://")):
-        return {"type": "image", "source": {"type": "url", "url": url}}
-    raise _bad("image_url must be a data: URL or an http(s) URL", param)
-
-
-def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
-    """OpenAI message content (a string or parts) as Anthropic content blocks; empty text is left out."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    out: list[dict[str, Any]] = []
-    for j, part in enumerate(content_parts(content, param, PROVIDER)):
-        kind = part.get("type")
-        if kind == "text":
-            text = part_text(part, f"{param}[{j}]", PROVIDER)
-            if not text:
-                continue
-            block: dict[str, Any] = {"type": "text", "text": text}
-        elif kind == "image_url":
-            block = _image(image_url(part, f"{param}[{j}]", PROVIDER), f"{param}[{j}].image_url")
-        elif kind == "file":
-            file = as_object(part.get("file"), f"{param}[{j}].file", PROVIDER)
-            data_url = split_data_url(as_text(file.get("file_data"), f"{param}[{j}].file.file_data", PROVIDER))
-            if data_url is None:
-                raise _bad("file parts need `file_data` as a data: URL", f"{param}[{j}].file")
-            block = {"type": "document", "source": {"type": "base64", "media_type": data_url[0], "data": data_url[1]}}
-        else:
-            raise _bad(f"content part type {kind!r} is not supported", f"{param}[{j}]")
-        if part.get("cache_control"):
-            block["cache_control"] = part["cache_control"]
-        out.append(block)
-    return out
-
-
-def _tool_use(call: dict[str, Any], param: str) -> dict[str, Any]:
-    fn = tool_call_function(call, param, PROVIDER)
-    return {"type": "tool_use", "id": call.get("id"), "name": fn["name"], "input": tool_arguments(fn, param, PROVIDER)}
-
-
-def _messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(system blocks, Anthropic messages with strictly alternating roles)."""
-    system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        role, param = m.get("role"), f"messages[{i}]"
-        if role in ("system", "developer"):
-            blocks = _blocks(m.get("content"), f"{param}.content")
-            if any(b["type"] != "text" for b in blocks):
-                raise _bad("system and developer messages can hold only text", f"{param}.content")
-            system.extend(blocks)
-            continue
-        if role == "user":
-            blocks = _blocks(m.get("content"), f"{param}.content")
-        elif role == "assistant":
-            blocks = _blocks(m.get("content"), f"{param}.content")
-            calls = objects(m.get("tool_calls"), f"{param}.tool_calls", PROVIDER)
-            blocks += [_tool_use(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls)]
-        elif role == "tool":
-            role = "user"
-            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.get("tool_call_id")}
-            content = m.get("content")
-            if content:
-                result["content"] = content if isinstance(content, str) else _blocks(content, f"{param}.content")
-            blocks = [result]
-        else:
-            raise _bad(f"messages with role {role!r} are not supported; use tools and tool messages", param)
-        if not blocks:
-            continue
-        if out and out[-1]["role"] == role:
-            out[-1]["content"].extend(blocks)
-            # Anthropic wants a user turn's tool results before anything else in it.
-            out[-1]["content"].sort(key=lambda b: b["type"] != "tool_result")
-        else:
-            out.append({"role": role, "content": blocks})
-    # A last assistant turn is a prefill, and Anthropic refuses one that ends in whitespace.
-    if out and out[-1]["role"] == "assistant" and out[-1]["content"][-1]["type"] == "text":
-        last = out[-1]["content"]
-        last[-1]["text"] = last[-1]["text"].rstrip()
-        if not last[-1]["text"]:
-            last.pop()
-            if not last:
-                out.pop()
-    return system, out
-
-
-def _tool(tool: dict[str, Any], param: str) -> dict[str, Any]:
-    fn = function_tool(tool, param, PROVIDER)
-    if fn is None:
-        return tool  # an Anthropic server tool (web search, ...) as Anthropic spells it
-    out = {"name": fn["name"], "description": fn.get("description") or "",
-           "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
-    if tool.get("cache_control"):
-        out["cache_control"] = tool["cache_control"]
-    return out
-
-
-def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
-    if choice is None and parallel is not False:
-        return None
-    if choice in (None, "auto", "none"):
-        out: dict[str, Any] = {"type": choice or "auto"}
-    elif choice == "required":
-        out = {"type": "any"}
-    elif (name := forced_function(choice, PROVIDER)) is not None:
-        out = {"type": "tool", "name": name}
-    else:
-        raise _bad(f"tool_choice {choice!r} is not supported", "tool_choice")
-    if parallel is False and out["type"] != "none":
-        out["disable_parallel_tool_use"] = True
-    return out
-
-
-def _unsupported(body: dict[str, Any]) -> list[str]:
-    """The parameters of `body` that ask Anthropic for something it cannot do, in body order."""
-    out = []
-    for key, value in body.items():
-        if key in _HANDLED or key in _NATIVE or value is None or value in _HARMLESS.get(key, ()):
-            continue
-        out.append(key)
-    if response_format(body, PROVIDER).type not in (None, "text", "json_object", "json_schema"):
-        out.append("response_format")
-    return out
-
-
-def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
-    """The Anthropic request body for an OpenAI chat body, and the parameters left out."""
-    body = ctx.body
-    dropped = _unsupported(body)
-    if ctx.strict and dropped:
-        raise _bad(f"parameter {dropped[0]!r} is not supported by this provider", dropped[0])
-    temperature = number(body, "temperature", PROVIDER)
-    if temperature is not None and temperature > 1:
-        if ctx.strict:
-            raise _bad("temperature must be at most 1 for this provider", "temperature")
-        dropped.append("temperature")  # not honoured as asked: clamped to Anthropic's maximum of 1 below
-
-    system, messages = _messages(chat_messages(body, PROVIDER))
-    if not messages:
-        raise GatewayError(400, "anthropic: at least one user or assistant message is required", param="messages",
-                           code="invalid_value")
-    out: dict[str, Any] = {
-        "model": ctx.deployment.model,
-        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS,
-        "messages": messages,
-    }
-    rf = response_format(body, PROVIDER)
-    json_tool = _json_tool(body)
-    if rf.type == "json_object" or (rf.type == "json_schema" and json_tool is None):
-        schema = rf.schema
-        hint = _JSON_INSTRUCTION + (f" It must match this JSON schema: {encode_json(schema, body, PROVIDER).decode()}"
-                                    if schema else "")
-        system.append({"type": "text", "text": hint})
-    if system:
-        cached = any("cache_control" in b for b in system)
-        out["system"] = system if cached else "\n\n".join(b["text"] for b in system)
-    if temperature is not None:
-        out["temperature"] = min(temperature, 1.0)
-    if body.get("top_p") is not None:
-        out["top_p"] = body["top_p"]
-    stops = [s for s in stop_sequences(body, PROVIDER) if s.strip()]
-    if stops:
-        out["stop_sequences"] = stops
-    if body.get("tools"):
-        out["tools"] = [_tool(t, f"tools[{i}]") for i, t in enumerate(objects(body["tools"], "tools", PROVIDER))]
-        choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
-        if choice is not None:
-            out["tool_choice"] = choice
-    elif json_tool is not None:
-        out["tools"] = [{"name": json_tool, "description": "Give the answer as this tool's input.",
-                         "input_schema": rf.schema or {"type": "object"}}]
-        out["tool_choice"] = {"type": "tool", "name": json_tool}
-    if body.get("user"):
-        out["metadata"] = {"user_id": str(body["user"])}
-    out.update((k, v) for k, v in body.items() if k in _NATIVE and v is not None)
-    if ctx.stream:
-        out["stream"] = True
-    return out, dropped
-
-
-# ---- response --------------------------------------------------------------------------------
-
-
-def _usage(u: dict[str, Any]) -> dict[str, Any]:
-    cache_read = int(u.get("cache_read_input_tokens") or 0)
-    prompt = int(u.get("input_tokens") or 0) + cache_read + int(u.get("cache_creation_input_tokens") or 0)
-    reasoning = int((u.get("output_tokens_details") or {}).get("thinking_tokens") or 0)
-    return openai_usage(prompt, int(u.get("output_tokens") or 0), cached=cache_read, reasoning=reasoning)
-
-
-def _finish(stop_reason: str | None, json_tool: str | None) -> str:
-    if stop_reason == "tool_use" and json_tool is not None:
-        return "stop"
-    return FINISH_REASONS.get(stop_reason or "", "stop")
-
-
-def _error(err: Any, status: int | None = None, headers: httpx.Headers | None = None) -> GatewayError:
-    err = err if isinstance(err, dict) else {"message": str(err)}
-    kind = str(err.get("type") or "")
-    known_status, code = ERROR_TYPES.get(kind, (None, None))
-    message = str(err.get("message") or kind or "upstream error")
-    retry_after = retry_after_seconds(headers) if headers is not None else None
-    return classify_status(status or known_status or 502, message, code, retry_after, "anthropic")
-
-
-class AnthropicStream(StreamParser):
-    """Anthropic's named SSE events -> OpenAI chunks; `done` only after `message_stop`."""
-
-    provider = PROVIDER
-
-    def __init__(self, ctx: CallContext) -> None:
-        self.ctx = ctx
-        self.created = int(time.time())
-        self.json_tool = _json_tool(ctx.body)
-        self.blocks: dict[int, tuple[str, int]] = {}  # Anthropic block index -> (kind, OpenAI tool-call index)
-        self.tool_calls = 0
-        self.usage: dict[str, Any] = {}
-        self._done = False
-
-    def _chunk(self, delta: dict[str, Any] | None = None, finish: str | None = None,
-               usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        return chunk(self.ctx, delta, finish, usage, created=self.created)
-
-    def feed(self, event: ServerEvent) -> list[dict[str, Any]]:
-        data = event.json()
-        if not isinstance(data, dict):
-            raise GatewayError(502, "anthropic: malformed stream event", code="bad_upstream_response", retryable=True)
-        kind = data.get("type") or event.event
-        if kind == "message_start":
-            self.usage.update((data.get("message") or {}).get("usage") or {})
-            return [self._chunk({"role": "assistant", "content": ""})]
-        if kind == "content_block_start":
-            return self._block_start(int(data["index"]), data.get("content_block") or {})
-        if kind == "content_block_delta":
-            return self._block_delta(int(data["index"]), data.get("delta") or {})
-        if kind == "message_delta":
-            self.usage.update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
-            reason = (data.get("delta") or {}).get("stop_reason")
-            return [self._chunk({}, _finish(reason, self.json_tool))] if reason else []
-        if kind == "message_stop":
-            self._done = True
-            return [self._chunk(usage=_usage(self.usage))]
-        if kind == "error":
-            raise _error(data.get("error"))
-        return []  # ping, content_block_stop, and event types added later
-
-    def _block_start(self, index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
-        kind = block.get("type")
-        if kind == "tool_use" and block.get("name") == self.json_tool:
-            self.blocks[index] = ("json", 0)
-        elif kind == "tool_use":
-            self.blocks[index] = ("tool", self.tool_calls)
-            self.tool_calls += 1
-            call = {"index": self.blocks[index][1], "id": block.get("id"), "type": "function",
-                    "function": {"name": block.get("name"), "arguments": ""}}
-            return [self._chunk({"tool_calls": [call]})]
-        elif kind == "text":
-            self.blocks[index] = ("text", 0)
-            if block.get("text"):
-                return [self._chunk({"content": block["text"]})]
-        return []  # thinking, redacted_thinking and server-tool blocks are not part of OpenAI's answer
-
-    def _block_delta(self, index: int, delta: dict[str, Any]) -> list[dict[str, Any]]:
-        kind, tool_index = self.blocks.get(index, ("", 0))
-        if kind == "text" and delta.get("type") == "text_delta" and delta.get("text"):
-            return [self._chunk({"content": delta["text"]})]
-        if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-            if kind == "json":
-                return [self._chunk({"content": delta["partial_json"]})]
-            if kind == "tool":
-                return [self._chunk({"tool_calls": [{"index": tool_index,
-                                                     "function": {"arguments": delta["partial_json"]}}]})]
-        return []
-
-    @property
-    def done(self) -> bool:
-        return self._done
 
 
 class AnthropicAdapter(ProviderAdapter):
-    name = "anthropic"
+    name = PROVIDER
+    native_format = "anthropic"
 
     def chat_request(self, ctx: CallContext) -> UpstreamRequest:
-        body, dropped = build_body(ctx)
+        body, dropped = (native_body(ctx), []) if ctx.native is not None else build_body(ctx)
         base = (ctx.deployment.api_base or DEFAULT_BASE).rstrip("/")
         url = f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
         headers = {"content-type": "application/json", "anthropic-version": ctx.deployment.api_version or API_VERSION}
+        if ctx.native is not None:
+            headers.update(ctx.native.headers)
         if ctx.api_key:
             headers["x-api-key"] = ctx.api_key
         headers.update(ctx.deployment.headers)
-        return UpstreamRequest("POST", url, headers, content=encode_json(body, ctx.body, PROVIDER),
+        source = ctx.native.body if ctx.native is not None else ctx.body
+        return UpstreamRequest("POST", url, headers, content=encode_json(body, source, PROVIDER),
                                dropped_params=dropped)
 
     def parse_chat(self, data: Any, ctx: CallContext) -> dict[str, Any]:
-        if isinstance(data, dict) and data.get("type") == "error":
-            raise _error(data.get("error"))
-        if not isinstance(data, dict) or not isinstance(data.get("content"), list):
-            raise GatewayError(502, "anthropic: malformed response (no content)", code="bad_upstream_response",
-                               retryable=True)
-        json_tool = _json_tool(ctx.body)
-        texts: list[str] = []
-        calls: list[dict[str, Any]] = []
-        for block in data["content"]:
-            if block.get("type") == "text":
-                texts.append(block.get("text") or "")
-            elif block.get("type") == "tool_use" and block.get("name") == json_tool:
-                texts.append(orjson.dumps(block.get("input") or {}).decode())
-            elif block.get("type") == "tool_use":
-                calls.append({"id": block.get("id"), "type": "function",
-                              "function": {"name": block.get("name"),
-                                           "arguments": orjson.dumps(block.get("input") or {}).decode()}})
-        text = "".join(texts)
-        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None,
-                                   "refusal": None}
-        if calls:
-            message["tool_calls"] = calls
-        return completion(ctx, message, _finish(data.get("stop_reason"), json_tool), _usage(data.get("usage") or {}))
+        return checked_message(data) if ctx.native is not None else openai_message(data, ctx)
+
+    def usage_of(self, response: dict[str, Any], ctx: CallContext) -> Usage:
+        if ctx.native is not None:
+            return usage_from_openai(anthropic_usage(response.get("usage") or {}))
+        return usage_from_openai(response.get("usage"))
 
     def stream_parser(self, ctx: CallContext) -> StreamParser:
-        return AnthropicStream(ctx)
+        return AnthropicPassthrough() if ctx.native is not None else AnthropicStream(ctx)
 
     def map_error(self, status: int, body: bytes, headers: httpx.Headers) -> GatewayError:
         message, err = error_message(body)
-        return _error({"type": err.get("type"), "message": message}, status, headers)
+        return anthropic_error({"type": err.get("type"), "message": message}, status, headers)

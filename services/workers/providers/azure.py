@@ -20,16 +20,9 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from services.workers.providers.base import (
-    CallContext,
-    ServerEvent,
-    StreamParser,
-    UpstreamRequest,
-    classify_status,
-    error_message,
-    retry_after_seconds,
-)
+from services.workers.providers.base import CallContext, ServerEvent, StreamParser, UpstreamRequest
 from services.workers.providers.openai import OpenAICompatibleAdapter, OpenAICompatibleStream
+from services.workers.providers.openai_shape import classify_status, error_message, retry_after_seconds
 from shared.errors import GatewayError
 
 DEFAULT_API_VERSION = "2024-10-21"  # the latest GA data-plane version; set `api_version` per deployment to change

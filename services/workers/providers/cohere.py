@@ -22,8 +22,6 @@ the message (text and tool calls share it).
 
 from __future__ import annotations
 
-import base64
-import struct
 import time
 from typing import Any
 
@@ -36,27 +34,33 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
+)
+from services.workers.providers.openai_shape import (
+    chunk,
+    classify_status,
+    completion,
+    error_message,
+    float32_base64,
+    openai_usage,
+    retry_after_seconds,
+)
+from services.workers.providers.reading import (
     as_list,
     as_object,
     as_text,
     chat_messages,
-    chunk,
-    classify_status,
-    completion,
     content_parts,
     encode_json,
-    error_message,
     forced_function,
     function_tool,
     number,
     objects,
-    openai_usage,
     part_text,
     response_format,
-    retry_after_seconds,
     stop_sequences,
     text_of,
     tool_call_function,
+    unsupported,
 )
 from shared.errors import GatewayError
 
@@ -252,7 +256,7 @@ class CohereAdapter(ProviderAdapter):
         for name in _NATIVE_CHAT:
             if name in body:
                 out[name] = body[name]
-        _refuse_if_strict(ctx, dropped)
+        unsupported(ctx, dropped, PROVIDER)
         return UpstreamRequest("POST", self._url(ctx, "/v2/chat"), self._headers(ctx),
                                content=encode_json(out, body, PROVIDER), dropped_params=dropped)
 
@@ -293,7 +297,7 @@ class CohereAdapter(ProviderAdapter):
         handled = {"model", "input", "dimensions", "encoding_format", "user", "metadata", *_NATIVE_EMBED,
                    *GATEWAY_FIELDS}
         dropped = [k for k, v in body.items() if k not in handled and v is not None]
-        _refuse_if_strict(ctx, dropped)
+        unsupported(ctx, dropped, PROVIDER)
         return UpstreamRequest("POST", self._url(ctx, "/v2/embed"), self._headers(ctx),
                                content=encode_json(out, body, PROVIDER), dropped_params=dropped)
 
@@ -305,7 +309,7 @@ class CohereAdapter(ProviderAdapter):
                                retryable=True)
         as_base64 = ctx.body.get("encoding_format") == "base64"
         items = [{"object": "embedding", "index": i,
-                  "embedding": _float32_base64(v) if as_base64 else v} for i, v in enumerate(vectors)]
+                  "embedding": float32_base64(v) if as_base64 else v} for i, v in enumerate(vectors)]
         tokens = int(((data.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0)
         return {"object": "list", "data": items, "model": ctx.deployment.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -331,12 +335,6 @@ class CohereAdapter(ProviderAdapter):
 
 
 # ---- request translation helpers ----------------------------------------------------------------
-
-
-def _refuse_if_strict(ctx: CallContext, dropped: list[str]) -> None:
-    if ctx.strict and dropped:
-        raise GatewayError(400, f"cohere does not support the parameter(s): {', '.join(dropped)}",
-                           param=dropped[0], code="unsupported_parameter")
 
 
 def _answered_call(call: dict[str, Any]) -> dict[str, Any]:
@@ -422,8 +420,3 @@ def _functions(tools: Any) -> tuple[list[dict[str, Any]], list[str]]:
         else:
             functions.append(fn)
     return functions, others
-
-
-def _float32_base64(vector: list[float]) -> str:
-    """OpenAI's `encoding_format: base64`: little-endian float32s, base64-encoded."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -13,6 +13,9 @@ from services.workers.providers.base import (
     ServerEvent,
     StreamParser,
     UpstreamRequest,
+)
+from services.workers.providers.openai_shape import usage_from_openai
+from services.workers.providers.reading import (
     as_object,
     chat_messages,
     encode_json,
@@ -21,7 +24,6 @@ from services.workers.providers.base import (
     objects,
     response_format,
     tool_call_function,
-    usage_from_openai,
 )
 from shared.errors import GatewayError
 

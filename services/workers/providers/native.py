@@ -1,0 +1,24 @@
+"""Same-format passthrough: when a worker sends the caller's own provider-format request as written.
+
+Ingress carries a request written in a provider's format (`POST /v1/messages`) twice in the envelope:
+translated to OpenAI's shape in `body`, which every provider can serve, and as written in `native`. A
+deployment whose adapter speaks that format sends `native` unchanged (only `model` replaced), so nothing
+a translation cannot express is lost, and its answer goes back as the provider wrote it.
+"""
+
+from __future__ import annotations
+
+from services.workers.providers.base import ProviderAdapter
+from shared.contracts import NativeRequest, RequestEnvelope
+
+
+def native_request(env: RequestEnvelope, adapter: ProviderAdapter, *, guarded: bool) -> NativeRequest | None:
+    """The envelope's native request when `adapter` speaks its format, else None (the OpenAI body is sent).
+
+    Not when output guardrails apply (`guarded`): they read and mask OpenAI-shaped answers, and an answer
+    they cannot read must not reach the caller unchecked, so such a call is translated.
+    """
+    native = env.native
+    if native is None or env.kind != "chat" or guarded or native.format != adapter.native_format:
+        return None
+    return native

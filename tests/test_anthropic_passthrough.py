@@ -1,0 +1,170 @@
+"""`/v1/messages` to an Anthropic deployment is a passthrough: the caller's body reaches Anthropic as written
+(only `model` replaced), and Anthropic's answer or stream events reach the caller as Anthropic wrote them.
+A failover to an OpenAI deployment serves the same request translated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import Fakes
+from tests.fakes.anthropic_fake import Scripted
+from tests.stack import RunningStack
+from tests.test_accounting import _rows
+
+PROVIDER_MODEL = "claude-3-5-haiku-20241022"
+THINKING = {"type": "thinking", "thinking": "The user greets me; answer briefly.", "signature": "sig-abc123"}
+ANSWER = {"type": "text", "text": "Hello back"}
+
+
+def _request(stream: bool = False) -> dict[str, Any]:
+    """A request using what the OpenAI translation cannot express: thinking, top_k, cache-control marks on
+    system, tool and message blocks, a thinking block in the history, and fields Switchyard has never heard of."""
+    body: dict[str, Any] = {
+        "model": "claude", "max_tokens": 2048, "top_k": 5,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "system": [{"type": "text", "text": "You are terse. " * 20, "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "lookup", "description": "Look something up", "cache_control": {"type": "ephemeral"},
+                   "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}],
+        "tool_choice": {"type": "none"},
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "earlier", "signature": "s0"},
+                                              {"type": "text", "text": "Hello."}]},
+            {"role": "user", "content": "hello again"},
+        ],
+        "service_tier": "auto",
+        "future_vendor_field": {"mode": "x", "levels": [1, 2]},
+    }
+    if stream:
+        body["stream"] = True
+    return body
+
+
+@pytest.fixture
+def client(stack: RunningStack) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=stack.url, api_key="sk-test-master", max_retries=0, timeout=60)
+
+
+SDK_EXTRA = ("top_k", "future_vendor_field")
+"""Fields the SDK's signature does not name (it dropped `top_k`): sent through `extra_body`."""
+
+
+def _sdk_args(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` as the SDK's keyword arguments."""
+    known = {k: v for k, v in body.items() if k not in (*SDK_EXTRA, "stream")}
+    return {**known, "extra_body": {k: body[k] for k in SDK_EXTRA if k in body}}
+
+
+def _create(client: anthropic.Anthropic, body: dict[str, Any], **kw: Any) -> Any:
+    return client.messages.with_raw_response.create(**_sdk_args(body), **kw)
+
+
+async def test_fields_the_translation_loses_reach_anthropic_and_thinking_comes_back(
+        client: anthropic.Anthropic, fakes: Fakes, stack: RunningStack) -> None:
+    fakes.anthropic.accept("future_vendor_field")
+    fakes.anthropic.respond([THINKING, ANSWER])
+    body = _request()
+    raw = _create(client, body, extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"})
+    message: Any = raw.parse()
+
+    sent = fakes.anthropic.calls("/v1/messages")[-1]
+    assert sent.body == {**body, "model": PROVIDER_MODEL}  # every field as written; only the model replaced
+    assert sent.headers["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+    assert sent.headers["x-api-key"] == "sk-ant"  # the deployment's key, never the caller's
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == THINKING["thinking"] and message.content[0].signature == "sig-abc123"
+    assert message.content[1].text == "Hello back"
+    assert message.usage.cache_creation_input_tokens > 0  # the cache marks reached the provider
+    assert "x-switchyard-dropped-params" not in raw.headers  # nothing was dropped
+    assert "deployment=claude/0" in raw.headers["x-switchyard-route"]
+
+    # Accounted from Anthropic's own usage: the prompt is input + cache write + cache read.
+    rows = await _rows(stack.database_url, raw.headers["request-id"])
+    assert len(rows) == 1 and rows[0]["provider"] == "anthropic" and rows[0]["ok"] is True
+    u = message.usage
+    assert rows[0]["prompt_tokens"] == (u.input_tokens + (u.cache_creation_input_tokens or 0)
+                                        + (u.cache_read_input_tokens or 0))
+    assert rows[0]["completion_tokens"] == u.output_tokens > 0
+
+
+async def test_a_stream_relays_anthropics_own_events(client: anthropic.Anthropic, fakes: Fakes,
+                                                     stack: RunningStack) -> None:
+    fakes.anthropic.accept("future_vendor_field")
+    fakes.anthropic.respond([THINKING, ANSWER])
+    body = _request(stream=True)
+    with client.messages.stream(**_sdk_args(body)) as s:
+        text = "".join(s.text_stream)
+        final: Any = s.get_final_message()
+    sent = fakes.anthropic.calls("/v1/messages")[-1].body
+    assert sent == {**body, "model": PROVIDER_MODEL}
+    assert text == "Hello back"
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == THINKING["thinking"] and final.content[0].signature == "sig-abc123"
+
+    # On the wire: exactly the provider's event sequence (ping and signature_delta included), nothing added.
+    fakes.anthropic.respond([THINKING, ANSWER])
+    async with httpx.AsyncClient(timeout=60) as http, http.stream(
+            "POST", f"{stack.url}/v1/messages", json=body, headers={"x-api-key": "sk-test-master"}) as r:
+        assert r.status_code == 200
+        wire = [line async for line in r.aiter_lines() if line]
+        request_id = r.headers["request-id"]
+    names = [line.removeprefix("event: ") for line in wire if line.startswith("event: ")]
+    data = [orjson.loads(line.removeprefix("data: ")) for line in wire if line.startswith("data: ")]
+    upstream = list(fakes.anthropic.events({**body, "model": PROVIDER_MODEL}, Scripted([THINKING, ANSWER])))
+    assert names == [name for name, _ in upstream]
+    assert [d["type"] for d in data] == names
+    assert any(d.get("delta", {}).get("type") == "signature_delta" for d in data)
+    assert data[0]["message"]["model"] == PROVIDER_MODEL
+
+    rows = await _rows(stack.database_url, request_id)
+    start = data[0]["message"]["usage"]
+    end = next(d for d in data if d["type"] == "message_delta")["usage"]
+    assert len(rows) == 1 and rows[0]["completion_tokens"] == end["output_tokens"] > 0
+    assert rows[0]["prompt_tokens"] == (start["input_tokens"] + start["cache_creation_input_tokens"]
+                                        + start["cache_read_input_tokens"])
+
+
+def test_an_error_event_mid_stream_reaches_the_caller_in_anthropics_shape(
+        client: anthropic.Anthropic, fakes: Fakes) -> None:
+    fakes.anthropic.respond([ANSWER], error_after=4, error_type="overloaded_error")
+    with pytest.raises(anthropic.APIStatusError) as failed, client.messages.stream(
+            model="claude", max_tokens=100, messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 3}) as s:
+        for _ in s:
+            pass
+    assert "overloaded" in str(failed.value)
+
+
+def test_failover_to_an_openai_deployment_serves_the_same_request_translated(
+        client: anthropic.Anthropic, fakes: Fakes) -> None:
+    fakes.anthropic.accept("future_vendor_field")
+    fakes.anthropic.inject(status=500, times=1)
+    body = {**_request(), "model": "claude-failover"}
+    raw = _create(client, body)
+    message: Any = raw.parse()
+    assert "deployment=claude-failover/1" in raw.headers["x-switchyard-route"]
+    assert message.content[-1].type == "text" and "hello again" in message.content[-1].text
+    assert message.model == "claude-failover" and message.usage.output_tokens > 0
+    sent = fakes.secondary.calls("/chat/completions")[-1].body
+    assert sent["model"] == "gpt-4o-mini" and "thinking" not in sent and "top_k" not in sent
+    dropped = raw.headers["x-switchyard-dropped-params"].split(",")
+    assert {"thinking", "top_k", "future_vendor_field"} <= set(dropped)
+
+    fakes.anthropic.inject(status=500, times=1)
+    with client.messages.stream(**_sdk_args(body)) as s:
+        text = "".join(s.text_stream)
+    assert "hello again" in text
+
+
+def test_an_openai_request_to_an_openai_deployment_keeps_every_field(stack: RunningStack, fakes: Fakes) -> None:
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low",
+            "service_tier": "flex", "prediction": {"type": "content", "content": "hi"},
+            "future_vendor_field": {"nested": [1, {"a": None}]}}
+    r = httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers=stack.headers(), timeout=60)
+    assert r.status_code == 200
+    sent = fakes.main.calls("/chat/completions")[-1].body
+    assert sent == {**body, "model": "gpt-4o-mini", "stream": False}
