@@ -18,9 +18,9 @@ import httpx
 import orjson
 from sqlalchemy import text
 
-from services.router.health import BreakerSettings, HealthBook
 from services.workers.cancels import Cancels
 from shared import topics
+from shared.breaker import BreakerSettings, HealthBook
 from shared.contracts import AttemptEvent, CancelRequest
 from shared.db import make_engine
 from shared.kafka import encode, make_producer, send_and_wait, start_client

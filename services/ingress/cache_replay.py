@@ -61,7 +61,7 @@ class RecordingPending(Pending):
         if self.recorded:
             return reply
         if reply.format is not None:  # a provider's own format: entries hold OpenAI-shaped answers only
-            self.done = True
+            self.recorded = True
             return reply
         if reply.type == "chunk" and reply.data is not None:
             if reply.data.get("choices") or not reply.data.get("usage"):
