@@ -148,9 +148,9 @@ class Worker:
         return []
 
     async def start(self) -> None:
-        await self.cancels.start(self.bootstrap)
-        await start_client(self.producer, "worker-producer")
-        await start_client(self.consumer, "worker-consumer")
+        # Together: following llm.cancel adds no time before the worker joins its group.
+        await asyncio.gather(self.cancels.start(self.bootstrap), start_client(self.producer, "worker-producer"),
+                             start_client(self.consumer, "worker-consumer"))
         self.consumer.subscribe([topics.provider_topic(self.provider), topics.provider_topic(self.provider, True)],
                                 listener=_Rebalance(self))
 
