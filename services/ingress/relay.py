@@ -72,8 +72,6 @@ class InFlight:
     """perf_counter() when a stream's first chunk arrived (metrics: time to first token)."""
     watcher: asyncio.Task[None] | None = None
     """Reads the client's `receive` channel until settlement (see `Relay.watch`)."""
-    cancelled: bool = False
-    """Whether settlement asked the workers to stop this request's provider call."""
 
 
 def reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
@@ -213,7 +211,6 @@ class Relay:
             call.watcher.cancel()
         gateway.replies.unregister(call.envelope.id)
         if not call.pending.done:
-            call.cancelled = True
             gateway.publish_cancel(call.envelope.id)
         if last is not None:
             call.provider_ms = last.provider_ms
