@@ -90,6 +90,8 @@ def _inside_identifier(text: str, start: int, end: int) -> bool:
     hex joined by `-`/`_`, with at least ID_MIN_HEX hex digits, one part mixing hex letters and digits
     (`batch_e9c6bbc8576147518485aff3b4703f27`, the `2413-4393-9084` of a UUID). Such digits are no card or
     phone; `card_4111111111111111` (no mixed part) and `4111111111111111ab` (too short for an id) still are."""
+    if (start == 0 or text[start - 1] not in _ID_CHARS) and (end == len(text) or text[end] not in _ID_CHARS):
+        return False  # set off from its neighbours, as PII in prose is
     if not _DIGITS_OR_HYPHEN.issuperset(text[start:end]):
         return False
     lo, hi = start, end
@@ -161,18 +163,16 @@ class Detector:
         return placeholder(self.name)
 
     def find(self, text: str, runs: list[tuple[int, int]] | None = None) -> list[Span]:
-        if self.within == "digits":
-            runs = digit_runs(text) if runs is None else runs
-            least, needs, finditer = self.min_length, self.needs, self.pattern.finditer
-            matches = [m for start, end in runs
-                       if end - start >= least and (not needs or text.find(needs, start, end) >= 0)
-                       for m in finditer(text, start, end)]
-        else:
-            matches = list(self.pattern.finditer(text))
-        found = [(m.start(), m.end(), self.name) for m in matches if self.valid is None or self.valid(m.group())]
-        if self.within == "digits" and found:
-            found = [span for span in found if not _inside_identifier(text, span[0], span[1])]
-        return found
+        valid, name = self.valid, self.name
+        if self.within != "digits":
+            return [(m.start(), m.end(), name) for m in self.pattern.finditer(text)
+                    if valid is None or valid(m.group())]
+        runs = digit_runs(text) if runs is None else runs
+        least, needs, finditer = self.min_length, self.needs, self.pattern.finditer
+        return [(m.start(), m.end(), name) for start, end in runs
+                if end - start >= least and (not needs or text.find(needs, start, end) >= 0)
+                for m in finditer(text, start, end)
+                if (valid is None or valid(m.group())) and not _inside_identifier(text, m.start(), m.end())]
 
 
 _DIGIT_RUN = re.compile(r"[0-9+(][0-9 ().+\-]{5,}")

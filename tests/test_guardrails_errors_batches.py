@@ -22,7 +22,8 @@ from openai import OpenAI
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 from tests.test_batches_api import finished, results, wait_for
-from tests.test_guardrails import log_entry, topic_dump
+from tests.test_guardrails import log_entry, sql, topic_dump
+from tests.test_guardrails import wait_for as wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -100,6 +101,10 @@ def test_an_error_quoting_the_callers_input_is_redacted(estack: RunningStack) ->
     assert r.status_code == 404 and EMAIL not in r.text and "[EMAIL]" in r.text, r.text
 
 
+def wait_for_rows(stack: RunningStack, query: str, **params: Any) -> list[Any]:
+    return list(wait_until(lambda: sql(stack, query, **params)))
+
+
 def submit(client: OpenAI, lines: list[dict[str, Any]]) -> Any:
     raw = b"".join(orjson.dumps(line) + b"\n" for line in lines)
     file = client.files.create(file=("batch.jsonl", io.BytesIO(raw)), purpose="batch")
@@ -146,6 +151,10 @@ def test_batch_lines_get_the_keys_input_and_output_guardrails(estack: RunningSta
     assert same.choices[0].message.content == "Echo: server [IP_ADDRESS]"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "codename"}])
+    # the input decisions reach the line's usage row (line 1 is `masked`), never the text
+    rows = wait_for_rows(estack, "SELECT guardrails::text FROM usage WHERE request_id = :r AND guardrails IS NOT NULL",
+                         r=f"{batch.id}-1")
+    assert "key-mask" in rows[0][0] and "credit_card" in rows[0][0] and "4111" not in rows[0][0]
     # nothing unmasked went through Kafka for the batch's lines
     dump = asyncio.run(topic_dump(estack.bootstrap, "llm.requests")).decode(errors="replace")
     lines = "\n".join(envelope for envelope in dump.splitlines() if batch.id in envelope)

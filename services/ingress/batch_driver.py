@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.ingress.database import DATABASE_ERRORS
 from services.ingress.file_store import FileWriter, lines, new_file_id
-from services.ingress.guarding import guard_batch_line
+from services.ingress.guarding import guard_batch_line, line_record
 from services.ingress.responses_api import to_chat_request
 from services.ingress.responses_output import from_chat_completion, response_id
 from services.ingress.validation import MAX_BODY_BYTES, ChatCompletionRequest, EmbeddingsRequest
@@ -250,9 +250,11 @@ class BatchRun:
             body = orjson.loads(row.body)
             if responses:
                 body = {**to_chat_request(body), "stream": False}
-            blocked = guard_batch_line(self.gateway.guardrails, body, key_guardrails)  # masks in place
+            blocked, decisions = guard_batch_line(self.gateway.guardrails, body, key_guardrails)  # masks in place
             env = envelope_for(f"{self.id}-{row.line}", row.custom_id, kind, body, self.topic,
                                deadline_ms, batch.key_id, batch.key_metadata, key_guardrails)
+            if decisions:  # onto the line's usage row, as an interactive request's are
+                self.gateway.publish_record(line_record(env.id, batch.key_id, env.model, kind, decisions, blocked))
             if blocked is not None:  # the line's answer is the refusal, on its reply topic: no provider call
                 await answer(self.gateway.producer, env, blocked, service="ingress")
                 continue

@@ -21,19 +21,30 @@ from shared.redaction import policy
 from shared.topics import HEADER_ROUTE
 
 
-def guard_batch_line(guardrails: Guardrails, body: dict[str, Any], key_names: list[str]) -> GatewayError | None:
+def guard_batch_line(guardrails: Guardrails, body: dict[str, Any],
+                     key_names: list[str]) -> tuple[GatewayError | None, list[Decision]]:
     """The input guardrails of one batch line, as an interactive request of the same key and model gets them:
     `mask` rewrites `body` in place before its envelope exists (the provider, Kafka and the logs see only the
     placeholders); a `block` is returned, to be the line's answer instead of a provider call. The decisions
-    are counted on `switchyard_guardrail_actions_total`."""
+    are counted on `switchyard_guardrail_actions_total` and returned (for `line_record`)."""
     decisions: list[Decision] = []
     try:
         guard_request(guardrails.select(str(body.get("model")), key_names), body, decisions)
     except GatewayError as e:
-        return e
+        return e, decisions
     finally:
         count(decisions)
-    return None
+    return None, decisions
+
+
+def line_record(request_id: str, key_id: str | None, model: str, kind: str, decisions: list[Decision],
+                blocked: GatewayError | None) -> PromptRecord:
+    """A batch line's input decisions for accounting, which writes them onto the line's usage row (not a
+    prompt-log entry: `logged` is false)."""
+    return PromptRecord(request_id=request_id, logged=False, key_id=key_id, model=model, kind=kind,
+                        status=blocked.status if blocked is not None else 200,
+                        error=blocked.body() if blocked is not None else None,
+                        guardrails=[d.as_dict() for d in decisions])
 
 
 def check_key_guardrails(guardrails: Guardrails, names: list[str] | None) -> None:
