@@ -156,7 +156,7 @@ def test_no_route_fails_on_any_body(stack: RunningStack, api_schema: BaseSchema,
 
 
 @pytest.mark.parametrize(("path", "broken", "anthropic_shape"), [
-    ("/v1/chat/completions", "services.ingress.app.validate", False),
+    ("/v1/chat/completions", "services.ingress.plain_routes.validate", False),
     ("/v1/messages/count_tokens", "services.ingress.anthropic_api.estimate_tokens", True),
 ])
 def test_an_unexpected_error_is_a_json_500_in_the_route_s_error_shape(monkeypatch: pytest.MonkeyPatch, path: str,
