@@ -105,6 +105,15 @@ def wait_for_rows(stack: RunningStack, query: str, **params: Any) -> list[Any]:
     return list(wait_until(lambda: sql(stack, query, **params)))
 
 
+def actions(stack: RunningStack, guardrail: str, action: str) -> float:
+    """switchyard_guardrail_actions_total{guardrail, action} on the stack's ingress."""
+    for metric in httpx.get(f"{stack.url}/metrics", timeout=30).text.splitlines():
+        if metric.startswith("switchyard_guardrail_actions_total{") and f'guardrail="{guardrail}"' in metric \
+                and f'action="{action}"' in metric:
+            return float(metric.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def submit(client: OpenAI, lines: list[dict[str, Any]]) -> Any:
     raw = b"".join(orjson.dumps(line) + b"\n" for line in lines)
     file = client.files.create(file=("batch.jsonl", io.BytesIO(raw)), purpose="batch")
@@ -146,6 +155,9 @@ def test_batch_lines_get_the_keys_input_and_output_guardrails(estack: RunningSta
     assert "codename" not in sent and len(fake.calls("/chat/completions")) == 2
     # output: the worker applied the key's output guardrail to the answer
     assert answer_text(out["answer-masked"]) == "Echo: server [IP_ADDRESS] is down"
+    # the decisions are counted on the metric, the worker's output ones included
+    assert actions(estack, "key-mask", "mask") >= 1 and actions(estack, "key-block", "block") >= 1
+    assert actions(estack, "key-out", "mask") >= 1
     # the same key, interactively, gets the same answers
     same = client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "server 10.1.2.3"}])
     assert same.choices[0].message.content == "Echo: server [IP_ADDRESS]"

@@ -48,6 +48,7 @@ from shared.answers import answer
 from shared.batch import URL_KINDS, LineError, envelope_for, parse_line, result_line, terminal, unanswered_line
 from shared.db import batch_lines, batches, files, make_engine
 from shared.errors import GatewayError
+from shared.guardrails import count, decisions_from
 from shared.kafka import encode, ensure_topics, make_consumer, send, start_client
 from shared.parts import Assembler
 
@@ -280,6 +281,8 @@ class BatchRun:
             if _timed_out(reply) and time.time() >= expires_at_s:
                 continue
             ok = reply.type == "response" and 200 <= reply.status < 300
+            if int(reply.id[len(prefix):]) not in answers:  # the worker's output decisions, counted as ingress
+                count(decisions_from(reply.headers))        # counts an interactive request's (header dropped)
             answers.setdefault(int(reply.id[len(prefix):]), (
                 "ok" if ok else "error", orjson.dumps({"status_code": reply.status, "body": reply.data})))
         if ENDPOINTS.get(endpoint) == RESPONSES:
