@@ -132,6 +132,14 @@ async def test_a_stream_relays_anthropics_own_events(client: anthropic.Anthropic
                                         + start["cache_read_input_tokens"])
 
 
+def test_the_gateways_own_fields_are_not_passed_on(client: anthropic.Anthropic, fakes: Fakes) -> None:
+    message: Any = client.messages.create(model="claude", max_tokens=50, messages=[{"role": "user", "content": "x"}],
+                                          extra_body={"fallbacks": ["gpt-test"], "strict": True, "top_k": 2})
+    assert message.content[0].text == "Echo: x"
+    sent = fakes.anthropic.calls("/v1/messages")[-1].body
+    assert sent["top_k"] == 2 and "fallbacks" not in sent and "strict" not in sent
+
+
 def test_an_error_event_mid_stream_reaches_the_caller_in_anthropics_shape(
         client: anthropic.Anthropic, fakes: Fakes) -> None:
     fakes.anthropic.respond([ANSWER], error_after=4, error_type="overloaded_error")
