@@ -206,3 +206,17 @@ def test_a_relayed_event_cannot_forge_frames() -> None:
     assert frame.startswith(b"event: message\ndata: ") and frame.count(b"\n\n") == 1
     assert orjson.loads(frame.split(b"data: ", 1)[1]) == forged.data
     assert events.finish() == b""  # a native stream ends with the provider's own message_stop
+
+
+def test_a_passed_through_stream_cut_halfway_ends_in_an_error_event(stack: RunningStack, fakes: Fakes) -> None:
+    fakes.anthropic.respond([ANSWER])
+    fakes.anthropic.inject(cut_after=4)  # message_start, ping, content_block_start, one delta: then the socket ends
+    body = {"model": "claude", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{stack.url}/v1/messages", json=body, headers={"x-api-key": "sk-test-master"},
+                      timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    assert names[:4] == ["message_start", "ping", "content_block_start", "content_block_delta"]
+    assert names[-1] == "error" and "message_stop" not in names
+    error = orjson.loads(lines[-1].removeprefix("data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
