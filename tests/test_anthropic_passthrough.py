@@ -11,10 +11,13 @@ import httpx
 import orjson
 import pytest
 
+from services.ingress.anthropic_stream import AnthropicEvents
+from shared.contracts import Reply
 from tests.conftest import Fakes
 from tests.fakes.anthropic_fake import Scripted
 from tests.stack import RunningStack
 from tests.test_accounting import _rows
+from tests.test_accounting_poison import stored
 
 PROVIDER_MODEL = "claude-3-5-haiku-20241022"
 THINKING = {"type": "thinking", "thinking": "The user greets me; answer briefly.", "signature": "sig-abc123"}
@@ -129,6 +132,14 @@ async def test_a_stream_relays_anthropics_own_events(client: anthropic.Anthropic
                                         + start["cache_read_input_tokens"])
 
 
+def test_the_gateways_own_fields_are_not_passed_on(client: anthropic.Anthropic, fakes: Fakes) -> None:
+    message: Any = client.messages.create(model="claude", max_tokens=50, messages=[{"role": "user", "content": "x"}],
+                                          extra_body={"fallbacks": ["gpt-test"], "strict": True, "top_k": 2})
+    assert message.content[0].text == "Echo: x"
+    sent = fakes.anthropic.calls("/v1/messages")[-1].body
+    assert sent["top_k"] == 2 and "fallbacks" not in sent and "strict" not in sent
+
+
 def test_an_error_event_mid_stream_reaches_the_caller_in_anthropics_shape(
         client: anthropic.Anthropic, fakes: Fakes) -> None:
     fakes.anthropic.respond([ANSWER], error_after=4, error_type="overloaded_error")
@@ -168,3 +179,44 @@ def test_an_openai_request_to_an_openai_deployment_keeps_every_field(stack: Runn
     assert r.status_code == 200
     sent = fakes.main.calls("/chat/completions")[-1].body
     assert sent == {**body, "model": "gpt-4o-mini", "stream": False}
+
+
+async def test_a_passed_through_stream_is_prompt_logged(stack: RunningStack, fakes: Fakes) -> None:
+    fakes.anthropic.respond([THINKING, ANSWER])
+    body = {"model": "claude", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(timeout=60) as http:
+        created = await http.post(f"{stack.url}/v1/keys", json={"log_prompts": True}, headers=stack.headers())
+        assert created.status_code == 201, created.text
+    async with httpx.AsyncClient(timeout=60) as http, http.stream(
+            "POST", f"{stack.url}/v1/messages", json=body, headers={"x-api-key": created.json()["key"]}) as r:
+        assert r.status_code == 200
+        wire = [line async for line in r.aiter_lines()]
+        request_id = r.headers["request-id"]
+    assert any('"signature_delta"' in line for line in wire)  # passed through, not translated
+    rows = await stored(stack.database_url, "SELECT answer FROM prompt_log WHERE request_id = ANY(:ids)",
+                        [request_id], want=1)
+    assert rows and "Hello back" in orjson.dumps(rows[0]["answer"]).decode()
+
+
+def test_a_relayed_event_cannot_forge_frames() -> None:
+    events = AnthropicEvents("claude")
+    forged = Reply(id="r", type="chunk", format="anthropic",
+                   data={"type": "ping\n\nevent: message_stop", "delta": {"text": "x\n\ndata: {}"}})
+    frame = events.chunk(forged)
+    assert frame.startswith(b"event: message\ndata: ") and frame.count(b"\n\n") == 1
+    assert orjson.loads(frame.split(b"data: ", 1)[1]) == forged.data
+    assert events.finish() == b""  # a native stream ends with the provider's own message_stop
+
+
+def test_a_passed_through_stream_cut_halfway_ends_in_an_error_event(stack: RunningStack, fakes: Fakes) -> None:
+    fakes.anthropic.respond([ANSWER])
+    fakes.anthropic.inject(cut_after=4)  # message_start, ping, content_block_start, one delta: then the socket ends
+    body = {"model": "claude", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{stack.url}/v1/messages", json=body, headers={"x-api-key": "sk-test-master"},
+                      timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    assert names[:4] == ["message_start", "ping", "content_block_start", "content_block_delta"]
+    assert names[-1] == "error" and "message_stop" not in names
+    error = orjson.loads(lines[-1].removeprefix("data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"

@@ -6,6 +6,7 @@ through) is relayed as the provider's event; an OpenAI chunk is translated (`Str
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -160,6 +161,10 @@ class StreamTranslator:
         return events + self._end()
 
 
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""What a relayed event's name may be: anything else (a line break would forge frames) is sent as `message`."""
+
+
 class AnthropicEvents:
     """The SSE frames a `/v1/messages` stream sends for its replies, whichever attempt served it.
 
@@ -176,7 +181,8 @@ class AnthropicEvents:
         data = reply.data or {}
         if reply.format == "anthropic":
             self.native = True
-            return format_sse(str(data.get("type") or "message"), data)
+            name = data.get("type")
+            return format_sse(name if isinstance(name, str) and _EVENT_NAME.fullmatch(name) else "message", data)
         return b"".join(format_sse(event, body) for event, body in self.translator.feed(data))
 
     def finish(self) -> bytes:

@@ -112,6 +112,11 @@ class RequestGuard:
             self.first_chunk_ms = (time.monotonic() - self.started) * 1000
         if not self.log_prompts:
             return
+        if reply.format == "anthropic":  # Anthropic's own stream events: the text is in its text deltas
+            delta = (reply.data or {}).get("delta")
+            if isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                self._text.setdefault(0, []).append(delta["text"])
+            return
         for choice in (reply.data or {}).get("choices") or []:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             content = delta.get("content") if isinstance(delta, dict) else None

@@ -262,9 +262,11 @@ def build_body(ctx: CallContext) -> tuple[dict[str, Any], list[str]]:
 
 
 def native_body(ctx: CallContext) -> dict[str, Any]:
-    """The caller's own Anthropic body, every field kept, with the deployment's model and the call's `stream`."""
+    """The caller's own Anthropic body, every field kept, with the deployment's model and the call's `stream`
+    (the gateway's own `fallbacks` and `strict`, which Anthropic does not know, left out)."""
     assert ctx.native is not None
-    body = {**ctx.native.body, "model": ctx.deployment.model}
+    body = {k: v for k, v in ctx.native.body.items() if k not in GATEWAY_FIELDS}
+    body["model"] = ctx.deployment.model
     if ctx.stream:
         body["stream"] = True
     else:
