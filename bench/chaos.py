@@ -4,7 +4,7 @@ The long version of tests/test_chaos.py (which runs the same code with a short p
 It starts its own stack (embedded Apache Kafka and PostgreSQL, `--replicas ingress=2,router=2,
 worker=2` by default) in front of a fake OpenAI server that counts every call, and then, while
 HTTP requests (plain and streamed, spread over every ingress port) and a batch job (through the
-request topic, `shared.batch.run_batch`) keep flowing:
+request topic, `switchyard.batch.run_batch`) keep flowing:
 
 - SIGKILLs routers, workers, accounting and ingress replicas (the supervisor restarts them;
   callers of a killed ingress see a connection error and retry on another port);
@@ -51,9 +51,9 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
 
-from shared.batch import run_batch
-from shared.config import read_stack
-from shared.devstack.postgres import EmbeddedPostgres
+from switchyard.batch import run_batch
+from switchyard.devstack.postgres import EmbeddedPostgres
+from switchyard.shared.config import read_stack
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.stack import MASTER_KEY, RunningStack, start_stack
 
@@ -410,7 +410,7 @@ def pg_outage(stack: RunningStack, length_s: float, log: list[dict[str, Any]], t
 async def _usage_rows(database_url: str) -> list[dict[str, Any]]:
     from sqlalchemy import text
 
-    from shared.db import make_engine
+    from switchyard.shared.db import make_engine
 
     engine = make_engine(database_url, pool_size=1)
     try:

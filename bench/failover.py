@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from fastapi import Request
 
-from shared import topics
+from switchyard.shared import topics
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Fault
 from tests.stack import RunningStack, start_stack, warm_up

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
 
-from shared.config import parse_config
-from shared.guardrails import Guardrails, guard_answer, guard_request
+from switchyard.shared.config import parse_config
+from switchyard.shared.guardrails import Guardrails, guard_answer, guard_request
 
 CONFIG = """
 guardrails:

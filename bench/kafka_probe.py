@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiokafka import TopicPartition  # noqa: E402
 
-from shared.devstack.apache_kafka import EmbeddedKafka  # noqa: E402
-from shared.devstack.broker import EmbeddedBroker, EmbeddedTansu  # noqa: E402
-from shared.kafka import ensure_topics, make_consumer, make_producer  # noqa: E402
-from shared.tansu import BROKER_ENV  # noqa: E402
+from switchyard.devstack.apache_kafka import EmbeddedKafka  # noqa: E402
+from switchyard.devstack.broker import EmbeddedBroker, EmbeddedTansu  # noqa: E402
+from switchyard.shared.kafka import ensure_topics, make_consumer, make_producer  # noqa: E402
+from switchyard.shared.tansu import BROKER_ENV  # noqa: E402
 
 
 async def probe(bootstrap: str, wait_ms: int, n: int, linger_ms: int = 1) -> dict[str, float]:

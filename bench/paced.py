@@ -21,7 +21,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.batch import run_batch  # noqa: E402
+from switchyard.batch import run_batch  # noqa: E402
 from tests.fakes.openai_fake import FakeOpenAI  # noqa: E402
 from tests.stack import start_stack, warm_up  # noqa: E402
 

@@ -59,8 +59,8 @@ def label_for(pid: int) -> str:
     joined = " ".join(argv)
     if not argv:
         return f"pid{pid}"
-    if "shared.cli" in joined:
-        i = argv.index("shared.cli") if "shared.cli" in argv else -1
+    if "switchyard.cli" in joined:
+        i = argv.index("switchyard.cli") if "switchyard.cli" in argv else -1
         sub = argv[i + 1] if 0 <= i < len(argv) - 1 else "?"
         if sub == "up":
             return "supervisor"

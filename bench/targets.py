@@ -117,7 +117,7 @@ class Switchyard:
         self.port = free_port()
         out = open(self.dir / "up.out", "wb")  # noqa: SIM115 - owned by the child
         broker = ["--broker", self.broker] if self.broker else []
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "switchyard.cli", "up", "--port", str(self.port),
                                       "--config", "bench.yaml", *broker], cwd=self.dir, env=env, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         out.close()

@@ -11,7 +11,7 @@ repo="$(dirname "$bench")"
 work="$bench/.work"
 mkdir -p "$work"
 rm -rf "$work/src.new" && mkdir -p "$work/src.new/base"
-git -C "$repo" archive HEAD shared services | tar -x -C "$work/src.new/base"
+git -C "$repo" archive HEAD shared services switchyard | tar -x -C "$work/src.new/base"
 for d in "$bench"/proposals/*.diff; do
   v=$(basename "$d" .diff)
   cp -r "$work/src.new/base" "$work/src.new/$v"

@@ -26,11 +26,11 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from shared import topics, tracing
-from shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope
-from shared.dead import UNREADABLE, bury, send_or_bury
-from shared.errors import GatewayError
-from shared.kafka import DeliveryRefused, Headers, check_destination, encode
+from switchyard.shared import topics, tracing
+from switchyard.shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope
+from switchyard.shared.dead import UNREADABLE, bury, send_or_bury
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.kafka import DeliveryRefused, Headers, check_destination, encode
 
 log = logging.getLogger("switchyard.answers")
 

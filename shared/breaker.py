@@ -31,7 +31,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from shared.contracts import AttemptEvent
+from switchyard.shared.contracts import AttemptEvent
 
 CLIENT_FAULT_STATUSES = frozenset({400, 413, 422, 499})
 """Failures caused by the request itself (499: its client went away and the call was stopped, issue 18): they

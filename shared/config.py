@@ -22,7 +22,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from shared.guardrails import GuardrailSpec, PromptLogging
+from switchyard.shared.guardrails import GuardrailSpec, PromptLogging
 
 STATE_DIR = ".switchyard"
 STACK_FILE = "stack.json"

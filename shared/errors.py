@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.contracts import MAX_JSON_DEPTH, json_depth_exceeds
+from switchyard.shared.contracts import MAX_JSON_DEPTH, json_depth_exceeds
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -31,8 +31,8 @@ MAX_MESSAGE_CHARS = 32_768
 
 def redact_message(text: str) -> str:
     """`text` through the redaction policy (`logging.redact`, shared/redaction.py). Imported on first use:
-    shared.redaction depends on shared.guardrails, which depends on this module."""
-    from shared.redaction import redact_text
+    switchyard.shared.redaction depends on switchyard.shared.guardrails, which depends on this module."""
+    from switchyard.shared.redaction import redact_text
 
     return redact_text(text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "…")
 

@@ -11,7 +11,7 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from shared import metrics
+from switchyard.shared import metrics
 
 
 def health_port_default() -> int | None:

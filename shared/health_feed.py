@@ -18,10 +18,10 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
-from shared import topics
-from shared.breaker import HealthBook
-from shared.contracts import CONTRACT_VERSION, AttemptEvent, now_ms
-from shared.kafka import lagging_fetch, make_consumer, start_client, topic_partitions
+from switchyard.shared import topics
+from switchyard.shared.breaker import HealthBook
+from switchyard.shared.contracts import CONTRACT_VERSION, AttemptEvent, now_ms
+from switchyard.shared.kafka import lagging_fetch, make_consumer, start_client, topic_partitions
 
 log = logging.getLogger("switchyard.health")
 HEALTH_REPLAY_MS = 120_000

@@ -44,8 +44,8 @@ from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import BaseModel
 from pydantic_core import to_json
 
-from shared.tansu import TANSU_FETCH_WAIT_MS, RewindingConsumer, is_tansu
-from shared.topics import MAX_MESSAGE_BYTES, topic_configs
+from switchyard.shared.tansu import TANSU_FETCH_WAIT_MS, RewindingConsumer, is_tansu
+from switchyard.shared.topics import MAX_MESSAGE_BYTES, topic_configs
 
 log = logging.getLogger("switchyard.kafka")
 

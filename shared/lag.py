@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared.metrics import CONSUMER_LAG
+from switchyard.shared.metrics import CONSUMER_LAG
 
 log = logging.getLogger("switchyard.lag")
 LAG_INTERVAL_S = 5.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shared.redaction import RedactingFilter, exception_text
+from switchyard.shared.redaction import RedactingFilter, exception_text
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from shared.contracts import Reply
+from switchyard.shared.contracts import Reply
 
 PART_BYTES = 512 << 10
 """The most bytes of the answer's JSON one `part` carries: with the escaping of quotes, a part message

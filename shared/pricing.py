@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from shared.contracts import Usage
+from switchyard.shared.contracts import Usage
 
 CATALOGUE = Path(__file__).parent / "pricing.json"
 MILLION = Decimal(1_000_000)

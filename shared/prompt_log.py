@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import Boolean, Column, DateTime, Integer, Table, Text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from shared.contracts import CONTRACT_VERSION, now_ms, without_nul
-from shared.db import metadata
+from switchyard.shared.contracts import CONTRACT_VERSION, now_ms, without_nul
+from switchyard.shared.db import metadata
 
 prompt_log = Table(
     "prompt_log",

@@ -1,8 +1,8 @@
 """The one redaction policy (`logging.redact`), applied before anything is written anywhere.
 
 Every sink goes through it: the prompt log (ingress redacts a record before it reaches the topic), the
-services' own log lines (`RedactingFilter`, installed by `shared.logs.setup_logging` on every service),
-every error's text (`shared.errors.GatewayError` redacts its message when it is made, so clients, reply
+services' own log lines (`RedactingFilter`, installed by `switchyard.shared.logs.setup_logging` on every service),
+every error's text (`switchyard.shared.errors.GatewayError` redacts its message when it is made, so clients, reply
 topics and stored errors see the same), and any span attribute (`redact_text`). Input guardrails with `mask`
 have already replaced what they matched before the request left ingress; this policy is the net under
 every sink for what guardrails do not cover (a `log` guardrail, an answer, an error message).
@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shared.detectors import DETECTORS, Detector, digit_runs, mask, non_overlapping
-from shared.guardrails import DEFAULT_REDACT
+from switchyard.shared.detectors import DETECTORS, Detector, digit_runs, mask, non_overlapping
+from switchyard.shared.guardrails import DEFAULT_REDACT
 
 
 class Redactor:
@@ -60,7 +60,7 @@ def policy() -> Redactor:
         names: list[str] = list(DEFAULT_REDACT)
         _loading = True
         try:
-            from shared.config import load_config
+            from switchyard.shared.config import load_config
 
             names = list(load_config().logging.redact)
         except Exception:  # a config error is reported by the service itself; logs stay redacted by default
@@ -115,7 +115,9 @@ def exception_text(exc_info: ExcInfo) -> str:
     value = exc_info[1]
     if value is None:
         return logging.Formatter().formatException(exc_info)
-    from shared.answers import problems  # here: shared.answers loads Kafka clients, which logging must not
+    from switchyard.shared.answers import (
+        problems,  # here: switchyard.shared.answers loads Kafka clients, which logging must not
+    )
 
     rendered = traceback.TracebackException.from_exception(value)
     seen: set[int] = set()

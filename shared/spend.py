@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import func, select, true
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.contracts import IN_DOUBT
-from shared.db import usage
+from switchyard.shared.contracts import IN_DOUBT
+from switchyard.shared.db import usage
 
 GROUPINGS = ("key", "model", "provider", "deployment", "day", "team", "project")
 _SINCE = re.compile(r"^(\d+)([mhdw])$")

@@ -7,7 +7,7 @@ Tansu is an in-memory Kafka-protocol broker. Three of its habits need code that 
   positioned in the old logs read the new ones from the beginning (`RewindingConsumer`), and a batch
   job re-sends what its lost reply topic held (shared/batch.py asks `is_tansu()`);
 - it keeps every message in memory and slows down on long partitions, and has neither retention nor
-  DeleteRecords: the supervisor rotates it (shared/devstack/tansu_rotation.py) once its logs hold
+  DeleteRecords: the supervisor rotates it (switchyard/devstack/tansu_rotation.py) once its logs hold
   SWITCHYARD_TANSU_ROTATE_MESSAGES, when nothing acknowledged is left unprocessed (`unfinished`), while
   ingress holds new admissions (HOLD_SIGNAL, services/ingress/hold.py).
 
@@ -49,7 +49,7 @@ def is_tansu() -> bool:
     """True when this process talks to the embedded Tansu broker (see the module docstring)."""
     kind = os.environ.get(BROKER_ENV)
     if not kind:
-        from shared.config import read_stack
+        from switchyard.shared.config import read_stack
 
         kind = str(read_stack().get("broker_kind") or "kafka")
     return kind.strip().lower() == "tansu"
@@ -157,7 +157,7 @@ async def recreate_topics(bootstrap: str, wanted: dict[str, int]) -> None:
     an early client) is deleted and created again."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from shared.kafka import ensure_topics
+    from switchyard.shared.kafka import ensure_topics
 
     await ensure_topics(bootstrap, wanted)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="switchyard-supervisor")
@@ -192,7 +192,7 @@ def _probe(bootstrap: str) -> AIOKafkaConsumer:
 async def log_messages(bootstrap: str, wanted: dict[str, int], timeout_s: float = 10.0) -> int:
     """How many messages the broker's logs of `wanted` hold: what Tansu keeps in memory, and what makes its
     fetches slow."""
-    from shared.kafka import topic_partitions
+    from switchyard.shared.kafka import topic_partitions
 
     probe = _probe(bootstrap)
     await asyncio.wait_for(probe.start(), timeout_s)
@@ -217,7 +217,7 @@ async def unfinished(bootstrap: str, groups: dict[str, list[str]], timeout_s: fl
     ends are exact (`_highwaters`): a ListOffsets a batch behind would make a group that is behind look
     caught up.
     """
-    from shared.kafka import topic_partitions
+    from switchyard.shared.kafka import topic_partitions
 
     probe = _probe(bootstrap)
     await asyncio.wait_for(probe.start(), timeout_s)

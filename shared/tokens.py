@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.formats import content_text
+from switchyard.shared.formats import content_text
 
 DEFAULT_OUTPUT_TOKENS = 256
 

@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from shared.topics import HEADER_TRACEPARENT
+from switchyard.shared.topics import HEADER_TRACEPARENT
 
 Headers = list[tuple[str, bytes]]
 Attributes = Mapping[str, str | int | float | bool]

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import orjson
 
-from shared.config import read_stack
+from switchyard.shared.config import read_stack
 from tests.fakes.server import free_port
 
 MASTER_KEY = "sk-test-master"
@@ -50,7 +50,7 @@ class RunningStack:
     def cli(self, *args: str, timeout: float = 120,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run `switchyard ...` in the stack's folder, as a user would next to `switchyard up`."""
-        return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=self.cwd, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "switchyard.cli", *args], cwd=self.cwd, capture_output=True,
                               text=True, timeout=timeout, env=env or _child_env())
 
     def log(self) -> str:
@@ -90,7 +90,7 @@ def start_stack(cwd: Path, config_yaml: str | None, extra_env: dict[str, str] | 
     if broker is not None and "KAFKA_BOOTSTRAP_SERVERS" not in (extra_env or {}):
         args = ("--broker", broker, *args)
     with output.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), *args], cwd=cwd,
+        proc = subprocess.Popen([sys.executable, "-m", "switchyard.cli", "up", "--port", str(port), *args], cwd=cwd,
                                 stdout=out, stderr=subprocess.STDOUT, env=_child_env(extra_env),
                                 start_new_session=True)
     stack = RunningStack(cwd, port, proc, output)

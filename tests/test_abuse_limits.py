@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
-from services.accounting.budgets import aggregate, ordered_values
-from services.ingress.auth import Identity
-from services.ingress.budget_holds import BudgetHolds, estimate_cost
-from services.ingress.limits import WINDOW_S, RateLimiter
-from shared.config import parse_config
-from shared.db import make_engine, upgrade_blocking
-from shared.devstack.postgres import EmbeddedPostgres
-from shared.errors import GatewayError
+from switchyard.devstack.postgres import EmbeddedPostgres
+from switchyard.services.accounting.budgets import aggregate, ordered_values
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.budget_holds import BudgetHolds, estimate_cost
+from switchyard.services.ingress.limits import WINDOW_S, RateLimiter
+from switchyard.shared.config import parse_config
+from switchyard.shared.db import make_engine, upgrade_blocking
+from switchyard.shared.errors import GatewayError
 from tests.fakes.server import free_port
 
 CONFIG = parse_config("models:\n  - name: priced\n    deployments:\n"

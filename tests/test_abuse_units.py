@@ -14,14 +14,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from services.ingress.admission import InFlightCap, timeout_s
-from services.ingress.replies import Pending
-from services.router.routing import decide
-from shared import topics
-from shared.breaker import BreakerSettings, HealthBook
-from shared.contracts import AttemptRecord, Reply, RequestEnvelope
-from shared.devstack.supervisor import _write_stack
-from shared.errors import GatewayError
+from switchyard.devstack.supervisor import _write_stack
+from switchyard.services.ingress.admission import InFlightCap, timeout_s
+from switchyard.services.ingress.replies import Pending
+from switchyard.services.router.routing import decide
+from switchyard.shared import topics
+from switchyard.shared.breaker import BreakerSettings, HealthBook
+from switchyard.shared.contracts import AttemptRecord, Reply, RequestEnvelope
+from switchyard.shared.errors import GatewayError
 from tests.test_routing import T0, cfg, env_for
 
 CONFIG = """

@@ -11,10 +11,10 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from services.accounting.ledger import to_row, write_batch
-from shared.contracts import IN_DOUBT, Usage, UsageEvent
-from shared.db import make_engine
-from shared.pricing import cost, lookup
+from switchyard.services.accounting.ledger import to_row, write_batch
+from switchyard.shared.contracts import IN_DOUBT, Usage, UsageEvent
+from switchyard.shared.db import make_engine
+from switchyard.shared.pricing import cost, lookup
 from tests.stack import RunningStack
 
 

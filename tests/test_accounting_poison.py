@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from shared import topics
-from shared.contracts import MAX_TOKENS, Usage, UsageEvent
-from shared.db import make_engine
-from shared.dead import UNREADABLE, UNSTORABLE
-from shared.kafka import make_producer, send_and_wait, start_client
-from shared.prompt_log import PromptRecord
+from switchyard.shared import topics
+from switchyard.shared.contracts import MAX_TOKENS, Usage, UsageEvent
+from switchyard.shared.db import make_engine
+from switchyard.shared.dead import UNREADABLE, UNSTORABLE
+from switchyard.shared.kafka import make_producer, send_and_wait, start_client
+from switchyard.shared.prompt_log import PromptRecord
 from tests import test_delivery_failures
 from tests.stack import RunningStack
 from tests.test_accounting import _rows

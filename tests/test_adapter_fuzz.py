@@ -8,7 +8,7 @@ so this is the property that keeps one body or one answer from taking a pool dow
   hostile nested shapes, lax-typed numbers, unicode, empty lists, huge numbers);
 - response reading (`parse_chat`, `parse_embeddings`, `stream_parser().feed/finish`, `map_error`)
   of any JSON either gives OpenAI-shaped dicts or a `GatewayError`;
-- `services.workers.calls.call` ends in a result or a `CallFailed`, and never swallows cancellation.
+- `switchyard.services.workers.calls.call` ends in a result or a `CallFailed`, and never swallows cancellation.
 
 No network: upstream answers come from a handler that builds `httpx.Response`s (`MockUpstream`).
 """
@@ -28,20 +28,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest
-from services.workers.calls import CallFailed, CallResult, call, translate
-from services.workers.providers import ADAPTERS, get_adapter
-from services.workers.providers.base import (
+from switchyard.services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest
+from switchyard.services.workers.calls import CallFailed, CallResult, call, translate
+from switchyard.services.workers.providers import ADAPTERS, get_adapter
+from switchyard.services.workers.providers.base import (
     CallContext,
     ProviderAdapter,
     ServerEvent,
     UpstreamRequest,
     usage_from_openai,
 )
-from services.workers.providers.bedrock import EventStreamDecoder
-from services.workers.providers.openai import OpenAICompatibleAdapter
-from shared.config import Deployment
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.bedrock import EventStreamDecoder
+from switchyard.services.workers.providers.openai import OpenAICompatibleAdapter
+from switchyard.shared.config import Deployment
+from switchyard.shared.errors import GatewayError
 
 EXAMPLES = int(os.environ.get("SWITCHYARD_FUZZ_EXAMPLES", "100"))
 """Examples per test and adapter class: 100 keeps the file near half a minute; raise it for a deeper local run."""

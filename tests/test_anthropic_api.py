@@ -16,7 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from services.ingress.anthropic_api import (
+from switchyard.devstack import demo_provider
+from switchyard.services.ingress.anthropic_api import (
     ESTIMATE_HEADER,
     IMAGE_TOKEN_ESTIMATE,
     TOOL_ERROR_PREFIX,
@@ -31,9 +32,8 @@ from services.ingress.anthropic_api import (
     message_id,
     to_openai_request,
 )
-from services.ingress.validation import ChatCompletionRequest, validate
-from shared.devstack import demo_provider
-from shared.errors import GatewayError
+from switchyard.services.ingress.validation import ChatCompletionRequest, validate
+from switchyard.shared.errors import GatewayError
 from tests.fakes.server import free_port
 
 Events = list[tuple[str, dict[str, Any]]]

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from services.ingress.anthropic_stream import AnthropicEvents
-from shared.contracts import Reply
+from switchyard.services.ingress.anthropic_stream import AnthropicEvents
+from switchyard.shared.contracts import Reply
 from tests.conftest import Fakes
 from tests.fakes.anthropic_fake import Scripted
 from tests.stack import RunningStack

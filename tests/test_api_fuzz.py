@@ -27,10 +27,10 @@ from schemathesis import BaseSchema, Case, CheckContext, GenerationMode, Respons
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Err, Ok
 
-from services.ingress.app import Gateway, create_app
-from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL
-from shared import topics
-from shared.config import GatewayConfig, Settings, read_stack
+from switchyard.services.ingress.app import Gateway, create_app
+from switchyard.services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL
+from switchyard.shared import topics
+from switchyard.shared.config import GatewayConfig, Settings, read_stack
 from tests.stack import RunningStack
 
 pytestmark = pytest.mark.timeout(300)
@@ -156,8 +156,8 @@ def test_no_route_fails_on_any_body(stack: RunningStack, api_schema: BaseSchema,
 
 
 @pytest.mark.parametrize(("path", "broken", "anthropic_shape"), [
-    ("/v1/chat/completions", "services.ingress.plain_routes.validate", False),
-    ("/v1/messages/count_tokens", "services.ingress.anthropic_api.estimate_tokens", True),
+    ("/v1/chat/completions", "switchyard.services.ingress.plain_routes.validate", False),
+    ("/v1/messages/count_tokens", "switchyard.services.ingress.anthropic_api.estimate_tokens", True),
 ])
 def test_an_unexpected_error_is_a_json_500_in_the_route_s_error_shape(monkeypatch: pytest.MonkeyPatch, path: str,
                                                                        broken: str, anthropic_shape: bool) -> None:

@@ -7,9 +7,9 @@ import uuid
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from shared import topics
-from shared.contracts import Reply, RequestEnvelope
-from shared.kafka import ensure_topics
+from switchyard.shared import topics
+from switchyard.shared.contracts import Reply, RequestEnvelope
+from switchyard.shared.kafka import ensure_topics
 from tests.stack import RunningStack
 
 

@@ -98,7 +98,7 @@ def _spawn_ingress(stack: RunningStack, database_url: str, partition: int, log: 
     env = _child_env({"KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap, "DATABASE_URL": database_url,
                       "SWITCHYARD_CONFIG": str(stack.cwd / "switchyard.yaml")})
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "ingress", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "switchyard.cli", "ingress", "--port", str(port),
                                  "--reply-partition", str(partition)], env=env, stdout=out, stderr=subprocess.STDOUT)
     replica = Replica(proc, f"http://127.0.0.1:{port}")
     deadline = time.time() + 120

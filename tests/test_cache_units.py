@@ -7,7 +7,7 @@ import pytest
 
 def test_config_names_and_checks() -> None:
     """The names the issue gives, and a semantic embedding model that is not a group of the config is refused."""
-    from shared.config import ConfigError, parse_config
+    from switchyard.shared.config import ConfigError, parse_config
 
     dep = "{provider: openai, model: m, api_key: k}"
     cfg = parse_config(f"""
@@ -26,8 +26,8 @@ models:
 
 
 def test_cache_control_parsing() -> None:
-    from services.ingress.cache_keys import cache_control
-    from shared.errors import GatewayError
+    from switchyard.services.ingress.cache_keys import cache_control
+    from switchyard.shared.errors import GatewayError
 
     assert cache_control(None).lookup and cache_control(None).store
     assert (c := cache_control("No-Cache")).lookup is False and c.store is True

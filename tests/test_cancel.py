@@ -19,12 +19,12 @@ import httpx
 import orjson
 from sqlalchemy import text
 
-from services.workers.cancels import Cancels
-from shared import topics
-from shared.breaker import BreakerSettings, HealthBook
-from shared.contracts import AttemptEvent, CancelRequest
-from shared.db import make_engine
-from shared.kafka import encode, make_producer, send_and_wait, start_client
+from switchyard.services.workers.cancels import Cancels
+from switchyard.shared import topics
+from switchyard.shared.breaker import BreakerSettings, HealthBook
+from switchyard.shared.contracts import AttemptEvent, CancelRequest
+from switchyard.shared.db import make_engine
+from switchyard.shared.kafka import encode, make_producer, send_and_wait, start_client
 from tests.conftest import Fakes
 from tests.fakes.server import Recorded
 from tests.stack import RunningStack

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from services.accounting.ledger import to_row, write_batch
-from shared.contracts import Usage, UsageEvent
-from shared.db import make_engine
+from switchyard.services.accounting.ledger import to_row, write_batch
+from switchyard.shared.contracts import Usage, UsageEvent
+from switchyard.shared.db import make_engine
 from tests.stack import RunningStack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/ holds scripts, not a package

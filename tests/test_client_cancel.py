@@ -17,9 +17,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
-from shared import topics
-from shared.contracts import CancelRequest, RequestEnvelope
-from shared.kafka import topic_partitions
+from switchyard.shared import topics
+from switchyard.shared.contracts import CancelRequest, RequestEnvelope
+from switchyard.shared.kafka import topic_partitions
 from tests.conftest import Fakes
 from tests.stack import RunningStack
 

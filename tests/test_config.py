@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import ConfigError, parse_config
+from switchyard.shared.config import ConfigError, parse_config
 
 GOOD = """
 models:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from shared import ui_assets
+from switchyard.shared import ui_assets
 
 
 def tarball(files: dict[str, bytes]) -> bytes:

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect
 
-from shared.db import upgrade_blocking
-from shared.devstack.postgres import EmbeddedPostgres
+from switchyard.devstack.postgres import EmbeddedPostgres
+from switchyard.shared.db import upgrade_blocking
 from tests.fakes.server import free_port
 from tests.stack import MASTER_KEY, RunningStack
 from tests.test_dashboard import api, browser, new_context, sign_in, wait_until

@@ -8,8 +8,8 @@ import time
 import pytest
 from starlette.requests import Request
 
-from services.ingress.ui.session import SESSION_COOKIE, Sessions, session_identity, sessions_for
-from shared.errors import GatewayError
+from switchyard.services.ingress.ui.session import SESSION_COOKIE, Sessions, session_identity, sessions_for
+from switchyard.shared.errors import GatewayError
 
 MASTER = "sk-unit-master"
 

@@ -30,12 +30,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import bindparam, text
 
-from shared import topics
-from shared.config import read_stack
-from shared.contracts import Reply, RequestEnvelope
-from shared.db import make_engine
-from shared.dead import bury, read_dead
-from shared.kafka import (
+from switchyard.shared import topics
+from switchyard.shared.config import read_stack
+from switchyard.shared.contracts import Reply, RequestEnvelope
+from switchyard.shared.db import make_engine
+from switchyard.shared.dead import bury, read_dead
+from switchyard.shared.kafka import (
     REFUSED_TOO_LARGE,
     REFUSED_UNKNOWN_PARTITION,
     REFUSED_UNKNOWN_TOPIC,
@@ -271,7 +271,7 @@ def _start_service(stack: RunningStack, log_path: Path, *argv: str) -> subproces
                       "TEST_UPSTREAM_KEY": "sk-upstream-secret",
                       "SWITCHYARD_BROKER": str(stack.info.get("broker_kind") or "kafka")})
     with log_path.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *argv, "--health-port", str(port)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "switchyard.cli", *argv, "--health-port", str(port)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 90
     while True:

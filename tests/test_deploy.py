@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from shared import topics
-from shared.config import CREDENTIAL_FIELDS, parse_config
+from switchyard.shared import topics
+from switchyard.shared.config import CREDENTIAL_FIELDS, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -212,14 +212,14 @@ def config_providers() -> list[str]:
 
 @functools.cache
 def env_names_read_by_code() -> frozenset[str]:
-    """UPPER_SNAKE string constants in shared/ and services/: the environment variables the code can read.
+    """UPPER_SNAKE string constants in shared/, services/ and switchyard/: the environment variables the code can read.
 
     Deliberately broad (any such literal counts, however the code then reads it: os.environ.get, a helper, an
     argparse default), so the check catches names the code does not know at all: typos, and variables a
     refactor removed or renamed.
     """
     names: set[str] = set()
-    for folder in ("shared", "services"):
+    for folder in ("shared", "services", "switchyard"):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and _ENV_NAME.match(node.value):
@@ -380,9 +380,9 @@ def test_ingress_is_a_statefulset_that_owns_reply_partitions_by_ordinal() -> Non
 
 def test_ordinal_reply_partition_is_parsed_from_statefulset_hostnames(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
-        from services.ingress.app import reply_partition_from_env
+        from switchyard.services.ingress.app import reply_partition_from_env
     except ImportError as e:
-        pytest.skip(f"services.ingress.app.reply_partition_from_env is not importable: {e}")
+        pytest.skip(f"switchyard.services.ingress.app.reply_partition_from_env is not importable: {e}")
     import socket
 
     for ordinal in (0, 3, topics.PARTITIONS[topics.REPLIES] - 1):
@@ -588,7 +588,7 @@ def test_worker_pools_match_the_providers_in_the_config() -> None:
 
 
 def test_every_provider_in_the_config_has_an_adapter() -> None:
-    from services.workers.providers import ADAPTERS
+    from switchyard.services.workers.providers import ADAPTERS
 
     missing = sorted(set(config_providers()) - set(ADAPTERS))
     if missing:
@@ -707,7 +707,7 @@ def test_topic_names_and_partition_counts_match_shared_topics() -> None:
 
 _HELP_SCRIPT = """
 import contextlib, io, json, sys
-from shared.cli import main
+from switchyard.cli import main
 out = {}
 for path in json.loads(sys.argv[1]):
     buf = io.StringIO()
@@ -744,8 +744,8 @@ def _deploy_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_every_deploy_command_exists_in_the_cli() -> None:
-    if not (ROOT / "shared" / "cli.py").exists():
-        pytest.skip("shared/cli.py (the `switchyard` command) does not exist yet")
+    if not (ROOT / "switchyard" / "cli.py").exists():
+        pytest.skip("switchyard/cli.py (the `switchyard` command) does not exist yet")
     # The runtime contract deploy/ relies on, beyond the commands the files use.
     contract: dict[tuple[str, ...], list[str]] = {
         ("ingress",): ["--host", "--port", "--reply-partition"], ("router",): ["--health-port"],
@@ -809,8 +809,8 @@ def test_dockerfile_builds_one_non_root_image_for_every_service() -> None:
 
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert {"pyproject.toml", "shared", "services"} <= kept
-    for name in ("pyproject.toml", "shared", "services"):
+    assert {"pyproject.toml", "shared", "services", "switchyard"} <= kept
+    for name in ("pyproject.toml", "shared", "services", "switchyard"):
         assert (ROOT / name).exists()
 
 

@@ -13,10 +13,10 @@ import openai
 import orjson
 import pytest
 
-from services.workers.providers.base import CallContext
-from services.workers.providers.gemini import GeminiAdapter, public_media_url
-from shared.config import Deployment
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.base import CallContext
+from switchyard.services.workers.providers.gemini import GeminiAdapter, public_media_url
+from switchyard.shared.config import Deployment
+from switchyard.shared.errors import GatewayError
 from tests.conftest import Fakes
 from tests.stack import MASTER_KEY, RunningStack
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from shared.config import ConfigError, parse_config
-from shared.detectors import DETECTORS, iban_ok, luhn_ok, mask, non_overlapping
-from shared.guardrails import Guardrails, guard_answer, guard_request
+from switchyard.shared.config import ConfigError, parse_config
+from switchyard.shared.detectors import DETECTORS, iban_ok, luhn_ok, mask, non_overlapping
+from switchyard.shared.guardrails import Guardrails, guard_answer, guard_request
 
 TRUE_POSITIVES = {
     "email": ["write to ana.perez+work@example.co.uk today", "x@y.io"],

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared import redaction
-from shared.errors import MAX_MESSAGE_CHARS, GatewayError
-from shared.guardrails import DEFAULT_REDACT
+from switchyard.shared import redaction
+from switchyard.shared.errors import MAX_MESSAGE_CHARS, GatewayError
+from switchyard.shared.guardrails import DEFAULT_REDACT
 
 CARD, EMAIL, KEY = "4111 1111 1111 1111", "ana.perez@example.com", "sk-proj-abcDEF1234567890abcdEFGH5678"
 

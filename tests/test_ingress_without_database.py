@@ -23,8 +23,8 @@ import asyncpg
 import httpx
 import pytest
 
-from shared.db import upgrade_blocking
-from shared.devstack.postgres import EmbeddedPostgres
+from switchyard.devstack.postgres import EmbeddedPostgres
+from switchyard.shared.db import upgrade_blocking
 from tests.fakes.server import free_port
 from tests.stack import MASTER_KEY, RunningStack, _child_env
 
@@ -61,7 +61,7 @@ def spawn(stack: RunningStack, tmp_path: Path) -> Iterator[Spawn]:
                           "TEST_UPSTREAM_KEY": "sk-upstream-secret"})
         log_path = tmp_path / f"ingress-{partition}.log"
         with log_path.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "ingress", "--port", str(port),
+            proc = subprocess.Popen([sys.executable, "-m", "switchyard.cli", "ingress", "--port", str(port),
                                      "--reply-partition", str(partition)], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
         ingress = Ingress(proc, f"http://127.0.0.1:{port}", log_path)

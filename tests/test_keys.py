@@ -16,7 +16,7 @@ import openai
 import orjson
 import pytest
 
-from services.ingress.keys import KeyRecord, KeyStore
+from switchyard.services.ingress.keys import KeyRecord, KeyStore
 from tests.fakes.server import free_port
 from tests.stack import MASTER_KEY, RunningStack, _child_env
 
@@ -32,7 +32,7 @@ def second_ingress(stack: RunningStack) -> Iterator[str]:
                       "TEST_UPSTREAM_KEY": "sk-upstream-secret"})
     log = stack.cwd / "second-ingress.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "ingress", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "switchyard.cli", "ingress", "--port", str(port),
                                  "--reply-partition", "1"], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120  # generous: CI machines are shared and slow to start Python processes

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import metrics
+from switchyard.shared import metrics
 from tests.conftest import Fakes
 from tests.stack import RunningStack
 

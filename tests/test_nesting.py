@@ -15,12 +15,12 @@ import httpx
 import orjson
 import pytest
 
-from services.ingress import anthropic_api
-from services.ingress.validation import ChatCompletionRequest, parse_json, validate
-from shared import topics
-from shared.contracts import MAX_JSON_DEPTH, RequestEnvelope, json_depth_exceeds
-from shared.errors import GatewayError
-from shared.kafka import encode
+from switchyard.services.ingress import anthropic_api
+from switchyard.services.ingress.validation import ChatCompletionRequest, parse_json, validate
+from switchyard.shared import topics
+from switchyard.shared.contracts import MAX_JSON_DEPTH, RequestEnvelope, json_depth_exceeds
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.kafka import encode
 from tests.stack import RunningStack
 
 DEADLINE = {topics.HEADER_TIMEOUT: "30"}

@@ -20,12 +20,12 @@ import httpx
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from services.ingress.replies import Pending
-from services.ingress.validation import MAX_BODY_BYTES
-from shared import topics
-from shared.contracts import Reply, RequestEnvelope
-from shared.kafka import encode
-from shared.parts import PART_BYTES, Assembler, pieces, split
+from switchyard.services.ingress.replies import Pending
+from switchyard.services.ingress.validation import MAX_BODY_BYTES
+from switchyard.shared import topics
+from switchyard.shared.contracts import Reply, RequestEnvelope
+from switchyard.shared.kafka import encode
+from switchyard.shared.parts import PART_BYTES, Assembler, pieces, split
 from tests import test_delivery_failures
 from tests.conftest import Fakes
 from tests.stack import RunningStack

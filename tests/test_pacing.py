@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from shared.batch import run_batch
+from switchyard.batch import run_batch
 from tests.conftest import Fakes
 from tests.stack import RunningStack
 

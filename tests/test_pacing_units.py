@@ -10,11 +10,11 @@ from itertools import combinations
 import pytest
 from aiokafka import TopicPartition
 
-from services.workers.pacing import WINDOW_S, Pacer, part_of
-from shared.config import Deployment
-from shared.contracts import RequestEnvelope, now_ms
-from shared.errors import GatewayError
-from shared.kafka import OffsetTracker
+from switchyard.services.workers.pacing import WINDOW_S, Pacer, part_of
+from switchyard.shared.config import Deployment
+from switchyard.shared.contracts import RequestEnvelope, now_ms
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.kafka import OffsetTracker
 
 
 class Clock:

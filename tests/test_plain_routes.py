@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import httpx
 
-from services.ingress.app import Gateway, create_app
-from shared.config import GatewayConfig, Settings
+from switchyard.services.ingress.app import Gateway, create_app
+from switchyard.shared.config import GatewayConfig, Settings
 
 URL = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -24,10 +24,10 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from shared import topics
-from shared.answers import salvage, top_level_scalars
-from shared.dead import UNREADABLE
-from shared.kafka import ensure_topics, make_producer, send_and_wait, start_client
+from switchyard.shared import topics
+from switchyard.shared.answers import salvage, top_level_scalars
+from switchyard.shared.dead import UNREADABLE
+from switchyard.shared.kafka import ensure_topics, make_producer, send_and_wait, start_client
 from tests import test_delivery_failures
 from tests.conftest import Fakes
 from tests.fakes.server import FakeProvider
@@ -83,7 +83,7 @@ MODELS = {"openai": "gpt-test", "azure": "azure-gpt", "anthropic": "claude", "ge
 
 
 def test_every_provider_format_is_covered() -> None:
-    from services.workers.providers import ADAPTERS, get_adapter
+    from switchyard.services.workers.providers import ADAPTERS, get_adapter
 
     formats = {type(get_adapter(name)).__name__ for name in ADAPTERS}
     covered = {type(get_adapter(name)).__name__ for name in MODELS}

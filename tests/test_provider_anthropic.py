@@ -10,11 +10,11 @@ import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call, make_client
-from services.workers.providers.anthropic import AnthropicAdapter
-from services.workers.providers.base import CallContext
-from shared.config import Deployment
-from shared.errors import GatewayError
+from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
+from switchyard.services.workers.providers.anthropic import AnthropicAdapter
+from switchyard.services.workers.providers.base import CallContext
+from switchyard.shared.config import Deployment
+from switchyard.shared.errors import GatewayError
 from tests.fakes.anthropic_fake import FakeAnthropic
 
 MODEL = "claude-sonnet-4-20250514"

@@ -15,12 +15,12 @@ import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call, make_client
-from services.workers.providers import sigv4
-from services.workers.providers.base import CallContext
-from services.workers.providers.bedrock import BedrockAdapter, EventStreamDecoder
-from shared.config import Deployment
-from shared.errors import GatewayError
+from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
+from switchyard.services.workers.providers import sigv4
+from switchyard.services.workers.providers.base import CallContext
+from switchyard.services.workers.providers.bedrock import BedrockAdapter, EventStreamDecoder
+from switchyard.shared.config import Deployment
+from switchyard.shared.errors import GatewayError
 from tests.fakes.bedrock_fake import FakeBedrock, encode_frame, event_frame
 
 
@@ -468,7 +468,7 @@ async def test_cache_tokens_count_in_prompt_tokens(fake: FakeBedrock) -> None:
 
 
 def test_usage_mapping_from_bedrock_counts() -> None:
-    from services.workers.providers.bedrock import usage_from_bedrock
+    from switchyard.services.workers.providers.bedrock import usage_from_bedrock
 
     usage = usage_from_bedrock({"inputTokens": 10, "outputTokens": 5, "totalTokens": 135,
                                 "cacheReadInputTokens": 100, "cacheWriteInputTokens": 20})
@@ -613,7 +613,7 @@ def test_decoder_reads_every_header_type_and_checks_both_crcs() -> None:
 
 
 def test_error_frames_raise_mapped_errors() -> None:
-    from services.workers.providers.bedrock import _frame_event
+    from switchyard.services.workers.providers.bedrock import _frame_event
 
     with pytest.raises(GatewayError) as info:
         _frame_event({":message-type": "error", ":error-code": "ThrottlingException",

@@ -10,12 +10,12 @@ from typing import Any
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call, make_client
-from services.workers.providers.base import CallContext, ServerEvent
-from services.workers.providers.cohere import CohereAdapter, CohereStream
-from shared.config import Deployment
-from shared.devstack.demo_provider import count_tokens
-from shared.errors import GatewayError
+from switchyard.devstack.demo_provider import count_tokens
+from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
+from switchyard.services.workers.providers.base import CallContext, ServerEvent
+from switchyard.services.workers.providers.cohere import CohereAdapter, CohereStream
+from switchyard.shared.config import Deployment
+from switchyard.shared.errors import GatewayError
 from tests.fakes.cohere_fake import TEMPLATE_TOKENS, FakeCohere
 
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"

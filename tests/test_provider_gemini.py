@@ -11,10 +11,10 @@ import httpx
 import orjson
 import pytest
 
-from services.workers.calls import CallFailed, CallResult, call, make_client
-from services.workers.providers.base import CallContext
-from services.workers.providers.gemini import GeminiAdapter, gemini_error
-from shared.config import Deployment
+from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
+from switchyard.services.workers.providers.base import CallContext
+from switchyard.services.workers.providers.gemini import GeminiAdapter, gemini_error
+from switchyard.shared.config import Deployment
 from tests.fakes.gemini_fake import SIGNATURE, FakeGemini
 
 

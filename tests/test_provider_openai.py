@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from services.workers.calls import CallFailed, call, make_client
-from services.workers.providers import get_adapter
-from services.workers.providers.base import CallContext
-from shared.config import Deployment
+from switchyard.services.workers.calls import CallFailed, call, make_client
+from switchyard.services.workers.providers import get_adapter
+from switchyard.services.workers.providers.base import CallContext
+from switchyard.shared.config import Deployment
 from tests.fakes.openai_fake import FakeOpenAI
 
 

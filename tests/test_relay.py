@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from services.ingress.auth import Identity
-from services.ingress.relay import REPLY_GRACE_S, InFlight, Relay
-from services.ingress.replies import ClientGone, Pending
-from shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope, now_ms
-from shared.errors import GatewayError
-from shared.prompt_log import PromptRecord
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.relay import REPLY_GRACE_S, InFlight, Relay
+from switchyard.services.ingress.replies import ClientGone, Pending
+from switchyard.shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope, now_ms
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.prompt_log import PromptRecord
 
 
 class CountingGateway:

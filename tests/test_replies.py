@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.ingress.replies import Pending
-from shared.contracts import OUT_OF_BAND, Reply
+from switchyard.services.ingress.replies import Pending
+from switchyard.shared.contracts import OUT_OF_BAND, Reply
 
 
 def _chunk(seq: int, call: str, attempt: int = 0) -> Reply:

@@ -15,13 +15,13 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 from sqlalchemy import text
 
-from services.ingress import responses_api as api
-from services.ingress import responses_output as out
-from services.ingress.responses_stream import ResponseStream
-from services.ingress.validation import ChatCompletionRequest, validate
-from shared.db import make_engine
-from shared.devstack.demo_provider import completion_for, stream_events
-from shared.errors import GatewayError
+from switchyard.devstack.demo_provider import completion_for, stream_events
+from switchyard.services.ingress import responses_api as api
+from switchyard.services.ingress import responses_output as out
+from switchyard.services.ingress.responses_stream import ResponseStream
+from switchyard.services.ingress.validation import ChatCompletionRequest, validate
+from switchyard.shared.db import make_engine
+from switchyard.shared.errors import GatewayError
 from tests.conftest import Fakes
 from tests.fakes.server import FakeProvider, free_port
 from tests.stack import MASTER_KEY, RunningStack

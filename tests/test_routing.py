@@ -14,18 +14,18 @@ from typing import Any
 
 import pytest
 
-from services.router.routing import (
+from switchyard.services.router.routing import (
     BACKOFF_BASE_S,
     MAX_ATTEMPTS,
     Decision,
     decide,
     estimate_input_tokens,
 )
-from shared.breaker import BreakerSettings, HealthBook
-from shared.config import GatewayConfig, parse_config
-from shared.contracts import AttemptEvent, AttemptRecord, RequestEnvelope, now_ms
-from shared.errors import GatewayError
-from shared.pricing import lookup
+from switchyard.shared.breaker import BreakerSettings, HealthBook
+from switchyard.shared.config import GatewayConfig, parse_config
+from switchyard.shared.contracts import AttemptEvent, AttemptRecord, RequestEnvelope, now_ms
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.pricing import lookup
 
 T0 = now_ms()
 _ids = itertools.count()

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from aiokafka.partitioner import murmur2
 
-from shared import topics
-from shared.config import read_stack
+from switchyard.shared import topics
+from switchyard.shared.config import read_stack
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Recorded
 from tests.stack import RunningStack, start_stack, warm_up

@@ -22,12 +22,12 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from shared import topics
-from shared.config import parse_config, read_stack, secret_variables
-from shared.contracts import UsageEvent
-from shared.kafka import make_producer, send_and_wait, start_client
-from shared.logs import JsonFormatter
-from shared.redaction import RedactingFilter
+from switchyard.shared import topics
+from switchyard.shared.config import parse_config, read_stack, secret_variables
+from switchyard.shared.contracts import UsageEvent
+from switchyard.shared.kafka import make_producer, send_and_wait, start_client
+from switchyard.shared.logs import JsonFormatter
+from switchyard.shared.redaction import RedactingFilter
 from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.stack import RunningStack, start_stack, warm_up

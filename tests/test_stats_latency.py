@@ -13,7 +13,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from shared.db import make_engine
+from switchyard.shared.db import make_engine
 from tests.conftest import Fakes
 from tests.stack import RunningStack
 

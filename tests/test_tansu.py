@@ -15,8 +15,8 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from shared.config import read_stack
-from shared.devstack.broker import TANSU_COST
+from switchyard.devstack.broker import TANSU_COST
+from switchyard.shared.config import read_stack
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 
 

@@ -2,7 +2,7 @@
 
 Tansu keeps every message in memory and slows down on long logs; `switchyard up` rotates it (restarts it
 empty) once its logs hold SWITCHYARD_TANSU_ROTATE_MESSAGES, while ingress holds new requests and only when
-nothing acknowledged is unprocessed (shared/devstack/tansu_rotation.py). Here the threshold is low, so a
+nothing acknowledged is unprocessed (switchyard/devstack/tansu_rotation.py). Here the threshold is low, so a
 minute of long streams from a few concurrent clients goes through several rotations: every stream must come
 back whole and in order, no request may fail, and the broker's memory must stay bounded.
 """
@@ -18,8 +18,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from shared.config import read_stack
-from shared.devstack.tansu_rotation import CHECK_ENV, ROTATE_ENV, rss_kb
+from switchyard.devstack.tansu_rotation import CHECK_ENV, ROTATE_ENV, rss_kb
+from switchyard.shared.config import read_stack
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 
 THRESHOLD = 1500

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import httpx
 
-from shared.devstack.apache_kafka import EmbeddedKafka
+from switchyard.devstack.apache_kafka import EmbeddedKafka
 from tests.stack import RunningStack, _child_env, start_stack, warm_up
 
 
 def test_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
     (tmp_path / "switchyard.yaml").write_text("models:\n  - name: x\n    deployments:\n      - model: m\n")
-    result = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--port", "1"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "switchyard.cli", "up", "--port", "1"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=180, env=_child_env())
     assert result.returncode == 2
     assert "models[0].deployments[0].provider" in result.stderr

@@ -18,9 +18,9 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from shared.contracts import KeyEvent
-from shared.db import budgets, spend_totals, virtual_keys
-from shared.periods import PERIODS, period_end, period_start
+from switchyard.shared.contracts import KeyEvent
+from switchyard.shared.db import budgets, spend_totals, virtual_keys
+from switchyard.shared.periods import PERIODS, period_end, period_start
 
 log = logging.getLogger("switchyard.accounting.budgets")
 

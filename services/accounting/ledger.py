@@ -18,10 +18,10 @@ from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.accounting.budgets import update_totals
-from shared.contracts import IN_DOUBT, KeyEvent, Usage, UsageEvent
-from shared.db import usage
-from shared.pricing import cost
+from switchyard.services.accounting.budgets import update_totals
+from switchyard.shared.contracts import IN_DOUBT, KeyEvent, Usage, UsageEvent
+from switchyard.shared.db import usage
+from switchyard.shared.pricing import cost
 
 
 def to_row(event: UsageEvent) -> dict[str, Any]:

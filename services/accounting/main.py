@@ -26,16 +26,16 @@ from opentelemetry.trace import SpanContext, SpanKind
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from services.accounting.ledger import to_row, write_batch
-from services.accounting.prompt_log import PromptLogWriter
-from shared import topics, tracing
-from shared.answers import problems
-from shared.config import load_config, load_settings
-from shared.contracts import IN_DOUBT, UsageEvent
-from shared.db import make_engine
-from shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
-from shared.health import health_port_default, serve_health
-from shared.kafka import (
+from switchyard.services.accounting.ledger import to_row, write_batch
+from switchyard.services.accounting.prompt_log import PromptLogWriter
+from switchyard.shared import topics, tracing
+from switchyard.shared.answers import problems
+from switchyard.shared.config import load_config, load_settings
+from switchyard.shared.contracts import IN_DOUBT, UsageEvent
+from switchyard.shared.db import make_engine
+from switchyard.shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
+from switchyard.shared.health import health_port_default, serve_health
+from switchyard.shared.kafka import (
     BatchOffsets,
     encode,
     group_instance_id,
@@ -45,10 +45,10 @@ from shared.kafka import (
     send_and_wait,
     start_client,
 )
-from shared.lag import follow_lag
-from shared.logs import setup_logging
-from shared.service import run_until_signal
-from shared.storable import store_or_isolate
+from switchyard.shared.lag import follow_lag
+from switchyard.shared.logs import setup_logging
+from switchyard.shared.service import run_until_signal
+from switchyard.shared.storable import store_or_isolate
 
 log = logging.getLogger("switchyard.accounting")
 BATCH_MAX = 1000

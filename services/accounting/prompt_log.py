@@ -33,12 +33,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared import topics
-from shared.answers import problems
-from shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
-from shared.kafka import group_instance_id, make_consumer, start_client
-from shared.prompt_log import PromptRecord, prompt_log
-from shared.storable import store_or_isolate
+from switchyard.shared import topics
+from switchyard.shared.answers import problems
+from switchyard.shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
+from switchyard.shared.kafka import group_instance_id, make_consumer, start_client
+from switchyard.shared.prompt_log import PromptRecord, prompt_log
+from switchyard.shared.storable import store_or_isolate
 
 log = logging.getLogger("switchyard.accounting.prompts")
 

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response
 
-from services.ingress.database import database_errors_as_503
-from services.ingress.guarding import check_key_guardrails
-from services.ingress.keys import BudgetSpec, KeySpec
-from services.ingress.openapi import json_body
-from services.ingress.responses import json_response
-from services.ingress.validation import read_json, validate
-from shared.contracts import KeyEvent
-from shared.errors import GatewayError
-from shared.spend import GROUPINGS
-from shared.stats import LATENCY_GROUPINGS, WINDOWS
+from switchyard.services.ingress.database import database_errors_as_503
+from switchyard.services.ingress.guarding import check_key_guardrails
+from switchyard.services.ingress.keys import BudgetSpec, KeySpec
+from switchyard.services.ingress.openapi import json_body
+from switchyard.services.ingress.responses import json_response
+from switchyard.services.ingress.validation import read_json, validate
+from switchyard.shared.contracts import KeyEvent
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.spend import GROUPINGS
+from switchyard.shared.stats import LATENCY_GROUPINGS, WINDOWS
 
 # Documented values of the admin routes' parameters (the document only: the routes check them with clearer 400s).
 Scope = Annotated[str, Path(json_schema_extra={"enum": ["team", "project"]})]
@@ -33,7 +33,7 @@ Since = Annotated[str, Query(description="30m, 24h, 7d, 2w, or an ISO date/time 
                              json_schema_extra={"pattern": r"^(\d+[mhdw]|\d{4}-\d{2}-\d{2}.*)$"})]
 
 if TYPE_CHECKING:
-    from services.ingress.app import Gateway
+    from switchyard.services.ingress.app import Gateway
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Response]])
@@ -111,7 +111,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     @needs_database
     async def spend_api(request: Request, by: By = "model", since: Since = "30d") -> Response:
         await gateway.authenticate_admin(request)
-        from shared.spend import spend
+        from switchyard.shared.spend import spend
 
         try:
             rows = await spend(gateway.engine(), by=by, since=since)
@@ -126,7 +126,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
     async def latency_stats(request: Request, by: LatencyBy = "deployment", window: Window = "1h") -> Response:
         """P50/P95/P99 of total, provider and first-token time with counts and error rates (shared/stats.py)."""
         await gateway.authenticate_admin(request)
-        from shared.stats import latency
+        from switchyard.shared.stats import latency
 
         if by not in LATENCY_GROUPINGS:
             raise GatewayError(400, f"'by' must be one of {', '.join(LATENCY_GROUPINGS)}.", param="by")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 import os
 
-from shared import topics
-from shared.errors import GatewayError
+from switchyard.shared import topics
+from switchyard.shared.errors import GatewayError
 
 MAX_TIMEOUT_ENV = "SWITCHYARD_MAX_TIMEOUT"
 MAX_IN_FLIGHT_ENV = "SWITCHYARD_MAX_IN_FLIGHT"

@@ -22,17 +22,17 @@ from typing import Any
 
 import orjson
 
-from services.ingress.anthropic_messages import TOOL_ERROR_PREFIX as TOOL_ERROR_PREFIX
-from services.ingress.anthropic_messages import bad, chat_messages, missing, system_text
-from services.ingress.anthropic_response import error_body as error_body
-from services.ingress.anthropic_response import error_event as error_event
-from services.ingress.anthropic_response import error_type as error_type
-from services.ingress.anthropic_response import from_openai_response as from_openai_response
-from services.ingress.anthropic_response import message_id as message_id
-from services.ingress.anthropic_stream import AnthropicEvents as AnthropicEvents
-from services.ingress.anthropic_stream import StreamTranslator as StreamTranslator
-from services.ingress.anthropic_stream import format_sse as format_sse
-from shared.contracts import NativeRequest
+from switchyard.services.ingress.anthropic_messages import TOOL_ERROR_PREFIX as TOOL_ERROR_PREFIX
+from switchyard.services.ingress.anthropic_messages import bad, chat_messages, missing, system_text
+from switchyard.services.ingress.anthropic_response import error_body as error_body
+from switchyard.services.ingress.anthropic_response import error_event as error_event
+from switchyard.services.ingress.anthropic_response import error_type as error_type
+from switchyard.services.ingress.anthropic_response import from_openai_response as from_openai_response
+from switchyard.services.ingress.anthropic_response import message_id as message_id
+from switchyard.services.ingress.anthropic_stream import AnthropicEvents as AnthropicEvents
+from switchyard.services.ingress.anthropic_stream import StreamTranslator as StreamTranslator
+from switchyard.services.ingress.anthropic_stream import format_sse as format_sse
+from switchyard.shared.contracts import NativeRequest
 
 IMAGE_TOKEN_ESTIMATE = 1600
 """`estimate_tokens` counts each image or PDF as this many tokens (the size of a ~1.15 MP image)."""

@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from shared.errors import GatewayError
-from shared.formats import data_url
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.formats import data_url
 
 TOOL_ERROR_PREFIX = "[tool error] "
 """Prefixed to a `tool_result` with `is_error: true` (OpenAI tool messages have no error flag)."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from shared.errors import GatewayError
-from shared.formats import json_object
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.formats import json_object
 
 _STOP_REASONS = {
     "stop": "end_turn",

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from services.ingress.anthropic_response import anthropic_usage, message_id, stop_reason, tool_use_id
-from shared.contracts import Reply
+from switchyard.services.ingress.anthropic_response import anthropic_usage, message_id, stop_reason, tool_use_id
+from switchyard.shared.contracts import Reply
 
 # ---------------------------------------------------------------- streaming
 

@@ -30,43 +30,51 @@ from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.ingress import anthropic_api, completions, openapi
-from services.ingress.admin import add_admin_routes
-from services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
-from services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
-from services.ingress.batch_driver import BatchDriver
-from services.ingress.batches import add_batch_routes
-from services.ingress.budget_holds import BudgetHolds, Hold
-from services.ingress.cache import ResponseCache
-from services.ingress.completions import CompletionRequest
-from services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
-from services.ingress.files import add_file_routes
-from services.ingress.guarding import RequestGuard
-from services.ingress.hardening import HardeningMiddleware
-from services.ingress.hold import AdmissionHold
-from services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
-from services.ingress.limits import RateLimiter
-from services.ingress.observability import ObservabilityMiddleware
-from services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
-from services.ingress.plain_routes import ChatCompletions, PlainRoutes
-from services.ingress.prompt_logs import add_log_routes
-from services.ingress.relay import SSE_HEADERS, Relay, reply_headers
-from services.ingress.replies import Pending, ReplyListener
-from services.ingress.responses import SettlingStream, error_response, header_value, json_response
-from services.ingress.responses_routes import Pipeline, add_responses_routes
-from services.ingress.ui.routes import add_ui_routes
-from services.ingress.ui.session import session_identity
-from services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
-from shared import metrics, topics, tracing
-from shared.config import GatewayConfig, Settings
-from shared.contracts import CancelRequest, KeyEvent, RequestEnvelope, now_ms
-from shared.errors import GatewayError
-from shared.guardrails import Guardrails
-from shared.kafka import encode, make_consumer, make_producer, send, send_and_wait, start_client, topic_partitions
-from shared.prompt_log import PromptRecord
-from shared.service import BackgroundTasks
-from shared.tansu import is_tansu
-from shared.tokens import estimate_total_tokens
+from switchyard.services.ingress import anthropic_api, completions, openapi
+from switchyard.services.ingress.admin import add_admin_routes
+from switchyard.services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
+from switchyard.services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
+from switchyard.services.ingress.batch_driver import BatchDriver
+from switchyard.services.ingress.batches import add_batch_routes
+from switchyard.services.ingress.budget_holds import BudgetHolds, Hold
+from switchyard.services.ingress.cache import ResponseCache
+from switchyard.services.ingress.completions import CompletionRequest
+from switchyard.services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from switchyard.services.ingress.files import add_file_routes
+from switchyard.services.ingress.guarding import RequestGuard
+from switchyard.services.ingress.hardening import HardeningMiddleware
+from switchyard.services.ingress.hold import AdmissionHold
+from switchyard.services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
+from switchyard.services.ingress.limits import RateLimiter
+from switchyard.services.ingress.observability import ObservabilityMiddleware
+from switchyard.services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
+from switchyard.services.ingress.plain_routes import ChatCompletions, PlainRoutes
+from switchyard.services.ingress.prompt_logs import add_log_routes
+from switchyard.services.ingress.relay import SSE_HEADERS, Relay, reply_headers
+from switchyard.services.ingress.replies import Pending, ReplyListener
+from switchyard.services.ingress.responses import SettlingStream, error_response, header_value, json_response
+from switchyard.services.ingress.responses_routes import Pipeline, add_responses_routes
+from switchyard.services.ingress.ui.routes import add_ui_routes
+from switchyard.services.ingress.ui.session import session_identity
+from switchyard.services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
+from switchyard.shared import metrics, topics, tracing
+from switchyard.shared.config import GatewayConfig, Settings
+from switchyard.shared.contracts import CancelRequest, KeyEvent, RequestEnvelope, now_ms
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.guardrails import Guardrails
+from switchyard.shared.kafka import (
+    encode,
+    make_consumer,
+    make_producer,
+    send,
+    send_and_wait,
+    start_client,
+    topic_partitions,
+)
+from switchyard.shared.prompt_log import PromptRecord
+from switchyard.shared.service import BackgroundTasks
+from switchyard.shared.tansu import is_tansu
+from switchyard.shared.tokens import estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress")
 

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 log = logging.getLogger("switchyard.ingress.auth")
 

@@ -36,24 +36,32 @@ from pydantic import BaseModel
 from sqlalchemy import case, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.ingress.database import DATABASE_ERRORS
-from services.ingress.file_store import FileWriter, lines, new_file_id
-from services.ingress.guarding import guard_batch_line, line_record
-from services.ingress.responses_api import to_chat_request
-from services.ingress.responses_output import from_chat_completion, response_id
-from services.ingress.validation import MAX_BODY_BYTES, ChatCompletionRequest, EmbeddingsRequest
-from services.ingress.validation import validate as validate_body
-from shared import topics
-from shared.answers import answer
-from shared.batch import URL_KINDS, LineError, envelope_for, parse_line, result_line, terminal, unanswered_line
-from shared.db import batch_lines, batches, files, make_engine
-from shared.errors import GatewayError
-from shared.guardrails import count, decisions_from
-from shared.kafka import encode, ensure_topics, make_consumer, send, start_client
-from shared.parts import Assembler
+from switchyard.services.ingress.database import DATABASE_ERRORS
+from switchyard.services.ingress.file_store import FileWriter, lines, new_file_id
+from switchyard.services.ingress.guarding import guard_batch_line, line_record
+from switchyard.services.ingress.responses_api import to_chat_request
+from switchyard.services.ingress.responses_output import from_chat_completion, response_id
+from switchyard.services.ingress.validation import MAX_BODY_BYTES, ChatCompletionRequest, EmbeddingsRequest
+from switchyard.services.ingress.validation import validate as validate_body
+from switchyard.shared import topics
+from switchyard.shared.answers import answer
+from switchyard.shared.batch import (
+    URL_KINDS,
+    LineError,
+    envelope_for,
+    parse_line,
+    result_line,
+    terminal,
+    unanswered_line,
+)
+from switchyard.shared.db import batch_lines, batches, files, make_engine
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.guardrails import count, decisions_from
+from switchyard.shared.kafka import encode, ensure_topics, make_consumer, send, start_client
+from switchyard.shared.parts import Assembler
 
 if TYPE_CHECKING:
-    from services.ingress.app import Gateway
+    from switchyard.services.ingress.app import Gateway
 
 log = logging.getLogger("switchyard.ingress.batches")
 
@@ -78,7 +86,8 @@ answer is translated back to a response object when it is stored, as `POST /v1/r
 
 
 def _timed_out(reply: Any) -> bool:
-    """Whether a reply is the pipeline's deadline error (shared.errors.timeout_error), not a provider's answer."""
+    """Whether a reply is the pipeline's deadline error (switchyard.shared.errors.timeout_error), not a provider's
+    answer."""
     return reply.type == "error" and reply.status == 504 and ((reply.data or {}).get("error") or {}).get("code") \
         == "timeout"
 

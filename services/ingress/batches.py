@@ -18,18 +18,18 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, insert, select, update
 
-from services.ingress.admin import needs_database
-from services.ingress.batch_driver import ENDPOINTS
-from services.ingress.file_store import Owner, get_file
-from services.ingress.files import not_found, owner_of
-from services.ingress.openapi import json_body
-from services.ingress.responses import json_response
-from services.ingress.validation import read_json, validate
-from shared.db import BATCH_STAGES, batches
-from shared.errors import GatewayError
+from switchyard.services.ingress.admin import needs_database
+from switchyard.services.ingress.batch_driver import ENDPOINTS
+from switchyard.services.ingress.file_store import Owner, get_file
+from switchyard.services.ingress.files import not_found, owner_of
+from switchyard.services.ingress.openapi import json_body
+from switchyard.services.ingress.responses import json_response
+from switchyard.services.ingress.validation import read_json, validate
+from switchyard.shared.db import BATCH_STAGES, batches
+from switchyard.shared.errors import GatewayError
 
 if TYPE_CHECKING:
-    from services.ingress.app import Gateway
+    from switchyard.services.ingress.app import Gateway
 
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 MAX_WINDOW = timedelta(days=7)

@@ -39,16 +39,16 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.ingress.auth import Identity
-from services.ingress.database import DATABASE_ERRORS, DatabaseOutage
-from shared.config import GatewayConfig
-from shared.contracts import Usage
-from shared.db import budgets, virtual_keys
-from shared.errors import GatewayError
-from shared.periods import period_end, period_start
-from shared.pricing import cost
-from shared.service import BackgroundTasks
-from shared.tokens import estimate_input_tokens, estimate_total_tokens
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage
+from switchyard.shared.config import GatewayConfig
+from switchyard.shared.contracts import Usage
+from switchyard.shared.db import budgets, virtual_keys
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.periods import period_end, period_start
+from switchyard.shared.pricing import cost
+from switchyard.shared.service import BackgroundTasks
+from switchyard.shared.tokens import estimate_input_tokens, estimate_total_tokens
 
 log = logging.getLogger("switchyard.ingress.budgets")
 

@@ -29,17 +29,17 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.ingress.auth import Identity
-from services.ingress.cache_keys import CacheControl, cache_control, exact_key, scope, semantic_parts
-from services.ingress.cache_replay import RecordingPending, ReplayPending, replies_for
-from services.ingress.cache_store import CacheStore, unit
-from services.ingress.database import DATABASE_ERRORS, DatabaseOutage, request_engine
-from services.ingress.replies import Pending, ReplyListener
-from shared import topics
-from shared.config import GatewayConfig, ModelGroup
-from shared.contracts import Reply, RequestEnvelope, Usage, UsageEvent, now_ms
-from shared.kafka import encode, send
-from shared.metrics import CACHE_REQUESTS
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.cache_keys import CacheControl, cache_control, exact_key, scope, semantic_parts
+from switchyard.services.ingress.cache_replay import RecordingPending, ReplayPending, replies_for
+from switchyard.services.ingress.cache_store import CacheStore, unit
+from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage, request_engine
+from switchyard.services.ingress.replies import Pending, ReplyListener
+from switchyard.shared import topics
+from switchyard.shared.config import GatewayConfig, ModelGroup
+from switchyard.shared.contracts import Reply, RequestEnvelope, Usage, UsageEvent, now_ms
+from switchyard.shared.kafka import encode, send
+from switchyard.shared.metrics import CACHE_REQUESTS
 
 log = logging.getLogger("switchyard.ingress.cache")
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from services.ingress.auth import Identity
-from shared.errors import GatewayError
+from switchyard.services.ingress.auth import Identity
+from switchyard.shared.errors import GatewayError
 
 NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata"})
 """Body fields that never change an answer's content: a stream and a plain request share their entries."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from services.ingress.replies import Pending
-from shared.contracts import Reply
+from switchyard.services.ingress.replies import Pending
+from switchyard.shared.contracts import Reply
 
 
 class ReplayPending(Pending):

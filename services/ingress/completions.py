@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 _CHAT_FIELDS = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
                 "presence_penalty", "frequency_penalty", "seed", "user", "logit_bias", "metadata", "fallbacks")

@@ -16,8 +16,8 @@ import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db import make_engine
-from shared.errors import GatewayError
+from switchyard.shared.db import make_engine
+from switchyard.shared.errors import GatewayError
 
 log = logging.getLogger("switchyard.ingress.database")
 

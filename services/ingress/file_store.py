@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db import file_chunks, files
+from switchyard.shared.db import file_chunks, files
 
 CHUNK_BYTES = 1 << 20
 """The size of one stored chunk (the last one of a file may be shorter)."""

@@ -17,9 +17,9 @@ from fastapi.responses import Response, StreamingResponse
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from services.ingress.admin import needs_database
-from services.ingress.auth import Identity
-from services.ingress.file_store import (
+from switchyard.services.ingress.admin import needs_database
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.file_store import (
     FileWriter,
     Owner,
     chunks,
@@ -29,11 +29,11 @@ from services.ingress.file_store import (
     list_files,
     new_file_id,
 )
-from services.ingress.responses import json_response
-from shared.errors import GatewayError
+from switchyard.services.ingress.responses import json_response
+from switchyard.shared.errors import GatewayError
 
 if TYPE_CHECKING:
-    from services.ingress.app import Gateway
+    from switchyard.services.ingress.app import Gateway
 
 MAX_FILE_BYTES = int(os.environ.get("SWITCHYARD_MAX_FILE_BYTES", str(200 * 1000 * 1000)))
 """The largest upload accepted (OpenAI's limit for a batch input file, 200 MB)."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shared.contracts import Reply
-from shared.errors import GatewayError
-from shared.guardrails import Decision, Guardrail, Guardrails, count, decisions_from, guard_request
-from shared.prompt_log import PromptRecord, attempts_from_route
-from shared.redaction import policy
-from shared.topics import HEADER_ROUTE
+from switchyard.shared.contracts import Reply
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.guardrails import Decision, Guardrail, Guardrails, count, decisions_from, guard_request
+from switchyard.shared.prompt_log import PromptRecord, attempts_from_route
+from switchyard.shared.redaction import policy
+from switchyard.shared.topics import HEADER_ROUTE
 
 
 def guard_batch_line(guardrails: Guardrails, body: dict[str, Any],

@@ -16,8 +16,8 @@ import asyncio
 import os
 from typing import Any
 
-from services.ingress.responses import error_response
-from shared.errors import GatewayError
+from switchyard.services.ingress.responses import error_response
+from switchyard.shared.errors import GatewayError
 
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 16 * 1024

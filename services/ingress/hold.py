@@ -1,7 +1,7 @@
 """Holding new admissions while `switchyard up` rotates the Tansu fallback broker.
 
 Tansu keeps every message in memory and slows down on long logs, and has no retention, so the supervisor
-restarts it empty once its logs are large (shared/devstack/tansu_rotation.py). A restart loses what the broker
+restarts it empty once its logs are large (switchyard/devstack/tansu_rotation.py). A restart loses what the broker
 held, so it may happen only when nothing acknowledged is unprocessed. Ingress's part: on HOLD_SIGNAL, every
 request (and key event) about to be written to Kafka waits here, it is not refused, until RELEASE_SIGNAL or
 HOLD_TTL_S after the last HOLD_SIGNAL, whichever comes first (a supervisor that dies mid-hold cannot stall
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from shared.tansu import HOLD_SIGNAL, HOLD_TTL_S, RELEASE_SIGNAL
+from switchyard.shared.tansu import HOLD_SIGNAL, HOLD_TTL_S, RELEASE_SIGNAL
 
 POLL_S = 0.02
 """How often a held admission looks whether the hold ended (only while held)."""

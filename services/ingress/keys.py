@@ -35,13 +35,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.ingress.auth import Identity
-from services.ingress.database import DATABASE_ERRORS, RETRY_AFTER_S, DatabaseOutage
-from shared.config import Settings
-from shared.contracts import KeyEvent
-from shared.db import budgets, spend_totals, virtual_keys
-from shared.errors import GatewayError
-from shared.periods import PERIODS, Period, period_end, period_start
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.database import DATABASE_ERRORS, RETRY_AFTER_S, DatabaseOutage
+from switchyard.shared.config import Settings
+from switchyard.shared.contracts import KeyEvent
+from switchyard.shared.db import budgets, spend_totals, virtual_keys
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.periods import PERIODS, Period, period_end, period_start
 
 log = logging.getLogger("switchyard.ingress.keys")
 KEY_PREFIX = "sk-sy-"

@@ -33,9 +33,9 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.ingress.database import DATABASE_ERRORS, DatabaseOutage
-from shared.errors import GatewayError
-from shared.service import BackgroundTasks
+from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.service import BackgroundTasks
 
 log = logging.getLogger("switchyard.ingress.limits")
 

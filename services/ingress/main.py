@@ -7,10 +7,10 @@ import os
 
 import uvicorn
 
-from services.ingress.app import Gateway, create_app, reply_partition_from_env
-from shared import tracing
-from shared.config import load_config, load_settings
-from shared.logs import setup_logging
+from switchyard.services.ingress.app import Gateway, create_app, reply_partition_from_env
+from switchyard.shared import tracing
+from switchyard.shared.config import load_config, load_settings
+from switchyard.shared.logs import setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

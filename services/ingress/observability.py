@@ -22,7 +22,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from shared import metrics, topics, tracing
+from switchyard.shared import metrics, topics, tracing
 
 _NOT_COUNTED = frozenset({"/health", "/ready", "/metrics"})
 _TRACEPARENT = topics.HEADER_TRACEPARENT.encode()

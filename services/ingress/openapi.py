@@ -19,7 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from shared.contracts import MAX_JSON_DEPTH
+from switchyard.shared.contracts import MAX_JSON_DEPTH
 
 OPENAPI_URL = "/openapi.json"
 _REF = "#/components/schemas/{model}"

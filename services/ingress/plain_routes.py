@@ -23,9 +23,9 @@ import orjson
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from services.ingress.auth import Identity
-from services.ingress.relay import SSE_HEADERS, Relay, reply_headers
-from services.ingress.validation import ChatCompletionRequest, read_json, validate
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.relay import SSE_HEADERS, Relay, reply_headers
+from switchyard.services.ingress.validation import ChatCompletionRequest, read_json, validate
 
 log = logging.getLogger("switchyard.ingress.plain")
 

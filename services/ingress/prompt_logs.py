@@ -14,14 +14,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import func, select
 
-from services.ingress.admin import needs_database
-from shared.db import usage
-from shared.errors import GatewayError
-from shared.prompt_log import prompt_log
-from shared.spend import parse_since
+from switchyard.services.ingress.admin import needs_database
+from switchyard.shared.db import usage
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.prompt_log import prompt_log
+from switchyard.shared.spend import parse_since
 
 if TYPE_CHECKING:
-    from services.ingress.app import Gateway
+    from switchyard.services.ingress.app import Gateway
 
 MAX_LIMIT = 1000
 Since = Annotated[str | None, Query(description="30m, 24h, 7d, 2w, or an ISO date/time (UTC when no zone is given)")]

@@ -26,17 +26,17 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 
-from services.ingress.auth import Identity
-from services.ingress.guarding import RequestGuard
-from services.ingress.hardening import echo
-from services.ingress.replies import ClientGone, Pending
-from services.ingress.responses import SettlingStream, json_response, safe_headers
-from shared import topics
-from shared.contracts import Reply, RequestEnvelope
-from shared.errors import GatewayError, timeout_error
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.guarding import RequestGuard
+from switchyard.services.ingress.hardening import echo
+from switchyard.services.ingress.replies import ClientGone, Pending
+from switchyard.services.ingress.responses import SettlingStream, json_response, safe_headers
+from switchyard.shared import topics
+from switchyard.shared.contracts import Reply, RequestEnvelope
+from switchyard.shared.errors import GatewayError, timeout_error
 
 if TYPE_CHECKING:
-    from services.ingress.app import Admitted, Gateway
+    from switchyard.services.ingress.app import Admitted, Gateway
 
 log = logging.getLogger("switchyard.ingress.relay")
 

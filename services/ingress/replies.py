@@ -15,11 +15,11 @@ from collections import deque
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
-from shared import tracing
-from shared.contracts import OUT_OF_BAND, REPLY_VERSION, Reply
-from shared.errors import GatewayError
-from shared.kafka import make_consumer, start_client, topic_partitions
-from shared.parts import join
+from switchyard.shared import tracing
+from switchyard.shared.contracts import OUT_OF_BAND, REPLY_VERSION, Reply
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.kafka import make_consumer, start_client, topic_partitions
+from switchyard.shared.parts import join
 
 log = logging.getLogger("switchyard.ingress.replies")
 

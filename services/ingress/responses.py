@@ -9,8 +9,8 @@ from urllib.parse import quote
 import orjson
 from fastapi.responses import Response, StreamingResponse
 
-from shared import topics
-from shared.errors import GatewayError
+from switchyard.shared import topics
+from switchyard.shared.errors import GatewayError
 
 _PRINTABLE_BUT_PERCENT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 

@@ -26,9 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from services.ingress.responses_output import from_chat_completion, new_id, output_messages
-from services.ingress.validation import validate
-from shared.errors import GatewayError, invalid_request
+from switchyard.services.ingress.responses_output import from_chat_completion, new_id, output_messages
+from switchyard.services.ingress.validation import validate
+from switchyard.shared.errors import GatewayError, invalid_request
 
 __all__ = ["from_chat_completion", "to_chat_request"]
 """What the batch path imports for `/v1/responses` lines (the answer side lives in responses_output.py)."""

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any
 
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 
 def new_id(prefix: str) -> str:

@@ -20,18 +20,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from services.ingress import responses_api as api
-from services.ingress import responses_output as out
-from services.ingress.anthropic_api import format_sse
-from services.ingress.auth import Identity
-from services.ingress.openapi import json_body
-from services.ingress.responses import SettlingStream, header_value, json_response
-from services.ingress.responses_store import ResponseStore, page
-from services.ingress.responses_stream import ResponseStream
-from services.ingress.validation import ChatCompletionRequest, read_json, validate
-from shared import topics
-from shared.contracts import Reply
-from shared.errors import GatewayError
+from switchyard.services.ingress import responses_api as api
+from switchyard.services.ingress import responses_output as out
+from switchyard.services.ingress.anthropic_api import format_sse
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.openapi import json_body
+from switchyard.services.ingress.responses import SettlingStream, header_value, json_response
+from switchyard.services.ingress.responses_store import ResponseStore, page
+from switchyard.services.ingress.responses_stream import ResponseStream
+from switchyard.services.ingress.validation import ChatCompletionRequest, read_json, validate
+from switchyard.shared import topics
+from switchyard.shared.contracts import Reply
+from switchyard.shared.errors import GatewayError
 
 log = logging.getLogger("switchyard.ingress.responses")
 

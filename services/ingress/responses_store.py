@@ -19,10 +19,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from services.ingress.auth import Identity
-from services.ingress.database import database_errors_as_503
-from shared.db import metadata
-from shared.errors import GatewayError
+from switchyard.services.ingress.auth import Identity
+from switchyard.services.ingress.database import database_errors_as_503
+from switchyard.shared.db import metadata
+from switchyard.shared.errors import GatewayError
 
 responses = Table(
     "responses",

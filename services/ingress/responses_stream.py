@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.ingress import responses_output as out
-from shared.errors import GatewayError
+from switchyard.services.ingress import responses_output as out
+from switchyard.shared.errors import GatewayError
 
 Event = dict[str, Any]
 

@@ -14,7 +14,7 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.errors import GatewayError, invalid_request, nesting_error, too_deep
+from switchyard.shared.errors import GatewayError, invalid_request, nesting_error, too_deep
 
 MAX_BODY_BYTES = int(os.environ.get("SWITCHYARD_MAX_BODY_BYTES", str(8 << 20)))
 

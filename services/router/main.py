@@ -26,17 +26,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from services.router.routing import decide
-from shared import metrics, topics, tracing
-from shared.answers import answer, refuse_unreadable
-from shared.breaker import BreakerSettings, HealthBook
-from shared.config import GatewayConfig, load_config, load_settings
-from shared.contracts import CONTRACT_VERSION, RequestEnvelope, now_ms
-from shared.dead import bury
-from shared.errors import GatewayError, nesting_error, timeout_error
-from shared.health import health_port_default, serve_health
-from shared.health_feed import HealthFeed
-from shared.kafka import (
+from switchyard.services.router.routing import decide
+from switchyard.shared import metrics, topics, tracing
+from switchyard.shared.answers import answer, refuse_unreadable
+from switchyard.shared.breaker import BreakerSettings, HealthBook
+from switchyard.shared.config import GatewayConfig, load_config, load_settings
+from switchyard.shared.contracts import CONTRACT_VERSION, RequestEnvelope, now_ms
+from switchyard.shared.dead import bury
+from switchyard.shared.errors import GatewayError, nesting_error, timeout_error
+from switchyard.shared.health import health_port_default, serve_health
+from switchyard.shared.health_feed import HealthFeed
+from switchyard.shared.kafka import (
     BatchOffsets,
     DeliveryRefused,
     check_destination,
@@ -47,9 +47,9 @@ from shared.kafka import (
     send_and_wait,
     start_client,
 )
-from shared.lag import follow_lag
-from shared.logs import setup_logging
-from shared.service import run_until_signal
+from switchyard.shared.lag import follow_lag
+from switchyard.shared.logs import setup_logging
+from switchyard.shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.router")
 SERVICE = "router"

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from shared import topics
-from shared.breaker import HealthBook
-from shared.config import Deployment, GatewayConfig, ModelGroup, RouteRule
-from shared.contracts import AttemptRecord, RequestEnvelope
-from shared.errors import RETRYABLE_STATUSES, GatewayError
-from shared.pricing import lookup
-from shared.tokens import DEFAULT_OUTPUT_TOKENS, estimate_input_tokens, text_of
+from switchyard.shared import topics
+from switchyard.shared.breaker import HealthBook
+from switchyard.shared.config import Deployment, GatewayConfig, ModelGroup, RouteRule
+from switchyard.shared.contracts import AttemptRecord, RequestEnvelope
+from switchyard.shared.errors import RETRYABLE_STATUSES, GatewayError
+from switchyard.shared.pricing import lookup
+from switchyard.shared.tokens import DEFAULT_OUTPUT_TOKENS, estimate_input_tokens, text_of
 
 log = logging.getLogger("switchyard.router")
 

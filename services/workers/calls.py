@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     CallContext,
     ProviderAdapter,
     UpstreamRequest,
@@ -35,9 +35,9 @@ from services.workers.providers.base import (
     response_fault,
     usage_from_openai,
 )
-from services.workers.upstream import TRANSPORT_ERRORS, Answer, Upstream, UpstreamClient
-from shared.contracts import Usage
-from shared.errors import GatewayError
+from switchyard.services.workers.upstream import TRANSPORT_ERRORS, Answer, Upstream, UpstreamClient
+from switchyard.shared.contracts import Usage
+from switchyard.shared.errors import GatewayError
 
 ChunkSink = Callable[[dict[str, Any]], Awaitable[None]]
 

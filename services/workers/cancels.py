@@ -24,11 +24,11 @@ from contextlib import contextmanager
 from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
-from services.workers.calls import Cancel
-from shared import topics
-from shared.answers import problems
-from shared.contracts import CancelRequest
-from shared.kafka import make_consumer, start_client, topic_partitions
+from switchyard.services.workers.calls import Cancel
+from switchyard.shared import topics
+from switchyard.shared.answers import problems
+from switchyard.shared.contracts import CancelRequest
+from switchyard.shared.kafka import make_consumer, start_client, topic_partitions
 
 log = logging.getLogger("switchyard.worker")
 RETRY_S = 1.0

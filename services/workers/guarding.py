@@ -25,11 +25,19 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from services.workers.calls import ChunkSink
-from shared.contracts import RequestEnvelope
-from shared.detectors import Span, mask, non_overlapping
-from shared.errors import GatewayError
-from shared.guardrails import Decision, Guardrail, Guardrails, check_schemas, decisions_header, guard_answer, violation
+from switchyard.services.workers.calls import ChunkSink
+from switchyard.shared.contracts import RequestEnvelope
+from switchyard.shared.detectors import Span, mask, non_overlapping
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.guardrails import (
+    Decision,
+    Guardrail,
+    Guardrails,
+    check_schemas,
+    decisions_header,
+    guard_answer,
+    violation,
+)
 
 STREAM_WINDOW = int(os.environ.get("SWITCHYARD_GUARDRAIL_STREAM_WINDOW", "128"))
 

@@ -35,8 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from services.workers import observe
-from services.workers.calls import (
+from switchyard.services.workers import observe
+from switchyard.services.workers.calls import (
     CLIENT_CLOSED,
     UPSTREAM_AUTH_ERROR,
     CallFailed,
@@ -46,17 +46,17 @@ from services.workers.calls import (
     for_caller,
     make_client,
 )
-from services.workers.cancels import Cancels
-from services.workers.chunks import ChunkStream
-from services.workers.guarding import OutputGuard
-from services.workers.pacing import Lease, Pacer
-from services.workers.providers import get_adapter
-from services.workers.providers.base import CallContext
-from services.workers.providers.native import native_request
-from shared import metrics, topics, tracing
-from shared.answers import problems, refuse_unreadable
-from shared.config import Deployment, GatewayConfig, load_config, load_settings
-from shared.contracts import (
+from switchyard.services.workers.cancels import Cancels
+from switchyard.services.workers.chunks import ChunkStream
+from switchyard.services.workers.guarding import OutputGuard
+from switchyard.services.workers.pacing import Lease, Pacer
+from switchyard.services.workers.providers import get_adapter
+from switchyard.services.workers.providers.base import CallContext
+from switchyard.services.workers.providers.native import native_request
+from switchyard.shared import metrics, topics, tracing
+from switchyard.shared.answers import problems, refuse_unreadable
+from switchyard.shared.config import Deployment, GatewayConfig, load_config, load_settings
+from switchyard.shared.contracts import (
     IN_DOUBT,
     OUT_OF_BAND,
     AttemptEvent,
@@ -66,11 +66,11 @@ from shared.contracts import (
     UsageEvent,
     now_ms,
 )
-from shared.dead import bury, deliver_or_bury
-from shared.errors import GatewayError, timeout_error
-from shared.guardrails import Guardrails
-from shared.health import health_port_default, serve_health
-from shared.kafka import (
+from switchyard.shared.dead import bury, deliver_or_bury
+from switchyard.shared.errors import GatewayError, timeout_error
+from switchyard.shared.guardrails import Guardrails
+from switchyard.shared.health import health_port_default, serve_health
+from switchyard.shared.kafka import (
     REFUSED_TOO_LARGE,
     Claim,
     DeliveryRefused,
@@ -85,10 +85,10 @@ from shared.kafka import (
     start_client,
     too_large,
 )
-from shared.lag import follow_lag
-from shared.logs import setup_logging
-from shared.parts import MAX_REPLY_BYTES, split
-from shared.service import run_until_signal
+from switchyard.shared.lag import follow_lag
+from switchyard.shared.logs import setup_logging
+from switchyard.shared.parts import MAX_REPLY_BYTES, split
+from switchyard.shared.service import run_until_signal
 
 log = logging.getLogger("switchyard.worker")
 MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_MAX_IN_FLIGHT", "512"))

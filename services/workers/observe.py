@@ -14,11 +14,11 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from services.workers.calls import CallFailed, CallResult
-from shared import metrics, tracing
-from shared.config import Deployment
-from shared.contracts import RequestEnvelope
-from shared.pricing import cost
+from switchyard.services.workers.calls import CallFailed, CallResult
+from switchyard.shared import metrics, tracing
+from switchyard.shared.config import Deployment
+from switchyard.shared.contracts import RequestEnvelope
+from switchyard.shared.pricing import cost
 
 _OPERATIONS = {"chat": "chat", "embeddings": "embeddings"}
 

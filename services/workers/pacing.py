@@ -32,11 +32,11 @@ from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from shared.config import Deployment
-from shared.contracts import RequestEnvelope
-from shared.errors import GatewayError
-from shared.metrics import PACING_QUEUE_DEPTH
-from shared.tokens import estimate_total_tokens
+from switchyard.shared.config import Deployment
+from switchyard.shared.contracts import RequestEnvelope
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.metrics import PACING_QUEUE_DEPTH
+from switchyard.shared.tokens import estimate_total_tokens
 
 WINDOW_S = 60.0
 DEFAULT_PAUSE_S = 5.0

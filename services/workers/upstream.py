@@ -29,7 +29,7 @@ import orjson
 import yarl
 from multidict import CIMultiDictProxy
 
-from services.workers.providers.base import UpstreamRequest
+from switchyard.services.workers.providers.base import UpstreamRequest
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]")
 """A character a URL may not carry as it is (a space, a non-ASCII letter): such a URL is percent-encoded first."""

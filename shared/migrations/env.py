@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from shared.db import metadata
+from switchyard.shared.db import metadata
 
 
 def _run(connection: Connection) -> None:

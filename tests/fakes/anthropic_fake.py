@@ -24,7 +24,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from shared.devstack.demo_provider import count_tokens
+from switchyard.devstack.demo_provider import count_tokens
 from tests.fakes.server import FakeProvider, sse
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",

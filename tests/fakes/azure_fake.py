@@ -15,7 +15,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from shared.devstack.demo_provider import completion_for, embeddings_for, stream_events
+from switchyard.devstack.demo_provider import completion_for, embeddings_for, stream_events
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import sse
 

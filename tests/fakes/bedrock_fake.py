@@ -48,8 +48,8 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from services.workers.providers import sigv4
-from shared.devstack.demo_provider import count_tokens
+from switchyard.devstack.demo_provider import count_tokens
+from switchyard.services.workers.providers import sigv4
 from tests.fakes.server import FakeProvider, Fault
 
 DEFAULT_TYPES = {400: "ValidationException", 403: "AccessDeniedException", 404: "ResourceNotFoundException",

@@ -16,7 +16,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from shared.devstack.demo_provider import completion_for, count_tokens, embeddings_for, reply_text
+from switchyard.devstack.demo_provider import completion_for, count_tokens, embeddings_for, reply_text
 from tests.fakes.server import FakeProvider, sse
 
 TEMPLATE_TOKENS = 7

@@ -29,7 +29,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from shared.devstack.demo_provider import count_tokens
+from switchyard.devstack.demo_provider import count_tokens
 from tests.fakes.server import FakeProvider, Fault
 
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",

@@ -11,7 +11,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from shared.devstack.demo_provider import completion_for, embeddings_for, stream_events
+from switchyard.devstack.demo_provider import completion_for, embeddings_for, stream_events
 from tests.fakes.server import FakeProvider, sse
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_denied",

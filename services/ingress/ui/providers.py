@@ -19,10 +19,10 @@ import contextlib
 import logging
 import time
 
-from shared import topics
-from shared.breaker import BreakerSettings, HealthBook
-from shared.health_feed import HealthFeed
-from shared.tansu import unfinished
+from switchyard.shared import topics
+from switchyard.shared.breaker import BreakerSettings, HealthBook
+from switchyard.shared.health_feed import HealthFeed
+from switchyard.shared.tansu import unfinished
 
 log = logging.getLogger("switchyard.ingress.ui")
 BACKLOG_TTL_S = 3.0

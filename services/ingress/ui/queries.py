@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy import and_, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.contracts import IN_DOUBT
-from shared.db import usage, virtual_keys
-from shared.periods import period_start
+from switchyard.shared.contracts import IN_DOUBT
+from switchyard.shared.db import usage, virtual_keys
+from switchyard.shared.periods import period_start
 
 PERCENTILES = {"p50_ms": 0.5, "p95_ms": 0.95, "p99_ms": 0.99}
 WINDOWS = {"1h": (timedelta(hours=1), 60), "24h": (timedelta(days=1), 3600)}

@@ -22,23 +22,23 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
-from services.ingress.admin import By, Since, needs_database
-from services.ingress.auth import is_master
-from services.ingress.responses import json_response
-from services.ingress.ui import queries
-from services.ingress.ui.providers import ProviderWatch
-from services.ingress.ui.session import (
+from switchyard.services.ingress.admin import By, Since, needs_database
+from switchyard.services.ingress.auth import is_master
+from switchyard.services.ingress.responses import json_response
+from switchyard.services.ingress.ui import queries
+from switchyard.services.ingress.ui.providers import ProviderWatch
+from switchyard.services.ingress.ui.session import (
     SESSION_COOKIE,
     SESSION_TTL_S,
     refuse_cross_site,
     sessions_for,
 )
-from shared import topics, ui_assets
-from shared.errors import GatewayError
-from shared.spend import GROUPINGS, parse_since, spend
+from switchyard.shared import topics, ui_assets
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.spend import GROUPINGS, parse_since, spend
 
 if TYPE_CHECKING:
-    from services.ingress.app import Gateway
+    from switchyard.services.ingress.app import Gateway
 
 STATIC = Path(__file__).parent / "static"
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -71,7 +71,7 @@ async def _login_key(request: Request) -> str:
 
         values = parse_qs(raw.decode("utf-8", "replace")).get("master_key") or [""]
         return values[0]
-    from services.ingress.validation import read_json
+    from switchyard.services.ingress.validation import read_json
 
     body = await read_json(request)
     key = body.get("master_key")

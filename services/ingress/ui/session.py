@@ -22,8 +22,8 @@ import time
 
 from starlette.requests import Request
 
-from services.ingress.auth import MASTER, Identity
-from shared.errors import GatewayError
+from switchyard.services.ingress.auth import MASTER, Identity
+from switchyard.shared.errors import GatewayError
 
 SESSION_COOKIE = "switchyard_session"
 SESSION_TTL_S = 8 * 3600

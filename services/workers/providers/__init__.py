@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.workers.providers.anthropic import AnthropicAdapter
-from services.workers.providers.azure import AzureOpenAIAdapter
-from services.workers.providers.base import ProviderAdapter
-from services.workers.providers.bedrock import BedrockAdapter
-from services.workers.providers.cohere import CohereAdapter
-from services.workers.providers.gemini import GeminiAdapter
-from services.workers.providers.openai import PRESETS, OpenAICompatibleAdapter
+from switchyard.services.workers.providers.anthropic import AnthropicAdapter
+from switchyard.services.workers.providers.azure import AzureOpenAIAdapter
+from switchyard.services.workers.providers.base import ProviderAdapter
+from switchyard.services.workers.providers.bedrock import BedrockAdapter
+from switchyard.services.workers.providers.cohere import CohereAdapter
+from switchyard.services.workers.providers.gemini import GeminiAdapter
+from switchyard.services.workers.providers.openai import PRESETS, OpenAICompatibleAdapter
 
 ADAPTERS: dict[str, Callable[[], ProviderAdapter]] = {
     **{name: (lambda n=name: OpenAICompatibleAdapter(n)) for name in PRESETS},  # type: ignore[misc]

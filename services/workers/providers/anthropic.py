@@ -11,8 +11,14 @@ from typing import Any
 
 import httpx
 
-from services.workers.providers.anthropic_request import API_VERSION, DEFAULT_BASE, PROVIDER, build_body, native_body
-from services.workers.providers.anthropic_response import (
+from switchyard.services.workers.providers.anthropic_request import (
+    API_VERSION,
+    DEFAULT_BASE,
+    PROVIDER,
+    build_body,
+    native_body,
+)
+from switchyard.services.workers.providers.anthropic_response import (
     AnthropicPassthrough,
     AnthropicStream,
     anthropic_error,
@@ -20,11 +26,11 @@ from services.workers.providers.anthropic_response import (
     checked_message,
     openai_message,
 )
-from services.workers.providers.base import CallContext, ProviderAdapter, StreamParser, UpstreamRequest
-from services.workers.providers.openai_shape import error_message, usage_from_openai
-from services.workers.providers.reading import encode_json
-from shared.contracts import Usage
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.base import CallContext, ProviderAdapter, StreamParser, UpstreamRequest
+from switchyard.services.workers.providers.openai_shape import error_message, usage_from_openai
+from switchyard.services.workers.providers.reading import encode_json
+from switchyard.shared.contracts import Usage
+from switchyard.shared.errors import GatewayError
 
 
 class AnthropicAdapter(ProviderAdapter):

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.workers.providers.base import GATEWAY_FIELDS, CallContext
-from services.workers.providers.reading import (
+from switchyard.services.workers.providers.base import GATEWAY_FIELDS, CallContext
+from switchyard.services.workers.providers.reading import (
     as_object,
     as_text,
     chat_messages,
@@ -40,8 +40,8 @@ from services.workers.providers.reading import (
     tool_call_function,
     unsupported,
 )
-from shared.errors import GatewayError
-from shared.formats import split_data_url
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.formats import split_data_url
 
 PROVIDER = "anthropic"
 DEFAULT_BASE = "https://api.anthropic.com"

@@ -14,16 +14,16 @@ from typing import Any
 import httpx
 import orjson
 
-from services.workers.providers.anthropic_request import PROVIDER, json_tool
-from services.workers.providers.base import CallContext, ServerEvent, StreamParser
-from services.workers.providers.openai_shape import (
+from switchyard.services.workers.providers.anthropic_request import PROVIDER, json_tool
+from switchyard.services.workers.providers.base import CallContext, ServerEvent, StreamParser
+from switchyard.services.workers.providers.openai_shape import (
     chunk,
     classify_status,
     completion,
     openai_usage,
     retry_after_seconds,
 )
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 # Anthropic error type -> (the HTTP status it comes with, the OpenAI error code a client expects).
 # The status matters for error events inside a stream, which carry only the type.

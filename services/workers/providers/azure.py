@@ -20,10 +20,10 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from services.workers.providers.base import CallContext, ServerEvent, StreamParser, UpstreamRequest
-from services.workers.providers.openai import OpenAICompatibleAdapter, OpenAICompatibleStream
-from services.workers.providers.openai_shape import classify_status, error_message, retry_after_seconds
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.base import CallContext, ServerEvent, StreamParser, UpstreamRequest
+from switchyard.services.workers.providers.openai import OpenAICompatibleAdapter, OpenAICompatibleStream
+from switchyard.services.workers.providers.openai_shape import classify_status, error_message, retry_after_seconds
+from switchyard.shared.errors import GatewayError
 
 DEFAULT_API_VERSION = "2024-10-21"  # the latest GA data-plane version; set `api_version` per deployment to change
 _FILTER_FIELDS = ("content_filter_results", "content_filter_offsets", "content_filter_raw")

@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 import orjson
 
-from services.workers.providers.openai_shape import openai_style_error, usage_from_openai
-from shared.config import Deployment
-from shared.contracts import NativeRequest, Usage
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.openai_shape import openai_style_error, usage_from_openai
+from switchyard.shared.config import Deployment
+from switchyard.shared.contracts import NativeRequest, Usage
+from switchyard.shared.errors import GatewayError
 
 GATEWAY_FIELDS = ("fallbacks", "strict")
 """Body fields Switchyard reads itself and never forwards upstream."""

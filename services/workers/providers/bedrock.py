@@ -32,27 +32,27 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from services.workers.providers import sigv4
-from services.workers.providers.base import (
+from switchyard.services.workers.providers import sigv4
+from switchyard.services.workers.providers.base import (
     CallContext,
     ProviderAdapter,
     ServerEvent,
     StreamParser,
     UpstreamRequest,
 )
-from services.workers.providers.bedrock_embeddings import embeddings_body, openai_embeddings
-from services.workers.providers.bedrock_request import build_body
-from services.workers.providers.bedrock_response import BedrockStream, openai_message
-from services.workers.providers.bedrock_response import usage_from_bedrock as usage_from_bedrock
-from services.workers.providers.bedrock_wire import SERVICE, EventStreamDecoder, bedrock_error
-from services.workers.providers.bedrock_wire import _frame_event as _frame_event
-from services.workers.providers.openai_shape import (
+from switchyard.services.workers.providers.bedrock_embeddings import embeddings_body, openai_embeddings
+from switchyard.services.workers.providers.bedrock_request import build_body
+from switchyard.services.workers.providers.bedrock_response import BedrockStream, openai_message
+from switchyard.services.workers.providers.bedrock_response import usage_from_bedrock as usage_from_bedrock
+from switchyard.services.workers.providers.bedrock_wire import SERVICE, EventStreamDecoder, bedrock_error
+from switchyard.services.workers.providers.bedrock_wire import _frame_event as _frame_event
+from switchyard.services.workers.providers.openai_shape import (
     error_message,
     retry_after_seconds,
 )
-from services.workers.providers.reading import encode_json
-from shared.config import Deployment
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.reading import encode_json
+from switchyard.shared.config import Deployment
+from switchyard.shared.errors import GatewayError
 
 DEFAULT_REGION = "us-east-1"
 

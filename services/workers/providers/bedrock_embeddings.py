@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     GATEWAY_FIELDS,
     CallContext,
 )
-from services.workers.providers.bedrock_wire import SERVICE
-from services.workers.providers.openai_shape import float32_base64
-from services.workers.providers.reading import invalid, unsupported
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.bedrock_wire import SERVICE
+from switchyard.services.workers.providers.openai_shape import float32_base64
+from switchyard.services.workers.providers.reading import invalid, unsupported
+from switchyard.shared.errors import GatewayError
 
 
 def _embed_family(model: str) -> str | None:

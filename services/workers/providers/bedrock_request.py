@@ -24,12 +24,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     GATEWAY_FIELDS,
     CallContext,
 )
-from services.workers.providers.bedrock_wire import SERVICE
-from services.workers.providers.reading import (
+from switchyard.services.workers.providers.bedrock_wire import SERVICE
+from switchyard.services.workers.providers.reading import (
     as_object,
     as_text,
     chat_messages,
@@ -48,7 +48,7 @@ from services.workers.providers.reading import (
     tool_call_function,
     unsupported,
 )
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 # Parameters this adapter translates or that Switchyard reads itself; never forwarded as they are.
 _HANDLED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",

@@ -13,18 +13,18 @@ from typing import Any
 
 import orjson
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     CallContext,
     ServerEvent,
     StreamParser,
 )
-from services.workers.providers.bedrock_wire import SERVICE
-from services.workers.providers.openai_shape import (
+from switchyard.services.workers.providers.bedrock_wire import SERVICE
+from switchyard.services.workers.providers.openai_shape import (
     chunk,
     completion,
     openai_usage,
 )
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 FINISH_REASONS = {
     "end_turn": "stop",

@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from services.workers.providers.base import ServerEvent
-from services.workers.providers.openai_shape import classify_status
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.base import ServerEvent
+from switchyard.services.workers.providers.openai_shape import classify_status
+from switchyard.shared.errors import GatewayError
 
 SERVICE = "bedrock"
 EVENT_STREAM = "application/vnd.amazon.eventstream"

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     GATEWAY_FIELDS,
     CallContext,
     ProviderAdapter,
@@ -35,7 +35,7 @@ from services.workers.providers.base import (
     StreamParser,
     UpstreamRequest,
 )
-from services.workers.providers.openai_shape import (
+from switchyard.services.workers.providers.openai_shape import (
     chunk,
     classify_status,
     completion,
@@ -44,7 +44,7 @@ from services.workers.providers.openai_shape import (
     openai_usage,
     retry_after_seconds,
 )
-from services.workers.providers.reading import (
+from switchyard.services.workers.providers.reading import (
     as_list,
     as_object,
     as_text,
@@ -62,7 +62,7 @@ from services.workers.providers.reading import (
     tool_call_function,
     unsupported,
 )
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 DEFAULT_BASE = "https://api.cohere.com"
 PROVIDER = "cohere"

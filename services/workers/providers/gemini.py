@@ -17,18 +17,18 @@ from typing import Any
 
 import httpx
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     CallContext,
     ProviderAdapter,
     StreamParser,
     UpstreamRequest,
 )
-from services.workers.providers.gemini_request import PROVIDER, chat_body, embeddings_body
-from services.workers.providers.gemini_request import public_media_url as public_media_url
-from services.workers.providers.gemini_response import GeminiStream, openai_embeddings, openai_message
-from services.workers.providers.gemini_response import gemini_error as gemini_error
-from services.workers.providers.reading import encode_json
-from shared.errors import GatewayError
+from switchyard.services.workers.providers.gemini_request import PROVIDER, chat_body, embeddings_body
+from switchyard.services.workers.providers.gemini_request import public_media_url as public_media_url
+from switchyard.services.workers.providers.gemini_response import GeminiStream, openai_embeddings, openai_message
+from switchyard.services.workers.providers.gemini_response import gemini_error as gemini_error
+from switchyard.services.workers.providers.reading import encode_json
+from switchyard.shared.errors import GatewayError
 
 DEFAULT_BASE = "https://generativelanguage.googleapis.com"
 DEFAULT_VERSION = "v1beta"

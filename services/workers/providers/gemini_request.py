@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     GATEWAY_FIELDS,
     CallContext,
 )
-from services.workers.providers.reading import (
+from switchyard.services.workers.providers.reading import (
     as_object,
     as_text,
     called_function,
@@ -46,8 +46,8 @@ from services.workers.providers.reading import (
     tool_call_function,
     unsupported,
 )
-from shared.errors import GatewayError
-from shared.formats import split_data_url
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.formats import split_data_url
 
 PROVIDER = "gemini"
 SKIP_SIGNATURE = "skip_thought_signature_validator"

@@ -24,13 +24,13 @@ from typing import Any
 import httpx
 import orjson
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     CallContext,
     ServerEvent,
     StreamParser,
 )
-from services.workers.providers.gemini_request import PROVIDER
-from services.workers.providers.openai_shape import (
+from switchyard.services.workers.providers.gemini_request import PROVIDER
+from switchyard.services.workers.providers.openai_shape import (
     chunk,
     classify_status,
     completion_id,
@@ -38,7 +38,7 @@ from services.workers.providers.openai_shape import (
     openai_usage,
     retry_after_seconds,
 )
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 FINISH_REASONS = {
     "STOP": "stop",

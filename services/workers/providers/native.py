@@ -8,8 +8,8 @@ a translation cannot express is lost, and its answer goes back as the provider w
 
 from __future__ import annotations
 
-from services.workers.providers.base import ProviderAdapter
-from shared.contracts import NativeRequest, RequestEnvelope
+from switchyard.services.workers.providers.base import ProviderAdapter
+from switchyard.shared.contracts import NativeRequest, RequestEnvelope
 
 
 def native_request(env: RequestEnvelope, adapter: ProviderAdapter, *, guarded: bool) -> NativeRequest | None:

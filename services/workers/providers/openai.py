@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.workers.providers.base import (
+from switchyard.services.workers.providers.base import (
     GATEWAY_FIELDS,
     CallContext,
     ProviderAdapter,
@@ -14,8 +14,8 @@ from services.workers.providers.base import (
     StreamParser,
     UpstreamRequest,
 )
-from services.workers.providers.openai_shape import usage_from_openai
-from services.workers.providers.reading import (
+from switchyard.services.workers.providers.openai_shape import usage_from_openai
+from switchyard.services.workers.providers.reading import (
     as_object,
     chat_messages,
     encode_json,
@@ -25,7 +25,7 @@ from services.workers.providers.reading import (
     response_format,
     tool_call_function,
 )
-from shared.errors import GatewayError
+from switchyard.shared.errors import GatewayError
 
 PRESETS: dict[str, str] = {
     "openai": "https://api.openai.com/v1",

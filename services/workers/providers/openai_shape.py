@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import orjson
 
-from shared.contracts import Usage
-from shared.errors import GatewayError
+from switchyard.shared.contracts import Usage
+from switchyard.shared.errors import GatewayError
 
 if TYPE_CHECKING:
-    from services.workers.providers.base import CallContext
+    from switchyard.services.workers.providers.base import CallContext
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:

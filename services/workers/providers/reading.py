@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from shared.errors import GatewayError
-from shared.formats import content_text, json_object, split_data_url
+from switchyard.shared.errors import GatewayError
+from switchyard.shared.formats import content_text, json_object, split_data_url
 
 if TYPE_CHECKING:
-    from services.workers.providers.base import CallContext
+    from switchyard.services.workers.providers.base import CallContext
 
 
 def image_parts(content: Any) -> list[dict[str, Any]]:
@@ -112,7 +112,7 @@ def part_text(part: dict[str, Any], param: str, provider: str) -> str:
 
 
 def text_of(content: Any, param: str, provider: str) -> str:
-    """All text of an OpenAI message content (`shared.formats.content_text`), its parts checked first."""
+    """All text of an OpenAI message content (`switchyard.shared.formats.content_text`), its parts checked first."""
     if content is not None and not isinstance(content, str):
         for j, part in enumerate(content_parts(content, param, provider)):
             if part.get("type") == "text":

@@ -21,7 +21,7 @@ import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
 
-from shared.topics import MAX_MESSAGE_BYTES
+from switchyard.shared.topics import MAX_MESSAGE_BYTES
 
 KAFKA_VERSION = "4.1.1"
 """The pinned Apache Kafka release (Scala 2.13 build); its jars come from Maven Central."""
@@ -209,7 +209,7 @@ class EmbeddedKafka:
         return f"127.0.0.1:{self.port}"
 
     def _choose_ports(self) -> None:
-        from shared.devstack.broker import free_port, port_is_free
+        from switchyard.devstack.broker import free_port, port_is_free
 
         kept = _read_ports(self.properties)
         if kept and all(port_is_free(p) for p in kept):
@@ -246,7 +246,7 @@ class EmbeddedKafka:
 
         On a restart the same ports are used; the log is recovered from disk by the broker itself.
         """
-        from shared.devstack.broker import wait_port
+        from switchyard.devstack.broker import wait_port
 
         if self.port == 0:
             self._choose_ports()

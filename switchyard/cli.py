@@ -19,13 +19,13 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from shared.devstack.supervisor import up
+    from switchyard.devstack.supervisor import up
 
     return up(args)
 
 
 def cmd_kafka_install(args: argparse.Namespace) -> int:
-    from shared.devstack import apache_kafka
+    from switchyard.devstack import apache_kafka
 
     if apache_kafka.installed():
         print(f"Apache Kafka {apache_kafka.KAFKA_VERSION} is installed in {apache_kafka.libs_dir()}")
@@ -44,7 +44,7 @@ def cmd_kafka_install(args: argparse.Namespace) -> int:
 
 
 def cmd_ui_install(args: argparse.Namespace) -> int:
-    from shared import ui_assets
+    from switchyard.shared import ui_assets
 
     if ui_assets.installed():
         print(f"uPlot {ui_assets.UPLOT_VERSION} is installed in {ui_assets.ui_home()}")
@@ -60,36 +60,36 @@ def cmd_ui_install(args: argparse.Namespace) -> int:
 
 
 def cmd_ingress(args: argparse.Namespace) -> int:
-    from services.ingress.main import run
+    from switchyard.services.ingress.main import run
 
     run(args)
     return 0
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    from services.router.main import run
+    from switchyard.services.router.main import run
 
     run(args)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from services.workers.main import run
+    from switchyard.services.workers.main import run
 
     run(args)
     return 0
 
 
 def cmd_accounting(args: argparse.Namespace) -> int:
-    from services.accounting.main import run
+    from switchyard.services.accounting.main import run
 
     run(args)
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from shared.config import load_settings
-    from shared.db import upgrade_blocking
+    from switchyard.shared.config import load_settings
+    from switchyard.shared.db import upgrade_blocking
 
     settings = load_settings()
     if not settings.database_url:
@@ -101,9 +101,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from shared import topics
-    from shared.config import load_config, load_settings
-    from shared.kafka import ensure_topics
+    from switchyard.shared import topics
+    from switchyard.shared.config import load_config, load_settings
+    from switchyard.shared.kafka import ensure_topics
 
     wanted = topics.all_topics(load_config(args.config).providers())
     created = asyncio.run(ensure_topics(load_settings().bootstrap_servers, wanted, args.replication_factor))
@@ -112,8 +112,8 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_batch_run(args: argparse.Namespace) -> int:
-    from shared.batch import run_batch
-    from shared.config import load_settings
+    from switchyard.batch import run_batch
+    from switchyard.shared.config import load_settings
 
     counts = asyncio.run(run_batch(Path(args.input), Path(args.out), load_settings().bootstrap_servers,
                                    window_s=args.window))
@@ -124,8 +124,8 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
 def cmd_dead(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from shared.config import load_settings
-    from shared.dead import read_dead, replay
+    from switchyard.shared.config import load_settings
+    from switchyard.shared.dead import read_dead, replay
 
     bootstrap = load_settings().bootstrap_servers
     if args.dead_command == "list":
@@ -170,8 +170,8 @@ def _print_table(rows: list[dict[str, Any]], by: str) -> None:
 
 def _query_database(query: Callable[[Any], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]] | None:
     """Run `query(engine)` on a one-connection engine to DATABASE_URL; None (said on stderr) without one."""
-    from shared.config import load_settings
-    from shared.db import make_engine
+    from switchyard.shared.config import load_settings
+    from switchyard.shared.db import make_engine
 
     database_url = load_settings().database_url
     if not database_url:
@@ -189,7 +189,7 @@ def _query_database(query: Callable[[Any], Awaitable[list[dict[str, Any]]]]) -> 
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
-    from shared.spend import spend
+    from switchyard.shared.spend import spend
 
     try:
         rows = _query_database(lambda engine: spend(engine, by=args.by, since=args.since))
@@ -206,7 +206,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from shared.stats import TIMINGS, latency
+    from switchyard.shared.stats import TIMINGS, latency
 
     rows = _query_database(lambda engine: latency(engine, by=args.by, window=args.window))
     if rows is None:
@@ -231,7 +231,7 @@ def _admin(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the ingress admin API of the stack here (or SWITCHYARD_URL) with the master key."""
     import httpx
 
-    from shared.config import load_settings
+    from switchyard.shared.config import load_settings
 
     settings = load_settings()
     if not settings.master_key:
@@ -324,7 +324,7 @@ def _key_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shared.spend import GROUPINGS
+    from switchyard.shared.spend import GROUPINGS
 
     parser = argparse.ArgumentParser(prog="switchyard", description="OpenAI-compatible LLM gateway on Kafka")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,28 +349,28 @@ def build_parser() -> argparse.ArgumentParser:
     u = usub.add_parser("install", help="fetch the pinned uPlot charting library, integrity-checked (once; then no-op)")
     u.set_defaults(func=cmd_ui_install)
 
-    from services.ingress.main import add_arguments as ingress_args
+    from switchyard.services.ingress.main import add_arguments as ingress_args
 
     p = sub.add_parser("ingress", help="run one ingress instance (HTTP API)")
     _config_arg(p)
     ingress_args(p)
     p.set_defaults(func=cmd_ingress)
 
-    from services.router.main import add_arguments as router_args
+    from switchyard.services.router.main import add_arguments as router_args
 
     p = sub.add_parser("router", help="run one router instance")
     _config_arg(p)
     router_args(p)
     p.set_defaults(func=cmd_router)
 
-    from services.workers.main import add_arguments as worker_args
+    from switchyard.services.workers.main import add_arguments as worker_args
 
     p = sub.add_parser("worker", help="run one worker process for a provider")
     _config_arg(p)
     worker_args(p)
     p.set_defaults(func=cmd_worker)
 
-    from services.accounting.main import add_arguments as accounting_args
+    from switchyard.services.accounting.main import add_arguments as accounting_args
 
     p = sub.add_parser("accounting", help="run one accounting consumer")
     _config_arg(p)

@@ -14,7 +14,7 @@ Supervision, so that a local stack survives what the chaos tests do to it:
   with its default partition count first, and their consumers read the new logs from their beginning
   (shared/tansu.py).
 - Tansu (no retention) is rotated, restarted empty, once its logs are large, at a moment when nothing
-  acknowledged is unprocessed (shared/devstack/tansu_rotation.py).
+  acknowledged is unprocessed (switchyard/devstack/tansu_rotation.py).
 - `.switchyard/stack.json` names every child's pid (rewritten on each restart), the broker's pid
   and the PostgreSQL data folder, so tests and operators can kill or stop exactly one process.
 """
@@ -36,14 +36,14 @@ from typing import Any
 
 import orjson
 
-from shared import topics
-from shared.config import STATE_DIR, ConfigError, config_path, load_config, secret_variables, stack_file
-from shared.devstack import probe
-from shared.devstack.broker import EmbeddedBroker, choose_broker, free_port, wait_port
-from shared.devstack.postgres import EmbeddedPostgres
-from shared.devstack.tansu_rotation import Ingress, TansuRotation
-from shared.kafka import REPLICA_ENV, ensure_topics
-from shared.tansu import BROKER_ENV, recreate_topics
+from switchyard.devstack import probe
+from switchyard.devstack.broker import EmbeddedBroker, choose_broker, free_port, wait_port
+from switchyard.devstack.postgres import EmbeddedPostgres
+from switchyard.devstack.tansu_rotation import Ingress, TansuRotation
+from switchyard.shared import topics
+from switchyard.shared.config import STATE_DIR, ConfigError, config_path, load_config, secret_variables, stack_file
+from switchyard.shared.kafka import REPLICA_ENV, ensure_topics
+from switchyard.shared.tansu import BROKER_ENV, recreate_topics
 
 STOP_GRACE_S = 10.0
 HEALTHY_RUN_S = 20.0
@@ -86,7 +86,7 @@ class Stack:
     """The topics (and partition counts) this stack needs: re-created when the embedded broker restarts."""
     broker_restarts: int = 0
     rotation: TansuRotation | None = None
-    """Tansu only: restarts the broker empty once its logs are large (shared/devstack/tansu_rotation.py)."""
+    """Tansu only: restarts the broker empty once its logs are large (switchyard/devstack/tansu_rotation.py)."""
 
     def publish(self) -> None:
         """Rewrite stack.json with the current pids (after a start or any restart)."""
@@ -170,8 +170,12 @@ def up(args: Any) -> int:
         if not config.models:
             port = free_port()
             env["SWITCHYARD_DEMO_URL"] = f"http://127.0.0.1:{port}/v1"
-            demo = Child("demo-provider", [sys.executable, "-m", "shared.devstack.demo_provider", "--port", str(port)],
-                         _scoped_env(env, secret_vars), base / "logs" / "demo-provider.log")
+            demo = Child(
+                "demo-provider",
+                [sys.executable, "-m", "switchyard.devstack.demo_provider", "--port", str(port)],
+                _scoped_env(env, secret_vars),
+                base / "logs" / "demo-provider.log",
+            )
             demo.start()
             stack.children.append(demo)
             wait_port(port)
@@ -190,7 +194,7 @@ def up(args: Any) -> int:
             "broker_kind": env[BROKER_ENV],
         }
         stack.publish()
-        cli = [sys.executable, "-m", "shared.cli"]
+        cli = [sys.executable, "-m", "switchyard.cli"]
         metrics_urls: dict[str, str] = {}
         stack.info["metrics_urls"] = metrics_urls
 
@@ -262,8 +266,12 @@ def _prepare(bootstrap: str, database_url: str, wanted: dict[str, int], env: dic
     """Create the topics, and migrate the database in a child process (`switchyard migrate`), so SQLAlchemy
     and Alembic never take up the long-lived supervisor's memory."""
     asyncio.run(ensure_topics(bootstrap, wanted))
-    result = subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env={**env, "DATABASE_URL": database_url},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "switchyard.cli", "migrate"],
+        env={**env, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"database migration failed: {(result.stderr or result.stdout).strip()[-2000:]}")
 

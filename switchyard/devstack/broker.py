@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from shared.devstack import apache_kafka
+from switchyard.devstack import apache_kafka
 
 TANSU_ENV = "SWITCHYARD_TANSU_BIN"
 TANSU_COST = ("embedded Tansu (no Java 17+ here): in-memory, polling every few ms, for development only; "

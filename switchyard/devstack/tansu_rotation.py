@@ -10,7 +10,7 @@ slowdown was seen; 0 turns rotation off), the supervisor rotates it:
    they are not refused;
 2. it waits until nothing acknowledged is unprocessed: every ingress replica held, with no caller waiting for a
    reply and nothing being sent, and every consumer group (router, workers, accounting) committed up to its
-   logs' ends (`shared.tansu.unfinished`), which services do only once what a message owed is acknowledged;
+   logs' ends (`switchyard.shared.tansu.unfinished`), which services do only once what a message owed is acknowledged;
 3. it pauses the services, checks the groups once more, restarts Tansu (its whole in-memory state goes) and
    re-creates the topics, as after a broker crash; the services read the new logs from their beginning;
 4. it resumes the services and releases the hold (RELEASE_SIGNAL).
@@ -36,8 +36,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from shared.devstack import probe
-from shared.tansu import HOLD_SIGNAL, HOLD_TTL_S, RELEASE_SIGNAL, log_messages, unfinished
+from switchyard.devstack import probe
+from switchyard.shared.tansu import HOLD_SIGNAL, HOLD_TTL_S, RELEASE_SIGNAL, log_messages, unfinished
 
 ROTATE_ENV = "SWITCHYARD_TANSU_ROTATE_MESSAGES"
 DEFAULT_ROTATE_MESSAGES = 50_000

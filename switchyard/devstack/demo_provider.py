@@ -2,7 +2,7 @@
 
 It answers deterministically (an echo of the last user message), streams word by word,
 calls the first tool when tools are offered, and reports usage, so the gateway works
-offline and tests can check every byte. Run: `python -m shared.devstack.demo_provider --port N`.
+offline and tests can check every byte. Run: `python -m switchyard.devstack.demo_provider --port N`.
 """
 
 from __future__ import annotations
