@@ -317,13 +317,15 @@ def test_a_worker_joining_mid_call_neither_repeats_nor_cuts_it(
             results[name] = e
 
     # Work waiting for its provider: a batch request whose first call got a 429 (the worker waits for the
-    # key to be free again, past the rebalance). Then two calls in flight for 8 s: one plain, one streamed.
+    # key to be free again, past the rebalance). Then two calls in flight for 20 s: one plain, one streamed.
+    # Both outlast the extra worker's start and the rebalance it causes, even on a loaded machine (with 8 s the
+    # calls could end before a slow start had joined the group, and there was nothing in flight to hand over).
     reply_topic = f"test.rebalance.{marker}"
     asyncio.run(ensure_topics(stack.bootstrap, {reply_topic: 1}))
-    fakes.faulty.inject(status=429, retry_after=20)
+    fakes.faulty.inject(status=429, retry_after=40)
     queued = envelope(reply_topic, queued_text, model="faulty")
     asyncio.run(produce_envelope(stack.bootstrap, queued))
-    fakes.main.inject(latency_ms=8000, times=2)
+    fakes.main.inject(latency_ms=20_000, times=2)
     threads = [threading.Thread(target=post, args=("slow", {"model": "gpt-test",
                                                             "messages": [{"role": "user", "content": slow_text}]})),
                threading.Thread(target=post, args=("stream", {"model": "gpt-test", "stream": True,

@@ -241,10 +241,12 @@ class EmbeddedKafka:
         if result.returncode != 0:
             raise RuntimeError(f"could not format Kafka's data folder {self.data}: {result.stdout}{result.stderr}")
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 180.0) -> None:
         """Start the node (formatting its data folder the first time) and wait until its port answers.
 
-        On a restart the same ports are used; the log is recovered from disk by the broker itself.
+        On a restart the same ports are used; the log is recovered from disk by the broker itself. The wait is
+        long because a JVM start plus log recovery after a kill can take over a minute on a busy 2-core machine;
+        a node that exits fails at once (`alive`), so only a live, slow node uses the whole wait.
         """
         from switchyard.devstack.broker import wait_port
 
