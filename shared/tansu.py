@@ -98,7 +98,9 @@ class RewindingConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
                       max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
         await self._maybe_check_logs()
-        return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+        batches: dict[TopicPartition, list[ConsumerRecord]] = await super().getmany(
+            *partitions, timeout_ms=timeout_ms, max_records=max_records)
+        return batches
 
     async def getone(self, *partitions: TopicPartition) -> ConsumerRecord:
         await self._maybe_check_logs()

@@ -119,7 +119,7 @@ class ResponseStore:
             async with self.engine.begin() as conn:
                 result = await conn.execute(delete(responses).where(and_(responses.c.id == rid,
                                                                          _visible(identity))))
-        if not result.rowcount:  # type: ignore[attr-defined]
+        if not result.rowcount:
             raise not_found(rid)
 
 

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import logging
 import random
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import SpanKind
@@ -177,10 +176,10 @@ class Router:
             await self.answer(env, GatewayError(refused.status, f"The request cannot be routed: {refused.message}.",
                                                 code="delivery_refused", retryable=False))
 
-    async def answer(self, env: RequestEnvelope, err: GatewayError) -> Any:
+    async def answer(self, env: RequestEnvelope, err: GatewayError) -> None:
         """The request's terminal answer, from the router: no deployment left, or its deadline passed.
         Dead-lettered if its reply destination vanished since it was checked."""
-        return await answer(self.producer, env, err, service=SERVICE)
+        await answer(self.producer, env, err, service=SERVICE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

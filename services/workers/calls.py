@@ -33,8 +33,8 @@ from switchyard.services.workers.providers.base import (
     faults_as,
     request_fault,
     response_fault,
-    usage_from_openai,
 )
+from switchyard.services.workers.providers.openai_shape import usage_from_openai
 from switchyard.services.workers.upstream import TRANSPORT_ERRORS, Answer, Upstream, UpstreamClient
 from switchyard.shared.contracts import Usage
 from switchyard.shared.errors import GatewayError
@@ -201,7 +201,7 @@ async def _answer(adapter: ProviderAdapter, ctx: CallContext, kind: str, respons
     """Read the upstream answer into `result` (or deliver its stream); an error status raises its mapping."""
     if response.status_code >= 400:
         body = await response.aread()
-        raise adapter.map_error(response.status_code, body, response.headers)  # type: ignore[arg-type]
+        raise adapter.map_error(response.status_code, body, response.headers)  # type: ignore[arg-type,unused-ignore]
     if ctx.stream and kind == "chat":
         await _stream(adapter, ctx, response, result, on_chunk, started)
         return

@@ -80,12 +80,12 @@ class AzureOpenAIAdapter(OpenAICompatibleAdapter):
         return self._for_azure(super().embeddings_request(ctx), ctx)
 
     def parse_chat(self, data: Any, ctx: CallContext) -> dict[str, Any]:
-        data = super().parse_chat(data, ctx)
-        data.pop("prompt_filter_results", None)
-        for choice in data["choices"]:
+        parsed = super().parse_chat(data, ctx)
+        parsed.pop("prompt_filter_results", None)
+        for choice in parsed["choices"]:
             for name in _FILTER_FIELDS:
                 choice.pop(name, None)
-        return data
+        return parsed
 
     def stream_parser(self, ctx: CallContext) -> StreamParser:
         return AzureStream(self.name)

@@ -141,7 +141,8 @@ def called_function(fn: Any, param: str, provider: str) -> dict[str, Any]:
     name_of(fn.get("name"), f"{param}.name", provider)
     if not isinstance(fn.get("arguments"), str | dict | None):
         raise invalid(provider, f"'{param}.arguments' must be a JSON string", f"{param}.arguments")
-    return fn
+    called: dict[str, Any] = fn
+    return called
 
 
 def tool_arguments(fn: dict[str, Any], param: str, provider: str) -> dict[str, Any]:
