@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from switchyard.shared.contracts import AttemptEvent
 
 CLIENT_FAULT_STATUSES = frozenset({400, 413, 422, 499})
-"""Failures caused by the request itself (499: its client went away and the call was stopped, issue 18): they
+"""Failures caused by the request itself (499: its client went away and the call was stopped): they
 say nothing about the deployment's health."""
 
 

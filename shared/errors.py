@@ -42,8 +42,8 @@ class GatewayError(Exception):
 
     `retryable` tells the router whether another attempt (same or next deployment) may help.
 
-    The message and param are redacted when the error is made (issue 17: redaction applies before every
-    sink, error text included): whatever quotes a caller's input or a provider's echo of it (a model name
+    The message and param are redacted when the error is made (redaction applies before every sink, error
+    text included): whatever quotes a caller's input or a provider's echo of it (a model name
     that is a key, an upstream error repeating the prompt's email or card) reaches the client, the reply
     topic, the prompt log and the log lines with the policy's placeholders only. Every error a client sees
     is one of these, rebuilt from its wire form by `from_body` at each hop, so this is the one place.

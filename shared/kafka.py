@@ -189,10 +189,10 @@ async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, what: str, t
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30.0) -> list[TopicPartition]:
     """Every partition of `topic`, for a consumer that assigns them itself (no subscription).
 
-    Such a consumer's metadata holds no topic until one is asked for: Apache Kafka answers a metadata
-    request for no topics with none (Tansu answered with all of them, so `partitions_for_topic` used to
-    work by accident, and on Kafka a router read no health events at all). Waits while the topic is
-    being created.
+    Asks the broker for `topic` by name: a consumer without a subscription tracks no topic until one is added,
+    and Apache Kafka answers a metadata request for no topics with none, so `partitions_for_topic` alone
+    finds nothing (docs/decisions/partition-discovery.md). Waits while the topic is being created; a
+    KafkaError after `timeout_s`.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

@@ -4,351 +4,46 @@ A request is authenticated, validated, written to `llm.requests` as an envelope 
 this instance's reply partition, and answered from that partition: JSON, or SSE relayed
 chunk by chunk. Every accepted request gets exactly one answer; the deadline bounds the wait.
 
-PostgreSQL is optional at run time: ingress starts and serves the master key without it, loads
-the virtual keys in the background until it answers (`/ready` waits for them), limits keys on
-its own count while it is down, and answers admin calls that need it with a 503 + Retry-After.
+This module builds the app: its middleware, error handlers (error_handlers.py) and routes. The state behind
+them is the `Gateway` (gateway.py); the request relay is `Relay` (relay.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import inspect
 import logging
-import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from switchyard.services.ingress import anthropic_api, completions, openapi
 from switchyard.services.ingress.admin import add_admin_routes
-from switchyard.services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
-from switchyard.services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
-from switchyard.services.ingress.batch_driver import BatchDriver
 from switchyard.services.ingress.batches import add_batch_routes
-from switchyard.services.ingress.budget_holds import BudgetHolds, Hold
-from switchyard.services.ingress.cache import ResponseCache
 from switchyard.services.ingress.completions import CompletionRequest
-from switchyard.services.ingress.database import DATABASE_ERRORS, admin_engine, database_unavailable, request_engine
+from switchyard.services.ingress.error_handlers import add_error_handlers, anthropic_error
 from switchyard.services.ingress.files import add_file_routes
-from switchyard.services.ingress.guarding import RequestGuard
+from switchyard.services.ingress.gateway import Admitted, Gateway
 from switchyard.services.ingress.hardening import HardeningMiddleware
-from switchyard.services.ingress.hold import AdmissionHold
-from switchyard.services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
-from switchyard.services.ingress.limits import RateLimiter
 from switchyard.services.ingress.observability import ObservabilityMiddleware
-from switchyard.services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL, json_body
+from switchyard.services.ingress.openapi import OPENAPI_URL, json_body
 from switchyard.services.ingress.plain_routes import ChatCompletions, PlainRoutes
 from switchyard.services.ingress.prompt_logs import add_log_routes
 from switchyard.services.ingress.relay import SSE_HEADERS, Relay, reply_headers
-from switchyard.services.ingress.replies import Pending, ReplyListener
-from switchyard.services.ingress.responses import SettlingStream, error_response, header_value, json_response
+from switchyard.services.ingress.request_ids import RequestIdMiddleware
+from switchyard.services.ingress.responses import SettlingStream, header_value, json_response
 from switchyard.services.ingress.responses_routes import Pipeline, add_responses_routes
 from switchyard.services.ingress.ui.routes import add_ui_routes
-from switchyard.services.ingress.ui.session import session_identity
 from switchyard.services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
-from switchyard.shared import metrics, topics, tracing
-from switchyard.shared.config import GatewayConfig, Settings
-from switchyard.shared.contracts import CancelRequest, KeyEvent, RequestEnvelope, now_ms
+from switchyard.shared import metrics, topics
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.guardrails import Guardrails
-from switchyard.shared.kafka import (
-    encode,
-    make_consumer,
-    make_producer,
-    send,
-    send_and_wait,
-    start_client,
-    topic_partitions,
-)
-from switchyard.shared.prompt_log import PromptRecord
-from switchyard.shared.service import BackgroundTasks
-from switchyard.shared.tansu import is_tansu
-from switchyard.shared.tokens import estimate_total_tokens
+
+__all__ = ["Admitted", "Gateway", "create_app", "reply_partition_from_env"]
 
 log = logging.getLogger("switchyard.ingress")
-
-DEFAULT_TIMEOUT_S = float(os.environ.get("SWITCHYARD_REQUEST_TIMEOUT", "300"))
-KEY_LOAD_RETRY_S = (0.5, 4.0)
-"""Backoff between attempts to load the virtual keys while PostgreSQL does not answer (first, most)."""
-KEY_LOAD_TIMEOUT_S = 30.0
-PUBLISH_DRAIN_S = 5.0
-"""How long a stopping ingress waits for its prompt-log records and cancel requests to reach the broker."""
-
-
-class Gateway:
-    """The state one ingress process holds: Kafka clients, the reply listener, config."""
-
-    producer: AIOKafkaProducer
-    replies: ReplyListener
-    cache: ResponseCache
-
-    def __init__(self, settings: Settings, config: GatewayConfig, reply_partition: int) -> None:
-        self.settings = settings
-        self.config = config
-        self.reply_partition = reply_partition
-        self._engine: AsyncEngine | None = None
-        self._request_engine: AsyncEngine | None = None
-        self.keys: KeyStore | None = None
-        self.limiter: RateLimiter | None = None
-        self.budget_holds: BudgetHolds | None = None
-        self.in_flight = InFlightCap()
-        self.auth_failures = AuthFailures()
-        self.max_timeout_s = max_timeout_s()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._background = BackgroundTasks()
-        """Prompt-log records and cancel requests on their way to the broker (drained before the producer stops)."""
-        self.batch_driver: BatchDriver | None = None
-        self.hold = AdmissionHold()
-        """Held by `switchyard up` while it rotates the Tansu broker (services/ingress/hold.py)."""
-        if is_tansu():
-            self.hold.install()
-        self.guardrails = Guardrails(config.guardrails)
-
-    def guard(self, identity: Identity, model: str) -> RequestGuard:
-        """The guardrails of a request (the model group's and the key's) and whether its prompt is logged."""
-        group = self.config.group(model)
-        log_prompts = next(v for v in (identity.log_prompts, group.log_prompts if group else None,
-                                       self.config.logging.prompts) if v is not None)
-        return RequestGuard(self.guardrails.select(model, identity.guardrails), log_prompts)
-
-    def publish_record(self, record: PromptRecord | None) -> None:
-        """Hand a request's (redacted) prompt-log record to the producer; its failure is logged, never raised."""
-        if record is not None:
-            self._publish_soon(topics.PROMPTS, encode(record), record.request_id, "a prompt-log record")
-
-    def publish_cancel(self, request_id: str) -> None:
-        """Ask the workers to stop the provider call of `request_id` (its client is gone); never blocks, its
-        failure is logged, never raised: a call not cancelled only runs to its end, as before."""
-        self._publish_soon(topics.CANCEL, encode(CancelRequest(request_id=request_id)), request_id,
-                           "a cancel request")
-
-    def _publish_soon(self, topic: str, value: bytes, request_id: str, what: str) -> None:
-        """Send one message keyed by `request_id` in the background (the response path never waits for it)."""
-
-        async def publish() -> None:
-            try:
-                await send_and_wait(self.producer, topic, value, key=request_id.encode())
-            except Exception as e:
-                log.warning(f"could not publish {what}", extra={"request_id": request_id, "error": repr(e)[:300]})
-
-        self._background.spawn(publish())
-
-    async def start(self) -> None:
-        # aiokafka clients must be created inside the running event loop.
-        self.producer = make_producer(self.settings.bootstrap_servers)
-        self.replies = ReplyListener(self.settings.bootstrap_servers, topics.REPLIES, self.reply_partition)
-        await start_client(self.producer, "ingress-producer")
-        self.cache = ResponseCache(self.config, self.settings.database_url, self)
-        self.cache.start()
-        if self.settings.database_url:
-            # Nothing here waits for PostgreSQL: the keys load in the background (see `ready`).
-            self.keys = KeyStore(self.engine(), key_hash_secret(self.settings), request_engine=self.request_engine())
-            self.limiter = RateLimiter(self.request_engine())
-            self.budget_holds = BudgetHolds(self.request_engine(), self.config)
-            self._tasks.append(asyncio.create_task(self._follow_key_events()))
-            self._tasks.append(asyncio.create_task(self._keep_keys_loaded()))
-            self.batch_driver = BatchDriver(self)
-            self._tasks.append(asyncio.create_task(self.batch_driver.run()))
-        await self.replies.start()
-
-    @property
-    def ready(self) -> bool:
-        """Replies are flowing and, with a database, the virtual keys have been loaded once."""
-        return hasattr(self, "replies") and self.replies.ready and (self.keys is None or self.keys.loaded)
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await self.replies.stop()
-        await self.cache.close()
-        with contextlib.suppress(TimeoutError):  # a broker that is gone cannot hold the shutdown
-            await asyncio.wait_for(self._background.drain(), PUBLISH_DRAIN_S)
-        await self.producer.stop()
-        for engine in (self._engine, self._request_engine):
-            if engine is not None:
-                await engine.dispose()
-
-    def engine(self) -> AsyncEngine:
-        if not self.settings.database_url:
-            raise GatewayError(503, "No accounting database is configured (DATABASE_URL).", code="no_database")
-        if self._engine is None:
-            self._engine = admin_engine(self.settings.database_url)
-        return self._engine
-
-    def request_engine(self) -> AsyncEngine:
-        """The engine of the request path, with short timeouts (a failure there degrades, never waits long)."""
-        if self._request_engine is None:
-            self.engine()  # the same 503 without a DATABASE_URL
-            self._request_engine = request_engine(self.settings.database_url)
-        return self._request_engine
-
-    async def _keep_keys_loaded(self) -> None:
-        """Load the virtual keys now, retrying with backoff until PostgreSQL answers, then every REFRESH_S."""
-        store = self.key_store()
-        delay = KEY_LOAD_RETRY_S[0]
-        while True:
-            first = not store.loaded
-            try:
-                await asyncio.wait_for(store.load_all(), KEY_LOAD_TIMEOUT_S)
-            except DATABASE_ERRORS as e:
-                store.outage.failed(e)  # one warning per outage
-            except Exception:
-                log.exception("could not load the virtual keys")
-            else:
-                if first or store.outage.down:
-                    log.info("virtual keys loaded", extra={"keys": len(store.by_id)})
-                store.outage.recovered()
-                delay = KEY_LOAD_RETRY_S[0]
-                await asyncio.sleep(REFRESH_S)
-                continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, KEY_LOAD_RETRY_S[1])
-
-    def key_store(self) -> KeyStore:
-        if self.keys is None:
-            raise GatewayError(503, "Virtual keys need the database (DATABASE_URL).", code="no_database")
-        return self.keys
-
-    async def _follow_key_events(self) -> None:
-        """Apply key changes from every replica (and budget blocks from accounting) within milliseconds."""
-        consumer = make_consumer(bootstrap=self.settings.bootstrap_servers, group_id=None, tansu_fetch_wait_ms=50,
-                                 auto_offset_reset="latest")
-        await start_client(consumer, "ingress-keys")
-        parts = await topic_partitions(consumer, topics.KEYS)
-        consumer.assign(parts)
-        await consumer.seek_to_end(*parts)
-        try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for records in batches.values():
-                    for record in records:
-                        try:
-                            await self.key_store().apply(KeyEvent.model_validate_json(record.value))
-                        except Exception:
-                            log.exception("could not apply key event")
-                self.key_store().note_poll()
-        finally:
-            await consumer.stop()
-
-    async def publish_key_event(self, event: KeyEvent) -> None:
-        async with self.hold.admitted():
-            await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
-
-    async def authenticate(self, request: Request) -> Identity:
-        """The caller's identity; failures are counted and throttled per client address (AuthFailures)."""
-        address = request.client.host if request.client else "unknown"
-        self.auth_failures.check(address)
-        try:
-            return await self._authenticate(request)
-        except GatewayError as e:
-            if e.status == 401 and e.code != "missing_api_key":  # a token was offered, and it was wrong
-                self.auth_failures.failed(address, e, request.url.path)
-            raise
-
-    async def _authenticate(self, request: Request) -> Identity:
-        if (session := session_identity(request, self.settings.master_key)) is not None:  # the dashboard's cookie
-            return session
-        token = bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        if is_master(token, self.settings.master_key):
-            return Identity(key_id=MASTER, is_master=True)
-        if self.keys is None or not token.startswith(KEY_PREFIX):
-            raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return (await self.keys.authenticate(token)).identity()
-
-    async def authenticate_admin(self, request: Request) -> None:
-        if not (await self.authenticate(request)).is_master:
-            raise GatewayError(403, "This endpoint needs the master key.", code="forbidden")
-
-    async def admit(self, request: Request, identity: Identity, body: dict[str, Any]) -> Admitted:
-        """Apply the replica's and the key's limits and hold the budgets; returns what to correct and release
-        later. Headers go on the response. Whatever it takes is given back by exactly one `finish` (and nothing
-        when it raises)."""
-        self.in_flight.enter()
-        try:
-            tokens = await self._admit_key(request, identity, body)
-        except BaseException:
-            self.in_flight.leave()
-            raise
-        try:
-            hold = None if self.budget_holds is None else await self.budget_holds.reserve(
-                identity, str(body.get("model") or ""), body)
-        except BaseException:
-            self.finish(identity, Admitted(tokens), None)
-            raise
-        return Admitted(tokens, hold)
-
-    async def _admit_key(self, request: Request, identity: Identity, body: dict[str, Any]) -> int:
-        if self.limiter is None or identity.is_master:
-            return 0
-        headers: dict[str, str] = request.state.extra_headers
-        estimate = estimate_total_tokens(body)
-        for kind, limit, amount in (("requests", identity.rpm, 1), ("tokens", identity.tpm, estimate)):
-            if limit:
-                try:
-                    allowance = await self.limiter.take(identity.key_id, kind, limit, amount)
-                except GatewayError as e:
-                    headers.update(e.headers)
-                    raise
-                headers.update(self.limiter.headers(kind, limit, allowance))
-        self.limiter.enter(identity.key_id, identity.max_parallel)
-        return estimate
-
-    def finish(self, identity: Identity, admitted: Admitted, actual_tokens: int | None) -> None:
-        self.in_flight.leave()
-        if self.budget_holds is not None:
-            self.budget_holds.settle(admitted.hold)
-        if self.limiter is None or identity.is_master:
-            return
-        self.limiter.leave(identity.key_id)
-        if identity.tpm and actual_tokens is not None:
-            self.limiter.correct(identity.key_id, actual_tokens - admitted.tokens)
-
-    def route_headers(self, request: Request) -> dict[str, str]:
-        """Only the headers routing rules look at travel in the envelope (never credentials)."""
-        names = {name.lower() for rule in self.config.routing_rules for name in rule.headers}
-        return {name: request.headers[name] for name in names if name in request.headers}
-
-    def deadline_ms(self, request: Request) -> int:
-        """Now plus `x-switchyard-timeout` (else the default), capped by SWITCHYARD_MAX_TIMEOUT; 400 when bad."""
-        timeout = timeout_s(request.headers.get(topics.HEADER_TIMEOUT), DEFAULT_TIMEOUT_S, self.max_timeout_s)
-        return now_ms() + int(timeout * 1000)
-
-    async def submit(self, envelope: RequestEnvelope, trace: tracing.Hop | None = None) -> Pending:
-        """Register for the reply, then write the envelope (with the request's trace context) and wait for the
-        broker's acknowledgement."""
-        value = encode(envelope)  # before the try: a body that cannot be encoded is not a broker outage
-        async with self.hold.admitted():  # waits while `switchyard up` rotates the Tansu broker
-            pending = self.replies.register(envelope.id)
-        try:
-            fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode(),
-                             headers=trace.headers() if trace is not None else None)
-            await fut
-        except Exception as e:
-            self.replies.unregister(envelope.id)
-            log.error("could not enqueue request", extra={"request_id": envelope.id, "error": repr(e)})
-            raise GatewayError(503, "The gateway could not accept the request (message broker unavailable).",
-                               code="broker_unavailable") from e
-        return pending
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """What `Gateway.admit` took for one request: its token estimate (corrected later) and its budget hold."""
-
-    tokens: int
-    hold: Hold | None = None
-
 
 # FastAPI >= 0.16x asks OpenTelemetry for its tracer/meter/logger providers on every request (each a
 # read of os.environ), ~5% of ingress CPU under load; Switchyard has no OpenTelemetry set-up to feed.
@@ -356,37 +51,6 @@ _NO_TELEMETRY: dict[str, Any] = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
 )
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (`request.state.request_id`) and a dict of extra response headers
-    (`request.state.extra_headers`, e.g. rate-limit headers), added to the response unless already set.
-
-    Pure ASGI on purpose: `@app.middleware("http")` (BaseHTTPMiddleware) runs every request through
-    an anyio task group and memory streams, about a fifth of ingress CPU under load (bench/README.md).
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id = uuid.uuid4().hex
-        state["extra_headers"] = {}
-
-        async def send_with_headers(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {k.lower() for k, _ in headers}
-                wanted = {topics.HEADER_REQUEST_ID: request_id, **state["extra_headers"]}
-                headers += [(k.encode(), v.encode()) for k, v in wanted.items() if k.lower().encode() not in present]
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -409,37 +73,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.add_middleware(ObservabilityMiddleware)
     app.add_middleware(HardeningMiddleware)  # outermost: bad headers never reach a route
 
-    @app.exception_handler(GatewayError)
-    async def gateway_error(request: Request, exc: GatewayError) -> Response:
-        return error_response(exc, getattr(request.state, "request_id", None))
-
-    async def database_error(request: Request, exc: Exception) -> Response:
-        """A safety net: a PostgreSQL failure that escaped its handler is a 503 + Retry-After, never a 500."""
-        log.warning("database call failed", extra={"path": request.url.path, "error": repr(exc)[:300]})
-        return error_response(database_unavailable(), getattr(request.state, "request_id", None))
-
-    for error_type in DATABASE_ERRORS:
-        if error_type not in (OSError, TimeoutError):  # too broad to claim for the database
-            app.add_exception_handler(error_type, database_error)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = "Not found." if exc.status_code == 404 else str(exc.detail)
-        return error_response(GatewayError(exc.status_code, message), getattr(request.state, "request_id", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(GatewayError(400, str(exc)), getattr(request.state, "request_id", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        """The last safety net: a bug answers a 500 in the route's error shape (never plain text), logged."""
-        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-        err = GatewayError(500, "The gateway failed to handle this request.", code="internal_error")
-        request_id = getattr(request.state, "request_id", None)
-        if request.url.path in ANTHROPIC_PATHS and request_id:
-            return _anthropic_error(err, request_id)
-        return error_response(err, request_id)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -516,7 +150,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             call = await pipeline.submit(request, identity, body, model, "chat", stream)
             first = await pipeline.first(call)
         except GatewayError as e:
-            return _anthropic_error(e, request_id, request.state.extra_headers)
+            return anthropic_error(e, request_id, request.state.extra_headers)
         headers = {**reply_headers(first, request_id), "request-id": request_id}
         dropped = [] if first.format == "anthropic" else anthropic_api.dropped_params(raw)  # passed through: none
         if dropped:
@@ -547,18 +181,12 @@ def create_app(gateway: Gateway) -> FastAPI:
             await gateway.authenticate(request)
             counted = anthropic_api.estimate_tokens(await read_json(request))
         except GatewayError as e:
-            return _anthropic_error(e, request_id)
+            return anthropic_error(e, request_id)
         return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})
 
     add_responses_routes(app, gateway, Pipeline(pipeline.submit, pipeline.first, pipeline.rest, reply_headers,
                                                 SSE_HEADERS, pipeline.settle))
     return app
-
-
-def _anthropic_error(err: GatewayError, request_id: str, extra: dict[str, str] | None = None) -> Response:
-    headers = {**(extra or {}), **err.response_headers(), topics.HEADER_REQUEST_ID: request_id,
-               "request-id": request_id}
-    return json_response(anthropic_api.error_body(err, request_id), err.status, headers)
 
 
 def reply_partition_from_env(value: str | None) -> int:
@@ -573,4 +201,3 @@ def reply_partition_from_env(value: str | None) -> int:
             raise ValueError(f"hostname {socket.gethostname()!r} has no -N ordinal suffix")
         return int(suffix)
     return int(value)
-

@@ -109,7 +109,7 @@ CLIENT_CLOSED = 499
 
 
 class Cancel:
-    """Lets another task stop one provider call (its client went away, issue 18).
+    """Lets another task stop one provider call (its client went away).
 
     `cancel()` ends the call at its next await, whether it waits for the provider's first byte or reads
     its stream: the connection is closed (the provider sees the client go) and `call` raises `CallFailed`

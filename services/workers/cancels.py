@@ -1,6 +1,6 @@
 """The provider calls a worker process holds, by request id, and the follower of `llm.cancel` that stops them.
 
-Ingress publishes a `CancelRequest` when a client goes away before its answer (issue 18). Every worker
+Ingress publishes a `CancelRequest` when a client goes away before its answer. Every worker
 process reads all of `llm.cancel` (no consumer group: each process must see every signal, since any of them
 may hold the call) from its end at start: a signal older than the process concerns no call it holds.
 
