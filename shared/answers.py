@@ -20,15 +20,15 @@ import logging
 import re
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]  # the decoder's own string scanner
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from pydantic import BaseModel, ValidationError
 
 from switchyard.shared import topics, tracing
 from switchyard.shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope
-from switchyard.shared.dead import UNREADABLE, bury, send_or_bury
+from switchyard.shared.dead import UNREADABLE, bury, bury_consumed, send_or_bury
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.kafka import DeliveryRefused, Headers, check_destination, encode
 
@@ -54,6 +54,20 @@ def problems(error: ValidationError, limit: int = 5) -> str:
         found.append(f"{where}: {item['msg']}" if where else str(item["msg"]))
     more = error.error_count() - limit
     return "; ".join(found) + (f" (and {more} more)" if more > 0 else "")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_or_bury(producer: AIOKafkaProducer, record: ConsumerRecord[bytes, bytes], model: type[M], what: str,
+                       *, service: str) -> M | None:
+    """`record`'s value as a `model`; None once a value that does not validate is dead-lettered (UNREADABLE,
+    "`what` cannot be read: " and the problems, never the value), so that its consumer moves past it."""
+    try:
+        return model.model_validate_json(record.value or b"")
+    except ValidationError as e:
+        await bury_consumed(producer, record, UNREADABLE, f"{what} cannot be read: {problems(e)}", service=service)
+        return None
 
 
 @dataclass

@@ -407,6 +407,15 @@ def asyncpg_url(url: str) -> str:
     return url
 
 
+def cache_home(env_var: str, folder: str) -> Path:
+    """Where a download is kept: `$env_var` when set, else <XDG_CACHE_HOME or ~/.cache>/switchyard/<folder>
+    (outside the repo, shared by every checkout)."""
+    explicit = os.environ.get(env_var)
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "switchyard" / folder
+
+
 def stack_file(base: Path | None = None) -> Path:
     return (base or Path.cwd()) / STATE_DIR / STACK_FILE
 

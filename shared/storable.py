@@ -11,12 +11,15 @@ one refused row among n costs about 2·log2(n) extra transactions, and every oth
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from switchyard.shared.retry import attempts
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -73,3 +76,23 @@ async def store_or_isolate(items: Sequence[T], store: Callable[[Sequence[T]], Aw
     left, left_refused = await store_or_isolate(items[:half], store)
     right, right_refused = await store_or_isolate(items[half:], store)
     return left + right, left_refused + right_refused
+
+
+UNAVAILABLE = (OperationalError, DBAPIError, OSError)
+"""What `store_until_stored` retries: the database unreachable, or refusing what a later try may take."""
+
+
+async def store_until_stored(items: Sequence[T], store: Callable[[Sequence[T]], Awaitable[R]], *,
+                             log: logging.Logger, what: str, extra: dict[str, Any] | None = None
+                             ) -> tuple[list[R], list[Refused]]:
+    """`store_or_isolate`, retried without end while the database is unavailable (waits from 0.5 s doubling
+    to 5 s), logging a warning "database unavailable; retrying {what}" each time. It never gives up: its
+    callers hold the batch's Kafka offsets uncommitted until it returns, so dropping the batch would lose it."""
+    async for attempt in attempts(UNAVAILABLE, first_s=0.5, max_s=5.0):
+        with attempt:
+            try:
+                return await store_or_isolate(items, store)
+            except UNAVAILABLE as e:
+                log.warning(f"database unavailable; retrying {what}", extra={**(extra or {}), "error": repr(e)[:300]})
+                raise
+    raise AssertionError("unreachable: the attempts never end")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
+
+from switchyard.shared.config import cache_home
 
 UPLOT_VERSION = "1.6.32"
 UPLOT_TARBALL = f"https://registry.npmjs.org/uplot/-/uplot-{UPLOT_VERSION}.tgz"
@@ -37,11 +38,7 @@ INSTALL_COMMAND = "switchyard ui install"
 
 def ui_home() -> Path:
     """Where the library lives: SWITCHYARD_UI_HOME, else ~/.cache/switchyard/uplot-<version> (outside the repo)."""
-    explicit = os.environ.get(UI_HOME_ENV)
-    if explicit:
-        return Path(explicit)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "switchyard" / f"uplot-{UPLOT_VERSION}"
+    return cache_home(UI_HOME_ENV, f"uplot-{UPLOT_VERSION}")
 
 
 def installed(home: Path | None = None) -> bool:

@@ -14,7 +14,6 @@ PostgreSQL refuses for good (a value no column can hold) as `unstorable`, found 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -23,17 +22,15 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import SpanContext, SpanKind
-from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from switchyard.services.accounting.ledger import to_row, write_batch
 from switchyard.services.accounting.prompt_log import PromptLogWriter
 from switchyard.shared import topics, tracing
-from switchyard.shared.answers import problems
+from switchyard.shared.answers import read_or_bury
 from switchyard.shared.config import load_config, load_settings
 from switchyard.shared.contracts import IN_DOUBT, UsageEvent
 from switchyard.shared.db import make_engine
-from switchyard.shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
+from switchyard.shared.dead import UNSTORABLE, bury_consumed
 from switchyard.shared.health import health_port_default, serve_health
 from switchyard.shared.kafka import (
     BatchOffsets,
@@ -48,7 +45,7 @@ from switchyard.shared.kafka import (
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal
-from switchyard.shared.storable import store_or_isolate
+from switchyard.shared.storable import store_until_stored
 
 log = logging.getLogger("switchyard.accounting")
 BATCH_MAX = 1000
@@ -118,11 +115,8 @@ class Accounting:
 
     async def _row(self, record: ConsumerRecord[bytes, bytes]) -> Row | None:
         """The record's event and its priced row; None once a record that can be neither is dead-lettered."""
-        try:
-            event = UsageEvent.model_validate_json(record.value or b"")
-        except ValidationError as e:
-            await bury_consumed(self.producer, record, UNREADABLE, f"the usage event cannot be read: {problems(e)}",
-                                service="accounting")
+        event = await read_or_bury(self.producer, record, UsageEvent, "the usage event", service="accounting")
+        if event is None:
             return None
         try:
             return Row(record, event, to_row(event))
@@ -134,16 +128,7 @@ class Accounting:
     async def _write_until_stored(self, rows: list[Row]) -> None:
         """Store the rows; a row PostgreSQL refuses for good is dead-lettered, any other database error is
         retried (the whole batch again: what a first try stored is stored once)."""
-        delay = 0.5
-        while True:
-            try:
-                _, refused = await store_or_isolate(rows, self._store)
-                break
-            except (OperationalError, DBAPIError, OSError) as e:
-                log.warning("database unavailable; retrying the batch", extra={"rows": len(rows),
-                                                                               "error": repr(e)[:300]})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        _, refused = await store_until_stored(rows, self._store, log=log, what="the batch", extra={"rows": len(rows)})
         for bad in refused:
             row: Row = bad.item
             await bury_consumed(self.producer, row.record, UNSTORABLE, bad.error, service="accounting",

@@ -27,18 +27,16 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.shared import topics
-from switchyard.shared.answers import problems
-from switchyard.shared.dead import UNREADABLE, UNSTORABLE, bury_consumed
+from switchyard.shared.answers import read_or_bury
+from switchyard.shared.dead import UNSTORABLE, bury_consumed
 from switchyard.shared.kafka import group_instance_id, make_consumer, start_client
 from switchyard.shared.prompt_log import PromptRecord, prompt_log
-from switchyard.shared.storable import store_or_isolate
+from switchyard.shared.storable import store_until_stored
 
 log = logging.getLogger("switchyard.accounting.prompts")
 
@@ -111,11 +109,8 @@ class PromptLogWriter:
     async def _entry(self, message: ConsumerRecord[bytes, bytes], now: float) -> _Entry | None:
         """What the record asks to store; None when it asks nothing, or once a record that cannot be read or
         converted is dead-lettered."""
-        try:
-            record = PromptRecord.model_validate_json(message.value or b"")
-        except ValidationError as e:
-            await bury_consumed(self.producer, message, UNREADABLE, f"the prompt record cannot be read: {problems(e)}",
-                                service="accounting")
+        record = await read_or_bury(self.producer, message, PromptRecord, "the prompt record", service="accounting")
+        if record is None:
             return None
         if not (record.logged or record.guardrails):
             return None
@@ -131,15 +126,7 @@ class PromptLogWriter:
         """Store the batch and the records still waiting; a record PostgreSQL refuses for good is
         dead-lettered, any other database error retried."""
         entries += [e for e in self.waiting.values() if now - e.since < USAGE_WAIT_S]
-        delay = 0.5
-        while True:
-            try:
-                results, refused = await store_or_isolate(entries, self._store)
-                break
-            except (OperationalError, DBAPIError, OSError) as e:
-                log.warning("database unavailable; retrying the prompt records", extra={"error": repr(e)[:300]})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        results, refused = await store_until_stored(entries, self._store, log=log, what="the prompt records")
         done = set().union(*results)
         gone = {id(bad.item) for bad in refused}
         for bad in refused:

@@ -21,6 +21,7 @@ import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
 
+from switchyard.shared.config import cache_home
 from switchyard.shared.topics import MAX_MESSAGE_BYTES
 
 KAFKA_VERSION = "4.1.1"
@@ -64,11 +65,7 @@ logger.raft.level = INFO
 
 def kafka_home() -> Path:
     """Where the jars live: SWITCHYARD_KAFKA_HOME, else ~/.cache/switchyard/kafka-<version> (outside the repo)."""
-    explicit = os.environ.get(KAFKA_HOME_ENV)
-    if explicit:
-        return Path(explicit)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "switchyard" / f"kafka-{KAFKA_VERSION}"
+    return cache_home(KAFKA_HOME_ENV, f"kafka-{KAFKA_VERSION}")
 
 
 def libs_dir() -> Path:
