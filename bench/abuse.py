@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True,
                          text=True).stdout.strip()
     doc: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "git": git,
-                           "command": "bench/abuse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           "command": " ".join(["bench/abuse.py", *(argv if argv is not None else sys.argv[1:])]),
                            "machine": machine()}
     began = time.monotonic()
     doc.update(run_stack_phases(args, say))
