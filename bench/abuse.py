@@ -1,6 +1,6 @@
 """Abuse figures (issue 18): random tokens, slow stream readers, fuzzing totals; the stack healthy after each.
 
-    .venv/bin/python bench/abuse.py            # full size (~20 min on 2 cores): bench/results/abuse-<date>.json
+    .venv/bin/python bench/abuse.py            # full size (30-40 min, 2 loaded cores): bench/results/abuse-<date>.json
                                                # and the "Abuse figures" table in bench/README.md
     .venv/bin/python bench/abuse.py --smoke    # small numbers, a few minutes; writes bench/.work/abuse-smoke.json
 
@@ -73,6 +73,12 @@ async def healthy(url: str) -> dict[str, Any]:
             "ok": health.status_code == ready.status_code == answer.status_code == 200}
 
 
+def save_partial(out: dict[str, Any]) -> None:
+    """What the run has measured so far (bench/.work/abuse-partial.json): a run stopped later keeps it."""
+    (BENCH / ".work").mkdir(parents=True, exist_ok=True)
+    (BENCH / ".work" / "abuse-partial.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+
 def restarts(stack: Switchyard) -> dict[str, int]:
     return dict(read_stack(stack.dir).get("restarts") or {})
 
@@ -93,6 +99,7 @@ def run_stack_phases(args: argparse.Namespace, say: Any) -> dict[str, Any]:
             out["bad_tokens"] = asyncio.run(abuse_tokens.run(url, db, SWITCHYARD_KEY, args.tokens,
                                                              args.concurrency, args.spread_concurrency, say))
             out["bad_tokens"]["healthy_after"] = asyncio.run(healthy(url))
+            save_partial(out)
         if args.slow_clients:
             out["slow_readers"] = asyncio.run(abuse_streams.run(
                 "127.0.0.1", stack.port, SWITCHYARD_KEY, MODEL, stack.roots, args.slow_clients, args.hold,
