@@ -9,7 +9,9 @@ above any target's rate (`bench/run.py` measures that and prints it as the "fake
 - `"stream": true`: SSE, a role chunk, `--stream-chunks` content chunks `w0`, ` w1`, ... (so a
   client can check order and framing), a finish chunk, a usage chunk when
   `stream_options.include_usage`, then `[DONE]`; `--chunk-gap-ms` apart (first content chunk
-  at once, so time-to-first-token is the target's overhead, not the fake's pacing).
+  at once, so time-to-first-token is the target's overhead, not the fake's pacing). A body may set its own
+  length: `fake_stream_chunks` (content chunks) and `fake_chunk_bytes` (filler added to each content chunk);
+  gateways forward unknown fields, so bench/abuse.py asks for a few very long streams this way.
 - anything else: 404 JSON.
 
 Run: `python bench/fake_openai.py --port N` (prints `ready <port>` on stdout when listening).
@@ -90,7 +92,10 @@ class FakeOpenAI(asyncio.Protocol):
         rid = f"chatcmpl-fake{next(_ids)}"
         if req.get("stream"):
             include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-            asyncio.ensure_future(self._stream(rid, model, include_usage))
+            chunks, pad = req.get("fake_stream_chunks"), req.get("fake_chunk_bytes")
+            asyncio.ensure_future(self._stream(rid, model, include_usage,
+                                               chunks if isinstance(chunks, int) and chunks > 0 else None,
+                                               pad if isinstance(pad, int) and pad > 0 else 0))
         else:
             self._write(200, orjson.dumps(_completion(rid, model)))
 
@@ -105,7 +110,8 @@ class FakeOpenAI(asyncio.Protocol):
         if not self.keep_alive:
             self.transport.close()
 
-    async def _stream(self, rid: str, model: str, include_usage: bool) -> None:
+    async def _stream(self, rid: str, model: str, include_usage: bool, chunks: int | None = None,
+                      pad: int = 0) -> None:
         t = self.transport
         if t is None:
             return
@@ -120,15 +126,16 @@ class FakeOpenAI(asyncio.Protocol):
                                               "logprobs": None}]})
 
         t.write(_http_chunk(chunk({"role": "assistant", "content": ""}) + chunk({"content": "w0"})))
-        for i in range(1, self.stream_chunks):
+        count, filler = chunks or self.stream_chunks, "." * min(pad, 1 << 20)
+        for i in range(1, count):
             if self.chunk_gap_s > 0:
                 await asyncio.sleep(self.chunk_gap_s)
             if self.transport is None:
                 return
-            t.write(_http_chunk(chunk({"content": f" w{i}"})))
+            t.write(_http_chunk(chunk({"content": f" w{i}{filler}"})))
         tail = chunk({}, "stop")
         if include_usage:
-            tail += _sse({**base, "choices": [], "usage": _usage(self.stream_chunks)})
+            tail += _sse({**base, "choices": [], "usage": _usage(count)})
         t.write(_http_chunk(tail + b"data: [DONE]\n\n") + b"0\r\n\r\n")
         if not self.keep_alive:
             t.close()

@@ -52,6 +52,9 @@ OVERHEAD_DURATION = Histogram("switchyard_overhead_duration_seconds",
 TIME_TO_FIRST_TOKEN = Histogram("switchyard_time_to_first_token_seconds",
                                 "Streams: from the request reaching ingress to its first chunk going out.",
                                 ["model"], buckets=LATENCY_BUCKETS)
+AUTH_FAILURES = Counter("switchyard_auth_failures_total",
+                        "Failed authentications at ingress (a key was offered and refused), by error code; "
+                        "throttled callers (429 too_many_auth_failures) are not counted again.", ["code"])
 
 # ---- workers: provider calls ----------------------------------------------------------------------------
 
@@ -103,7 +106,7 @@ EXPORTED = ("switchyard_requests_total", "switchyard_request_duration_seconds", 
             "switchyard_provider_duration_seconds", "switchyard_tokens_total", "switchyard_cost_usd_total",
             "switchyard_deployment_state", "switchyard_consumer_lag", "switchyard_pacing_queue_depth",
             "switchyard_cache_requests_total", "gen_ai_server_request_duration", "gen_ai_server_time_to_first_token",
-            "gen_ai_client_token_usage")
+            "gen_ai_client_token_usage", "switchyard_auth_failures_total")
 """The metric families above, as a scrape names them (deploy/grafana's test checks its queries against these)."""
 
 _hooks: list[Callable[[], None]] = []

@@ -208,10 +208,18 @@ async def test_random_tokens_cost_postgresql_nothing_once_keys_are_loaded(abuse_
         await store.engine.dispose()
 
 
+def auth_failures_counted(stack: RunningStack) -> float:
+    """`switchyard_auth_failures_total{code="invalid_api_key"}` as ingress's /metrics shows it (0 before any)."""
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('switchyard_auth_failures_total{code="invalid_api_key"}'))
+
+
 def test_failed_authentications_are_throttled_per_address_and_logged_without_the_token(
         abuse_stack: RunningStack) -> None:
     guesser, neighbour = {"x-forwarded-for": "203.0.113.7"}, {"x-forwarded-for": "203.0.113.8"}
     guesses = [KEY_PREFIX + secrets.token_urlsafe(32) for _ in range(AUTH_FAILURE_LIMIT + 1)]
+    counted_before = auth_failures_counted(abuse_stack)
     for token in guesses[:AUTH_FAILURE_LIMIT]:
         r = chat(abuse_stack, token, "cheap", headers=guesser)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
@@ -220,6 +228,7 @@ def test_failed_authentications_are_throttled_per_address_and_logged_without_the
     assert 1 <= int(r.headers["retry-after"]) <= 60
     assert chat(abuse_stack, MASTER_KEY, "cheap", headers=guesser).status_code == 429  # the address, not the key
     assert chat(abuse_stack, MASTER_KEY, "cheap", headers=neighbour).status_code == 200
+    assert auth_failures_counted(abuse_stack) - counted_before == AUTH_FAILURE_LIMIT  # the 429s are not failures
     ingress_log = abuse_stack.cwd / ".switchyard" / "logs" / "ingress-0.log"
     assert until(lambda: "throttling an address" in ingress_log.read_text())
     log = ingress_log.read_text()

@@ -12,6 +12,7 @@ sent to a served model reach the session's fake OpenAI provider, which every tes
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ SERVED_MODELS = ("gpt-test", "claude", "gemini-flash", "command", "azure-gpt", "
 """Put into most generated bodies that name a model (one of the session's models, one per wire format):
 a generated name is almost always a 404 at ingress, and the point is that whatever ingress accepts, the
 router, every worker pool and its provider handle."""
+
+FUZZ_TALLY = os.environ.get("SWITCHYARD_FUZZ_TALLY")
+"""A file to append `route<TAB>status` to for every generated call, and the supervisor's restart counts before and
+after (bench/abuse.py reads it for its totals); unset in the suite."""
 
 FUZZ_DEADLINE_S = "10"
 """Sent as x-switchyard-timeout: an accepted request the pipeline never answers becomes a 504 quickly."""
@@ -150,6 +155,9 @@ def test_no_route_fails_on_any_body(stack: RunningStack, api_schema: BaseSchema,
         if model and isinstance(case.body, dict) and "model" in case.body:
             case.body = {**case.body, "model": model}
         response = case.call(base_url=stack.url, headers=headers, timeout=30)
+        if FUZZ_TALLY:
+            with open(FUZZ_TALLY, "a") as tally:
+                tally.write(f"{label}\t{response.status_code}\n")
         case.validate_response(response, checks=[not_a_server_error, error_shape])
 
     fuzz()
@@ -180,6 +188,9 @@ def test_an_unexpected_error_is_a_json_500_in_the_route_s_error_shape(monkeypatc
 
 def test_no_process_restarted_and_no_envelope_was_dropped(stack: RunningStack, before: Before) -> None:
     restarts = read_stack(stack.cwd)["restarts"]
+    if FUZZ_TALLY:
+        with open(FUZZ_TALLY, "a") as tally:
+            tally.write(f"#restarts\t{json.dumps(before.restarts)}\t{json.dumps(restarts)}\n")
     assert restarts and restarts == before.restarts, (before.restarts, restarts)
     dropped = [p.name for p in _router_logs(stack) if "dropping malformed envelope" in before.new_router_log(p)]
     assert not dropped, dropped

@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from switchyard.shared import metrics
 from switchyard.shared.errors import GatewayError
 
 log = logging.getLogger("switchyard.ingress.auth")
@@ -47,8 +48,6 @@ def is_master(token: str, master_key: str) -> bool:
     return bool(master_key) and hmac.compare_digest(token.encode(), master_key.encode())
 
 
-AUTH_FAILURES_METRIC = "switchyard_auth_failures_total"
-"""Failed authentications on one ingress replica (counter; `AuthFailures.total`)."""
 AUTH_FAILURE_LIMIT_ENV = "SWITCHYARD_AUTH_FAILURE_LIMIT"
 AUTH_WINDOW_S = 60.0
 MAX_TRACKED_ADDRESSES = 100_000
@@ -57,8 +56,9 @@ MAX_TRACKED_ADDRESSES = 100_000
 class AuthFailures:
     """Failed authentications per client address, refused past `limit` a minute (SWITCHYARD_AUTH_FAILURE_LIMIT,
     default 30) with a 429 `too_many_auth_failures` until the minute ends: a caller guessing keys gets a few
-    dozen guesses a minute, whatever its rate. Every failure is counted (`total`); the first failure of an
-    address in a minute, and its throttling, are logged with the address and the reason, never the token.
+    dozen guesses a minute, whatever its rate. Every failure is counted (`total`, and the Prometheus counter
+    `switchyard_auth_failures_total` by code); the first failure of an address in a minute, and its throttling,
+    are logged with the address and the reason, never the token.
     The table of addresses is bounded (MAX_TRACKED_ADDRESSES); when full, it restarts empty.
     """
 
@@ -82,6 +82,7 @@ class AuthFailures:
     def failed(self, address: str, err: GatewayError, path: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self.total += 1
+        metrics.AUTH_FAILURES.labels(code=err.code or "unknown").inc()
         start, count = self._current(address, now)
         if len(self._windows) >= MAX_TRACKED_ADDRESSES and address not in self._windows:
             self._windows.clear()
