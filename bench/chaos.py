@@ -609,7 +609,7 @@ def _start(workdir: Path, config: str, replicas: str) -> RunningStack:
     for attempt in range(3):
         cwd = workdir / f"stack{attempt or ''}"
         try:
-            return start_stack(cwd, config, args=("--replicas", replicas), timeout_s=120)
+            return start_stack(cwd, config, args=("--replicas", replicas), timeout_s=300)
         except RuntimeError:
             logs = (cwd / ".switchyard" / "logs").glob("ingress-*.log")
             if not any("address already in use" in log.read_text(errors="replace") for log in logs):
