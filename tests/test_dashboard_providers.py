@@ -5,31 +5,20 @@ paced deployment's provider pool shows the requests waiting for it in Kafka."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 from openai import OpenAI
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
 from tests.conftest import Fakes
 from tests.stack import RunningStack
-from tests.test_dashboard import api, browser, master_sdk, new_context, sign_in, wait_until
+from tests.test_dashboard import api, browser, master_sdk, page, wait_until
 
-__all__ = ["browser"]  # the module-scoped Chromium fixture, shared with tests/test_dashboard.py
+__all__ = ["browser", "page"]  # fixtures shared with tests/test_dashboard.py
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def page(browser: Browser, stack: RunningStack) -> Iterator[Page]:
-    context = new_context(browser, stack)
-    pg = context.new_page()
-    sign_in(pg)
-    expect(pg.locator("#overview")).to_be_visible()
-    yield pg
-    context.close()
 
 
 def deployment(stack: RunningStack, name: str) -> dict[str, Any]:

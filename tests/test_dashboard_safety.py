@@ -5,7 +5,6 @@ page, wide tables scroll inside their own box)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,14 @@ from switchyard.devstack.postgres import EmbeddedPostgres
 from switchyard.shared.db import upgrade_blocking
 from tests.fakes.server import free_port
 from tests.stack import MASTER_KEY, RunningStack
-from tests.test_dashboard import api, browser, new_context, sign_in, wait_until
+from tests.test_dashboard import api, browser, page, sign_in, wait_until
 from tests.test_ingress_without_database import Spawn, spawn
 
-__all__ = ["browser", "spawn"]  # fixtures shared with tests/test_dashboard.py and test_ingress_without_database.py
+__all__ = ["browser", "page", "spawn"]  # fixtures from tests/test_dashboard.py and test_ingress_without_database.py
 pytestmark = pytest.mark.timeout(300)
 TABLE_BOXES = """s => [...document.querySelectorAll(`#${s} table:not(.u-legend)`)].filter(t => t.offsetParent)
     .map(t => ({right: t.getBoundingClientRect().right, scroll: t.scrollWidth, client: t.clientWidth,
                 overflow: getComputedStyle(t).overflowX}))"""
-
-
-@pytest.fixture
-def page(browser: Browser, stack: RunningStack) -> Iterator[Page]:
-    context = new_context(browser, stack)
-    pg = context.new_page()
-    sign_in(pg)
-    expect(pg.locator("#overview")).to_be_visible()
-    yield pg
-    context.close()
 
 
 def keys_named(stack: RunningStack, name: str) -> list[dict[str, Any]]:
