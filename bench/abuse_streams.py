@@ -3,7 +3,7 @@
 `m` streaming chat requests are opened over raw sockets whose receive buffer is shrunk (SO_RCVBUF, set before
 connecting) so the kernel hides little of the backlog; half of the clients never read a byte while they are
 held (`stalled`), the other half read `trickle_bytes` a second (`trickle`). The provider (bench/fake_openai.py)
-streams long answers, longer than ingress's per-stream buffer (`SWITCHYARD_STREAM_BUFFER`, 1024 messages by
+streams long answers, longer than ingress's per-stream buffer (`SWITCHYARD_STREAM_BUFFER_BYTES`, 1 MiB by
 default), so a client that does not keep up must be cut by the gateway, not buffered without end.
 
 While they are held, every process of the stack is sampled (VmRSS from /proc, `procstat.tree`) every

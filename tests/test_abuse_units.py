@@ -16,7 +16,7 @@ import pytest
 
 from switchyard.devstack.supervisor import _write_stack
 from switchyard.services.ingress.admission import InFlightCap, timeout_s
-from switchyard.services.ingress.replies import Pending
+from switchyard.services.ingress.replies import REPLY_OVERHEAD, Pending, StreamBuffers
 from switchyard.services.router.routing import decide
 from switchyard.shared import topics
 from switchyard.shared.breaker import BreakerSettings, HealthBook
@@ -108,16 +108,37 @@ def test_the_in_flight_cap_refuses_with_retry_after_and_gives_slots_back() -> No
 
 
 def test_a_slow_readers_stream_buffer_is_bounded() -> None:
-    pending = Pending(limit=8)
+    """Each chunk costs its wire bytes plus REPLY_OVERHEAD: a 8-chunk allowance takes 8, the 9th ends it."""
+    pending = Pending(limit=8 * (1000 + REPLY_OVERHEAD))
     for seq in range(100):
-        pending.offer(Reply(id="r", seq=seq, type="chunk", data={"text": "x" * 1000}))
+        pending.offer(Reply(id="r", seq=seq, type="chunk", data={"text": "x" * 1000}), wire_bytes=1000)
     assert pending.queue.qsize() == 9 and pending.finished
     replies = [pending.queue.get_nowait() for _ in range(9)]
     assert [r.type for r in replies] == ["chunk"] * 8 + ["error"]
     assert replies[-1].status == 503 and (replies[-1].data or {})["error"]["code"] == "stream_buffer_full"
     assert "retry-after" in replies[-1].headers
+    assert pending.queue.bytes == 0 and pending.buffers.used == 0
 
 
+def test_slow_readers_together_stay_within_the_process_total_and_a_reader_that_keeps_up_is_not_cut() -> None:
+    """Three streams share a total of 30 chunks' worth: the two that never read are cut once the total is spent
+    and each holds more than a third of it; the one that reads as it goes runs to its end."""
+    unit = 100 + REPLY_OVERHEAD
+    buffers = StreamBuffers(total=30 * unit)
+    buffers.readers = 3
+    stalled = [Pending(limit=1000 * unit, buffers=buffers) for _ in range(2)]
+    reader = Pending(limit=1000 * unit, buffers=buffers)
+    for seq in range(200):
+        for pending in (*stalled, reader):
+            pending.offer(Reply(id="r", seq=seq, type="chunk", data={"text": "x" * 100}), wire_bytes=100)
+        while not reader.queue.empty():
+            reader.queue.get_nowait()
+        assert buffers.used <= 30 * unit + unit
+    assert all(p.finished for p in stalled) and not reader.finished
+    for pending in stalled:
+        assert pending.queue.bytes <= 15 * unit
+        pending.release()
+    assert buffers.used == 0
 def test_the_stack_file_is_never_readable_by_others(tmp_path: Path) -> None:
     """It holds the master key: created 0600 before the key is written (even under a permissive umask)."""
     path = tmp_path / ".switchyard" / "stack.json"

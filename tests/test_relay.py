@@ -13,7 +13,7 @@ import pytest
 
 from switchyard.services.ingress.auth import Identity
 from switchyard.services.ingress.relay import REPLY_GRACE_S, InFlight, Relay
-from switchyard.services.ingress.replies import ClientGone, Pending
+from switchyard.services.ingress.replies import REPLY_OVERHEAD, ClientGone, Pending
 from switchyard.shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.prompt_log import PromptRecord
@@ -188,7 +188,7 @@ async def test_a_stream_abandoned_before_its_first_byte_settles_once_through_its
 async def test_a_stream_cut_by_ingress_for_a_slow_reader_still_cancels_the_provider_call() -> None:
     gateway, call = CountingGateway(), _call()
     relay = Relay(gateway)  # type: ignore[arg-type]
-    call.pending = Pending(limit=2)
+    call.pending = Pending(limit=2 * REPLY_OVERHEAD)  # two chunks' worth
     for seq in range(4):
         call.pending.offer(_chunk(seq))
     first = await relay.first(call)

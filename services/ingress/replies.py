@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from collections import deque
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
@@ -23,34 +24,78 @@ from switchyard.shared.parts import join
 
 log = logging.getLogger("switchyard.ingress.replies")
 
-STREAM_BUFFER_ENV = "SWITCHYARD_STREAM_BUFFER"
-STREAM_BUFFER = int(os.environ.get(STREAM_BUFFER_ENV) or 1024)
-"""The most replies one caller may leave unread: a client reading slower than its stream arrives has its
+STREAM_BUFFER_ENV = "SWITCHYARD_STREAM_BUFFER_BYTES"
+STREAM_BUFFER_TOTAL_ENV = "SWITCHYARD_STREAM_BUFFER_TOTAL_BYTES"
+STREAM_BUFFER = int(os.environ.get(STREAM_BUFFER_ENV) or 1 << 20)
+"""The most memory one caller's unread replies may hold: a client reading slower than its stream arrives has its
 stream ended with a 503 `stream_buffer_full` error instead of growing this process's memory."""
+STREAM_BUFFER_TOTAL = int(os.environ.get(STREAM_BUFFER_TOTAL_ENV) or 32 << 20)
+"""The most memory the unread replies of all callers of this process may hold together. Past it, a stream
+holding more than its fair share (this total over the requests waiting) is ended the same way, so a thousand
+slow readers cannot add up to more than this, while a reader that keeps up is never cut for the others."""
+REPLY_OVERHEAD = 1024
+"""What a parsed reply costs beyond its bytes on the wire, per chunk it carries (measured: a small chat chunk of
+~180 wire bytes is ~1.2 KB of Python objects once parsed)."""
+
+
+def reply_cost(wire_bytes: int, reply: Reply) -> int:
+    """The memory a queued reply holds, as counted against the buffers' limits."""
+    return wire_bytes + REPLY_OVERHEAD * (1 + len(reply.chunks))
+
+
+class StreamBuffers:
+    """The memory held by unread replies across every request of this process, and how many requests wait."""
+
+    __slots__ = ("total", "used", "readers")
+
+    def __init__(self, total: int = STREAM_BUFFER_TOTAL) -> None:
+        self.total = total
+        self.used = 0
+        self.readers = 0
+
+    def share(self) -> int:
+        """One waiting request's fair share of the total."""
+        return self.total // max(1, self.readers)
 
 
 class ReplyQueue:
-    """The replies waiting for one reader: put never blocks, `get` waits for one within a timeout.
+    """The replies waiting for one reader, each with its cost: put never blocks, `get` waits for one within a
+    timeout. `bytes` is the cost of what is queued, also counted in `buffers` until `release`.
 
     What one request needs of asyncio.Queue, without its cost (a Queue builds two deques, an Event and a
     future per waiter; one per request showed as ~9% of ingress CPU in py-spy): one deque and, only while the
     reader waits, one future.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "bytes", "_buffers")
 
-    def __init__(self) -> None:
-        self._items: deque[Reply] = deque()
+    def __init__(self, buffers: StreamBuffers | None = None) -> None:
+        self._items: deque[tuple[Reply, int]] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self.bytes = 0
+        self._buffers = buffers
 
-    def put_nowait(self, reply: Reply) -> None:
-        self._items.append(reply)
+    def put_nowait(self, reply: Reply, cost: int = 0) -> None:
+        self._items.append((reply, cost))
+        self.bytes += cost
+        if self._buffers is not None:
+            self._buffers.used += cost
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def get_nowait(self) -> Reply:
-        return self._items.popleft()  # IndexError when empty, as only a bug would ask
+        reply, cost = self._items.popleft()  # IndexError when empty, as only a bug would ask
+        self.bytes -= cost
+        if self._buffers is not None:
+            self._buffers.used -= cost
+        return reply
+
+    def release(self) -> None:
+        """Stop counting what is queued against the shared buffers (its request is over)."""
+        if self._buffers is not None:
+            self._buffers.used -= self.bytes
+            self._buffers = None
 
     def empty(self) -> bool:
         return not self._items
@@ -67,7 +112,7 @@ class ReplyQueue:
                     await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        return self.get_nowait()
 
 
 class ClientGone(GatewayError):
@@ -90,29 +135,36 @@ class Pending:
     simply replaces the parts of the one it redoes.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, buffers: StreamBuffers | None = None) -> None:
         self.limit = limit or STREAM_BUFFER
-        self.queue = ReplyQueue()
+        self.buffers = buffers or StreamBuffers()
+        self.queue = ReplyQueue(self.buffers)
+        self._expanding: deque[dict[str, Any]] = deque()
+        self._expanded: Reply | None = None
         self.attempt = 0
         self.next_seq = 0
         self.call: str | None = None
         self._ahead: dict[int, Reply] = {}
+        self._sizes: dict[int, int] = {}
         self._parts: list[Reply] = []
         self._abandoned: set[str] = set()
         self.finished = False
         self._done = False
         self._gone = False
 
-    def offer(self, reply: Reply) -> None:
+    def offer(self, reply: Reply, wire_bytes: int = 0) -> None:
+        """Take one reply as it came from Kafka (`wire_bytes`: its size there, for the buffers' limits)."""
         if self.finished or reply.attempt < self.attempt:
             return
         if reply.attempt > self.attempt:
             self.attempt, self.next_seq, self.call = reply.attempt, 0, None
             self._ahead.clear()
+            self._sizes.clear()
             self._parts.clear()
         if reply.seq >= OUT_OF_BAND:
             self._emit(reply)
             return
+        self._sizes[reply.seq] = wire_bytes
         if reply.call is not None:
             if self.call is None:
                 self.call = reply.call
@@ -126,29 +178,33 @@ class Pending:
                 self.call, self.next_seq = reply.call, 0
                 self._parts.clear()
                 self._ahead.clear()
+                self._sizes.clear()
         if reply.seq < self.next_seq:
             return  # a duplicate delivery
         self._ahead[reply.seq] = reply
         while not self.finished and self.next_seq in self._ahead:
-            self._emit(self._ahead.pop(self.next_seq))
+            self._emit(self._ahead.pop(self.next_seq), wire_bytes=self._sizes.pop(self.next_seq, 0))
             self.next_seq += 1
 
-    def _emit(self, reply: Reply, local: bool = False) -> None:
-        """Queue a reply for the caller; a message of several stream chunks becomes one reply per chunk.
-        `local`: an error ingress made itself, while the provider call may still be running."""
+    def _emit(self, reply: Reply, local: bool = False, wire_bytes: int = 0) -> None:
+        """Queue a reply for the caller, or end the stream when the caller leaves too much unread (over its own
+        limit, or over its fair share while the process's total is spent). `local`: an error ingress made
+        itself, while the provider call may still be running."""
         if reply.type == "part":
             self._parts.append(reply)
             return
         if reply.type == "response" and reply.parts:
             reply = _joined(self._parts, reply)
+        cost = 0
         if reply.type in ("response", "end", "error"):
             self.finished = True
             self._done = not local
-        elif self.queue.qsize() >= self.limit:
-            reply, self.finished = _overflowed(reply), True
-        self.queue.put_nowait(reply)
-        for chunk in reply.chunks:
-            self.queue.put_nowait(reply.model_copy(update={"data": chunk, "chunks": [], "headers": {}}))
+        else:
+            cost = reply_cost(wire_bytes, reply)
+            held, buffers = self.queue.bytes + cost, self.buffers
+            if held > self.limit or (buffers.used + cost > buffers.total and held > buffers.share()):
+                reply, self.finished, cost = _overflowed(reply), True, 0
+        self.queue.put_nowait(reply, cost)
 
     @property
     def done(self) -> bool:
@@ -163,13 +219,23 @@ class Pending:
         self.queue.put_nowait(_GONE)  # wakes a reader waiting now
 
     async def next(self, timeout_s: float) -> Reply:
-        """The next reply, within `timeout_s` (TimeoutError); ClientGone once the client left."""
+        """The next reply, within `timeout_s` (TimeoutError); ClientGone once the client left. A message of
+        several stream chunks is read as one reply per chunk, made only as it is read."""
         if self._gone:
             raise ClientGone()
+        if self._expanding and self._expanded is not None:
+            chunk = self._expanding.popleft()
+            return self._expanded.model_copy(update={"data": chunk, "chunks": [], "headers": {}})
         reply = await self.queue.get(timeout_s)  # no Task per wait, unlike wait_for on 3.11
         if self._gone:
             raise ClientGone()
+        if reply.chunks:
+            self._expanded, self._expanding = reply, deque(reply.chunks)
         return reply
+
+    def release(self) -> None:
+        """The request is over: what it left unread no longer counts against the process's total."""
+        self.queue.release()
 
 
 _GONE = Reply(id="", type="error", status=499)
@@ -177,8 +243,9 @@ _GONE = Reply(id="", type="error", status=499)
 
 
 def _overflowed(reply: Reply) -> Reply:
-    err = GatewayError(503, f"the client read this stream too slowly: more than {STREAM_BUFFER} messages were "
-                            "waiting for it, so the gateway ended it", code="stream_buffer_full", retry_after_s=1)
+    err = GatewayError(503, "the client read this stream too slowly: more of it was waiting unread than the "
+                            "gateway holds for one stream, so it ended the stream", code="stream_buffer_full",
+                       retry_after_s=1)
     return Reply(id=reply.id, attempt=reply.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
                  data=err.body(), headers=err.response_headers(), custom_id=reply.custom_id)
 
@@ -214,6 +281,7 @@ class ReplyListener:
                                                          tansu_fetch_wait_ms=2,
                                                          auto_offset_reset="earliest")
         self._pending: dict[str, Pending] = {}
+        self.buffers = StreamBuffers()
         self._task: asyncio.Task[None] | None = None
         self.ready = False
 
@@ -237,12 +305,16 @@ class ReplyListener:
         await self._consumer.stop()
 
     def register(self, request_id: str) -> Pending:
-        pending = Pending()
+        pending = Pending(buffers=self.buffers)
         self._pending[request_id] = pending
+        self.buffers.readers += 1
         return pending
 
     def unregister(self, request_id: str) -> None:
-        self._pending.pop(request_id, None)
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            pending.release()
+            self.buffers.readers -= 1
 
     @property
     def waiting(self) -> int:
@@ -283,4 +355,4 @@ class ReplyListener:
                           data=err.body())
         if tracing.enabled() and (reply.seq == 0 or reply.type != "chunk"):
             tracing.wait_in_topic(self.topic, tracing.from_record(record.headers), record.timestamp)
-        pending.offer(reply)
+        pending.offer(reply, len(record.value or b""))

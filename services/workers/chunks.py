@@ -5,6 +5,10 @@ a parse and a Task on each side for every token. Here the first chunk leaves at 
 token is untouched), and while a message waits for the broker's acknowledgement the chunks that arrive
 gather and leave together as the next message, the moment it is acknowledged. So a chunk is never held
 back longer than one acknowledgement, and a fast stream costs a message per round trip, not per token.
+
+While the broker is slower than the provider, the chunks waiting are bounded (MAX_HELD): past it, `add`
+waits for the acknowledgement, so the provider's connection is read no faster than Kafka takes its chunks
+and a backlog stays in the provider's socket, not in this process's memory.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any
+
+MAX_HELD = 256
+"""The most chunks one stream holds while its previous message is unacknowledged."""
 
 SendChunks = Callable[[list[dict[str, Any]], int], "asyncio.Future[Any]"]
 """Send these chunks as the message with this `seq`; the future ends when the broker acknowledged it."""
@@ -33,10 +40,15 @@ class ChunkStream:
         self.sent: list[asyncio.Future[Any]] = []
 
     async def add(self, chunk: dict[str, Any]) -> None:
-        """Queue a chunk; it leaves now unless a message is still waiting for its acknowledgement."""
+        """Queue a chunk; it leaves now unless a message is still waiting for its acknowledgement. With
+        MAX_HELD chunks waiting, returns only once that message is acknowledged (and the chunks have left)."""
         self._buffer.append(chunk)
         if self._unacked is None or self._unacked.done():
             self._flush()
+        elif len(self._buffer) >= MAX_HELD:
+            await asyncio.wait([self._unacked])  # its failure is the caller's to see in `sent`, not here
+            if self._unacked.done():
+                self._flush()
 
     def close(self) -> int:
         """Send whatever is still buffered (without waiting for an acknowledgement); the next free `seq`."""

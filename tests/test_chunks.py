@@ -1,0 +1,52 @@
+"""A stream's chunks on their way to Kafka (services/workers/chunks.py), against hand-acknowledged sends: chunks
+gather while a message is unacknowledged, leave together in order, and a stream never holds more than MAX_HELD
+of them (the provider is read no faster than the broker acknowledges)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from switchyard.services.workers.chunks import MAX_HELD, ChunkStream
+
+
+class Sends:
+    """The messages a stream sent, each acknowledged only when the test says so."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[dict[str, Any]], int]] = []
+        self.futures: list[asyncio.Future[Any]] = []
+
+    def __call__(self, chunks: list[dict[str, Any]], seq: int) -> asyncio.Future[Any]:
+        self.messages.append((chunks, seq))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        return future
+
+
+async def test_chunks_gather_while_unacknowledged_and_leave_in_order() -> None:
+    sends = Sends()
+    stream = ChunkStream(sends)
+    for i in range(5):
+        await stream.add({"i": i})
+    assert [len(chunks) for chunks, _ in sends.messages] == [1]  # the first leaves at once, the rest wait
+    sends.futures[0].set_result(None)
+    await asyncio.sleep(0)  # the acknowledgement's callback
+    assert [(len(chunks), seq) for chunks, seq in sends.messages] == [(1, 0), (4, 1)]
+    assert stream.close() == 2
+    assert [c["i"] for chunks, _ in sends.messages for c in chunks] == list(range(5))
+
+
+async def test_a_stream_holds_at_most_max_held_chunks_while_the_broker_is_slow() -> None:
+    sends = Sends()
+    stream = ChunkStream(sends)
+    await stream.add({"i": 0})
+    for i in range(1, MAX_HELD):
+        await stream.add({"i": i})
+    blocked = asyncio.create_task(stream.add({"i": MAX_HELD}))
+    for _ in range(5):
+        await asyncio.sleep(0)  # let it run as far as it goes
+    assert not blocked.done()  # MAX_HELD chunks wait: the provider is not read further
+    sends.futures[0].set_exception(RuntimeError("the broker refused it"))  # a failure also lets it go on
+    await asyncio.wait_for(blocked, 5)
+    assert len(sends.messages) == 2 and len(sends.messages[1][0]) == MAX_HELD
