@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen  # noqa: E402 - bench/ is not a package; run as a script
 import procstat  # noqa: E402
-from fake_openai import expected_stream_text  # noqa: E402
+from fake_openai import FakeOpenAI, expected_stream_text  # noqa: E402
 from targets import BENCH, REPO, FakeProvider, LiteLLM, Switchyard  # noqa: E402
 
 README = BENCH / "README.md"
@@ -149,6 +149,11 @@ async def one_repeat(name: str, ep: loadgen.Endpoint, roots: list[int], fake: Fa
             lambda rate=rate: loadgen.open_loop(ep, rate, plan.open_s, drain_s=plan.drain_s),  # type: ignore[misc]
             roots, fake.roots)
         r[key]["settle_s"] = await settle(ep)
+    _say(f"{name}: repeat {rep + 1}: streaming throughput ({plan.connections} connections)")
+    r["stream_closed"] = await measured(
+        lambda: loadgen.closed_loop(ep, plan.connections, plan.closed_s, stream=True, expected_text=text),
+        roots, fake.roots)
+    r["stream_closed"]["settle_s"] = await settle(ep)
     _say(f"{name}: repeat {rep + 1}: single connection, then streaming")
     r["sequential"] = await measured(lambda: loadgen.sequential(ep, plan.seq_s), roots, fake.roots)
     r["stream"] = await measured(lambda: loadgen.sequential(ep, plan.stream_s, stream=True, expected_text=text),
@@ -188,8 +193,13 @@ def summarize(target: dict[str, Any], plan: Plan) -> dict[str, Any]:
         "ttft_p50": _med(_pick(target, "stream", "ttft_ms", "p50")),
         "ttft_p99": _med(_pick(target, "stream", "ttft_ms", "p99")),
         "stream_total_p50": _med(_pick(target, "stream", "latency_ms", "p50")),
-        "bad_streams": sum(rep["stream"].get("bad_streams", 0) for rep in target["repeats"]),
-        "streams": sum(rep["stream"]["ok"] for rep in target["repeats"]),
+        "bad_streams": sum(rep["stream"].get("bad_streams", 0) + rep.get("stream_closed", {}).get("bad_streams", 0)
+                           for rep in target["repeats"]),
+        "streams": sum(rep["stream"]["ok"] + rep.get("stream_closed", {}).get("ok", 0) for rep in target["repeats"]),
+        "max_streams_per_s": _med(_pick(target, "stream_closed", "rps")),
+        "stream_errors": sum(sum(rep.get("stream_closed", {}).get("errors", {}).values())
+                             for rep in target["repeats"]),
+        "cpu_ms_per_stream": _med(_pick(target, "stream_closed", "cpu", "ms_per_req")),
     }
     for rate in plan.rates:
         key = f"open{rate:g}"
@@ -296,6 +306,12 @@ def table(doc: dict[str, Any]) -> str:
         ["—" if n == "fake-direct" else
          f"{doc['overhead'][n]['single_conn_p50']:.2f} / {doc['overhead'][n]['single_conn_p99']:.2f}" for n in names],
         "", "p50 ≤ 5, p99 ≤ 15")
+    if all("max_streams_per_s" in s[n] for n in names):
+        row(f"max streams/s ({plan.connections} conns, {doc.get('stream_chunks', 16)}-chunk streams, text checked; "
+            "errors)", [f"{_fmt(s[n]['max_streams_per_s'], 0)} ({s[n]['stream_errors']})" for n in names],
+            ratio_of(s["switchyard"]["max_streams_per_s"]["median"], s["litellm"]["max_streams_per_s"]["median"])
+            if ratio else "", "≥ 600")
+        row("CPU ms / stream at max streams/s (all processes)", [_fmt(s[n]["cpu_ms_per_stream"], 2) for n in names])
     row("streaming time to first token, ms p50 / p99", [f"{_fmt(s[n]['ttft_p50'], 2)} / {_fmt(s[n]['ttft_p99'], 2)}"
                                                         for n in names])
     row("streaming TTFT overhead, ms p50 (target − fake)",
@@ -419,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": procstat.machine(), "python": sys.version.split()[0], "targets": {}, "summary": {},
         "overhead": {}, "git": _git_head(), "git_dirty": _git_dirty(), "switchyard_env": extra_env,
-        "switchyard_repo": str(args.repo) if args.repo else "",
+        "switchyard_repo": str(args.repo) if args.repo else "", "stream_chunks": FakeOpenAI.stream_chunks,
     }
     if "litellm" in wanted:
         doc["litellm"] = LiteLLM.version()
