@@ -89,6 +89,14 @@ def test_a_lossy_request_too_large_to_pass_through_is_a_400_not_a_lossy_translat
     assert native_request({**big, "tools": []}, {}, []) is None  # without server tools it is served translated
 
 
+def test_mcp_servers_are_anthropics_own_connector() -> None:
+    lossy: Lossy = []
+    mcp = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
+    to_openai_request(body(mcp_servers=mcp), lossy)
+    assert [e.param for e in lossy] == ["mcp_servers"]
+    to_openai_request(body(mcp_servers=[]), [])  # none named: nothing lost
+
+
 def test_count_tokens_estimates_a_request_with_server_tools() -> None:
     assert estimate_tokens(body(tools=[WEB_SEARCH]))["input_tokens"] >= 1
 

@@ -12,7 +12,7 @@ Mapping notes (what has no OpenAI equivalent is dropped; `dropped_params` names 
   `disable_parallel_tool_use` -> `parallel_tool_calls: false`.
 - `stop_sequences` -> `stop`; `metadata.user_id` -> `user`; `top_k`, `thinking` and the other
   Anthropic-only fields are dropped; streaming always asks for the final usage chunk.
-- Anthropic's own tools (`web_search_20250305`, `bash_20250124`, any `type` but `custom`) and content blocks
+- Anthropic's own tools (`web_search_20250305`, `bash_20250124`, any `type` but `custom`, `mcp_servers`), blocks
   OpenAI cannot express are left out of the translation and recorded (`Lossy`): `native_request` marks the
   envelope so that only an Anthropic deployment serves it, as written (shared/native.py).
 """
@@ -30,6 +30,7 @@ from switchyard.services.ingress.anthropic_messages import Lossy as Lossy
 from switchyard.services.ingress.anthropic_messages import (
     bad,
     chat_messages,
+    left_out,
     missing,
     system_text,
     untranslatable,
@@ -81,11 +82,8 @@ def _tools(tools: Any, lossy: Lossy | None) -> list[dict[str, Any]]:
         if kind not in (None, "custom"):
             if not isinstance(kind, str) or not kind:
                 raise bad("A tool's 'type' must be a non-empty string.", f"{param}.type")
-            e = untranslatable(f"Tool type {kind!r} is Anthropic's own (a server tool or an Anthropic-defined "
-                               "client tool), with no OpenAI equivalent", f"{param}.type")
-            if lossy is None:
-                raise e
-            lossy.append(e)
+            left_out(untranslatable(f"Tool type {kind!r} is Anthropic's own (a server tool or an Anthropic-defined "
+                                    "client tool), with no OpenAI equivalent", f"{param}.type"), lossy)
             continue
         name = tool.get("name")
         if not isinstance(name, str) or not name:
@@ -146,6 +144,9 @@ def _common(body: dict[str, Any], lossy: Lossy | None) -> dict[str, Any]:
         tools = _tools(body["tools"], lossy)
         if tools:
             out["tools"] = tools
+    if body.get("mcp_servers"):  # Anthropic's MCP connector: tools only Anthropic calls
+        left_out(untranslatable("MCP servers are Anthropic's own connector, with no OpenAI equivalent",
+                                "mcp_servers"), lossy)
     if body.get("tool_choice") is not None:
         _tool_choice(body["tool_choice"], out)
     if "tools" not in out:

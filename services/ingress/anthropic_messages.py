@@ -163,7 +163,7 @@ def _user_messages(content: Any, param: str, lossy: Lossy | None) -> list[dict[s
         try:
             _user_block(block, p, parts, out, result_images)
         except Untranslatable as e:
-            _left_out(e, lossy)
+            left_out(e, lossy)
     parts = result_images + parts
     if parts:
         only_text = len(parts) == 1 and parts[0]["type"] == "text"
@@ -171,7 +171,7 @@ def _user_messages(content: Any, param: str, lossy: Lossy | None) -> list[dict[s
     return out
 
 
-def _left_out(e: Untranslatable, lossy: Lossy | None) -> None:
+def left_out(e: Untranslatable, lossy: Lossy | None) -> None:
     """Record `e` in `lossy` (the block is left out of the translation), or raise it when there is no list."""
     if lossy is None:
         raise e
@@ -220,7 +220,7 @@ def _assistant_message(content: Any, param: str, lossy: Lossy | None) -> dict[st
         elif kind == "tool_result":
             raise bad("'tool_result' blocks may only appear in user messages.", f"{p}.type")
         else:
-            _left_out(untranslatable(f"Content block type {kind!r} has no OpenAI equivalent", f"{p}.type"), lossy)
+            left_out(untranslatable(f"Content block type {kind!r} has no OpenAI equivalent", f"{p}.type"), lossy)
     if not texts and not calls:
         return None
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
