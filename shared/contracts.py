@@ -12,6 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 CONTRACT_VERSION = 1
+ENVELOPE_VERSION = 2
+"""Version 2 of `RequestEnvelope` added `NativeRequest.lossy`. Only an envelope that sets it is written as 2 (every
+other stays 1, readable by older routers and workers), so routers and workers upgrade before ingress: an older
+router refuses a version-2 envelope instead of serving its OpenAI body without the part the translation lost."""
 
 RequestKind = Literal["chat", "embeddings"]
 Priority = Literal["interactive", "batch"]
@@ -77,6 +81,15 @@ NativeFormat = Literal["anthropic"]
 """Provider wire formats a caller can speak to Switchyard besides OpenAI's (`POST /v1/messages`)."""
 
 
+class LossyPart(BaseModel):
+    """The first part of a native request its OpenAI translation cannot express, as the caller is told of it."""
+
+    param: str
+    """The request parameter, e.g. `tools[0].type`."""
+    message: str
+    """What it is, e.g. "Tool type 'web_search_20250305' is Anthropic's own"."""
+
+
 class NativeRequest(BaseModel):
     """The caller's request exactly as written in a provider's own format, next to its OpenAI translation.
 
@@ -89,6 +102,9 @@ class NativeRequest(BaseModel):
     body: dict[str, Any]
     headers: dict[str, str] = Field(default_factory=dict)
     """Provider request headers the caller set that shape the answer (`anthropic-beta`); never credentials."""
+    lossy: LossyPart | None = None
+    """Set when the OpenAI `body` leaves out part of the request (an Anthropic server tool, a web-search result
+    block): then only a deployment of `format` may serve it, sent `body` here as written (ENVELOPE_VERSION 2)."""
 
 
 class RequestEnvelope(BaseModel):
@@ -131,6 +147,13 @@ class RequestEnvelope(BaseModel):
 
     def expired(self, at_ms: int | None = None) -> bool:
         return (at_ms or now_ms()) >= self.deadline_ms
+
+    @model_validator(mode="after")
+    def _lossy_is_version_2(self) -> RequestEnvelope:
+        """An envelope whose OpenAI body lost part of a native request says so in its version (ENVELOPE_VERSION)."""
+        if self.native is not None and self.native.lossy is not None and self.v < ENVELOPE_VERSION:
+            self.v = ENVELOPE_VERSION
+        return self
 
 
 ReplyType = Literal["response", "chunk", "end", "error", "part"]

@@ -220,3 +220,132 @@ def test_a_passed_through_stream_cut_halfway_ends_in_an_error_event(stack: Runni
     assert names[-1] == "error" and "message_stop" not in names
     error = orjson.loads(lines[-1].removeprefix("data: "))
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
+
+
+# ---- Anthropic's own tools (server tools, Anthropic-defined client tools) and the blocks they produce ----
+
+WEB_SEARCH: dict[str, Any] = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3,
+              "allowed_domains": ["kafka.apache.org"], "user_location": {"type": "approximate", "city": "Oslo"}}
+BASH: dict[str, Any] = {"type": "bash_20250124", "name": "bash", "cache_control": {"type": "ephemeral"}}
+CUSTOM: dict[str, Any] = {"name": "lookup", "description": "Look something up",
+          "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}
+SEARCHED: list[dict[str, Any]] = [
+    {"type": "server_tool_use", "id": "srvtoolu_01", "name": "web_search", "input": {"query": "apache kafka"}},
+    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_01",
+     "content": [{"type": "web_search_result", "url": "https://kafka.apache.org/", "title": "Apache Kafka",
+                  "encrypted_content": "EqkBCioIBxgC", "page_age": "2 days ago"}]},
+]
+CITED: dict[str, Any] = {"type": "text", "text": "Kafka is a distributed event log.",
+         "citations": [{"type": "web_search_result_location", "url": "https://kafka.apache.org/",
+                        "title": "Apache Kafka", "encrypted_index": "Eo8BCioIBxgC", "cited_text": "Kafka is..."}]}
+
+
+def _server_tools_request(model: str = "claude", stream: bool = False) -> dict[str, Any]:
+    """Anthropic's own tools next to a custom one, with a history holding what only Anthropic's format can say
+    (redacted thinking, a web search and its results, a document by URL, a search result block)."""
+    body: dict[str, Any] = {
+        "model": model, "max_tokens": 1024, "top_k": 4,
+        "thinking": {"type": "enabled", "budget_tokens": 512},
+        "system": [{"type": "text", "text": "Cite your sources.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [CUSTOM, WEB_SEARCH, BASH],
+        "messages": [
+            {"role": "user", "content": "What is Apache Kafka?"},
+            {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "EmwKAhgBEgy3"}, *SEARCHED,
+                                              CITED]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "And how does it store data?", "cache_control": {"type": "ephemeral"}},
+                {"type": "document", "source": {"type": "url", "url": "https://kafka.apache.org/design.pdf"}},
+                {"type": "search_result", "source": "https://kafka.apache.org/design", "title": "Design",
+                 "content": [{"type": "text", "text": "Kafka stores records in a log."}],
+                 "citations": {"enabled": True}},
+            ]},
+        ],
+        "future_vendor_field": {"mode": "x"},
+    }
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def test_server_tools_and_their_blocks_reach_anthropic_as_written_and_come_back_intact(
+        client: anthropic.Anthropic, fakes: Fakes) -> None:
+    fakes.anthropic.accept("future_vendor_field")
+    fakes.anthropic.respond([*SEARCHED, CITED], usage={"server_tool_use": {"web_search_requests": 1}})
+    body = _server_tools_request()
+    raw = _create(client, body)
+    message: Any = raw.parse()
+
+    sent = fakes.anthropic.calls("/v1/messages")[-1].body
+    assert sent == {**body, "model": PROVIDER_MODEL}  # tools, history, thinking, top_k, cache marks: as written
+    assert sent["tools"][1] == WEB_SEARCH and sent["tools"][2] == BASH
+    assert [b.type for b in message.content] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert message.content[0].input == {"query": "apache kafka"}
+    assert message.content[1].content[0].url == "https://kafka.apache.org/"
+    assert message.content[2].citations[0].encrypted_index == "Eo8BCioIBxgC"
+    assert message.usage.server_tool_use.web_search_requests == 1
+    assert "x-switchyard-dropped-params" not in raw.headers
+
+
+def test_a_streamed_server_tool_answer_relays_its_events(client: anthropic.Anthropic, fakes: Fakes) -> None:
+    fakes.anthropic.accept("future_vendor_field")
+    fakes.anthropic.respond([*SEARCHED, {"type": "text", "text": "Kafka is a log."}])
+    body = _server_tools_request(stream=True)
+    with client.messages.stream(**_sdk_args(body)) as s:
+        text = "".join(s.text_stream)
+        final: Any = s.get_final_message()
+    assert fakes.anthropic.calls("/v1/messages")[-1].body == {**body, "model": PROVIDER_MODEL}
+    assert text == "Kafka is a log."
+    assert [b.type for b in final.content] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert final.content[0].input == {"query": "apache kafka"}  # gathered from its input_json_delta events
+    assert final.content[1].content[0].title == "Apache Kafka"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "gpt-test", "max_tokens": 50, "tools": [CUSTOM, WEB_SEARCH],
+      "messages": [{"role": "user", "content": "hi"}]}, "tools[1].type"),
+    ({"model": "gpt-test", "max_tokens": 50, "tools": [{"type": "bash_20250124", "name": "bash"}],
+      "messages": [{"role": "user", "content": "ls"}]}, "tools[0].type"),
+    (_server_tools_request("gpt-test"), "messages[1].content[1].type"),  # its server_tool_use block
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_openai_model_group_refuses_them_with_a_400_naming_the_param(
+        client: anthropic.Anthropic, fakes: Fakes, body: dict[str, Any], param: str, stream: bool) -> None:
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        if stream:
+            with client.messages.stream(**_sdk_args(body)) as s:
+                list(s)
+        else:
+            _create(client, body)
+    error: Any = refused.value.body
+    assert refused.value.status_code == 400 and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"].startswith(f"{param}: ") and "Anthropic" in error["error"]["message"]
+    assert "'gpt-test' has none" in error["error"]["message"]
+    assert fakes.main.calls("/chat/completions") == []  # never served with the tool left out
+
+
+def test_in_a_mixed_group_they_go_only_to_the_anthropic_deployment(
+        client: anthropic.Anthropic, fakes: Fakes) -> None:
+    body = {"model": "claude-failover", "max_tokens": 50, "tools": [WEB_SEARCH],
+            "messages": [{"role": "user", "content": "news?"}]}
+    fakes.anthropic.respond([{"type": "text", "text": "first"}])  # a success first: earlier failures reset
+    assert "deployment=claude-failover/0" in _create(client, body).headers["x-switchyard-route"]
+    fakes.anthropic.inject(status=500, times=1)
+    fakes.anthropic.respond([{"type": "text", "text": "after a retry"}])
+    raw = _create(client, body)
+    message: Any = raw.parse()
+    assert message.content[0].text == "after a retry"
+    assert "deployment=claude-failover/0; attempt=1" in raw.headers["x-switchyard-route"]  # not the OpenAI one
+    assert fakes.secondary.calls("/chat/completions") == []
+
+
+def test_a_custom_tool_still_works_for_both_formats(client: anthropic.Anthropic, fakes: Fakes) -> None:
+    passed: Any = client.messages.create(model="claude", max_tokens=50, tools=[CUSTOM],  # type: ignore[list-item]
+                                         messages=[{"role": "user", "content": "kafka"}])
+    assert fakes.anthropic.calls("/v1/messages")[-1].body["tools"] == [CUSTOM]
+    assert passed.content[0].type == "tool_use" and passed.content[0].name == "lookup"
+    translated: Any = client.messages.create(model="gpt-test", max_tokens=50, tools=[CUSTOM],  # type: ignore[list-item]
+                                             messages=[{"role": "user", "content": "kafka"}])
+    sent = fakes.main.calls("/chat/completions")[-1].body
+    assert sent["tools"] == [{"type": "function", "function": {"name": "lookup", "parameters": CUSTOM["input_schema"],
+                                                              "description": "Look something up"}}]
+    assert translated.content[0].type == "tool_use" and translated.content[0].name == "lookup"  # from tool_calls

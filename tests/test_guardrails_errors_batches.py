@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
 import pytest
 from openai import OpenAI
 
+from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 from tests.test_batches_api import finished, results, wait_for
@@ -31,12 +33,17 @@ CARD, EMAIL = "4111 1111 1111 1111", "ana.perez@example.com"
 KEY_LIKE = "sk-proj-abcDEF1234567890abcdEFGH5678"
 
 
-def config(url: str) -> str:
+def config(url: str, anthropic_url: str) -> str:
     dep = f"deployments: [{{provider: openai, model: gpt-4o-mini, api_base: '{url}/v1', api_key: sk-up}}]"
+    claude = f"deployments: [{{provider: anthropic, model: claude-x, api_base: '{anthropic_url}', api_key: sk-ant}}]"
     return f"""
 models:
   - {{name: plain, {dep}}}
+  - {{name: claude-in, {claude}}}
+  - {{name: claude-out, {claude}}}
 guardrails:
+  - {{name: claude-in-mask, stage: input, action: mask, detectors: [email], models: [claude-in]}}
+  - {{name: claude-out-mask, stage: output, action: mask, detectors: [email], models: [claude-out]}}
   - {{name: key-mask, stage: input, action: mask, detectors: [email, credit_card], models: []}}
   - {{name: key-block, stage: input, action: block, patterns: ["(?i)codename"], models: []}}
   - {{name: key-out, stage: output, action: mask, detectors: [ip_address], models: []}}
@@ -54,8 +61,15 @@ def fake() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def estack(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    running = start_stack(Path(tmp_path_factory.mktemp("guardrail-sinks")), config(fake.url))
+def claude() -> Iterator[FakeAnthropic]:
+    f = FakeAnthropic().start()
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def estack(fake: FakeOpenAI, claude: FakeAnthropic, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    running = start_stack(Path(tmp_path_factory.mktemp("guardrail-sinks")), config(fake.url, claude.url))
     try:
         warm_up(running, "plain")
         yield running
@@ -190,3 +204,20 @@ def test_a_batch_line_error_quoting_the_line_is_redacted(estack: RunningStack) -
     assert batch.status == "failed" and batch.errors is not None and batch.errors.data
     message = batch.errors.data[0].message or ""
     assert batch.errors.data[0].code == "model_not_found" and KEY_LIKE not in message and "[SECRET]" in message
+
+
+@pytest.mark.parametrize(("model", "stage"), [("claude-in", "input"), ("claude-out", "output")])
+def test_guardrails_on_an_anthropic_model_refuse_anthropics_own_tools_with_a_400_naming_the_param(
+        estack: RunningStack, claude: FakeAnthropic, model: str, stage: str) -> None:
+    """Guardrails read and mask the OpenAI form, so a guarded request is translated; a web-search tool has no
+    translation, so it is refused by name, never sent with the tool dropped."""
+    claude.reset()
+    client = anthropic.Anthropic(base_url=estack.url, api_key=MASTER_KEY, max_retries=0, timeout=60)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model=model, max_tokens=50, messages=[{"role": "user", "content": "news?"}],
+                               tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}])
+    message = refused.value.message
+    assert "tools[0].type: " in message and f"{stage} guardrails" in message, message
+    assert claude.calls("/v1/messages") == []
+    answer: Any = client.messages.create(model=model, max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    assert answer.content[0].text == "Echo: hi"  # without it, served (translated) as before

@@ -12,6 +12,9 @@ Mapping notes (what has no OpenAI equivalent is dropped; `dropped_params` names 
   `disable_parallel_tool_use` -> `parallel_tool_calls: false`.
 - `stop_sequences` -> `stop`; `metadata.user_id` -> `user`; `top_k`, `thinking` and the other
   Anthropic-only fields are dropped; streaming always asks for the final usage chunk.
+- Anthropic's own tools (`web_search_20250305`, `bash_20250124`, any `type` but `custom`, `mcp_servers`), blocks
+  OpenAI cannot express are left out of the translation and recorded (`Lossy`): `native_request` marks the
+  envelope so that only an Anthropic deployment serves it, as written (shared/native.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from typing import Any
 import orjson
 
 from switchyard.services.ingress.anthropic_messages import TOOL_ERROR_PREFIX as TOOL_ERROR_PREFIX
-from switchyard.services.ingress.anthropic_messages import bad, chat_messages, missing, system_text
+from switchyard.services.ingress.anthropic_messages import Lossy as Lossy
+from switchyard.services.ingress.anthropic_messages import (
+    bad,
+    chat_messages,
+    left_out,
+    missing,
+    system_text,
+    untranslatable,
+)
 from switchyard.services.ingress.anthropic_response import error_body as error_body
 from switchyard.services.ingress.anthropic_response import error_event as error_event
 from switchyard.services.ingress.anthropic_response import error_type as error_type
@@ -32,7 +43,8 @@ from switchyard.services.ingress.anthropic_response import message_id as message
 from switchyard.services.ingress.anthropic_stream import AnthropicEvents as AnthropicEvents
 from switchyard.services.ingress.anthropic_stream import StreamTranslator as StreamTranslator
 from switchyard.services.ingress.anthropic_stream import format_sse as format_sse
-from switchyard.shared.contracts import NativeRequest
+from switchyard.shared.contracts import LossyPart, NativeRequest
+from switchyard.shared.native import native_required
 
 IMAGE_TOKEN_ESTIMATE = 1600
 """`estimate_tokens` counts each image or PDF as this many tokens (the size of a ~1.15 MP image)."""
@@ -57,7 +69,8 @@ def _is_number(value: Any) -> bool:
 # ---------------------------------------------------------------- request
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
+def _tools(tools: Any, lossy: Lossy | None) -> list[dict[str, Any]]:
+    """Client (custom) tools as function tools; Anthropic's own tool types go to `lossy` (raised without it)."""
     if not isinstance(tools, list):
         raise bad("'tools' must be a list.", "tools")
     out = []
@@ -67,8 +80,11 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise bad("Each tool must be an object.", param)
         kind = tool.get("type")
         if kind not in (None, "custom"):
-            raise bad(f"Unsupported tool type {kind!r}: only client (custom) tools with an input_schema "
-                       "are supported.", f"{param}.type")
+            if not isinstance(kind, str) or not kind:
+                raise bad("A tool's 'type' must be a non-empty string.", f"{param}.type")
+            left_out(untranslatable(f"Tool type {kind!r} is Anthropic's own (a server tool or an Anthropic-defined "
+                                    "client tool), with no OpenAI equivalent", f"{param}.type"), lossy)
+            continue
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise missing(f"{param}.name")
@@ -108,7 +124,7 @@ def _tool_choice(choice: Any, out: dict[str, Any]) -> None:
         out["parallel_tool_calls"] = False
 
 
-def _common(body: dict[str, Any]) -> dict[str, Any]:
+def _common(body: dict[str, Any], lossy: Lossy | None) -> dict[str, Any]:
     """Validate and translate the fields shared by /v1/messages and /v1/messages/count_tokens."""
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.", None)
@@ -117,7 +133,7 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
         raise missing("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' must be a non-empty string.", "model")
-    messages = chat_messages(body.get("messages"))
+    messages = chat_messages(body.get("messages"), lossy)
     system = body.get("system")
     if system is not None:
         text = system_text(system)
@@ -125,25 +141,33 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
             messages.insert(0, {"role": "system", "content": text})
     out: dict[str, Any] = {"model": model, "messages": messages}
     if body.get("tools") is not None:
-        tools = _tools(body["tools"])
+        tools = _tools(body["tools"], lossy)
         if tools:
             out["tools"] = tools
+    if body.get("mcp_servers"):  # Anthropic's MCP connector: tools only Anthropic calls
+        left_out(untranslatable("MCP servers are Anthropic's own connector, with no OpenAI equivalent",
+                                "mcp_servers"), lossy)
     if body.get("tool_choice") is not None:
         _tool_choice(body["tool_choice"], out)
     if "tools" not in out:
-        if out.get("tool_choice") == "required" or isinstance(out.get("tool_choice"), dict):
+        if lossy:  # the tools it names may be Anthropic's own: only an Anthropic deployment serves it anyway
+            out.pop("tool_choice", None)
+            out.pop("parallel_tool_calls", None)
+        elif out.get("tool_choice") == "required" or isinstance(out.get("tool_choice"), dict):
             raise bad("A 'tool_choice' of type 'any' or 'tool' needs 'tools'.", "tool_choice")
         out.pop("tool_choice", None)  # auto / none without tools: nothing to choose from
         out.pop("parallel_tool_calls", None)
     return out
 
 
-def to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
+def to_openai_request(body: dict[str, Any], lossy: Lossy | None = None) -> dict[str, Any]:
     """An Anthropic Messages request -> an OpenAI chat completions body.
 
-    Raises GatewayError(400, ..., param=<the offending parameter>) for an invalid request.
+    Raises GatewayError(400, ..., param=<the offending parameter>) for an invalid request, and for a valid one
+    OpenAI cannot express (an Anthropic server tool) unless `lossy` is given: then that part is left out
+    and recorded there, for `native_request`.
     """
-    out = _common(body)
+    out = _common(body, lossy)
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise missing("max_tokens")
@@ -190,16 +214,23 @@ NATIVE_MAX_BYTES = 4 << 20
 """A body larger than this (as JSON) is not carried twice in its envelope: it is served translated."""
 
 
-def native_request(body: dict[str, Any], headers: Mapping[str, str]) -> NativeRequest | None:
+def native_request(body: dict[str, Any], headers: Mapping[str, str],
+                   lossy: Lossy | None = None) -> NativeRequest | None:
     """The caller's body as written, for an Anthropic deployment to receive unchanged (passthrough); None
-    when it is too large to travel next to its translation (NATIVE_MAX_BYTES)."""
+    when it is too large to travel next to its translation (NATIVE_MAX_BYTES). With `lossy` (what the
+    translation left out) it is marked so that no other deployment serves it, and too large is a 400."""
+    first = LossyPart(param=lossy[0].param or "", message=lossy[0].message) if lossy else None
     try:
-        if len(orjson.dumps(body)) > NATIVE_MAX_BYTES:
-            return None
+        too_large = len(orjson.dumps(body)) > NATIVE_MAX_BYTES
     except orjson.JSONEncodeError:  # a value JSON cannot carry: the translation's checks answer it
+        too_large = True
+    if too_large:
+        if first is not None:
+            raise native_required(first, "anthropic", f"a request is passed through only up to "
+                                                      f"{NATIVE_MAX_BYTES >> 20} MiB")
         return None
     kept = {name: headers[name] for name in NATIVE_HEADERS if headers.get(name)}
-    return NativeRequest(format="anthropic", body=body, headers=kept)
+    return NativeRequest(format="anthropic", body=body, headers=kept, lossy=first)
 
 
 def dropped_params(body: dict[str, Any]) -> list[str]:
@@ -219,7 +250,7 @@ def estimate_tokens(body: dict[str, Any]) -> dict[str, int]:
     """`/v1/messages/count_tokens`: an ESTIMATE, ceil(characters / 4) over all text (system, message text,
     tool_use inputs and tool_result text as JSON/text, tool names, descriptions and input schemas as JSON)
     plus IMAGE_TOKEN_ESTIMATE per image or PDF. Validates like `to_openai_request` (without max_tokens)."""
-    oa = _common(body)
+    oa = _common(body, [])  # Anthropic's own tools and blocks are not counted
     chars = 0
     media = 0
     for message in oa["messages"]:

@@ -8,6 +8,9 @@ request Switchyard cannot read is a 400 naming the parameter.
   (an Anthropic deployment receives the caller's own messages, thinking blocks included).
 - user `tool_result` blocks -> `role: "tool"` messages placed before the rest of that user turn;
   `is_error` becomes the prefix `TOOL_ERROR_PREFIX`; images inside a result follow in a user message.
+- a block OpenAI's format cannot express (`server_tool_use`, `web_search_tool_result`, `search_result`, a
+  document by URL or file id, a type newer than Switchyard) raises `Untranslatable`, or, given a `Lossy` list,
+  is recorded there and left out: such a request is served only as written, by an Anthropic deployment.
 """
 
 from __future__ import annotations
@@ -21,6 +24,18 @@ from switchyard.shared.formats import data_url
 
 TOOL_ERROR_PREFIX = "[tool error] "
 """Prefixed to a `tool_result` with `is_error: true` (OpenAI tool messages have no error flag)."""
+
+
+class Untranslatable(GatewayError):
+    """Valid in Anthropic's format, but OpenAI's cannot express it: a 400 unless passed through as written."""
+
+
+Lossy = list[Untranslatable]
+"""What a translation left out, in request order (see `chat_messages`)."""
+
+
+def untranslatable(message: str, param: str) -> Untranslatable:
+    return Untranslatable(400, message, param=param, code="invalid_value")
 
 
 def bad(message: str, param: str | None) -> GatewayError:
@@ -66,8 +81,8 @@ def _image_url(block: dict[str, Any], param: str) -> str:
         if not isinstance(url, str) or not url:
             raise missing(f"{param}.source.url")
         return url
-    raise bad(f"Unsupported {block.get('type')} source type {kind!r} (supported: base64, url).",
-               f"{param}.source.type")
+    raise untranslatable(f"Unsupported {block.get('type')} source type {kind!r} (supported: base64, url)",
+                         f"{param}.source.type")
 
 
 def _document_part(block: dict[str, Any], param: str) -> dict[str, Any]:
@@ -85,7 +100,8 @@ def _document_part(block: dict[str, Any], param: str) -> dict[str, Any]:
         if isinstance(block.get("title"), str):
             file["filename"] = block["title"]
         return {"type": "file", "file": file}
-    raise bad(f"Unsupported document source type {kind!r} (supported: base64, text).", f"{param}.source.type")
+    raise untranslatable(f"Unsupported document source type {kind!r} (supported: base64, text)",
+                         f"{param}.source.type")
 
 
 def _text_of(block: dict[str, Any], param: str) -> str:
@@ -124,7 +140,7 @@ def _tool_result(block: dict[str, Any], param: str) -> tuple[dict[str, Any], lis
                 else:
                     images.append(doc)
             else:
-                raise bad(f"Unsupported tool_result content block type {kind!r}.", f"{p}.type")
+                raise untranslatable(f"Unsupported tool_result content block type {kind!r}", f"{p}.type")
     else:
         raise bad("'content' of a tool_result must be a string or a list of blocks.", f"{param}.content")
     text = "\n".join(texts)
@@ -133,7 +149,7 @@ def _tool_result(block: dict[str, Any], param: str) -> tuple[dict[str, Any], lis
     return {"role": "tool", "tool_call_id": tool_use_id, "content": text}, images
 
 
-def _user_messages(content: Any, param: str) -> list[dict[str, Any]]:
+def _user_messages(content: Any, param: str, lossy: Lossy | None) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     out: list[dict[str, Any]] = []
@@ -142,22 +158,12 @@ def _user_messages(content: Any, param: str) -> list[dict[str, Any]]:
     for i, block in enumerate(content):
         p = f"{param}[{i}]"
         kind = block.get("type")
-        if kind == "text":
-            parts.append({"type": "text", "text": _text_of(block, p)})
-        elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, p)}})
-        elif kind == "document":
-            parts.append(_document_part(block, p))
-        elif kind == "tool_result":
-            tool_message, images = _tool_result(block, p)
-            out.append(tool_message)
-            result_images.extend(images)
-        elif kind in ("thinking", "redacted_thinking"):
-            continue
-        elif kind == "tool_use":
+        if kind == "tool_use":
             raise bad("'tool_use' blocks may only appear in assistant messages.", f"{p}.type")
-        else:
-            raise bad(f"Unsupported content block type {kind!r}.", f"{p}.type")
+        try:
+            _user_block(block, p, parts, out, result_images)
+        except Untranslatable as e:
+            left_out(e, lossy)
     parts = result_images + parts
     if parts:
         only_text = len(parts) == 1 and parts[0]["type"] == "text"
@@ -165,7 +171,32 @@ def _user_messages(content: Any, param: str) -> list[dict[str, Any]]:
     return out
 
 
-def _assistant_message(content: Any, param: str) -> dict[str, Any] | None:
+def left_out(e: Untranslatable, lossy: Lossy | None) -> None:
+    """Record `e` in `lossy` (the block is left out of the translation), or raise it when there is no list."""
+    if lossy is None:
+        raise e
+    lossy.append(e)
+
+
+def _user_block(block: dict[str, Any], p: str, parts: list[dict[str, Any]], out: list[dict[str, Any]],
+                result_images: list[dict[str, Any]]) -> None:
+    """One user content block into `parts` (content parts) or `out` (tool messages) and `result_images`."""
+    kind = block.get("type")
+    if kind == "text":
+        parts.append({"type": "text", "text": _text_of(block, p)})
+    elif kind == "image":
+        parts.append({"type": "image_url", "image_url": {"url": _image_url(block, p)}})
+    elif kind == "document":
+        parts.append(_document_part(block, p))
+    elif kind == "tool_result":
+        tool_message, images = _tool_result(block, p)
+        out.append(tool_message)
+        result_images.extend(images)
+    elif kind not in ("thinking", "redacted_thinking"):
+        raise untranslatable(f"Content block type {kind!r} has no OpenAI equivalent", f"{p}.type")
+
+
+def _assistant_message(content: Any, param: str, lossy: Lossy | None) -> dict[str, Any] | None:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     texts: list[str] = []
@@ -189,7 +220,7 @@ def _assistant_message(content: Any, param: str) -> dict[str, Any] | None:
         elif kind == "tool_result":
             raise bad("'tool_result' blocks may only appear in user messages.", f"{p}.type")
         else:
-            raise bad(f"Unsupported content block type {kind!r}.", f"{p}.type")
+            left_out(untranslatable(f"Content block type {kind!r} has no OpenAI equivalent", f"{p}.type"), lossy)
     if not texts and not calls:
         return None
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
@@ -198,7 +229,9 @@ def _assistant_message(content: Any, param: str) -> dict[str, Any] | None:
     return message
 
 
-def chat_messages(messages: Any) -> list[dict[str, Any]]:
+def chat_messages(messages: Any, lossy: Lossy | None = None) -> list[dict[str, Any]]:
+    """`messages` as OpenAI chat messages; a block OpenAI cannot express raises `Untranslatable`, or, given
+    `lossy`, is appended there and left out."""
     if messages is None:
         raise missing("messages")
     if not isinstance(messages, list):
@@ -226,11 +259,11 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
         elif not isinstance(content, str):
             raise bad("'content' must be a string or a list of content blocks.", f"{param}.content")
         if role == "user":
-            out.extend(_user_messages(content, f"{param}.content"))
+            out.extend(_user_messages(content, f"{param}.content", lossy))
         else:
-            assistant = _assistant_message(content, f"{param}.content")
+            assistant = _assistant_message(content, f"{param}.content", lossy)
             if assistant is not None:
                 out.append(assistant)
-    if not out:
+    if not out and not lossy:  # a history only the native format expresses has no translation to check
         raise bad("'messages' must contain at least one message with content.", "messages")
     return out

@@ -143,10 +143,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         try:
             identity = await gateway.authenticate(request)
             raw = await read_json(request)
-            body = anthropic_api.to_openai_request(raw)
+            lossy: anthropic_api.Lossy = []  # what OpenAI's format cannot express: Anthropic deployments only
+            body = anthropic_api.to_openai_request(raw, lossy)
             validate(ChatCompletionRequest, body)
             model, stream = str(raw["model"]), bool(body.get("stream"))
-            request.state.native = anthropic_api.native_request(raw, request.headers)  # passthrough to Anthropic
+            request.state.native = anthropic_api.native_request(raw, request.headers, lossy)  # passthrough
             call = await pipeline.submit(request, identity, body, model, "chat", stream)
             first = await pipeline.first(call)
         except GatewayError as e:

@@ -34,6 +34,7 @@ from switchyard.services.ingress.responses import SettlingStream, json_response,
 from switchyard.shared import topics
 from switchyard.shared.contracts import Reply, RequestEnvelope
 from switchyard.shared.errors import GatewayError, timeout_error
+from switchyard.shared.native import native_required, required_format
 
 if TYPE_CHECKING:
     from switchyard.services.ingress.app import Admitted, Gateway
@@ -124,17 +125,22 @@ class Relay:
             gateway.publish_record(guard.record(state.request_id, identity.key_id, model, kind, stream))
             raise
         state.model = model  # a configured model: a bounded metric label
+        native = getattr(state, "native", None)
+        if guard.input and native is not None and native.lossy is not None:
+            raise native_required(native.lossy, native.format, "input guardrails, which read and mask the request "
+                                  "in OpenAI's format, apply to it")
         envelope = RequestEnvelope(
             id=state.request_id, kind=kind, model=model, body=body, stream=stream,  # type: ignore[arg-type]
             reply_topic=topics.REPLIES, reply_partition=gateway.reply_partition,
             deadline_ms=gateway.deadline_ms(request), key_id=identity.key_id, metadata=identity.metadata,
             route_headers=gateway.route_headers(request), allowed_models=identity.allowed_models,
             guardrails=identity.guardrails,  # the worker applies their output stage on top of the model's
-            native=None if guard.input else getattr(state, "native", None),  # unmasked: not with input rails
+            native=None if guard.input else native,  # unmasked: not with input rails
         )
-        # A key with guardrails of its own skips the cache: an entry holds an answer guarded for another key.
-        cached = await gateway.cache.lookup(request.headers, identity, envelope) \
-            if gateway.cache.enabled(model) and not identity.guardrails else None
+        # A key with guardrails of its own skips the cache: an entry holds an answer guarded for another key. So
+        # does a request its OpenAI body does not fully express (Anthropic's own tools): that body is no key.
+        cacheable = gateway.cache.enabled(model) and not identity.guardrails and required_format(envelope) is None
+        cached = await gateway.cache.lookup(request.headers, identity, envelope) if cacheable else None
         estimate = await gateway.admit(request, identity, body)  # last: nothing after it may fail before submit
         call = InFlight(envelope, identity, estimate, guard=guard)
         state.call = call

@@ -30,7 +30,7 @@ from switchyard.shared import metrics, topics, tracing
 from switchyard.shared.answers import answer, refuse_unreadable
 from switchyard.shared.breaker import BreakerSettings, HealthBook
 from switchyard.shared.config import GatewayConfig, load_config, load_settings
-from switchyard.shared.contracts import CONTRACT_VERSION, RequestEnvelope, now_ms
+from switchyard.shared.contracts import ENVELOPE_VERSION, RequestEnvelope, now_ms
 from switchyard.shared.dead import bury
 from switchyard.shared.errors import GatewayError, nesting_error, timeout_error
 from switchyard.shared.health import health_port_default, serve_health
@@ -142,7 +142,7 @@ class Router:
             await bury(self.producer, refused, record.value or b"", key=record.key, service=SERVICE,
                        request_id=env.id, headers=record.headers, replay_to=(topics.REQUESTS, None))
             return
-        if env.v > CONTRACT_VERSION:
+        if env.v > ENVELOPE_VERSION:
             return await self.answer(env, GatewayError(500, f"envelope version {env.v} is newer than this router"))
         too_deep = nesting_error(env.body)  # ingress refuses these; a batch producer may not have
         if too_deep is not None:

@@ -21,8 +21,9 @@ from typing import Any
 from switchyard.shared import topics
 from switchyard.shared.breaker import HealthBook
 from switchyard.shared.config import Deployment, GatewayConfig, ModelGroup, RouteRule
-from switchyard.shared.contracts import AttemptRecord, RequestEnvelope
+from switchyard.shared.contracts import AttemptRecord, NativeFormat, RequestEnvelope
 from switchyard.shared.errors import RETRYABLE_STATUSES, GatewayError
+from switchyard.shared.native import native_required, required_format, speaks
 from switchyard.shared.pricing import lookup
 from switchyard.shared.tokens import DEFAULT_OUTPUT_TOKENS, estimate_input_tokens, text_of
 
@@ -127,10 +128,12 @@ def _too_small(group: ModelGroup, tokens: int) -> bool:
     return all(w is not None for w in windows) and all(tokens > w for w in windows if w is not None)
 
 
-def _fitting(group: ModelGroup, tokens: int) -> list[Deployment]:
-    """The deployments whose window fits the estimate; all of them when none does (the provider decides)."""
-    fits = [d for d in group.deployments if d.context_window is None or d.context_window >= tokens]
-    return fits or list(group.deployments)
+def _fitting(group: ModelGroup, tokens: int, fmt: NativeFormat | None = None) -> list[Deployment]:
+    """The deployments whose window fits the estimate; all of them when none does (the provider decides).
+    Only those whose provider speaks `fmt` when the request requires it (shared/native.py)."""
+    able = [d for d in group.deployments if speaks(d.provider, fmt)]
+    fits = [d for d in able if d.context_window is None or d.context_window >= tokens]
+    return fits or able
 
 
 def _request_fallbacks(env: RequestEnvelope) -> list[str]:
@@ -251,10 +254,16 @@ def decide(env: RequestEnvelope, config: GatewayConfig, health: HealthBook, now_
     rng = rng or random.Random()
     groups, rule = chain(env, config)
     tokens = estimate_input_tokens(env.body)
+    fmt = required_format(env)
+    if fmt is not None and env.native is not None and env.native.lossy is not None \
+            and not any(_fitting(g, tokens, fmt) for g in groups):
+        names = ", ".join(repr(g.name) for g in groups)
+        raise native_required(env.native.lossy, fmt, f"model group {names} has none" if len(groups) == 1
+                              else f"none of the model groups {names} has one")
     failed = {h.deployment for h in env.history}
     now = now_ms / 1000.0
     for g in groups:
-        candidates = [d for d in _fitting(g, tokens) if d.id not in failed and health.available(d.id, now)]
+        candidates = [d for d in _fitting(g, tokens, fmt) if d.id not in failed and health.available(d.id, now)]
         if candidates:
             dep = pick(g, candidates, health, env, now, rng)
             health.note_routed(dep.id, env.id, env.attempt, now)
@@ -265,7 +274,7 @@ def decide(env: RequestEnvelope, config: GatewayConfig, health: HealthBook, now_
     last = env.history[-1] if env.history else None
     options: list[tuple[float, int, ModelGroup, Deployment]] = []
     for g in groups:
-        for d in _fitting(g, tokens):
+        for d in _fitting(g, tokens, fmt):
             wait = health.cooldown_left(d.id, now)
             if last is not None and last.deployment == d.id and last.retry_after_s:
                 wait = max(wait, last.retry_after_s)  # the events topic may not have told us yet

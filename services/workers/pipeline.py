@@ -40,7 +40,7 @@ from switchyard.services.workers.upstream import UpstreamClient
 from switchyard.shared import topics
 from switchyard.shared.answers import refuse_unreadable
 from switchyard.shared.config import Deployment, GatewayConfig
-from switchyard.shared.contracts import Reply, RequestEnvelope, now_ms
+from switchyard.shared.contracts import ENVELOPE_VERSION, Reply, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError, timeout_error
 from switchyard.shared.guardrails import Guardrails
 
@@ -69,6 +69,9 @@ class Pipeline:
             env = RequestEnvelope.model_validate_json(raw)
         except ValidationError as e:  # never from a router: answered where it can be, else dead-lettered
             return [asyncio.ensure_future(refuse_unreadable(self.outbox.producer, raw, e, service=self.outbox.service))]
+        if env.v > ENVELOPE_VERSION:  # routers upgrade with workers; a newer envelope may need what we lack
+            return [self.outbox.reply_error(env, GatewayError(500, f"envelope version {env.v} is newer than this "
+                                                                   "worker", retryable=False))]
         dep = self.config.deployment(env.deployment or "")
         if dep is None:
             err = GatewayError(500, f"deployment {env.deployment!r} is not configured on this worker",
@@ -136,7 +139,10 @@ class Pipeline:
         stream = ChunkStream(send_chunks)
         guard = OutputGuard.of(self.guardrails, env)  # nothing unmasked is produced to Kafka
         on_chunk = guard.guarded(stream.add, blocked)
-        ctx.native = native_request(env, self.adapter, guarded=guard.active)  # sent as the caller wrote it
+        try:
+            ctx.native = native_request(env, self.adapter, guarded=guard.active)  # sent as the caller wrote it
+        except GatewayError as e:  # only its own format expresses the request, and this call cannot send it
+            return [*acks, self.outbox.reply_error(env, e)], False
         native_format = ctx.native.format if ctx.native is not None else None
 
         # Queued together, the start event and the write-ahead record share one produce request; only the

@@ -204,7 +204,7 @@ class FakeAnthropic(FakeProvider):
                 for n, word in enumerate(words):
                     delta = {"type": "text_delta", "text": word if n == 0 else " " + word}
                     yield "content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}
-            elif kind == "tool_use":
+            elif kind in ("tool_use", "server_tool_use"):  # the input arrives as JSON deltas
                 yield "content_block_start", {"type": "content_block_start", "index": i,
                                               "content_block": {**block, "input": {}}}
                 args = orjson.dumps(block.get("input", {})).decode()
