@@ -1,10 +1,13 @@
 """What Prometheus metrics and OpenTelemetry tracing cost: max throughput and CPU per request, A/B (issue 15).
 
-    .venv/bin/python bench/observability.py --base main            # ~5 min: bench/run.py --quick, two stacks
-    .venv/bin/python bench/observability.py --base f094608 --smoke # harness check
+    .venv/bin/python bench/observability.py                        # ~6 min: bench/run.py --quick, two stacks
+    .venv/bin/python bench/observability.py --smoke                # harness check
+    .venv/bin/python bench/observability.py --base f094608         # against a revision before issue 15
 
-- `base`: Switchyard from `--base` (a revision without issue 15's metrics and traces), extracted with
-  `git archive` into bench/.work/src/obs-base (the repository itself is not touched);
+- `base`: this checkout without OTEL_EXPORTER_OTLP_ENDPOINT (no spans are recorded or exported; the Prometheus
+  metrics cannot be turned off, so they are in both), or with `--base REV` a revision without issue 15's
+  metrics and traces, extracted with `git archive` into bench/.work/src/obs-base (the repository itself is
+  not touched);
 - `observed`: this checkout, with OTEL_EXPORTER_OTLP_ENDPOINT pointing at an OTLP/HTTP sink started here, so
   every service records and exports spans, and every request is counted in the Prometheus metrics. The sink
   answers 200 to every export and counts them, so the run shows that spans were really exported.
@@ -72,17 +75,19 @@ def extract(rev: str) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="main", help="revision without the observability code (default: main)")
+    parser.add_argument("--base", default=None,
+                        help="a revision without the observability code (default: this checkout, tracing off)")
     parser.add_argument("--smoke", action="store_true", help="bench/run.py --smoke instead of --quick")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
-    base = extract(args.base)
     sink = Sink()
     name = "observability-smoke" if args.smoke else "observability"
     command = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke" if args.smoke else "--quick",
-               "--targets", "switchyard", "--repo", str(base), "--variant", f"observed={ROOT}",
-               "--env", f"OTEL_EXPORTER_OTLP_ENDPOINT={sink.url}", "--env", "OTEL_BSP_SCHEDULE_DELAY=1000",
-               "--no-readme", "--name", name]
+               "--targets", "switchyard", "--variant", f"observed={ROOT}",
+               "--variant-env", f"OTEL_EXPORTER_OTLP_ENDPOINT={sink.url}",
+               "--variant-env", "OTEL_BSP_SCHEDULE_DELAY=1000", "--no-readme", "--name", name]
+    if args.base:
+        command += ["--repo", str(extract(args.base))]
     if args.repeats:
         command += ["--repeats", str(args.repeats)]
     print(" ".join(command), flush=True)

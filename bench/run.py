@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                              "proposed change under the same machine load)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V",
                         help="extra environment for the Switchyard stack (e.g. to try a tuning knob)")
+    parser.add_argument("--variant-env", action="append", default=[], metavar="K=V",
+                        help="extra environment for the `--variant` stacks only (A/B of a setting on one tree)")
     args = parser.parse_args(argv)
     if args.render:
         earlier: dict[str, Any] = json.loads(args.render.read_text())
@@ -424,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
              "python3 -m venv bench/.venv-litellm && bench/.venv-litellm/bin/pip install 'litellm[proxy]'; skipping")
         wanted.remove("litellm")
     extra_env = dict(kv.split("=", 1) for kv in args.env)
+    variant_env = dict(kv.split("=", 1) for kv in args.variant_env)
 
     if args.wait_quiet > 0:
         waited = _wait_quiet(args.wait_quiet)
@@ -435,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": procstat.machine(), "python": sys.version.split()[0], "targets": {}, "summary": {},
         "overhead": {}, "git": _git_head(), "git_dirty": _git_dirty(), "switchyard_env": extra_env,
+        "variant_env": variant_env,
         "switchyard_repo": str(args.repo) if args.repo else "", "stream_chunks": FakeOpenAI.stream_chunks,
     }
     if "litellm" in wanted:
@@ -456,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             targets[name] = Switchyard(fake.api_base, extra_env, args.repo, broker="kafka")
     for spec in args.variant:
         vname, _, vpath = spec.partition("=")
-        targets[f"switchyard-{vname}"] = Switchyard(fake.api_base, extra_env, Path(vpath))
+        targets[f"switchyard-{vname}"] = Switchyard(fake.api_base, {**extra_env, **variant_env}, Path(vpath))
     doc["variants"] = {f"switchyard-{v.partition('=')[0]}": v.partition("=")[2] for v in args.variant}
     text = expected_stream_text(fake.stream_chunks)
     import uvloop

@@ -29,7 +29,7 @@ STREAM_BUFFER_TOTAL_ENV = "SWITCHYARD_STREAM_BUFFER_TOTAL_BYTES"
 STREAM_BUFFER = int(os.environ.get(STREAM_BUFFER_ENV) or 1 << 20)
 """The most memory one caller's unread replies may hold: a client reading slower than its stream arrives has its
 stream ended with a 503 `stream_buffer_full` error instead of growing this process's memory."""
-STREAM_BUFFER_TOTAL = int(os.environ.get(STREAM_BUFFER_TOTAL_ENV) or 32 << 20)
+STREAM_BUFFER_TOTAL = int(os.environ.get(STREAM_BUFFER_TOTAL_ENV) or 16 << 20)
 """The most memory the unread replies of all callers of this process may hold together. Past it, a stream
 holding more than its fair share (this total over the requests waiting) is ended the same way, so a thousand
 slow readers cannot add up to more than this, while a reader that keeps up is never cut for the others."""

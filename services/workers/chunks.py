@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-MAX_HELD = 256
+MAX_HELD = 64
 """The most chunks one stream holds while its previous message is unacknowledged."""
 
 SendChunks = Callable[[list[dict[str, Any]], int], "asyncio.Future[Any]"]
