@@ -57,7 +57,8 @@ from switchyard.shared.batch import (
 from switchyard.shared.db import batch_lines, batches, files, make_engine
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.guardrails import count, decisions_from
-from switchyard.shared.kafka import encode, ensure_topics, make_consumer, send, start_client
+from switchyard.shared.kafka import ensure_topics, make_consumer, start_client
+from switchyard.shared.kafka_delivery import encode, send
 from switchyard.shared.parts import Assembler
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ from switchyard.services.ingress.replies import Pending, ReplyListener
 from switchyard.shared import topics
 from switchyard.shared.config import GatewayConfig, ModelGroup
 from switchyard.shared.contracts import Reply, RequestEnvelope, Usage, UsageEvent, now_ms
-from switchyard.shared.kafka import encode, send
+from switchyard.shared.kafka_delivery import encode, send
 from switchyard.shared.metrics import CACHE_REQUESTS
 
 log = logging.getLogger("switchyard.ingress.cache")

@@ -40,15 +40,8 @@ from switchyard.shared.config import GatewayConfig, Settings
 from switchyard.shared.contracts import CancelRequest, KeyEvent, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.guardrails import Guardrails
-from switchyard.shared.kafka import (
-    encode,
-    make_consumer,
-    make_producer,
-    send,
-    send_and_wait,
-    start_client,
-    topic_partitions,
-)
+from switchyard.shared.kafka import make_consumer, make_producer, start_client, topic_partitions
+from switchyard.shared.kafka_delivery import encode, send, send_and_wait
 from switchyard.shared.prompt_log import PromptRecord
 from switchyard.shared.service import BackgroundTasks
 from switchyard.shared.tansu import is_tansu

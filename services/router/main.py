@@ -35,17 +35,10 @@ from switchyard.shared.dead import bury
 from switchyard.shared.errors import GatewayError, nesting_error, timeout_error
 from switchyard.shared.health import health_port_default, serve_health
 from switchyard.shared.health_feed import HealthFeed
-from switchyard.shared.kafka import (
-    BatchOffsets,
-    DeliveryRefused,
-    check_destination,
-    encode,
-    group_instance_id,
-    make_consumer,
-    make_producer,
-    send_and_wait,
-    start_client,
-)
+from switchyard.shared.kafka import group_instance_id, make_consumer, make_producer, start_client
+from switchyard.shared.kafka_delivery import check_destination, encode, send_and_wait
+from switchyard.shared.kafka_destinations import DeliveryRefused
+from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal

@@ -52,16 +52,9 @@ from switchyard.shared.contracts import (
 )
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.health import health_port_default, serve_health
-from switchyard.shared.kafka import (
-    Claim,
-    DeliveryRefused,
-    OffsetTracker,
-    commit,
-    group_instance_id,
-    make_consumer,
-    make_producer,
-    start_client,
-)
+from switchyard.shared.kafka import group_instance_id, make_consumer, make_producer, start_client
+from switchyard.shared.kafka_destinations import DeliveryRefused
+from switchyard.shared.kafka_offsets import Claim, OffsetTracker, commit
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal
