@@ -49,7 +49,7 @@ def is_tansu() -> bool:
     """True when this process talks to the embedded Tansu broker (see the module docstring)."""
     kind = os.environ.get(BROKER_ENV)
     if not kind:
-        from switchyard.shared.config import read_stack
+        from switchyard.shared.settings import read_stack
 
         kind = str(read_stack().get("broker_kind") or "kafka")
     return kind.strip().lower() == "tansu"

@@ -88,8 +88,8 @@ def cmd_accounting(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from switchyard.shared.config import load_settings
     from switchyard.shared.db import upgrade_blocking
+    from switchyard.shared.settings import load_settings
 
     settings = load_settings()
     if not settings.database_url:
@@ -102,8 +102,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_topics(args: argparse.Namespace) -> int:
     from switchyard.shared import topics
-    from switchyard.shared.config import load_config, load_settings
+    from switchyard.shared.config import load_config
     from switchyard.shared.kafka import ensure_topics
+    from switchyard.shared.settings import load_settings
 
     wanted = topics.all_topics(load_config(args.config).providers())
     created = asyncio.run(ensure_topics(load_settings().bootstrap_servers, wanted, args.replication_factor))
@@ -113,7 +114,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_batch_run(args: argparse.Namespace) -> int:
     from switchyard.batch import run_batch
-    from switchyard.shared.config import load_settings
+    from switchyard.shared.settings import load_settings
 
     counts = asyncio.run(run_batch(Path(args.input), Path(args.out), load_settings().bootstrap_servers,
                                    window_s=args.window))
@@ -124,8 +125,8 @@ def cmd_batch_run(args: argparse.Namespace) -> int:
 def cmd_dead(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from switchyard.shared.config import load_settings
     from switchyard.shared.dead import read_dead, replay
+    from switchyard.shared.settings import load_settings
 
     bootstrap = load_settings().bootstrap_servers
     if args.dead_command == "list":
@@ -170,8 +171,8 @@ def _print_table(rows: list[dict[str, Any]], by: str) -> None:
 
 def _query_database(query: Callable[[Any], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]] | None:
     """Run `query(engine)` on a one-connection engine to DATABASE_URL; None (said on stderr) without one."""
-    from switchyard.shared.config import load_settings
     from switchyard.shared.db import make_engine
+    from switchyard.shared.settings import load_settings
 
     database_url = load_settings().database_url
     if not database_url:
@@ -231,7 +232,7 @@ def _admin(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the ingress admin API of the stack here (or SWITCHYARD_URL) with the master key."""
     import httpx
 
-    from switchyard.shared.config import load_settings
+    from switchyard.shared.settings import load_settings
 
     settings = load_settings()
     if not settings.master_key:

@@ -31,7 +31,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import bindparam, text
 
 from switchyard.shared import topics
-from switchyard.shared.config import read_stack
 from switchyard.shared.contracts import Reply, RequestEnvelope
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import bury, read_dead
@@ -44,6 +43,7 @@ from switchyard.shared.kafka_destinations import (
     DeliveryRefused,
 )
 from switchyard.shared.kafka_offsets import OffsetTracker
+from switchyard.shared.settings import read_stack
 from tests.conftest import Fakes
 from tests.fakes.server import free_port
 from tests.stack import RunningStack, _child_env

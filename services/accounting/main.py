@@ -27,7 +27,7 @@ from switchyard.services.accounting.ledger import to_row, write_batch
 from switchyard.services.accounting.prompt_log import PromptLogWriter
 from switchyard.shared import topics, tracing
 from switchyard.shared.answers import read_or_bury
-from switchyard.shared.config import load_config, load_settings
+from switchyard.shared.config import load_config
 from switchyard.shared.contracts import IN_DOUBT, UsageEvent
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import UNSTORABLE, bury_consumed
@@ -38,6 +38,7 @@ from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal
+from switchyard.shared.settings import load_settings
 from switchyard.shared.storable import store_until_stored
 
 log = logging.getLogger("switchyard.accounting")

@@ -36,7 +36,7 @@ from switchyard.services.ingress.limits import RateLimiter
 from switchyard.services.ingress.replies import Pending, ReplyListener
 from switchyard.services.ingress.ui.session import session_identity
 from switchyard.shared import topics, tracing
-from switchyard.shared.config import GatewayConfig, Settings
+from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import CancelRequest, KeyEvent, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.guardrails import Guardrails
@@ -44,6 +44,7 @@ from switchyard.shared.kafka import make_consumer, make_producer, start_client, 
 from switchyard.shared.kafka_delivery import encode, send, send_and_wait
 from switchyard.shared.prompt_log import PromptRecord
 from switchyard.shared.service import BackgroundTasks
+from switchyard.shared.settings import Settings
 from switchyard.shared.tansu import is_tansu
 from switchyard.shared.tokens import estimate_total_tokens
 

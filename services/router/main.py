@@ -29,7 +29,8 @@ from switchyard.services.router.routing import decide
 from switchyard.shared import metrics, topics, tracing
 from switchyard.shared.answers import answer, refuse_unreadable
 from switchyard.shared.breaker import BreakerSettings, HealthBook
-from switchyard.shared.config import GatewayConfig, load_config, load_settings
+from switchyard.shared.config import load_config
+from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import CONTRACT_VERSION, RequestEnvelope, now_ms
 from switchyard.shared.dead import bury
 from switchyard.shared.errors import GatewayError, nesting_error, timeout_error
@@ -42,6 +43,7 @@ from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal
+from switchyard.shared.settings import load_settings
 
 log = logging.getLogger("switchyard.router")
 SERVICE = "router"

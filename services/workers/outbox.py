@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from switchyard.services.workers.calls import CallFailed, CallResult
 from switchyard.shared import topics, tracing
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.contracts import (
     IN_DOUBT,
     OUT_OF_BAND,

@@ -41,8 +41,9 @@ from switchyard.devstack.broker import EmbeddedBroker, choose_broker, free_port,
 from switchyard.devstack.postgres import EmbeddedPostgres
 from switchyard.devstack.tansu_rotation import Ingress, TansuRotation
 from switchyard.shared import topics
-from switchyard.shared.config import STATE_DIR, ConfigError, config_path, load_config, secret_variables, stack_file
+from switchyard.shared.config import ConfigError, config_path, load_config, secret_variables
 from switchyard.shared.kafka import REPLICA_ENV, ensure_topics
+from switchyard.shared.settings import STATE_DIR, stack_file
 from switchyard.shared.tansu import BROKER_ENV, recreate_topics
 
 STOP_GRACE_S = 10.0
