@@ -44,7 +44,7 @@ from procstat import machine  # noqa: E402
 from targets import MODEL, SWITCHYARD_KEY, FakeProvider, Switchyard, free_port  # noqa: E402
 
 from switchyard.devstack.postgres import EmbeddedPostgres  # noqa: E402
-from switchyard.shared.config import read_stack  # noqa: E402
+from switchyard.shared.settings import read_stack  # noqa: E402
 
 RSS_CAP_MB = {"ingress": 200.0, "router": 200.0, "worker-openai": 200.0, "accounting": 200.0, "supervisor": 200.0}
 """Peak resident memory each service may reach under 1,000 slow stream readers (see bench/README.md)."""

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from switchyard.batch import run_batch
 from switchyard.devstack.postgres import EmbeddedPostgres
-from switchyard.shared.config import read_stack
+from switchyard.shared.settings import read_stack
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.stack import MASTER_KEY, RunningStack, start_stack
 

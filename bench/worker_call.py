@@ -26,7 +26,7 @@ async def run(url: str, concurrency: int, n: int, stream: bool) -> None:
     from switchyard.services.workers.calls import call, make_client
     from switchyard.services.workers.providers import get_adapter
     from switchyard.services.workers.providers.base import CallContext
-    from switchyard.shared.config import Deployment
+    from switchyard.shared.config_schema import Deployment
 
     dep = Deployment(provider="openai", model="gpt-4o-mini", api_base=url, api_key="sk-bench")
     adapter = get_adapter("openai")

@@ -30,7 +30,8 @@ from switchyard.shared import topics, tracing
 from switchyard.shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope
 from switchyard.shared.dead import UNREADABLE, bury, bury_consumed, send_or_bury
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.kafka import DeliveryRefused, Headers, check_destination, encode
+from switchyard.shared.kafka_delivery import Headers, check_destination, encode
+from switchyard.shared.kafka_destinations import DeliveryRefused
 
 log = logging.getLogger("switchyard.answers")
 

@@ -1,4 +1,7 @@
-"""Configuration: the YAML model list (validated by pydantic) and the process settings from the environment.
+"""Loading the gateway config: the YAML file, `${VAR}` interpolation, and which process resolves which credentials.
+
+The schema it validates against is shared/config_schema.py; process settings (Kafka, database, master key) are
+shared/settings.py.
 
 `${VAR}` and `${VAR:-default}` in the YAML are replaced from the environment, so secrets
 stay out of the file. A missing variable is an error that names the field that needed it.
@@ -13,205 +16,21 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from switchyard.shared.guardrails import GuardrailSpec, PromptLogging
+from switchyard.shared.config_schema import Deployment, GatewayConfig, ModelGroup
 
-STATE_DIR = ".switchyard"
-STACK_FILE = "stack.json"
 DEFAULT_CONFIG_FILE = "switchyard.yaml"
 DEMO_MODEL = "demo"
 DEMO_PROVIDER = "demo"
 
-Strategy = Literal["fallback", "weighted", "latency", "cost", "least-busy"]
-
 
 class ConfigError(ValueError):
     """A config problem, with the dotted path of the offending field in the message."""
-
-
-class Deployment(BaseModel):
-    """One provider model that can serve a model group. Workers hold its secrets; envelopes carry only `id`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    provider: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    model: str
-    id: str = ""
-    api_base: str | None = None
-    api_key: str | None = Field(default=None, repr=False)
-    api_keys: list[str] = Field(default_factory=list, repr=False)
-    api_version: str | None = None
-    region: str | None = None
-    aws_access_key_id: str | None = Field(default=None, repr=False)
-    aws_secret_access_key: str | None = Field(default=None, repr=False)
-    aws_session_token: str | None = Field(default=None, repr=False)
-    weight: float = Field(default=1.0, ge=0)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrent: int | None = Field(default=None, ge=1)
-    timeout_s: float = Field(default=600.0, gt=0)
-    first_byte_timeout_s: float = Field(default=60.0, gt=0)
-    context_window: int | None = Field(default=None, ge=1)
-    headers: dict[str, str] = Field(default_factory=dict, repr=False)
-    _credentials_missing: str | None = PrivateAttr(default=None)
-
-    @property
-    def credentials_missing(self) -> str | None:
-        """Why this deployment's credentials could not be resolved in this worker (the field and the variable,
-        never a value); None when they were, or when this process does not resolve them."""
-        return self._credentials_missing
-
-    @field_validator("api_version", mode="before")
-    @classmethod
-    def _date_as_text(cls, value: Any) -> Any:
-        """YAML reads an unquoted `2024-10-21` as a date; Azure wants the text."""
-        return value.isoformat() if isinstance(value, date) else value
-
-    def all_api_keys(self) -> list[str]:
-        """Every API key of this deployment, in rotation order."""
-        return [k for k in [self.api_key, *self.api_keys] if k]
-
-
-class ModelGroup(BaseModel):
-    """What callers ask for by name, and the deployments that can serve it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1)
-    strategy: Strategy = "fallback"
-    deployments: list[Deployment] = Field(min_length=1)
-    fallbacks: list[str] = Field(default_factory=list)
-    context_window_fallback: str | None = None
-    content_policy_fallback: str | None = None
-    cache: bool = False
-    """Answers of this group are cached (see `cache:` at the top level); groups opt in."""
-    cache_ttl_s: float | None = Field(default=None, gt=0)
-    """This group's time to live of a cache entry, instead of `cache.ttl_s`."""
-    log_prompts: bool | None = None
-    """Store this group's requests and answers in the prompt log (None: the global `logging.prompts`)."""
-
-    @model_validator(mode="after")
-    def _name_deployments(self) -> ModelGroup:
-        for i, dep in enumerate(self.deployments):
-            if not dep.id:
-                dep.id = f"{self.name}/{i}"
-        return self
-
-
-class RouteRule(BaseModel):
-    """A content or metadata rule that sends matching requests to another model group (first match wins)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = ""
-    route_to: str
-    models: list[str] = Field(default_factory=list)
-    metadata: dict[str, str] = Field(default_factory=dict)
-    headers: dict[str, str] = Field(default_factory=dict)
-    min_input_tokens: int | None = None
-    max_input_tokens: int | None = None
-    has_tools: bool | None = None
-    has_images: bool | None = None
-    last_user_message_regex: str | None = None
-
-    @field_validator("last_user_message_regex")
-    @classmethod
-    def _regex_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise ValueError(f"not a valid regular expression: {e}") from None
-        return value
-
-
-class SemanticCacheConfig(BaseModel):
-    """Semantic matching of the last user message; without it the cache matches exactly only."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    embedding_model: str = Field(min_length=1)
-    """A model group of this config, called through Switchyard's own pipeline."""
-    threshold: float = Field(default=0.95, gt=0, le=1)
-    """Cosine similarity needed for a hit."""
-    max_candidates: int = Field(default=64, ge=1, le=10_000)
-    """The most recent entries of one context that a semantic lookup compares against."""
-
-
-class CacheConfig(BaseModel):
-    """The response cache (services/ingress/cache.py): stored in PostgreSQL, shared by every ingress replica."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ttl_s: float = Field(default=3600.0, gt=0)
-    semantic: SemanticCacheConfig | None = None
-    max_entries: int = Field(default=100_000, ge=1)
-    """The store keeps at most this many entries (the oldest go first)."""
-    max_entry_bytes: int = Field(default=1 << 20, ge=1024)
-    """Answers larger than this (serialised) are not stored."""
-    lookup_timeout_s: float = Field(default=1.0, gt=0)
-    """A lookup that takes longer is a miss (the store is slow or down)."""
-
-
-class GatewayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    models: list[ModelGroup] = Field(default_factory=list)
-    routing_rules: list[RouteRule] = Field(default_factory=list)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    guardrails: list[GuardrailSpec] = Field(default_factory=list)
-    logging: PromptLogging = Field(default_factory=PromptLogging)
-
-    @model_validator(mode="after")
-    def _check_names(self) -> GatewayConfig:
-        guardrail_names = [g.name for g in self.guardrails]
-        repeated = sorted({n for n in guardrail_names if guardrail_names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"guardrail names must be unique; repeated: {repeated}")
-        names = [m.name for m in self.models]
-        dupes = {n for n in names if names.count(n) > 1}
-        if dupes:
-            raise ValueError(f"model names must be unique; repeated: {sorted(dupes)}")
-        ids = [d.id for m in self.models for d in m.deployments]
-        dupe_ids = {i for i in ids if ids.count(i) > 1}
-        if dupe_ids:
-            raise ValueError(f"deployment ids must be unique; repeated: {sorted(dupe_ids)}")
-        known = set(names)
-        for m in self.models:
-            for ref in [*m.fallbacks, m.context_window_fallback, m.content_policy_fallback]:
-                if ref and ref not in known:
-                    raise ValueError(f"model {m.name!r} falls back to unknown model {ref!r}")
-        for r in self.routing_rules:
-            if r.route_to not in known:
-                raise ValueError(f"routing rule {r.name or r.route_to!r} routes to unknown model {r.route_to!r}")
-        if self.cache.semantic and self.cache.semantic.embedding_model not in known:
-            raise ValueError(f"cache.semantic.embedding_model {self.cache.semantic.embedding_model!r} is not a "
-                             "model group of this config")
-        return self
-
-    def group(self, name: str) -> ModelGroup | None:
-        for m in self.models:
-            if m.name == name:
-                return m
-        return None
-
-    def deployment(self, deployment_id: str) -> Deployment | None:
-        for m in self.models:
-            for d in m.deployments:
-                if d.id == deployment_id:
-                    return d
-        return None
-
-    def providers(self) -> list[str]:
-        return sorted({d.provider for m in self.models for d in m.deployments})
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -386,54 +205,3 @@ def load_config(explicit: str | None = None, secrets_for: str | None = None) -> 
     if not config.models and demo_url:
         config.models.append(demo_group(demo_url))
     return config
-
-
-@dataclass
-class Settings:
-    """Process settings from the environment, falling back to a stack `switchyard up` started here."""
-
-    bootstrap_servers: str = "127.0.0.1:9092"
-    database_url: str = ""
-    master_key: str = ""
-    ingress_url: str = "http://127.0.0.1:8080"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def asyncpg_url(url: str) -> str:
-    """Accept plain `postgresql://` URLs and point SQLAlchemy at asyncpg."""
-    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix) :]
-    return url
-
-
-def cache_home(env_var: str, folder: str) -> Path:
-    """Where a download is kept: `$env_var` when set, else <XDG_CACHE_HOME or ~/.cache>/switchyard/<folder>
-    (outside the repo, shared by every checkout)."""
-    explicit = os.environ.get(env_var)
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "switchyard" / folder
-
-
-def stack_file(base: Path | None = None) -> Path:
-    return (base or Path.cwd()) / STATE_DIR / STACK_FILE
-
-
-def read_stack(base: Path | None = None) -> dict[str, Any]:
-    path = stack_file(base)
-    try:
-        return dict(orjson.loads(path.read_bytes()))
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def load_settings() -> Settings:
-    stack = read_stack()
-    env = os.environ
-    return Settings(
-        bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS") or stack.get("bootstrap_servers") or "127.0.0.1:9092",
-        database_url=asyncpg_url(env.get("DATABASE_URL") or stack.get("database_url") or ""),
-        master_key=env.get("SWITCHYARD_MASTER_KEY") or stack.get("master_key") or "",
-        ingress_url=env.get("SWITCHYARD_URL") or stack.get("ingress_url") or "http://127.0.0.1:8080",
-    )

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, REAL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from switchyard.shared.config import asyncpg_url
+from switchyard.shared.settings import asyncpg_url
 
 metadata = MetaData()
 

@@ -26,13 +26,16 @@ from aiokafka.errors import KafkaError
 
 from switchyard.shared import topics
 from switchyard.shared.contracts import now_ms
-from switchyard.shared.kafka import DeliveryRefused, Headers, destinations, make_producer, send_and_wait, start_client
+from switchyard.shared.kafka import make_producer, start_client
+from switchyard.shared.kafka_delivery import Headers, send_and_wait
+from switchyard.shared.kafka_destinations import DeliveryRefused, destinations
 
 log = logging.getLogger("switchyard.dead")
 
 UNREADABLE = "unreadable"
 """The reason of a dead letter that is no message its stage can read (an envelope that does not validate
-and names no reply topic that exists); the broker's refusals have switchyard.shared.kafka's REFUSED_* codes."""
+and names no reply topic that exists); the broker's refusals have the REFUSED_* codes of
+switchyard.shared.kafka_destinations."""
 
 UNSTORABLE = "unstorable"
 """The reason of a dead letter whose message PostgreSQL refuses for good (shared/storable.py): a value no
@@ -107,7 +110,7 @@ async def bury_consumed(producer: AIOKafkaProducer, record: ConsumerRecord[bytes
 def deliver_or_bury(producer: AIOKafkaProducer, topic: str, value: bytes, *, key: bytes | None, service: str,
                     partition: int | None = None, request_id: str | None = None,
                     headers: Iterable[tuple[str, bytes]] | None = None) -> asyncio.Task[Any]:
-    """`send_or_bury` as a task, like switchyard.shared.kafka.deliver."""
+    """`send_or_bury` as a task, like switchyard.shared.kafka_delivery.deliver."""
     return asyncio.ensure_future(send_or_bury(producer, topic, value, key=key, service=service,
                                               partition=partition, request_id=request_id, headers=headers))
 

@@ -21,8 +21,9 @@ import orjson
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from switchyard.shared.detectors import DETECTORS, PATTERN_LABEL, Detector, Span, digit_runs, mask, non_overlapping
+from switchyard.shared.detectors import DETECTORS, PATTERN_LABEL, Detector, digit_runs
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.spans import Span, mask, non_overlapping
 
 DetectorName = Literal["email", "phone", "credit_card", "iban", "ssn", "ip_address", "secret"]
 Stage = Literal["input", "output", "both"]

@@ -17,8 +17,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from switchyard.shared.detectors import DETECTORS, Detector, digit_runs, mask, non_overlapping
+from switchyard.shared.detectors import DETECTORS, Detector, digit_runs
 from switchyard.shared.guardrails import DEFAULT_REDACT
+from switchyard.shared.spans import mask, non_overlapping
 
 
 class Redactor:

@@ -49,7 +49,7 @@ def is_tansu() -> bool:
     """True when this process talks to the embedded Tansu broker (see the module docstring)."""
     kind = os.environ.get(BROKER_ENV)
     if not kind:
-        from switchyard.shared.config import read_stack
+        from switchyard.shared.settings import read_stack
 
         kind = str(read_stack().get("broker_kind") or "kafka")
     return kind.strip().lower() == "tansu"
@@ -212,7 +212,7 @@ async def log_messages(bootstrap: str, wanted: dict[str, int], timeout_s: float 
 async def unfinished(bootstrap: str, groups: dict[str, list[str]], timeout_s: float = 10.0) -> dict[str, int]:
     """For each consumer group, how many messages of its topics it has not committed yet: all 0 when every
     group is caught up, i.e. when every message it was given has been worked and what it owed acknowledged
-    (services commit only then, shared/kafka.py).
+    (services commit only then, shared/kafka_offsets.py).
 
     Committed offsets come from OffsetFetch, asked by a consumer of each group that never joins it (no
     subscription, so no rebalance; the admin client's ListConsumerGroupOffsets fails against Tansu). The log

@@ -110,7 +110,7 @@ def consumer_groups(providers: list[str]) -> dict[str, list[str]]:
 
 # Kafka headers of a dead letter on DEAD (values are UTF-8); the message keeps its own key, value and headers.
 DEAD_HEADER_REASON = "x-dead-reason"
-"""Why it could not be delivered, as a stable code (switchyard.shared.kafka.REFUSED_*)."""
+"""Why it could not be delivered, as a stable code (switchyard.shared.kafka_destinations.REFUSED_*)."""
 DEAD_HEADER_ERROR = "x-dead-error"
 """The same, in words (sizes, limits, the missing topic or partition)."""
 DEAD_HEADER_TOPIC = "x-dead-topic"

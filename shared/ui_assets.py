@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from switchyard.shared.config import cache_home
+from switchyard.shared.settings import cache_home
 
 UPLOT_VERSION = "1.6.32"
 UPLOT_TARBALL = f"https://registry.npmjs.org/uplot/-/uplot-{UPLOT_VERSION}.tgz"

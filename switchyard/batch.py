@@ -28,16 +28,8 @@ from aiokafka.errors import KafkaError
 from switchyard.shared import topics
 from switchyard.shared.batch import LineError, envelope_for, parse_line, result_line, terminal
 from switchyard.shared.contracts import now_ms
-from switchyard.shared.kafka import (
-    Producer,
-    encode,
-    ensure_topics,
-    make_consumer,
-    make_producer,
-    send,
-    send_and_wait,
-    start_client,
-)
+from switchyard.shared.kafka import Producer, ensure_topics, make_consumer, make_producer, start_client
+from switchyard.shared.kafka_delivery import encode, send, send_and_wait
 from switchyard.shared.parts import Assembler
 from switchyard.shared.tansu import is_tansu
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import orjson
 
-from switchyard.shared.config import read_stack
+from switchyard.shared.settings import read_stack
 from tests.fakes.server import free_port
 
 MASTER_KEY = "sk-test-master"

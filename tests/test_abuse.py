@@ -19,9 +19,9 @@ import pytest
 
 from switchyard.services.ingress.keys import KEY_PREFIX, KeyStore, key_hash_secret
 from switchyard.shared import topics
-from switchyard.shared.config import Settings
 from switchyard.shared.db import make_engine
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.settings import Settings
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import free_port
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from switchyard.devstack.supervisor import _write_stack
+from switchyard.devstack.children import write_stack
 from switchyard.services.ingress.admission import InFlightCap, timeout_s
 from switchyard.services.ingress.replies import REPLY_OVERHEAD, Pending, StreamBuffers
 from switchyard.services.router.routing import decide
@@ -144,7 +144,7 @@ def test_the_stack_file_is_never_readable_by_others(tmp_path: Path) -> None:
     path = tmp_path / ".switchyard" / "stack.json"
     old = os.umask(0)
     try:
-        _write_stack(path, {"master_key": "sk-secret"})
+        write_stack(path, {"master_key": "sk-secret"})
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

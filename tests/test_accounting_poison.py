@@ -25,7 +25,8 @@ from switchyard.shared import topics
 from switchyard.shared.contracts import MAX_TOKENS, Usage, UsageEvent
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import UNREADABLE, UNSTORABLE
-from switchyard.shared.kafka import make_producer, send_and_wait, start_client
+from switchyard.shared.kafka import make_producer, start_client
+from switchyard.shared.kafka_delivery import send_and_wait
 from switchyard.shared.prompt_log import PromptRecord
 from tests import test_delivery_failures
 from tests.stack import RunningStack

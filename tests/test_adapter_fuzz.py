@@ -40,7 +40,7 @@ from switchyard.services.workers.providers.base import (
 )
 from switchyard.services.workers.providers.bedrock import EventStreamDecoder
 from switchyard.services.workers.providers.openai import OpenAICompatibleAdapter
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.errors import GatewayError
 
 EXAMPLES = int(os.environ.get("SWITCHYARD_FUZZ_EXAMPLES", "100"))

@@ -31,7 +31,8 @@ from schemathesis.core.result import Err, Ok
 from switchyard.services.ingress.app import Gateway, create_app
 from switchyard.services.ingress.openapi import ANTHROPIC_PATHS, OPENAPI_URL
 from switchyard.shared import topics
-from switchyard.shared.config import GatewayConfig, Settings, read_stack
+from switchyard.shared.config_schema import GatewayConfig
+from switchyard.shared.settings import Settings, read_stack
 from tests.stack import RunningStack
 
 pytestmark = pytest.mark.timeout(300)

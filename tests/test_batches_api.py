@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 from openai.types import Batch
 
-from switchyard.shared.config import read_stack
+from switchyard.shared.settings import read_stack
 from tests.stack import RunningStack
 
 pytestmark = pytest.mark.timeout(600)

@@ -24,7 +24,8 @@ from switchyard.shared import topics
 from switchyard.shared.breaker import BreakerSettings, HealthBook
 from switchyard.shared.contracts import AttemptEvent, CancelRequest
 from switchyard.shared.db import make_engine
-from switchyard.shared.kafka import encode, make_producer, send_and_wait, start_client
+from switchyard.shared.kafka import make_producer, start_client
+from switchyard.shared.kafka_delivery import encode, send_and_wait
 from tests.conftest import Fakes
 from tests.fakes.server import Recorded
 from tests.stack import RunningStack

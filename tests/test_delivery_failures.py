@@ -31,21 +31,19 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import bindparam, text
 
 from switchyard.shared import topics
-from switchyard.shared.config import read_stack
 from switchyard.shared.contracts import Reply, RequestEnvelope
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import bury, read_dead
-from switchyard.shared.kafka import (
+from switchyard.shared.kafka import ensure_topics, make_producer, start_client
+from switchyard.shared.kafka_delivery import send_and_wait
+from switchyard.shared.kafka_destinations import (
     REFUSED_TOO_LARGE,
     REFUSED_UNKNOWN_PARTITION,
     REFUSED_UNKNOWN_TOPIC,
     DeliveryRefused,
-    OffsetTracker,
-    ensure_topics,
-    make_producer,
-    send_and_wait,
-    start_client,
 )
+from switchyard.shared.kafka_offsets import OffsetTracker
+from switchyard.shared.settings import read_stack
 from tests.conftest import Fakes
 from tests.fakes.server import free_port
 from tests.stack import RunningStack, _child_env

@@ -15,7 +15,7 @@ import pytest
 
 from switchyard.services.workers.providers.base import CallContext
 from switchyard.services.workers.providers.gemini import GeminiAdapter, public_media_url
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.errors import GatewayError
 from tests.conftest import Fakes
 from tests.stack import MASTER_KEY, RunningStack

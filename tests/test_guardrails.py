@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from switchyard.shared.config import asyncpg_url
+from switchyard.shared.settings import asyncpg_url
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 

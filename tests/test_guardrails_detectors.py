@@ -7,8 +7,10 @@ from typing import Any
 import pytest
 
 from switchyard.shared.config import ConfigError, parse_config
-from switchyard.shared.detectors import DETECTORS, iban_ok, luhn_ok, mask, non_overlapping
+from switchyard.shared.detector_checks import iban_ok, luhn_ok
+from switchyard.shared.detectors import DETECTORS
 from switchyard.shared.guardrails import Guardrails, guard_answer, guard_request
+from switchyard.shared.spans import mask, non_overlapping
 
 TRUE_POSITIVES = {
     "email": ["write to ana.perez+work@example.co.uk today", "x@y.io"],

@@ -20,7 +20,7 @@ from switchyard.services.ingress.validation import ChatCompletionRequest, parse_
 from switchyard.shared import topics
 from switchyard.shared.contracts import MAX_JSON_DEPTH, RequestEnvelope, json_depth_exceeds
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.kafka import encode
+from switchyard.shared.kafka_delivery import encode
 from tests.stack import RunningStack
 
 DEADLINE = {topics.HEADER_TIMEOUT: "30"}

@@ -24,7 +24,7 @@ from switchyard.services.ingress.replies import Pending
 from switchyard.services.ingress.validation import MAX_BODY_BYTES
 from switchyard.shared import topics
 from switchyard.shared.contracts import Reply, RequestEnvelope
-from switchyard.shared.kafka import encode
+from switchyard.shared.kafka_delivery import encode
 from switchyard.shared.parts import PART_BYTES, Assembler, pieces, split
 from tests import test_delivery_failures
 from tests.conftest import Fakes

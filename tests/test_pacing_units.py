@@ -11,10 +11,10 @@ import pytest
 from aiokafka import TopicPartition
 
 from switchyard.services.workers.pacing import WINDOW_S, Pacer, part_of
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.contracts import RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.kafka import OffsetTracker
+from switchyard.shared.kafka_offsets import OffsetTracker
 
 
 class Clock:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import httpx
 
 from switchyard.services.ingress.app import Gateway, create_app
-from switchyard.shared.config import GatewayConfig, Settings
+from switchyard.shared.config_schema import GatewayConfig
+from switchyard.shared.settings import Settings
 
 URL = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

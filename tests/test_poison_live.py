@@ -27,7 +27,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from switchyard.shared import topics
 from switchyard.shared.answers import salvage, top_level_scalars
 from switchyard.shared.dead import UNREADABLE
-from switchyard.shared.kafka import ensure_topics, make_producer, send_and_wait, start_client
+from switchyard.shared.kafka import ensure_topics, make_producer, start_client
+from switchyard.shared.kafka_delivery import send_and_wait
 from tests import test_delivery_failures
 from tests.conftest import Fakes
 from tests.fakes.server import FakeProvider

@@ -13,7 +13,7 @@ import pytest
 from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
 from switchyard.services.workers.providers.anthropic import AnthropicAdapter
 from switchyard.services.workers.providers.base import CallContext
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.errors import GatewayError
 from tests.fakes.anthropic_fake import FakeAnthropic
 

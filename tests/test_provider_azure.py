@@ -12,7 +12,7 @@ import pytest
 from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
 from switchyard.services.workers.providers.azure import DEFAULT_API_VERSION, AzureOpenAIAdapter, strip_annotations
 from switchyard.services.workers.providers.base import CallContext
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from tests.fakes.azure_fake import FILTER_TRIGGER, FakeAzureOpenAI
 
 DEPLOYMENT = "chat-prod"

@@ -19,7 +19,7 @@ from switchyard.services.workers.calls import CallFailed, CallResult, call, make
 from switchyard.services.workers.providers import sigv4
 from switchyard.services.workers.providers.base import CallContext
 from switchyard.services.workers.providers.bedrock import BedrockAdapter, EventStreamDecoder
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.errors import GatewayError
 from tests.fakes.bedrock_fake import FakeBedrock, encode_frame, event_frame
 

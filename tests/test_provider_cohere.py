@@ -14,7 +14,7 @@ from switchyard.devstack.demo_provider import count_tokens
 from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
 from switchyard.services.workers.providers.base import CallContext, ServerEvent
 from switchyard.services.workers.providers.cohere import CohereAdapter, CohereStream
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.errors import GatewayError
 from tests.fakes.cohere_fake import TEMPLATE_TOKENS, FakeCohere
 

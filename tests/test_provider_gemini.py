@@ -14,7 +14,7 @@ import pytest
 from switchyard.services.workers.calls import CallFailed, CallResult, call, make_client
 from switchyard.services.workers.providers.base import CallContext
 from switchyard.services.workers.providers.gemini import GeminiAdapter, gemini_error
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from tests.fakes.gemini_fake import SIGNATURE, FakeGemini
 
 

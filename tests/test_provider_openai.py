@@ -10,7 +10,7 @@ import pytest
 from switchyard.services.workers.calls import CallFailed, call, make_client
 from switchyard.services.workers.providers import get_adapter
 from switchyard.services.workers.providers.base import CallContext
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from tests.fakes.openai_fake import FakeOpenAI
 
 

@@ -22,7 +22,8 @@ from switchyard.services.router.routing import (
     estimate_input_tokens,
 )
 from switchyard.shared.breaker import BreakerSettings, HealthBook
-from switchyard.shared.config import GatewayConfig, parse_config
+from switchyard.shared.config import parse_config
+from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import AttemptEvent, AttemptRecord, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.pricing import lookup

@@ -18,7 +18,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from switchyard.shared import topics
-from switchyard.shared.config import read_stack
+from switchyard.shared.settings import read_stack
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Recorded
 from tests.stack import RunningStack, start_stack, warm_up

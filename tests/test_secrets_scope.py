@@ -23,11 +23,13 @@ import pytest
 from pydantic import ValidationError
 
 from switchyard.shared import topics
-from switchyard.shared.config import parse_config, read_stack, secret_variables
+from switchyard.shared.config import parse_config, secret_variables
 from switchyard.shared.contracts import UsageEvent
-from switchyard.shared.kafka import make_producer, send_and_wait, start_client
+from switchyard.shared.kafka import make_producer, start_client
+from switchyard.shared.kafka_delivery import send_and_wait
 from switchyard.shared.logs import JsonFormatter
 from switchyard.shared.redaction import RedactingFilter
+from switchyard.shared.settings import read_stack
 from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.stack import RunningStack, start_stack, warm_up

@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from switchyard.devstack.broker import TANSU_COST
-from switchyard.shared.config import read_stack
+from switchyard.shared.settings import read_stack
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 
 

@@ -19,7 +19,7 @@ import pytest
 from openai import OpenAI
 
 from switchyard.devstack.tansu_rotation import CHECK_ENV, ROTATE_ENV, rss_kb
-from switchyard.shared.config import read_stack
+from switchyard.shared.settings import read_stack
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 
 THRESHOLD = 1500

@@ -27,24 +27,18 @@ from switchyard.services.accounting.ledger import to_row, write_batch
 from switchyard.services.accounting.prompt_log import PromptLogWriter
 from switchyard.shared import topics, tracing
 from switchyard.shared.answers import read_or_bury
-from switchyard.shared.config import load_config, load_settings
+from switchyard.shared.config import load_config
 from switchyard.shared.contracts import IN_DOUBT, UsageEvent
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import UNSTORABLE, bury_consumed
 from switchyard.shared.health import health_port_default, serve_health
-from switchyard.shared.kafka import (
-    BatchOffsets,
-    encode,
-    group_instance_id,
-    lagging_fetch,
-    make_consumer,
-    make_producer,
-    send_and_wait,
-    start_client,
-)
+from switchyard.shared.kafka import group_instance_id, lagging_fetch, make_consumer, make_producer, start_client
+from switchyard.shared.kafka_delivery import encode, send_and_wait
+from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal
+from switchyard.shared.settings import load_settings
 from switchyard.shared.storable import store_until_stored
 
 log = logging.getLogger("switchyard.accounting")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, insert, select, update
 
 from switchyard.services.ingress.admin import needs_database
-from switchyard.services.ingress.batch_driver import ENDPOINTS
+from switchyard.services.ingress.batch_validation import ENDPOINTS
 from switchyard.services.ingress.file_store import Owner, get_file
 from switchyard.services.ingress.files import not_found, owner_of
 from switchyard.services.ingress.openapi import json_body

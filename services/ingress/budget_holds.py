@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.services.ingress.auth import Identity
 from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage
-from switchyard.shared.config import GatewayConfig
+from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import Usage
 from switchyard.shared.db import budgets, virtual_keys
 from switchyard.shared.errors import GatewayError

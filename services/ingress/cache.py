@@ -36,9 +36,9 @@ from switchyard.services.ingress.cache_store import CacheStore, unit
 from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage, request_engine
 from switchyard.services.ingress.replies import Pending, ReplyListener
 from switchyard.shared import topics
-from switchyard.shared.config import GatewayConfig, ModelGroup
+from switchyard.shared.config_schema import GatewayConfig, ModelGroup
 from switchyard.shared.contracts import Reply, RequestEnvelope, Usage, UsageEvent, now_ms
-from switchyard.shared.kafka import encode, send
+from switchyard.shared.kafka_delivery import encode, send
 from switchyard.shared.metrics import CACHE_REQUESTS
 
 log = logging.getLogger("switchyard.ingress.cache")

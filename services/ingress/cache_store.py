@@ -22,7 +22,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from switchyard.shared.config import CacheConfig
+from switchyard.shared.config_schema import CacheConfig
 
 NO_MAX_AGE_S = 1e9
 

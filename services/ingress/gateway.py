@@ -35,22 +35,16 @@ from switchyard.services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, ke
 from switchyard.services.ingress.limits import RateLimiter
 from switchyard.services.ingress.replies import Pending, ReplyListener
 from switchyard.services.ingress.ui.session import session_identity
-from switchyard.shared import topics, tracing
-from switchyard.shared.config import GatewayConfig, Settings
+from switchyard.shared import retry, topics, tracing
+from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import CancelRequest, KeyEvent, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.guardrails import Guardrails
-from switchyard.shared.kafka import (
-    encode,
-    make_consumer,
-    make_producer,
-    send,
-    send_and_wait,
-    start_client,
-    topic_partitions,
-)
+from switchyard.shared.kafka import make_consumer, make_producer, start_client, topic_partitions
+from switchyard.shared.kafka_delivery import encode, send, send_and_wait
 from switchyard.shared.prompt_log import PromptRecord
 from switchyard.shared.service import BackgroundTasks
+from switchyard.shared.settings import Settings
 from switchyard.shared.tansu import is_tansu
 from switchyard.shared.tokens import estimate_total_tokens
 
@@ -172,26 +166,33 @@ class Gateway:
         return self._request_engine
 
     async def _keep_keys_loaded(self) -> None:
-        """Load the virtual keys now, retrying with backoff until PostgreSQL answers, then every REFRESH_S."""
+        """Load the virtual keys now, then every REFRESH_S; each load is retried until PostgreSQL answers.
+
+        An outage logs one warning when it starts and one when PostgreSQL answers again (`DatabaseOutage`),
+        not one per attempt; keys already loaded keep working meanwhile."""
         store = self.key_store()
-        delay = KEY_LOAD_RETRY_S[0]
         while True:
             first = not store.loaded
-            try:
-                await asyncio.wait_for(store.load_all(), KEY_LOAD_TIMEOUT_S)
-            except DATABASE_ERRORS as e:
-                store.outage.failed(e)  # one warning per outage
-            except Exception:
-                log.exception("could not load the virtual keys")
-            else:
-                if first or store.outage.down:
-                    log.info("virtual keys loaded", extra={"keys": len(store.by_id)})
-                store.outage.recovered()
-                delay = KEY_LOAD_RETRY_S[0]
-                await asyncio.sleep(REFRESH_S)
-                continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, KEY_LOAD_RETRY_S[1])
+            await self._load_keys(store)
+            if first or store.outage.down:
+                log.info("virtual keys loaded", extra={"keys": len(store.by_id)})
+            store.outage.recovered()
+            await asyncio.sleep(REFRESH_S)
+
+    @staticmethod
+    async def _load_keys(store: KeyStore) -> None:
+        """Load every key, retried after KEY_LOAD_RETRY_S[0] doubling to KEY_LOAD_RETRY_S[1] until it succeeds
+        (shared/retry.py); an error that is no database error is logged with its traceback and retried too."""
+        async for attempt in retry.attempts(Exception, first_s=KEY_LOAD_RETRY_S[0], max_s=KEY_LOAD_RETRY_S[1]):
+            with attempt:
+                try:
+                    await asyncio.wait_for(store.load_all(), KEY_LOAD_TIMEOUT_S)
+                except DATABASE_ERRORS as e:
+                    store.outage.failed(e)  # warns only when the outage starts
+                    raise
+                except Exception:
+                    log.exception("could not load the virtual keys")
+                    raise
 
     def key_store(self) -> KeyStore:
         if self.keys is None:

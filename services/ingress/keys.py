@@ -36,11 +36,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.services.ingress.database import DATABASE_ERRORS, RETRY_AFTER_S, DatabaseOutage
 from switchyard.services.ingress.key_records import BudgetSpec, KeyRecord, KeySpec
-from switchyard.shared.config import Settings
 from switchyard.shared.contracts import KeyEvent
 from switchyard.shared.db import budgets, spend_totals, virtual_keys
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.periods import PERIODS, period_end, period_start
+from switchyard.shared.settings import Settings
 
 __all__ = ["KEY_PREFIX", "REFRESH_S", "BudgetSpec", "KeyRecord", "KeySpec", "KeyStore", "hash_key", "key_hash_secret",
            "keys_unavailable"]

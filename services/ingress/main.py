@@ -9,8 +9,9 @@ import uvicorn
 
 from switchyard.services.ingress.app import Gateway, create_app, reply_partition_from_env
 from switchyard.shared import tracing
-from switchyard.shared.config import load_config, load_settings
+from switchyard.shared.config import load_config
 from switchyard.shared.logs import setup_logging
+from switchyard.shared.settings import load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

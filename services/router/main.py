@@ -29,26 +29,21 @@ from switchyard.services.router.routing import decide
 from switchyard.shared import metrics, topics, tracing
 from switchyard.shared.answers import answer, refuse_unreadable
 from switchyard.shared.breaker import BreakerSettings, HealthBook
-from switchyard.shared.config import GatewayConfig, load_config, load_settings
+from switchyard.shared.config import load_config
+from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import ENVELOPE_VERSION, RequestEnvelope, now_ms
 from switchyard.shared.dead import bury
 from switchyard.shared.errors import GatewayError, nesting_error, timeout_error
 from switchyard.shared.health import health_port_default, serve_health
 from switchyard.shared.health_feed import HealthFeed
-from switchyard.shared.kafka import (
-    BatchOffsets,
-    DeliveryRefused,
-    check_destination,
-    encode,
-    group_instance_id,
-    make_consumer,
-    make_producer,
-    send_and_wait,
-    start_client,
-)
+from switchyard.shared.kafka import group_instance_id, make_consumer, make_producer, start_client
+from switchyard.shared.kafka_delivery import check_destination, encode, send_and_wait
+from switchyard.shared.kafka_destinations import DeliveryRefused
+from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal
+from switchyard.shared.settings import load_settings
 
 log = logging.getLogger("switchyard.router")
 SERVICE = "router"

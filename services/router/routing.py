@@ -20,7 +20,7 @@ from typing import Any
 
 from switchyard.shared import topics
 from switchyard.shared.breaker import HealthBook
-from switchyard.shared.config import Deployment, GatewayConfig, ModelGroup, RouteRule
+from switchyard.shared.config_schema import Deployment, GatewayConfig, ModelGroup, RouteRule
 from switchyard.shared.contracts import AttemptRecord, NativeFormat, RequestEnvelope
 from switchyard.shared.errors import RETRYABLE_STATUSES, GatewayError
 from switchyard.shared.native import native_required, required_format, speaks

@@ -27,7 +27,6 @@ from typing import Any
 
 from switchyard.services.workers.calls import ChunkSink
 from switchyard.shared.contracts import RequestEnvelope
-from switchyard.shared.detectors import Span, mask, non_overlapping
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.guardrails import (
     Decision,
@@ -38,6 +37,7 @@ from switchyard.shared.guardrails import (
     guard_answer,
     violation,
 )
+from switchyard.shared.spans import Span, mask, non_overlapping
 
 STREAM_WINDOW = int(os.environ.get("SWITCHYARD_GUARDRAIL_STREAM_WINDOW", "128"))
 

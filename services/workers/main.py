@@ -46,25 +46,20 @@ from switchyard.services.workers.pipeline import Pipeline
 from switchyard.services.workers.providers import get_adapter
 from switchyard.shared import metrics, topics, tracing
 from switchyard.shared.answers import problems
-from switchyard.shared.config import GatewayConfig, load_config, load_settings
+from switchyard.shared.config import load_config
+from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import (
     RequestEnvelope,
 )
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.health import health_port_default, serve_health
-from switchyard.shared.kafka import (
-    Claim,
-    DeliveryRefused,
-    OffsetTracker,
-    commit,
-    group_instance_id,
-    make_consumer,
-    make_producer,
-    start_client,
-)
+from switchyard.shared.kafka import group_instance_id, make_consumer, make_producer, start_client
+from switchyard.shared.kafka_destinations import DeliveryRefused
+from switchyard.shared.kafka_offsets import Claim, OffsetTracker, commit
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.service import run_until_signal
+from switchyard.shared.settings import load_settings
 
 log = logging.getLogger("switchyard.worker")
 MAX_IN_FLIGHT = int(os.environ.get("SWITCHYARD_WORKER_MAX_IN_FLIGHT", "512"))

@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind
 
 from switchyard.services.workers.calls import CallFailed, CallResult
 from switchyard.shared import metrics, tracing
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.contracts import RequestEnvelope
 from switchyard.shared.pricing import cost
 

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from switchyard.services.workers.calls import CallFailed, CallResult
 from switchyard.shared import topics, tracing
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.contracts import (
     IN_DOUBT,
     OUT_OF_BAND,
@@ -33,7 +33,8 @@ from switchyard.shared.contracts import (
 )
 from switchyard.shared.dead import bury, deliver_or_bury
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.kafka import REFUSED_TOO_LARGE, DeliveryRefused, deliver, encode, send_and_wait, too_large
+from switchyard.shared.kafka_delivery import deliver, encode, send_and_wait
+from switchyard.shared.kafka_destinations import REFUSED_TOO_LARGE, DeliveryRefused, too_large
 from switchyard.shared.parts import MAX_REPLY_BYTES, split
 
 log = logging.getLogger("switchyard.worker")

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.contracts import RequestEnvelope
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.metrics import PACING_QUEUE_DEPTH

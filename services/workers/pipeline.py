@@ -39,7 +39,7 @@ from switchyard.services.workers.providers.native import native_request
 from switchyard.services.workers.upstream import UpstreamClient
 from switchyard.shared import topics
 from switchyard.shared.answers import refuse_unreadable
-from switchyard.shared.config import Deployment, GatewayConfig
+from switchyard.shared.config_schema import Deployment, GatewayConfig
 from switchyard.shared.contracts import ENVELOPE_VERSION, Reply, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError, timeout_error
 from switchyard.shared.guardrails import Guardrails

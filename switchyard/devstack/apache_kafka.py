@@ -21,7 +21,7 @@ import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
 
-from switchyard.shared.config import cache_home
+from switchyard.shared.settings import cache_home
 from switchyard.shared.topics import MAX_MESSAGE_BYTES
 
 KAFKA_VERSION = "4.1.1"

@@ -26,7 +26,7 @@ import httpx
 import orjson
 
 from switchyard.services.workers.providers.openai_shape import openai_style_error, usage_from_openai
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.contracts import NativeRequest, Usage
 from switchyard.shared.errors import GatewayError
 

@@ -51,7 +51,7 @@ from switchyard.services.workers.providers.openai_shape import (
     retry_after_seconds,
 )
 from switchyard.services.workers.providers.reading import encode_json
-from switchyard.shared.config import Deployment
+from switchyard.shared.config_schema import Deployment
 from switchyard.shared.errors import GatewayError
 
 DEFAULT_REGION = "us-east-1"
