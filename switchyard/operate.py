@@ -33,10 +33,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
         rows = [[d.id, datetime.fromtimestamp(d.ts_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"), d.reason,
                  d.topic if d.partition is None else f"{d.topic}[{d.partition}]", d.request_id or "-", d.service,
                  "yes" if d.replayed else "no"] for d in letters]
-        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-        for row in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print_table(cols, rows)
         print(f"{len(letters)} dead letters, {sum(not d.replayed for d in letters)} not replayed")
         return 0
     results = asyncio.run(replay(bootstrap, None if args.all else args.ids))
@@ -54,10 +51,7 @@ def _print_table(rows: list[dict[str, Any]], by: str) -> None:
     cells = [[str(r.get(c) if r.get(c) is not None else "-") if c not in ("cost_usd", "saved_usd")
               else f"{r.get(c) or 0:.6f}" for c in cols]
              for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print_table(cols, cells)
     total = sum(r["cost_usd"] for r in rows)
     hits, saved = sum(r.get("cache_hits", 0) for r in rows), sum(r.get("saved_usd", 0) for r in rows)
     print(f"total  ${total:.6f}  over {sum(r['requests'] for r in rows)} requests  "
@@ -115,10 +109,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     cells = [[str(r[args.by]), str(r["requests"]), str(r["errors"]), f"{r['error_rate']:.1%}"]
              + ["-" if r[t][p] is None else f"{r[t][p]:.0f}" for t in TIMINGS for p in ("p50", "p95", "p99")]
              for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    print_table(cols, cells)
     print(f"milliseconds, last {args.window}; percentiles over successful calls")
     return 0
 
@@ -199,3 +190,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
         data = _admin("GET", f"/v1/logs?{urlencode(query)}")["data"]
     print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def print_table(cols: list[str], rows: list[list[str]]) -> None:
+    """Rows under their column names, each column as wide as its widest cell."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
