@@ -10,7 +10,7 @@ and no upstream answer can take the worker down:
 Task cancellation is never caught.
 
 Adapters are typed against httpx's response (`events`, `map_error`); they read only what
-`Answer` offers (status, headers' `get`, `aread`, `aiter_bytes`, `aiter_lines`), so it is
+`Answer` offers (status, headers' `get`, `aread`, `aiter_bytes`, `aiter_text`), so it is
 handed to them as it is, in `_answer` and `_stream` (the two `type: ignore[arg-type]`).
 """
 

@@ -5,7 +5,7 @@ on a 2-core machine, aiohttp's ~0.2 ms (bench/README.md). Why directly: an httpx
 of aiohttp built two request and two response objects per call (httpx's and aiohttp's) and re-wrapped
 every body chunk; here an adapter's `UpstreamRequest` goes straight to aiohttp, and the answer comes back
 as `UpstreamResponse`, a thin view of aiohttp's response with the few members adapters read
-(`status_code`, `headers`, `aread`, `aiter_bytes`, `aiter_lines`). Measured: bench/worker_call.py.
+(`status_code`, `headers`, `aread`, `aiter_bytes`, `aiter_text`). Measured: bench/worker_call.py.
 
 What it guarantees:
 - the request path is sent exactly as the adapter built it (a re-quoted path breaks signatures computed
@@ -18,6 +18,7 @@ What it guarantees:
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -50,7 +51,7 @@ class Answer(Protocol):
 
     def aiter_bytes(self) -> AsyncIterator[bytes]: ...
 
-    def aiter_lines(self) -> AsyncIterator[str]: ...
+    def aiter_text(self) -> AsyncIterator[str]: ...
 
     async def aclose(self) -> None: ...
 
@@ -78,21 +79,16 @@ class UpstreamResponse:
         async for chunk in self._response.content.iter_any():
             yield chunk
 
-    async def aiter_lines(self) -> AsyncIterator[str]:
-        """The body's lines without their ends (`\\n` or `\\r\\n`), as UTF-8 text; no line length limit
-        (one SSE event can carry a large tool call)."""
-        buffer = bytearray()
+    async def aiter_text(self) -> AsyncIterator[str]:
+        """The body as UTF-8 text, decoded incrementally (a character split across reads is kept whole)."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         async for chunk in self._response.content.iter_any():
-            buffer += chunk
-            end = buffer.rfind(b"\n")
-            if end < 0:
-                continue
-            lines = bytes(buffer[:end]).split(b"\n")
-            del buffer[:end + 1]
-            for line in lines:
-                yield (line[:-1] if line.endswith(b"\r") else line).decode("utf-8", "replace")
-        if buffer:
-            yield bytes(buffer.rstrip(b"\r")).decode("utf-8", "replace")
+            text = decoder.decode(chunk)
+            if text:
+                yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
 
     async def aclose(self) -> None:
         """Done with this answer: read to its end, the connection goes back to the pool; else it is closed."""

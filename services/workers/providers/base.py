@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import orjson
+from httpx_sse import EventSource
 
 from switchyard.services.workers.providers.openai_shape import openai_style_error, usage_from_openai
 from switchyard.shared.config_schema import Deployment
@@ -220,23 +221,9 @@ class ProviderAdapter:
 
 
 async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerEvent]:
-    """A minimal, spec-following SSE decoder (event/data fields, blank-line dispatch, comments skipped)."""
-    event: str | None = None
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                yield ServerEvent(data="\n".join(data), event=event)
-            event, data = None, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            data.append(value)
-        elif name == "event":
-            event = value
-    if data:
-        yield ServerEvent(data="\n".join(data), event=event)
+    """The response's server-sent events, decoded by httpx-sse (the WHATWG rules: `data` lines joined, any
+    line ending, comments and unknown fields skipped); an answer that is not `text/event-stream` is an
+    `SSEError`, which the call maps to a 502 like any unreadable answer."""
+    async for sse in EventSource(response).aiter_sse():
+        if sse.data:
+            yield ServerEvent(data=sse.data, event=sse.event if sse.event != "message" else None)
