@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=10_000, help="random tokens per flood (0: skip)")
     parser.add_argument("--concurrency", type=int, default=50, help="requests in flight, one-address flood")
-    parser.add_argument("--spread-concurrency", type=int, default=250,
+    parser.add_argument("--spread-concurrency", type=int, default=1000,
                         help="requests in flight, spread flood (each refusal waits up to 2.5 s for llm.keys)")
     parser.add_argument("--slow-clients", type=int, default=1_000, help="slow stream readers (0: skip)")
     parser.add_argument("--hold", type=float, default=120.0, help="seconds the slow readers are held")
