@@ -73,27 +73,40 @@ def extract(rev: str) -> Path:
     return BASE_DIR
 
 
+def run_bench(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str, Any]:
+    """One `bench/run.py` run of Switchyard (plus the fake direct) with `extra` arguments; its summary."""
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke" if args.smoke else "--quick",
+               "--targets", "switchyard", "--no-readme", "--name", name, *extra]
+    if args.repeats:
+        command += ["--repeats", str(args.repeats)]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    results = sorted((ROOT / "bench" / ("results" if not args.smoke else ".work")).glob(f"*{name}*.json"))
+    return json.loads(results[-1].read_text())["summary"] if results else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None,
                         help="a revision without the observability code (default: this checkout, tracing off)")
     parser.add_argument("--smoke", action="store_true", help="bench/run.py --smoke instead of --quick")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sequential", action="store_true",
+                        help="measure base then observed in two runs, one stack at a time, instead of interleaved "
+                             "(for when a paused stack does not come back in time)")
     args = parser.parse_args()
     sink = Sink()
     name = "observability-smoke" if args.smoke else "observability"
-    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke" if args.smoke else "--quick",
-               "--targets", "switchyard", "--variant", f"observed={ROOT}",
-               "--variant-env", f"OTEL_EXPORTER_OTLP_ENDPOINT={sink.url}",
-               "--variant-env", "OTEL_BSP_SCHEDULE_DELAY=1000", "--no-readme", "--name", name]
-    if args.base:
-        command += ["--repo", str(extract(args.base))]
-    if args.repeats:
-        command += ["--repeats", str(args.repeats)]
-    print(" ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
-    results = sorted((ROOT / "bench" / ("results" if not args.smoke else ".work")).glob(f"*{name}*.json"))
-    summary = json.loads(results[-1].read_text())["summary"] if results else {}
+    otel = [f"OTEL_EXPORTER_OTLP_ENDPOINT={sink.url}", "OTEL_BSP_SCHEDULE_DELAY=1000"]
+    base = ["--repo", str(extract(args.base))] if args.base else []
+    if args.sequential:
+        summary = {"switchyard": run_bench(args, f"{name}-base", base).get("switchyard", {}),
+                   "switchyard-observed": run_bench(args, f"{name}-observed",
+                                                    [arg for kv in otel for arg in ("--env", kv)])
+                   .get("switchyard", {})}
+    else:
+        summary = run_bench(args, name, ["--variant", f"observed={ROOT}", *base,
+                                         *(arg for kv in otel for arg in ("--variant-env", kv))])
     rows = []
     for target in ("switchyard", "switchyard-observed"):
         s = summary.get(target, {})

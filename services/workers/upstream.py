@@ -99,9 +99,9 @@ class UpstreamResponse:
 
 
 READ_BUFFER_BYTES = 16 << 10
-"""How much of one answer aiohttp buffers before it stops reading the socket (it pauses at twice this). With
-hundreds of streams waiting on Kafka, aiohttp's default (64 KiB, pausing near 190 KiB) held 62 MB of unread
-provider bytes and as much again as split lines; at 16 KiB a stream's backlog waits in the kernel instead."""
+"""How much of one answer aiohttp buffers before it stops reading the socket (it pauses at twice this): a
+stream that waits for Kafka keeps its backlog in the kernel and the provider, not in this process, so the
+worker's memory grows with its call slots, not with how far behind its streams are."""
 
 
 class UpstreamClient:
