@@ -33,6 +33,19 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(root))
 
 
+LONGEST_FIRST = ("test_chaos.py", "test_pacing.py", "test_abuse.py", "test_tansu_soak.py", "test_delivery_failures.py",
+                 "test_guardrails_errors_batches.py", "test_routing_e2e.py", "test_tracing.py", "test_cache.py",
+                 "test_up.py", "test_secrets_scope.py", "test_tansu.py", "test_guardrails.py")
+"""The files that take longest (each starts a stack of its own or waits on a provider's minute), run first: with
+two files at a time, a long file started last would leave one worker idle while the other finishes it. The
+other files keep their order (`--no-loadscope-reorder` in pyproject keeps xdist from sorting by test count)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 class Fakes:
     def __init__(self) -> None:
         self.main = FakeOpenAI().start()

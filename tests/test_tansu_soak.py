@@ -22,7 +22,7 @@ from switchyard.devstack.tansu_rotation import CHECK_ENV, ROTATE_ENV, rss_kb
 from switchyard.shared.settings import read_stack
 from tests.stack import MASTER_KEY, RunningStack, start_stack, warm_up
 
-THRESHOLD = 1500
+THRESHOLD = 800
 """Messages in the broker's logs that trigger a rotation: a few dozen long streams' worth."""
 ROTATIONS = 2
 WORDS = 150
