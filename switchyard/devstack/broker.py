@@ -12,6 +12,7 @@ fallback for machines without Java, for development only (shared/tansu.py holds 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -63,9 +64,30 @@ def tansu_binary() -> Path:
 
 
 def free_port() -> int:
+    """A port free now, for a process about to listen on it, chosen below the kernel's ephemeral range: a port
+    the kernel hands out for a bind to port 0 is one it may also hand the next outgoing connection (a Kafka
+    client, an HTTP call) before the listener binds it, and the listener then fails with "address in use"."""
+    low = _ephemeral_low()
+    if low > EPHEMERAL_FLOOR + 1000:
+        for _ in range(200):
+            port = random.randrange(EPHEMERAL_FLOOR, low)
+            if port_is_free(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+EPHEMERAL_FLOOR = 10000
+"""The lowest port `free_port` picks: above the well-known and most registered service ports."""
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux; 32768 when unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_is_free(port: int) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import threading
 import time
 from collections import deque
@@ -32,6 +31,8 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+
+from switchyard.devstack.broker import free_port
 
 
 @dataclass
@@ -59,12 +60,6 @@ class Fault:
     @classmethod
     def parse(cls, data: dict[str, Any]) -> Fault:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class FakeProvider:
