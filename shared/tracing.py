@@ -40,15 +40,16 @@ def setup_tracing(service: str) -> bool:
     if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         _tracer = None
         return False
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from switchyard.shared.otlp import SpanExporter
+
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or f"switchyard-{service}",
                                 "service.namespace": "switchyard"})
     provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER (default: parent-based, on)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(SpanExporter()))
     trace.set_tracer_provider(provider)
     _tracer = provider.get_tracer("switchyard")
     return True
