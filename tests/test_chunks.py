@@ -50,3 +50,18 @@ async def test_a_stream_holds_at_most_max_held_chunks_while_the_broker_is_slow()
     sends.futures[0].set_exception(RuntimeError("the broker refused it"))  # a failure also lets it go on
     await asyncio.wait_for(blocked, 5)
     assert len(sends.messages) == 2 and len(sends.messages[1][0]) == MAX_HELD
+
+
+async def test_a_long_stream_keeps_only_what_is_unacknowledged_or_failed() -> None:
+    sends = Sends()
+    stream = ChunkStream(sends)
+    for i in range(100):  # a long stream: each message acknowledged before the next chunk
+        await stream.add({"i": i})
+        sends.futures[-1].set_result(None)
+        await asyncio.sleep(0)
+    assert len(sends.messages) == 100 and stream.sent == []  # no future kept per message sent
+    await stream.add({"i": 100})
+    sends.futures[-1].set_exception(RuntimeError("the broker refused it"))
+    await asyncio.sleep(0)
+    await stream.add({"i": 101})
+    assert stream.sent == sends.futures[-2:]  # the failure, for the caller to report, and the one in flight

@@ -29,7 +29,9 @@ class ChunkStream:
 
     Messages are sent in `seq` order and readers put them back in that order, so the text arrives whole
     and in order whatever the broker's batching does. `close` sends what is left and returns the next
-    free `seq` (for the `end` or `error` message); `sent` holds every message's future.
+    free `seq` (for the `end` or `error` message). `sent` holds the futures of the messages not yet
+    acknowledged, and of any that failed: what the caller must still wait for or report. An acknowledged
+    message's future is dropped at once, so a long stream holds a few futures, not one per message.
     """
 
     def __init__(self, send: SendChunks) -> None:
@@ -66,5 +68,7 @@ class ChunkStream:
         future.add_done_callback(self._acknowledged)
 
     def _acknowledged(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.sent.remove(future)
         if future is self._unacked:
             self._flush()
