@@ -75,13 +75,15 @@ def extract(rev: str) -> Path:
 
 def run_bench(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str, Any]:
     """One `bench/run.py` run of Switchyard (plus the fake direct) with `extra` arguments; its summary."""
-    command = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke" if args.smoke else "--quick",
+    mode = ["--smoke"] if args.smoke else [] if args.full else ["--quick"]
+    command = [sys.executable, str(ROOT / "bench" / "run.py"), *mode,
                "--targets", "switchyard", "--no-readme", "--name", name, *extra]
     if args.repeats:
         command += ["--repeats", str(args.repeats)]
     print(" ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
-    results = sorted((ROOT / "bench" / ("results" if not args.smoke else ".work")).glob(f"*{name}*.json"))
+    results = sorted((ROOT / "bench" / ("results" if not args.smoke else ".work")).glob(f"*{name}*.json"),
+                     key=lambda path: path.stat().st_mtime)  # the newest: names need not sort by time
     return json.loads(results[-1].read_text())["summary"] if results else {}
 
 
@@ -90,6 +92,8 @@ def main() -> int:
     parser.add_argument("--base", default=None,
                         help="a revision without the observability code (default: this checkout, tracing off)")
     parser.add_argument("--smoke", action="store_true", help="bench/run.py --smoke instead of --quick")
+    parser.add_argument("--full", action="store_true",
+                        help="bench/run.py's full scenarios (10 s, not 4 s: steadier CPU figures), not --quick")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--sequential", action="store_true",
                         help="measure base then observed in two runs, one stack at a time, instead of interleaved "

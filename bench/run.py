@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     text = expected_stream_text(fake.stream_chunks)
     import uvloop
 
+    finished = False
     try:
         _start_all(targets)
         for t in targets.values():
@@ -494,10 +495,15 @@ def main(argv: list[str] | None = None) -> int:
             data[name]["memory"] = procstat.memory(t.roots)
         data["fake-direct"]["memory"] = procstat.memory(fake.roots)
         doc["targets"] = data
+        finished = True
     finally:
         for t in targets.values():
             procstat.resume(t.roots)
-            t.stop()
+            if isinstance(t, Switchyard) and not finished:  # a failed run keeps the stacks' logs to read
+                print(f"run failed: {t.name}'s logs are kept in {t.dir}", file=sys.stderr)
+                t.stop(keep=True)
+            else:
+                t.stop()
         fake.stop()
     for name, data in doc["targets"].items():
         doc["summary"][name] = summarize(data, plan)
