@@ -129,7 +129,9 @@ async def flood(url: str, n: int, concurrency: int, spread: bool) -> dict[str, A
                 codes["(no OpenAI error body)"] += 1
 
     began = time.monotonic()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections are let go before uvicorn's 5 s keep-alive timeout closes them: reusing one the server is
+    # closing at that moment fails as a ReadError on the client, which is no answer of the gateway's.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=4.0)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await asyncio.gather(*(one(client) for _ in range(concurrency)))
     elapsed = time.monotonic() - began
