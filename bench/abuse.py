@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     markdown = table(doc) + f"\n\nRaw results: `{path.relative_to(BENCH.parent)}`."
     print("\n" + markdown)
-    if not args.smoke:
+    every_part = min(args.tokens, args.slow_clients, args.api_fuzz_examples, args.adapter_fuzz_examples) > 0
+    if not args.smoke and every_part:  # a run of one part leaves the table of the last whole run alone
         update_readme(markdown)
     say(f"done in {doc['total_s']:.0f} s; verdicts: {json.dumps(doc['verdicts'])}")
     return 0

@@ -369,7 +369,7 @@ class MockUpstream:
     def __init__(self, handler: Callable[[httpx.Request], Any]) -> None:
         self.handler = handler
 
-    async def send(self, up: UpstreamRequest, first_byte_timeout_s: float) -> httpx.Response:
+    async def send(self, up: UpstreamRequest, first_byte_timeout_s: float, stream: bool = False) -> httpx.Response:
         content = orjson.dumps(up.json) if up.json is not None else up.content
         response = self.handler(httpx.Request(up.method, up.url, headers=up.headers, content=content))
         return await response if inspect.isawaitable(response) else response  # type: ignore[no-any-return]

@@ -6,6 +6,7 @@ stream is refused."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,7 @@ import pytest
 from httpx_sse import SSEError
 
 from switchyard.services.workers.providers.base import ServerEvent, UpstreamRequest, iter_sse
-from switchyard.services.workers.upstream import UpstreamClient
+from switchyard.services.workers.upstream import STREAM_RECEIVE_WINDOW_BYTES, UpstreamClient
 
 
 @asynccontextmanager
@@ -65,3 +66,30 @@ async def test_an_event_cut_before_its_blank_line_is_dropped() -> None:
 async def test_an_answer_that_is_not_an_event_stream_is_refused() -> None:
     with pytest.raises(SSEError):
         await events([b'{"choices": []}'], content_type="application/json")
+
+
+async def test_a_streaming_call_reads_through_a_small_receive_window_and_other_calls_do_not() -> None:
+    """A stream the worker is slow to read waits in the provider's socket, not in the worker's memory."""
+
+    async def open_ended(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # the body never ends: the connection is the client's until it closes it
+        writer.close()
+
+    server = await asyncio.start_server(open_ended, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    windows = {}
+    async with UpstreamClient() as client:
+        for stream in (True, False):
+            response = await client.send(UpstreamRequest(method="POST", url=url, headers={}, json={}), 5.0,
+                                         stream=stream)
+            connection = response._response.connection
+            assert connection is not None and connection.transport is not None
+            sock = connection.transport.get_extra_info("socket")
+            windows[stream] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            await response.aclose()
+    server.close()
+    assert windows[True] <= 2 * STREAM_RECEIVE_WINDOW_BYTES  # Linux doubles what is asked for
+    assert windows[False] > 2 * STREAM_RECEIVE_WINDOW_BYTES

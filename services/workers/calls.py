@@ -160,7 +160,7 @@ async def call(
             if cancel is not None:
                 cancel._scope = scope
             try:
-                response = await client.send(up, ctx.deployment.first_byte_timeout_s)
+                response = await client.send(up, ctx.deployment.first_byte_timeout_s, stream=ctx.stream)
                 try:
                     with faults_as(response_fault, adapter.name, passing=TRANSPORT_ERRORS):
                         await _answer(adapter, ctx, kind, response, result, on_chunk, started)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import socket
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Protocol
@@ -59,7 +60,7 @@ class Answer(Protocol):
 class Upstream(Protocol):
     """What `call` needs of a client: `UpstreamClient` in a worker."""
 
-    async def send(self, up: UpstreamRequest, first_byte_timeout_s: float) -> Answer: ...
+    async def send(self, up: UpstreamRequest, first_byte_timeout_s: float, stream: bool = False) -> Answer: ...
 
 
 class UpstreamResponse:
@@ -76,13 +77,16 @@ class UpstreamResponse:
         return await self._response.read()
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
+        """The body in pieces of at most READ_PIECE_BYTES (what one socket read brought in can be far more)."""
+        async for chunk in self._response.content.iter_chunked(READ_PIECE_BYTES):
             yield chunk
 
     async def aiter_text(self) -> AsyncIterator[str]:
-        """The body as UTF-8 text, decoded incrementally (a character split across reads is kept whole)."""
+        """The body as UTF-8 text, decoded incrementally (a character split across reads is kept whole), in
+        pieces of at most READ_PIECE_BYTES: a stream's decoders then hold one small piece's lines and events at
+        a time, not everything one socket read brought in."""
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        async for chunk in self._response.content.iter_any():
+        async for chunk in self._response.content.iter_chunked(READ_PIECE_BYTES):
             text = decoder.decode(chunk)
             if text:
                 yield text
@@ -104,22 +108,49 @@ stream that waits for Kafka keeps its backlog in the kernel and the provider, no
 worker's memory grows with its call slots, not with how far behind its streams are."""
 
 
+READ_PIECE_BYTES = 4 << 10
+"""The most of an answer handed on at once. Measured with 255 streams in flight behind a busy worker: reading
+what aiohttp held in one piece (about 33 KB) kept 33 KB of bytes, 33 KB of text and 42 KB of split lines and
+events alive per stream."""
+
+
+STREAM_RECEIVE_WINDOW_BYTES = 16 << 10
+"""SO_RCVBUF of the connections that carry streams (Linux doubles it for its own bookkeeping). aiohttp stops
+reading an answer at twice READ_BUFFER_BYTES, but keeps what one socket read already brought in, up to all the
+kernel held: a worker busier than its 512 streams held about 180 KB of each in aiohttp, 74 MB in all. With a
+small window the provider holds that backlog instead: 1,000 slow readers peaked the worker at 182 MB, against
+217 MB with the default window (bench/README.md, "Abuse figures"). A stream's tokens come at a few tens of KB/s,
+inside 16 KiB per round trip even at 100 ms; other answers (a large embeddings reply) keep the default window,
+on a pool of their own."""
+
+
+def _stream_socket(addr_info: Any) -> socket.socket:
+    """A socket for a streaming call's connection, with the small receive window set before it connects."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_RECEIVE_WINDOW_BYTES)
+    return sock
+
+
 class UpstreamClient:
-    """One pooled aiohttp session per worker process, created on first use (it must belong to the running loop)."""
+    """Pooled aiohttp sessions of one worker process: one for streaming calls (STREAM_RECEIVE_WINDOW_BYTES), one
+    for the rest, each created on first use (it must belong to the running loop)."""
 
     def __init__(self, max_connections: int = 512) -> None:
         self._limit = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
 
-    def _pool(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300),
-                auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                read_bufsize=READ_BUFFER_BYTES)
-        return self._session
+    def _pool(self, stream: bool) -> aiohttp.ClientSession:
+        session = self._sessions.get(stream)
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300,
+                                             socket_factory=_stream_socket if stream else None)
+            session = self._sessions[stream] = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"), read_bufsize=READ_BUFFER_BYTES)
+        return session
 
-    async def send(self, up: UpstreamRequest, first_byte_timeout_s: float) -> UpstreamResponse:
+    async def send(self, up: UpstreamRequest, first_byte_timeout_s: float, stream: bool = False) -> UpstreamResponse:
         """Send `up`; returns once the status and headers arrived. Connecting, and each read, may take at
         most `first_byte_timeout_s` (connect at most 10 s); the caller bounds the whole call."""
         content: bytes | None = up.content
@@ -131,14 +162,14 @@ class UpstreamClient:
         timeout = aiohttp.ClientTimeout(total=None, connect=min(10.0, first_byte_timeout_s),
                                         sock_read=first_byte_timeout_s)
         url = str(httpx.URL(up.url)) if _UNSAFE.search(up.url) else up.url  # the rare URL that needs quoting
-        response = await self._pool().request(up.method, yarl.URL(url, encoded=True), headers=headers,
+        response = await self._pool(stream).request(up.method, yarl.URL(url, encoded=True), headers=headers,
                                               data=content, timeout=timeout, allow_redirects=False)
         return UpstreamResponse(response)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
 
     async def __aenter__(self) -> UpstreamClient:
         return self
