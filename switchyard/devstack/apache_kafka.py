@@ -146,9 +146,6 @@ log.dirs={data}
 auto.create.topics.enable=false
 message.max.bytes={MAX_MESSAGE_BYTES}
 group.initial.rebalance.delay.ms=0
-# One node: fencing it (its heartbeat missed during a pause: SIGSTOP, a suspended laptop, a long GC) takes every
-# partition offline with no replica to fail over to, and it was seen not to come back within minutes.
-broker.session.timeout.ms=300000
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=8
 transaction.state.log.replication.factor=1
