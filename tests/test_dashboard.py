@@ -6,6 +6,7 @@ and the session's guards (no key in URL or storage, cross-site requests refused)
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import math
 import threading
@@ -127,6 +128,13 @@ def js_round(value: float) -> int:
     return math.floor(value + 0.5)
 
 
+def js_to_fixed(value: float, digits: int) -> str:
+    """JavaScript's Number.prototype.toFixed, as the page formats: the exact value of the double, a tie rounded
+    away from zero (toFixed(1) of 0.25 is "0.3"; Python's format gives "0.2")."""
+    exact = decimal.Decimal(value).quantize(decimal.Decimal(1).scaleb(-digits), rounding=decimal.ROUND_HALF_UP)
+    return f"{exact:.{digits}f}"
+
+
 def test_overview_shows_the_figures_of_real_requests(page: Page, stack: RunningStack,
                                                      traffic: dict[str, Any]) -> None:
     # The figures the page drew are those of the overview it fetched (read from that very answer: other tests'
@@ -143,7 +151,8 @@ def test_overview_shows_the_figures_of_real_requests(page: Page, stack: RunningS
     expect(cards.locator("[data-testid=requests-24h] .value")).to_have_text(str(day["requests"]))
     expect(cards.locator("[data-testid=p50-1h] .value")).to_have_text(f"{js_round(hour['p50_ms'])} ms")
     expect(cards.locator("[data-testid=p99-24h] .value")).to_have_text(f"{js_round(day['p99_ms'])} ms")
-    expect(cards.locator("[data-testid=error-rate-1h] .value")).to_have_text(f"{100 * hour['error_rate']:.1f}%")
+    error_rate = js_to_fixed(100 * hour["error_rate"], 1)
+    expect(cards.locator("[data-testid=error-rate-1h] .value")).to_have_text(f"{error_rate}%")
     # Drawn by uPlot (a canvas per chart), with the real series named in each chart's legend.
     for chart, names in (("requests-1h", ["requests", "errors"]), ("latency-24h", ["p50", "p95", "p99"]),
                          ("errors-24h", ["error %"]), ("spend-month", ["USD per day"])):
