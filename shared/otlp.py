@@ -14,10 +14,12 @@ Everything else about export (endpoint, headers, TLS, compression, timeouts, ret
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.exporter.otlp.proto.common._internal import _encode_instrumentation_scope, _encode_resource
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as library_encode_spans
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
@@ -147,25 +149,15 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     return b"".join(request)
 
 
-_resources: dict[Any, bytes] = {}
-_scopes: dict[Any, bytes] = {}
-
-
+@functools.cache
 def _resource(resource: Any) -> bytes:
     """A process has one Resource and one scope: each is encoded once, by the library, and kept."""
-    if resource not in _resources:
-        from opentelemetry.exporter.otlp.proto.common._internal import _encode_resource
-
-        _resources[resource] = _encode_resource(resource).SerializePartialToString()
-    return _resources[resource]
+    return bytes(_encode_resource(resource).SerializePartialToString())
 
 
+@functools.cache
 def _scope(scope: Any) -> bytes:
-    if scope not in _scopes:
-        from opentelemetry.exporter.otlp.proto.common._internal import _encode_instrumentation_scope
-
-        _scopes[scope] = _encode_instrumentation_scope(scope).SerializePartialToString()
-    return _scopes[scope]
+    return bytes(_encode_instrumentation_scope(scope).SerializePartialToString())
 
 
 class SpanExporter(OTLPSpanExporter):
