@@ -5,7 +5,8 @@
   hop's spans are its children: ingress receive -> (wait in llm.requests) router decision -> (wait in
   llm.provider.<p>) provider attempt -> (wait in llm.usage) accounting, and a failed attempt's retry goes
   back through the router as a child of that attempt.
-- Spans are recorded and exported (OpenTelemetry SDK, OTLP/HTTP, batched off the request path) only when
+- Spans are recorded and exported (OTLP/HTTP through the OpenTelemetry exporter, batched off the request path
+  by otlp.py, which says why spans are records and not SDK spans) only when
   OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set. Otherwise nothing is
   recorded: hops only forward the trace context they received, which costs a header and no span.
 - Spans carry names, ids, models, deployments, token counts and status codes; never prompt or completion
@@ -23,47 +24,55 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
+from switchyard.shared.otlp import SpanBatcher, SpanRecord
 from switchyard.shared.topics import HEADER_TRACEPARENT
 
 Headers = list[tuple[str, bytes]]
 Attributes = Mapping[str, str | int | float | bool]
 
-_tracer: trace.Tracer | None = None
-"""The SDK tracer while exporting is on; None while it is off."""
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+
+_batcher: SpanBatcher | None = None
+"""Where finished spans go while exporting is on; None while it is off."""
+_sampler: Any = None
+"""The SDK sampler OTEL_TRACES_SAMPLER names; None for the default, parent-based always-on, decided inline."""
+_stop_sender: Any = None
 
 
 def setup_tracing(service: str) -> bool:
     """Export this process's spans over OTLP/HTTP when an endpoint is configured; returns whether it is on."""
-    global _tracer
+    global _batcher, _sampler, _stop_sender
     if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
-        _tracer = None
+        _batcher = None
         return False
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from switchyard.shared.otlp import SpanExporter
+    from switchyard.shared.otlp import Sender
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or f"switchyard-{service}",
                                 "service.namespace": "switchyard"})
-    provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER (default: parent-based, on)
-    provider.add_span_processor(BatchSpanProcessor(SpanExporter()))
-    trace.set_tracer_provider(provider)
-    _tracer = provider.get_tracer("switchyard")
+    sender = Sender(resource, InstrumentationScope("switchyard"))
+    chosen = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    _sampler = None if chosen in ("", "parentbased_always_on") else _get_from_env_or_default()
+    _batcher = SpanBatcher(sender.send)
+    _stop_sender = sender.shutdown
     return True
 
 
 def enabled() -> bool:
-    return _tracer is not None
+    return _batcher is not None
 
 
 def shutdown() -> None:
-    """Flush the spans not exported yet (at process exit)."""
-    provider = trace.get_tracer_provider()
-    if _tracer is not None and hasattr(provider, "shutdown"):
-        provider.shutdown()
+    """Send the spans not exported yet (at process exit)."""
+    if _batcher is not None:
+        _batcher.shutdown()
+        _stop_sender()
 
 
 def parse_traceparent(value: bytes | str | None) -> SpanContext | None:
@@ -97,9 +106,10 @@ def traceparent_header(headers: Iterable[tuple[str, bytes]] | None) -> bytes | N
 
 @dataclass(slots=True)
 class Hop:
-    """One hop's span (None while tracing is off) and the trace context its messages carry downstream."""
+    """One hop's span (None while tracing is off or the trace is not sampled) and the trace context its messages
+    carry downstream."""
 
-    span: Any
+    span: SpanRecord | None
     context: SpanContext | None
 
     @property
@@ -110,16 +120,34 @@ class Hop:
         """Kafka headers for what this hop produces (None when there is no trace context to carry)."""
         return [(HEADER_TRACEPARENT, format_traceparent(self.context))] if self.context is not None else None
 
+    def rename(self, name: str) -> None:
+        if self.span is not None:
+            self.span.name = name
+
     def set(self, attributes: Attributes) -> None:
         if self.span is not None:
-            self.span.set_attributes(attributes)
+            self.span.attributes.update(attributes)
 
     def end(self, error: str | None = None, end_ns: int | None = None) -> None:
-        if self.span is not None:
-            if error is not None:
-                self.span.set_status(Status(StatusCode.ERROR, error))
-                self.span.set_attribute("error.type", error)
-            self.span.end(end_time=end_ns)
+        """Finish the span (once: a second end changes nothing) with status ERROR and `error.type` on error."""
+        span = self.span
+        if span is None or span.end_ns or _batcher is None:
+            return
+        if error is not None:
+            span.error = error
+            span.attributes["error.type"] = error
+        span.end_ns = end_ns or time.time_ns()
+        _batcher.add(span)
+
+
+def _sampled(name: str, parent: SpanContext | None, trace_id: int, kind: SpanKind,
+             attributes: Attributes | None) -> bool:
+    """The sampling decision: the default follows the parent (a new trace is sampled); any other sampler set by
+    OTEL_TRACES_SAMPLER is the SDK's own, asked as the SDK would ask it."""
+    if _sampler is None:
+        return parent is None or parent.trace_flags.sampled
+    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+    return bool(_sampler.should_sample(context, trace_id, name, kind, attributes).decision.is_sampled())
 
 
 def start(name: str, parent: SpanContext | None, kind: SpanKind = SpanKind.INTERNAL,
@@ -129,27 +157,35 @@ def start(name: str, parent: SpanContext | None, kind: SpanKind = SpanKind.INTER
     While tracing is off no span exists: the hop carries `parent` on unchanged, or, with `new_trace` (ingress),
     a fresh trace id, so that the caller still gets a trace id to quote.
     """
-    if _tracer is None:
+    if _batcher is None:
         if parent is None and new_trace:
             parent = SpanContext(random.getrandbits(128) or 1, random.getrandbits(64) or 1, is_remote=False)
         return Hop(None, parent)
-    ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
-    span = _tracer.start_span(name, context=ctx, kind=kind, attributes=attributes, start_time=start_ns)
-    return Hop(span, span.get_span_context())
+    trace_id = parent.trace_id if parent is not None else random.getrandbits(128) or 1
+    span_id = random.getrandbits(64) or 1
+    trace_state = parent.trace_state if parent is not None else None
+    if not _sampled(name, parent, trace_id, kind, attributes):
+        return Hop(None, SpanContext(trace_id, span_id, False, _NOT_SAMPLED, trace_state))
+    record = SpanRecord(name, trace_id, span_id, parent, kind.value, start_ns or time.time_ns(),
+                        attributes=dict(attributes) if attributes else {})
+    return Hop(record, SpanContext(trace_id, span_id, False, _SAMPLED, trace_state))
 
 
 def wait_in_topic(topic: str, parent: SpanContext | None, produced_ms: int,
                   attributes: Attributes | None = None) -> None:
     """A span for the time a message waited in `topic`: from its Kafka timestamp to now (tracing on only)."""
-    if _tracer is None or parent is None:
+    if _batcher is None or parent is None:
         return
+    name = f"wait {topic}"
     attrs: dict[str, str | int | float | bool] = {"messaging.system": "kafka", "messaging.destination.name": topic,
                                                    "messaging.operation.type": "receive"}
     if attributes:
         attrs.update(attributes)
+    if not _sampled(name, parent, parent.trace_id, SpanKind.CONSUMER, attrs):
+        return
     now = time.time_ns()
-    hop = start(f"wait {topic}", parent, SpanKind.CONSUMER, attrs, start_ns=min(now, produced_ms * 1_000_000))
-    hop.end(end_ns=now)
+    _batcher.add(SpanRecord(name, parent.trace_id, random.getrandbits(64) or 1, parent, SpanKind.CONSUMER.value,
+                            min(now, produced_ms * 1_000_000), now, attrs))
 
 
 def from_record(headers: Iterable[tuple[str, bytes]] | None) -> SpanContext | None:

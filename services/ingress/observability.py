@@ -115,7 +115,7 @@ class ObservabilityMiddleware:
                 if gen_ai is not None:
                     gen_ai.observe(ttft)
         if hop.span is not None:
-            hop.span.update_name(f"{scope['method']} {route}")
+            hop.rename(f"{scope['method']} {route}")
             hop.set({"http.request.method": scope["method"], "http.route": route, "http.response.status_code": status,
                      "gen_ai.request.model": model, "switchyard.request_id": state.get("request_id") or ""})
             if operation is not None:
