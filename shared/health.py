@@ -8,15 +8,9 @@ serves the process's Prometheus metrics (shared/metrics.py).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 
 from switchyard.shared import metrics
-
-
-def health_port_default() -> int | None:
-    value = os.environ.get("SWITCHYARD_HEALTH_PORT")
-    return int(value) if value else None
 
 
 async def serve_health(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> asyncio.Server:

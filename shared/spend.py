@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.shared.contracts import IN_DOUBT
 from switchyard.shared.db import usage
+from switchyard.shared.groupings import GROUPINGS
 
-GROUPINGS = ("key", "model", "provider", "deployment", "day", "team", "project")
 _SINCE = re.compile(r"^(\d+)([mhdw])$")
 
 

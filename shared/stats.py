@@ -10,14 +10,13 @@ Shared by `GET /v1/stats/latency` and `switchyard stats`. One row per provider c
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-LATENCY_GROUPINGS = {"deployment": "deployment", "model": "model_group", "provider": "provider"}
-WINDOWS = {"5m": timedelta(minutes=5), "1h": timedelta(hours=1), "24h": timedelta(hours=24)}
+from switchyard.shared.groupings import LATENCY_GROUPINGS, WINDOWS
+
 TIMINGS = ("total_ms", "provider_ms", "ttft_ms")
 
 LATENCY_SQL = """

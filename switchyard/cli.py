@@ -27,17 +27,22 @@ def cmd_kafka_install(args: argparse.Namespace) -> int:
 
     if apache_kafka.installed():
         print(f"Apache Kafka {apache_kafka.KAFKA_VERSION} is installed in {apache_kafka.libs_dir()}")
-        return 0
-    if apache_kafka.java_binary() is None:
-        print(f"switchyard: warning: no Java {apache_kafka.MIN_JAVA}+ here; `switchyard up` will fall back to Tansu "
-              "until one is installed", file=sys.stderr)
-    print(f"fetching Apache Kafka {apache_kafka.KAFKA_VERSION} from Maven Central...", flush=True)
-    try:
-        libs = apache_kafka.install()
-    except RuntimeError as e:
-        print(f"switchyard: {e}", file=sys.stderr)
-        return 1
-    print(f"Apache Kafka {apache_kafka.KAFKA_VERSION} installed in {libs}")
+    else:
+        if apache_kafka.java_binary() is None:
+            print(f"switchyard: warning: no Java {apache_kafka.MIN_JAVA}+ here; `switchyard up` will fall back to "
+                  "Tansu until one is installed", file=sys.stderr)
+        print(f"fetching Apache Kafka {apache_kafka.KAFKA_VERSION} from Maven Central...", flush=True)
+        try:
+            libs = apache_kafka.install()
+        except RuntimeError as e:
+            print(f"switchyard: {e}", file=sys.stderr)
+            return 1
+        print(f"Apache Kafka {apache_kafka.KAFKA_VERSION} installed in {libs}")
+    if apache_kafka.java_binary() is not None and not apache_kafka.class_archive().is_file():
+        print("preparing the broker's class archive (it halves each start's CPU)...", flush=True)
+        if not apache_kafka.build_class_archive():
+            print("switchyard: warning: no class archive was made; the broker starts without one",
+                  file=sys.stderr)
     return 0
 
 
@@ -139,8 +144,14 @@ def _key_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _health_port_arg(p: argparse.ArgumentParser) -> None:
+    default = os.environ.get("SWITCHYARD_HEALTH_PORT")
+    p.add_argument("--health-port", type=int, default=int(default) if default else None,
+                   help="serve /health, /ready and /metrics on this port (default: $SWITCHYARD_HEALTH_PORT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from switchyard.shared.spend import GROUPINGS
+    from switchyard.shared.groupings import GROUPINGS, LATENCY_GROUPINGS, WINDOWS
 
     parser = argparse.ArgumentParser(prog="switchyard", description="OpenAI-compatible LLM gateway on Kafka")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,32 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     u = usub.add_parser("install", help="fetch the pinned uPlot charting library, integrity-checked (once; then no-op)")
     u.set_defaults(func=cmd_ui_install)
 
-    from switchyard.services.ingress.main import add_arguments as ingress_args
-
+    # The services' own arguments are defined here, not imported from them: building this parser must not
+    # import every service (about 3 s of CPU), since each service process starts through it.
     p = sub.add_parser("ingress", help="run one ingress instance (HTTP API)")
     _config_arg(p)
-    ingress_args(p)
+    p.add_argument("--host", default=os.environ.get("SWITCHYARD_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("SWITCHYARD_PORT", "8080")))
+    p.add_argument("--reply-partition", default=os.environ.get("SWITCHYARD_REPLY_PARTITION"),
+                   help="partition of llm.replies this instance owns (a number, or `ordinal`)")
     p.set_defaults(func=cmd_ingress)
-
-    from switchyard.services.router.main import add_arguments as router_args
 
     p = sub.add_parser("router", help="run one router instance")
     _config_arg(p)
-    router_args(p)
+    _health_port_arg(p)
     p.set_defaults(func=cmd_router)
-
-    from switchyard.services.workers.main import add_arguments as worker_args
 
     p = sub.add_parser("worker", help="run one worker process for a provider")
     _config_arg(p)
-    worker_args(p)
+    p.add_argument("--provider", required=True, help="the provider whose topic this pool consumes")
+    _health_port_arg(p)
     p.set_defaults(func=cmd_worker)
-
-    from switchyard.services.accounting.main import add_arguments as accounting_args
 
     p = sub.add_parser("accounting", help="run one accounting consumer")
     _config_arg(p)
-    accounting_args(p)
+    _health_port_arg(p)
     p.set_defaults(func=cmd_accounting)
 
     p = sub.add_parser("migrate", help="apply database migrations (DATABASE_URL)")
@@ -255,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("stats", help="latency percentiles (total, provider, first token) from the accounting database")
-    p.add_argument("--by", choices=["deployment", "model", "provider"], default="deployment")
-    p.add_argument("--window", choices=["5m", "1h", "24h"], default="1h")
+    p.add_argument("--by", choices=list(LATENCY_GROUPINGS), default="deployment")
+    p.add_argument("--window", choices=list(WINDOWS), default="1h")
     p.add_argument("--json", action="store_true", help="print JSON (what GET /v1/stats/latency returns in data)")
     p.set_defaults(func=cmd_stats)
     return parser

@@ -31,7 +31,7 @@ from switchyard.shared.config import load_config
 from switchyard.shared.contracts import IN_DOUBT, UsageEvent
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import UNSTORABLE, bury_consumed
-from switchyard.shared.health import health_port_default, serve_health
+from switchyard.shared.health import serve_health
 from switchyard.shared.kafka import group_instance_id, lagging_fetch, make_consumer, make_producer, start_client
 from switchyard.shared.kafka_delivery import encode, send_and_wait
 from switchyard.shared.kafka_offsets import BatchOffsets
@@ -137,11 +137,6 @@ class Accounting:
         self.stored += stored
         for event in events:
             await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--health-port", type=int, default=health_port_default(),
-                        help="serve /health and /ready on this port (default: $SWITCHYARD_HEALTH_PORT)")
 
 
 async def serve(args: argparse.Namespace) -> None:

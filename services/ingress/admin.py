@@ -21,8 +21,7 @@ from switchyard.services.ingress.responses import json_response
 from switchyard.services.ingress.validation import read_json, validate
 from switchyard.shared.contracts import KeyEvent
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.spend import GROUPINGS
-from switchyard.shared.stats import LATENCY_GROUPINGS, WINDOWS
+from switchyard.shared.groupings import GROUPINGS, LATENCY_GROUPINGS, WINDOWS
 
 # Documented values of the admin routes' parameters (the document only: the routes check them with clearer 400s).
 Scope = Annotated[str, Path(json_schema_extra={"enum": ["team", "project"]})]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import uvicorn
 
@@ -12,13 +11,6 @@ from switchyard.shared import tracing
 from switchyard.shared.config import load_config
 from switchyard.shared.logs import setup_logging
 from switchyard.shared.settings import load_settings
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=os.environ.get("SWITCHYARD_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("SWITCHYARD_PORT", "8080")))
-    parser.add_argument("--reply-partition", default=os.environ.get("SWITCHYARD_REPLY_PARTITION"),
-                        help="partition of llm.replies this instance owns (a number, or `ordinal`)")
 
 
 def run(args: argparse.Namespace) -> None:

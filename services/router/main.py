@@ -34,7 +34,7 @@ from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import ENVELOPE_VERSION, RequestEnvelope, now_ms
 from switchyard.shared.dead import bury
 from switchyard.shared.errors import GatewayError, nesting_error, timeout_error
-from switchyard.shared.health import health_port_default, serve_health
+from switchyard.shared.health import serve_health
 from switchyard.shared.health_feed import HealthFeed
 from switchyard.shared.kafka import group_instance_id, make_consumer, make_producer, start_client
 from switchyard.shared.kafka_delivery import check_destination, encode, send_and_wait
@@ -175,11 +175,6 @@ class Router:
         """The request's terminal answer, from the router: no deployment left, or its deadline passed.
         Dead-lettered if its reply destination vanished since it was checked."""
         await answer(self.producer, env, err, service=SERVICE)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--health-port", type=int, default=health_port_default(),
-                        help="serve /health and /ready on this port (default: $SWITCHYARD_HEALTH_PORT)")
 
 
 async def serve(args: argparse.Namespace) -> None:

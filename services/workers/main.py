@@ -52,7 +52,7 @@ from switchyard.shared.contracts import (
     RequestEnvelope,
 )
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.health import health_port_default, serve_health
+from switchyard.shared.health import serve_health
 from switchyard.shared.kafka import group_instance_id, make_consumer, make_producer, start_client
 from switchyard.shared.kafka_destinations import DeliveryRefused
 from switchyard.shared.kafka_offsets import Claim, OffsetTracker, commit
@@ -263,12 +263,6 @@ class Worker:
             log.exception("dropping a request that can be neither answered nor dead-lettered",
                           extra={"request_id": env.id})
 
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--provider", required=True, help="the provider whose topic this pool consumes")
-    parser.add_argument("--health-port", type=int, default=health_port_default(),
-                        help="serve /health and /ready on this port (default: $SWITCHYARD_HEALTH_PORT)")
 
 
 async def serve(args: argparse.Namespace) -> None:

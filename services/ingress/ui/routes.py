@@ -35,7 +35,8 @@ from switchyard.services.ingress.ui.session import (
 )
 from switchyard.shared import topics, ui_assets
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.spend import GROUPINGS, parse_since, spend
+from switchyard.shared.groupings import GROUPINGS
+from switchyard.shared.spend import parse_since, spend
 
 if TYPE_CHECKING:
     from switchyard.services.ingress.app import Gateway
