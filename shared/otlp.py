@@ -22,13 +22,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.exporter.otlp.proto.common._internal import _encode_instrumentation_scope, _encode_resource
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 log = logging.getLogger("switchyard.otlp")
 
@@ -144,6 +144,8 @@ def _span(record: SpanRecord) -> bytes:
 
 def encode_spans(records: Sequence[SpanRecord], resource: Resource, scope: InstrumentationScope) -> bytes:
     """The serialized `ExportTraceServiceRequest` for `records`, all of one resource and one scope."""
+    from opentelemetry.exporter.otlp.proto.common._internal import _encode_instrumentation_scope, _encode_resource
+
     scope_spans = [_field(0x0A, _encode_instrumentation_scope(scope).SerializePartialToString())]
     scope_spans += (_field(0x12, _span(record)) for record in records)
     if scope.schema_url:
@@ -155,16 +157,24 @@ def encode_spans(records: Sequence[SpanRecord], resource: Resource, scope: Instr
     return _field(0x0A, b"".join(resource_spans))
 
 
-class Sender(OTLPSpanExporter):
-    """The library's OTLP/HTTP exporter, sending what `encode_spans` wrote for one process's resource."""
+class Sender:
+    """The library's OTLP/HTTP exporter, sending what `encode_spans` wrote for one process's resource.
+
+    The exporter (and with it protobuf and an HTTP client) is imported only here, when tracing is turned on.
+    """
 
     def __init__(self, resource: Resource, scope: InstrumentationScope) -> None:
-        super().__init__()
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        self._exporter = OTLPSpanExporter()
         self.resource = resource
         self.scope = scope
 
     def send(self, records: Sequence[SpanRecord]) -> bool:
-        return bool(self._client.export(encode_spans(records, self.resource, self.scope)).success)
+        return bool(self._exporter._client.export(encode_spans(records, self.resource, self.scope)).success)
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
 
 
 def _env_int(name: str, default: int) -> int:
