@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +39,8 @@ _batcher: SpanBatcher | None = None
 """Where finished spans go while exporting is on; None while it is off."""
 _sampler: Any = None
 """The SDK sampler OTEL_TRACES_SAMPLER names; None for the default, parent-based always-on, decided inline."""
-_stop_sender: Any = None
+_stop_sender: Callable[[], None] | None = None
+"""Closes the exporter's HTTP client, after the batcher has sent what waited."""
 
 
 def setup_tracing(service: str) -> bool:
@@ -69,10 +70,13 @@ def enabled() -> bool:
 
 
 def shutdown() -> None:
-    """Send the spans not exported yet (at process exit)."""
+    """Send the spans not exported yet and close the exporter (at process exit); tracing is off after it."""
+    global _batcher, _stop_sender
     if _batcher is not None:
         _batcher.shutdown()
+    if _stop_sender is not None:
         _stop_sender()
+    _batcher = _stop_sender = None
 
 
 def parse_traceparent(value: bytes | str | None) -> SpanContext | None:
