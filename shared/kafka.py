@@ -183,7 +183,12 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: fl
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_factor: int = 1,
                         timeout_s: float = 60.0) -> list[str]:
-    """Create the topics that do not exist yet (idempotent); returns the names created."""
+    """Create the topics that do not exist yet (idempotent); returns the names created, once a broker's
+    metadata lists them.
+
+    On KRaft a created topic is committed to the controller's log before the brokers' metadata caches apply
+    it, so for a moment a Metadata request still says it does not exist. Whoever is told of a new topic next
+    (a router handed a batch's reply topic) must find it, or it refuses the message as sent to no topic."""
     async for attempt in retry.attempts(KafkaError, first_s=0.3, max_s=0.3, timeout_s=timeout_s):
         with attempt:
             admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="switchyard-admin")
@@ -195,6 +200,11 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_fact
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            while unlisted := {t.name for t in missing} - set(await admin.list_topics()):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise KafkaError(f"created topics never appeared in the brokers' metadata: {sorted(unlisted)}")
+                await asyncio.sleep(0.05)
         return [t.name for t in missing]
     finally:
         await admin.close()
