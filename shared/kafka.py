@@ -200,11 +200,10 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_fact
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
-            deadline = asyncio.get_running_loop().time() + timeout_s
-            while unlisted := {t.name for t in missing} - set(await admin.list_topics()):
-                if asyncio.get_running_loop().time() > deadline:
-                    raise KafkaError(f"created topics never appeared in the brokers' metadata: {sorted(unlisted)}")
-                await asyncio.sleep(0.05)
+            async for attempt in retry.attempts(KafkaError, first_s=0.05, max_s=0.05, timeout_s=timeout_s):
+                with attempt:
+                    if unlisted := {t.name for t in missing} - set(await admin.list_topics()):
+                        raise KafkaError(f"created topics not in the brokers' metadata yet: {sorted(unlisted)}")
         return [t.name for t in missing]
     finally:
         await admin.close()
