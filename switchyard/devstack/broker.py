@@ -114,6 +114,18 @@ def wait_port(port: int, timeout_s: float = 15.0, host: str = "127.0.0.1",
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM `proc` and wait up to `grace_s` for it to exit, then SIGKILL it; nothing if it is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class EmbeddedTansu:
     """Tansu on a loopback port chosen once (it panics on a taken port); a restart reuses it, empty."""
 

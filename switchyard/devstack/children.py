@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from switchyard.devstack.broker import EmbeddedBroker
+from switchyard.devstack.broker import EmbeddedBroker, stop_process
 from switchyard.devstack.postgres import EmbeddedPostgres
 from switchyard.devstack.tansu_rotation import Ingress, TansuRotation
 from switchyard.shared.settings import stack_file
@@ -174,12 +174,7 @@ def _rotate_broker(stack: Stack, still_idle: Callable[[], bool]) -> bool:
     try:
         if not still_idle():
             return False
-        broker.proc.terminate()
-        try:
-            broker.proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            broker.proc.kill()
-            broker.proc.wait()
+        stop_process(broker.proc, STOP_GRACE_S)
         _restart_broker(stack, rotating=True)
         return not stack.stopping
     finally:
@@ -235,12 +230,7 @@ def teardown(stack: Stack) -> None:
             child.proc.wait()
     if stack.postgres is not None:
         stack.postgres.stop(quiet=True)
-    if stack.broker is not None and stack.broker.proc is not None and stack.broker.proc.poll() is None:
-        stack.broker.proc.terminate()
-        try:
-            stack.broker.proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            stack.broker.proc.kill()
-            stack.broker.proc.wait()
+    if stack.broker is not None:
+        stop_process(stack.broker.proc, STOP_GRACE_S)
     stack_file().unlink(missing_ok=True)
     say("stopped.")
