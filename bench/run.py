@@ -75,8 +75,14 @@ def _say(msg: str) -> None:
 # ---- measuring one scenario ------------------------------------------------------------------
 
 async def measured(run: Callable[[], Awaitable[dict[str, Any]]], roots: list[int],
-                   fake_roots: list[int]) -> dict[str, Any]:
-    """Run a scenario and attach what it cost: the target's CPU per process label, the fake's, the client's."""
+                   fake_roots: list[int], peaks: bool = False) -> dict[str, Any]:
+    """Run a scenario and attach what it cost: the target's CPU per process label, the fake's, the client's.
+
+    With `peaks`, also each process's peak RSS during the scenario alone (`memory`); the peaks before it are
+    kept in `memory_before`, so the whole run's peak is still known (`summarize`)."""
+    memory_before = procstat.memory(roots) if peaks else None
+    if peaks:
+        procstat.reset_peaks(roots)
     before, fake_before = procstat.snapshot(roots), procstat.snapshot(fake_roots)
     client_before, t0 = time.process_time(), time.perf_counter()
     result = await run()
@@ -92,6 +98,8 @@ async def measured(run: Callable[[], Awaitable[dict[str, Any]]], roots: list[int
         "by_process_ms_per_req": {k: round(v / ok, 3) for k, v in sorted(by_label.items())},
         "fake_ms_per_req": round(fake_ms / ok, 3), "client_ms_per_req": round(client_ms / ok, 3),
     }
+    if memory_before is not None:
+        result["memory_before"], result["memory"] = memory_before, procstat.memory(roots)
     return result
 
 
@@ -136,7 +144,7 @@ async def one_repeat(name: str, ep: loadgen.Endpoint, roots: list[int], fake: Fa
     r: dict[str, Any] = {"load_before": list(os.getloadavg())}
     _say(f"{name}: repeat {rep + 1}/{plan.repeats}: max throughput ({plan.connections} connections)")
     r["closed"] = await measured(lambda: loadgen.closed_loop(ep, plan.connections, plan.closed_s), roots,
-                                 fake.roots)
+                                 fake.roots, peaks=True)
     r["closed"]["settle_s"] = await settle(ep)
     for rate in plan.rates:
         key = f"open{rate:g}"
@@ -211,12 +219,21 @@ def summarize(target: dict[str, Any], plan: Plan) -> dict[str, Any]:
     labels = sorted({lab for rep in target["repeats"] for lab in rep["closed"]["cpu"]["by_process_ms_per_req"]})
     s["cpu_by_process_at_max"] = {lab: _med(_pick(target, "closed", "cpu", "by_process_ms_per_req", lab))["median"]
                                   for lab in labels}
-    peaks: dict[str, float] = {}
-    for key, mem in target.get("memory", {}).items():
-        lab = key.split("[")[0]
-        peaks[lab] = max(peaks.get(lab, 0.0), mem["peak_rss_mb"])
-    s["peak_rss_mb_by_process"] = dict(sorted(peaks.items()))
+    closed = [rep["closed"] for rep in target["repeats"]]
+    s["peak_rss_mb_by_process"] = _peaks([target.get("memory", {}),
+                                          *(c.get(k, {}) for c in closed for k in ("memory_before", "memory"))])
+    s["peak_rss_mb_at_max_by_process"] = _peaks([c.get("memory", {}) for c in closed])
     return s
+
+
+def _peaks(snapshots: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """The highest peak RSS per process label over `procstat.memory` snapshots."""
+    peaks: dict[str, float] = {}
+    for snapshot in snapshots:
+        for key, mem in snapshot.items():
+            lab = key.split("[")[0]
+            peaks[lab] = max(peaks.get(lab, 0.0), mem["peak_rss_mb"])
+    return dict(sorted(peaks.items()))
 
 
 def overheads(fake: dict[str, Any], target: dict[str, Any], plan: Plan) -> dict[str, float]:
@@ -243,6 +260,10 @@ def _fmt(m: dict[str, float], digits: int = 1) -> str:
     if lo == hi:
         return f"{med:.{digits}f}"
     return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+_SERVICES = ("ingress", "router", "worker", "accounting")
+"""The process labels (before any `-`) of Switchyard's services, in the order the tables give them."""
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -319,6 +340,15 @@ def table(doc: dict[str, Any]) -> str:
     row("streaming total, ms p50", [_fmt(s[n]["stream_total_p50"], 1) for n in names])
     row("streams with wrong text (order / framing)", [f"{s[n]['bad_streams']} of {s[n]['streams']}" for n in names],
         "", "0")
+    def services_at_max(n: str) -> str:
+        at_max = s[n].get("peak_rss_mb_at_max_by_process", {})
+        services = [v for lab, v in at_max.items() if lab.split("-")[0] in _SERVICES]
+        if not services:
+            return f"{max(at_max.values(), default=0):.0f}"
+        by = {lab.split("-")[0]: v for lab, v in at_max.items()}
+        return " / ".join(f"{by.get(lab, 0):.0f}" for lab in (*_SERVICES, "supervisor"))
+    row("peak RSS at max throughput, MB: ingress / router / worker / accounting / supervisor (one process: it)",
+        [services_at_max(n) for n in names], "", "≤ 80 each; supervisor ≤ 60")
     row("peak RSS, MB: largest process / sum",
         [f"{max(s[n]['peak_rss_mb_by_process'].values(), default=0):.0f} / "
          f"{sum(s[n]['peak_rss_mb_by_process'].values()):.0f}" for n in names], "", "≤ 80 per service")
@@ -343,12 +373,16 @@ def table(doc: dict[str, Any]) -> str:
                   "row), so it is never what limits a target."]
     if "switchyard" in s:
         sy = s["switchyard"]
-        lines += ["", "Switchyard, per process: CPU ms per request at max throughput, and peak RSS (MB):", "",
-                  "| process | CPU ms / req | peak RSS MB |", "| --- | --- | --- |"]
+        lines += ["", "Switchyard, per process: CPU ms per request at max throughput; peak RSS (MB) during the max "
+                  "throughput scenario (the highest of its repeats), and over the whole run (the "
+                  "open-loop scenarios can hold hundreds of requests in flight):", "",
+                  "| process | CPU ms / req | peak RSS MB at max throughput | peak RSS MB, whole run |",
+                  "| --- | --- | --- | --- |"]
+        at_max = sy.get("peak_rss_mb_at_max_by_process", {})
         for lab in sorted(set(sy["cpu_by_process_at_max"]) | set(sy["peak_rss_mb_by_process"])):
-            cpu = sy["cpu_by_process_at_max"].get(lab)
-            rss = sy["peak_rss_mb_by_process"].get(lab)
-            lines.append(f"| {lab} | {'' if cpu is None else f'{cpu:.3f}'} | {'' if rss is None else f'{rss:.0f}'} |")
+            cells = [sy["cpu_by_process_at_max"].get(lab), at_max.get(lab), sy["peak_rss_mb_by_process"].get(lab)]
+            lines.append(f"| {lab} | " + " | ".join("" if v is None else f"{v:.{3 if i == 0 else 0}f}"
+                                                      for i, v in enumerate(cells)) + " |")
     dirty = f", uncommitted changes in {', '.join(doc['git_dirty'])}" if doc.get("git_dirty") else ""
     lines += ["", f"Raw results: `{doc['file']}` (git {doc['git']}{dirty})."]
     return "\n".join(lines)
