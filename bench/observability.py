@@ -39,6 +39,7 @@ class Sink:
     def __init__(self) -> None:
         self.exports = 0
         self.bytes = 0
+        self.bodies: list[bytes] = []
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,7 +47,7 @@ class Sink:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 size = int(self.headers.get("content-length") or 0)
-                self.rfile.read(size)
+                sink.bodies.append(self.rfile.read(size))
                 sink.exports += 1
                 sink.bytes += size
                 self.send_response(200)
@@ -59,6 +60,18 @@ class Sink:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans_by_service(self) -> dict[str, int]:
+        """Spans received, by `service.name` (decoded after the run, so the decoding costs the stacks nothing)."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        counts: dict[str, int] = {}
+        for body in self.bodies:
+            for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+                service = next((a.value.string_value for a in resource_spans.resource.attributes
+                                if a.key == "service.name"), "?")
+                counts[service] = counts.get(service, 0) + sum(len(s.spans) for s in resource_spans.scope_spans)
+        return dict(sorted(counts.items()))
 
     @property
     def url(self) -> str:
@@ -123,6 +136,8 @@ def main() -> int:
     if rows[0][1] and rows[1][1]:
         print(f"\nobserved / base max throughput: {rows[1][1] / rows[0][1]:.1%} (target: >= 90%)")
     print(f"OTLP exports received: {sink.exports} ({sink.bytes:,} bytes)")
+    spans = sink.spans_by_service()
+    print(f"spans received: {sum(spans.values()):,} ({', '.join(f'{k} {v:,}' for k, v in spans.items())})")
     return 0
 
 

@@ -81,12 +81,16 @@ BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 CACHE_REQUESTS = Counter("switchyard_cache_requests_total",
                          "Response cache lookups by result (hit, semantic-hit, miss, bypass).", ["result"])
 
-# ---- every consumer -------------------------------------------------------------------------------------
+# ---- every service --------------------------------------------------------------------------------------
 
 CONSUMER_LAG = Gauge("switchyard_consumer_lag",
                      "Messages in a topic this process's consumer has not read yet (end offset minus position), "
                      "summed over the partitions it owns; sum by group and topic over every replica.",
                      ["group", "topic"])
+
+SPANS_DROPPED = Counter("switchyard_spans_dropped_total",
+                        "Finished trace spans dropped unsent: OTEL_BSP_MAX_QUEUE_SIZE spans were already waiting "
+                        "for a collector that is down or slow, or the process was stopping.")
 
 # ---- OpenTelemetry GenAI semantic conventions, under their Prometheus names -----------------------------
 
@@ -106,7 +110,7 @@ EXPORTED = ("switchyard_requests_total", "switchyard_request_duration_seconds", 
             "switchyard_provider_duration_seconds", "switchyard_tokens_total", "switchyard_cost_usd_total",
             "switchyard_deployment_state", "switchyard_consumer_lag", "switchyard_pacing_queue_depth",
             "switchyard_cache_requests_total", "gen_ai_server_request_duration", "gen_ai_server_time_to_first_token",
-            "gen_ai_client_token_usage", "switchyard_auth_failures_total")
+            "gen_ai_client_token_usage", "switchyard_auth_failures_total", "switchyard_spans_dropped_total")
 """The metric families above, as a scrape names them (deploy/grafana's test checks its queries against these)."""
 
 _hooks: list[Callable[[], None]] = []

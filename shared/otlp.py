@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanContext
 
+from switchyard.shared import metrics
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -190,8 +192,9 @@ class SpanBatcher:
 
     It wakes every OTEL_BSP_SCHEDULE_DELAY ms (default 5,000), or as soon as OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans
     (512) are waiting, and sends all that wait, a batch at a time. Past OTEL_BSP_MAX_QUEUE_SIZE waiting spans
-    (2,048: a collector that is down or slow) new spans are dropped and counted, so tracing never holds more
-    memory than that. A failed send is logged and not retried beyond what the exporter itself retries.
+    (2,048: a collector that is down or slow) new spans are dropped and counted in
+    `switchyard_spans_dropped_total`, so tracing never holds more memory than that. A failed send is logged and not
+    retried beyond what the exporter itself retries.
     """
 
     def __init__(self, send: Callable[[list[SpanRecord]], bool]) -> None:
@@ -202,14 +205,13 @@ class SpanBatcher:
         self._delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
         self._wake = threading.Event()
         self._stopping = False
-        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="otlp-spans", daemon=True)
         self._thread.start()
 
     def add(self, record: SpanRecord) -> None:
         queue = self._queue
         if self._stopping or len(queue) >= self._max_queue:
-            self.dropped += 1
+            metrics.SPANS_DROPPED.inc()
             return
         queue.append(record)
         if len(queue) == self._batch:

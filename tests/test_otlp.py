@@ -20,6 +20,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from switchyard.shared import metrics
 from switchyard.shared.otlp import SpanBatcher, SpanRecord, encode_spans
 
 RESOURCE = Resource.create({"service.name": "switchyard-test", "service.namespace": "switchyard"})
@@ -153,6 +154,14 @@ def test_a_failed_send_is_logged_and_the_next_batch_still_goes(monkeypatch: pyte
     assert collector.batches[-1] == ["s0", "s1"] and ["lost0", "lost1"] not in collector.batches
 
 
+def dropped_spans() -> float:
+    """switchyard_spans_dropped_total as this process's /metrics serves it."""
+    for line in metrics.render().decode().splitlines():
+        if line.startswith("switchyard_spans_dropped_total "):
+            return float(line.split()[1])
+    raise AssertionError("switchyard_spans_dropped_total is not served")
+
+
 def test_while_the_collector_is_slow_spans_past_the_queue_bound_are_dropped_and_counted(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
@@ -161,12 +170,13 @@ def test_while_the_collector_is_slow_spans_past_the_queue_bound_are_dropped_and_
     collector = Collector()
     collector.gate.clear()
     batcher = SpanBatcher(collector.send)
+    dropped = dropped_spans()
     batcher.add(record("a"))
     batcher.add(record("b"))
     assert collector.sending.wait(30)  # the thread holds [a, b] and waits on the collector
     for name in "cdefgh":
         batcher.add(record(name))
-    assert batcher.dropped == 2
+    assert dropped_spans() == dropped + 2
     collector.gate.set()
     batcher.shutdown()
     assert collector.batches == [["a", "b"], ["c", "d"], ["e", "f"]]
@@ -176,8 +186,9 @@ def test_spans_ended_after_shutdown_are_not_kept(monkeypatch: pytest.MonkeyPatch
     collector = Collector()
     batcher = SpanBatcher(collector.send)
     batcher.shutdown()
+    dropped = dropped_spans()
     batcher.add(record("late"))
-    assert collector.batches == [] and batcher.dropped == 1
+    assert collector.batches == [] and dropped_spans() == dropped + 1
 
 
 def test_a_sampler_set_by_environment_is_obeyed(monkeypatch: pytest.MonkeyPatch) -> None:
