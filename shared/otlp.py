@@ -197,8 +197,9 @@ class SpanBatcher:
     retried beyond what the exporter itself retries.
     """
 
-    def __init__(self, send: Callable[[list[SpanRecord]], bool]) -> None:
+    def __init__(self, send: Callable[[list[SpanRecord]], bool], close: Callable[[], None] | None = None) -> None:
         self._send = send
+        self._close = close
         self._queue: deque[SpanRecord] = deque()
         self._max_queue = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
         self._batch = min(_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self._max_queue)
@@ -218,10 +219,12 @@ class SpanBatcher:
             self._wake.set()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Send what waits, then stop the thread."""
+        """Send what waits, stop the thread, then `close` what sends (the exporter)."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
+        if self._close is not None:
+            self._close()
 
     def _run(self) -> None:
         while not self._stopping:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +39,11 @@ _batcher: SpanBatcher | None = None
 """Where finished spans go while exporting is on; None while it is off."""
 _sampler: Any = None
 """The SDK sampler OTEL_TRACES_SAMPLER names; None for the default, parent-based always-on, decided inline."""
-_stop_sender: Callable[[], None] | None = None
-"""Closes the exporter's HTTP client, after the batcher has sent what waited."""
 
 
 def setup_tracing(service: str) -> bool:
     """Export this process's spans over OTLP/HTTP when an endpoint is configured; returns whether it is on."""
-    global _batcher, _sampler, _stop_sender
+    global _batcher, _sampler
     if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         _batcher = None
         return False
@@ -60,8 +58,7 @@ def setup_tracing(service: str) -> bool:
     sender = Sender(resource, InstrumentationScope("switchyard"))
     chosen = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     _sampler = None if chosen in ("", "parentbased_always_on") else _get_from_env_or_default()
-    _batcher = SpanBatcher(sender.send)
-    _stop_sender = sender.shutdown
+    _batcher = SpanBatcher(sender.send, close=sender.shutdown)
     return True
 
 
@@ -71,12 +68,10 @@ def enabled() -> bool:
 
 def shutdown() -> None:
     """Send the spans not exported yet and close the exporter (at process exit); tracing is off after it."""
-    global _batcher, _stop_sender
+    global _batcher
     if _batcher is not None:
         _batcher.shutdown()
-    if _stop_sender is not None:
-        _stop_sender()
-    _batcher = _stop_sender = None
+    _batcher = None
 
 
 def parse_traceparent(value: bytes | str | None) -> SpanContext | None:

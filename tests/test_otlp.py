@@ -182,6 +182,16 @@ def test_while_the_collector_is_slow_spans_past_the_queue_bound_are_dropped_and_
     assert collector.batches == [["a", "b"], ["c", "d"], ["e", "f"]]
 
 
+def test_shutdown_sends_what_waits_then_closes_the_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    collector = Collector()
+    sent_before_close: list[list[list[str]]] = []
+    batcher = SpanBatcher(collector.send, close=lambda: sent_before_close.append(list(collector.batches)))
+    batcher.add(record("last"))
+    batcher.shutdown()
+    assert sent_before_close == [[["last"]]]
+
+
 def test_spans_ended_after_shutdown_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     collector = Collector()
     batcher = SpanBatcher(collector.send)
