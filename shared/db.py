@@ -7,8 +7,11 @@ objects mirror them for queries and inserts.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -22,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, REAL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -150,6 +154,29 @@ def make_engine(url: str, pool_size: int = 5, *, connect_timeout_s: float = 60.0
     return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True,
                                pool_timeout=pool_timeout_s,
                                connect_args={"timeout": connect_timeout_s, "command_timeout": command_timeout_s})
+
+
+def unnest_rows(table: Table, names: Sequence[str]) -> str:
+    """`SELECT * FROM unnest(CAST(:name AS type[]), ...)` over `table`'s columns `names`, in that order.
+
+    An INSERT from it takes its rows as one array per column (`column_arrays`), so its text is the same for
+    any number of rows: PostgreSQL and the driver prepare and plan it once. A multi-row VALUES list is a new
+    statement for every row count, each compiled by SQLAlchemy, prepared by PostgreSQL and cached per
+    connection (about 8 MB of accounting's memory under load, when batches of 1 to 1,000 rows came in).
+    """
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+    casts = (f"CAST(:{name} AS {table.c[name].type.compile(dialect=dialect)}[])" for name in names)
+    return f"SELECT * FROM unnest({', '.join(casts)})"
+
+
+def column_arrays(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
+                  json_columns: Collection[str] = ()) -> dict[str, list[Any]]:
+    """The parameters of an `unnest_rows` statement: one list per column. Values of `json_columns` are sent as
+    JSON text (what the driver's JSONB codec takes)."""
+    arrays: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in names}
+    for name in json_columns:
+        arrays[name] = [None if value is None else orjson.dumps(value).decode() for value in arrays[name]]
+    return arrays
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"

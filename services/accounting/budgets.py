@@ -14,12 +14,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, or_, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import and_, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from switchyard.shared.contracts import KeyEvent
-from switchyard.shared.db import budgets, spend_totals, virtual_keys
+from switchyard.shared.db import budgets, column_arrays, spend_totals, unnest_rows, virtual_keys
 from switchyard.shared.periods import PERIODS, period_end, period_start
 
 log = logging.getLogger("switchyard.accounting.budgets")
@@ -73,21 +72,23 @@ async def _budgets_for(conn: AsyncConnection, scopes: set[tuple[str, str]]) -> d
     return found
 
 
+_TOTALS_COLUMNS = ("scope", "scope_id", "period", "period_start", "cost_usd", "tokens", "requests")
+
+_ADD_TO_TOTALS = text(
+    f"INSERT INTO spend_totals ({', '.join(_TOTALS_COLUMNS)}) {unnest_rows(spend_totals, _TOTALS_COLUMNS)} "
+    "ON CONFLICT (scope, scope_id, period, period_start) DO UPDATE SET "
+    "cost_usd = spend_totals.cost_usd + EXCLUDED.cost_usd, tokens = spend_totals.tokens + EXCLUDED.tokens, "
+    "requests = spend_totals.requests + EXCLUDED.requests "
+    "RETURNING scope, scope_id, period, period_start, cost_usd")
+"""Add a batch's sums to the totals, in the order given (`ordered_values`): one statement for any number."""
+
+
 async def update_totals(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[KeyEvent]:
     """Add new rows to the totals (inside the caller's transaction); returns budget events to publish."""
     sums = aggregate(rows)
     if not sums:
         return []
-    values = ordered_values(sums)
-    base = insert(spend_totals).values(values)
-    stmt = base.on_conflict_do_update(
-        index_elements=["scope", "scope_id", "period", "period_start"],
-        set_={"cost_usd": spend_totals.c.cost_usd + base.excluded.cost_usd,
-              "tokens": spend_totals.c.tokens + base.excluded.tokens,
-              "requests": spend_totals.c.requests + base.excluded.requests},
-    ).returning(spend_totals.c.scope, spend_totals.c.scope_id, spend_totals.c.period,
-                spend_totals.c.period_start, spend_totals.c.cost_usd)
-    totals = (await conn.execute(stmt)).all()
+    totals = (await conn.execute(_ADD_TO_TOTALS, column_arrays(ordered_values(sums), _TOTALS_COLUMNS))).all()
     limits = await _budgets_for(conn, {(k[0], k[1]) for k in sums})
     events: list[KeyEvent] = []
     for scope, scope_id, period, start, total in totals:

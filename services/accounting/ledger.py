@@ -15,12 +15,11 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from switchyard.services.accounting.budgets import update_totals
 from switchyard.shared.contracts import IN_DOUBT, KeyEvent, Usage, UsageEvent
-from switchyard.shared.db import usage
+from switchyard.shared.db import column_arrays, unnest_rows, usage
 from switchyard.shared.pricing import cost
 
 
@@ -80,18 +79,14 @@ WHERE u.event_id = r.event_id AND u.redelivered <> (r.n > 1)
 """)
 
 
-def _upsert() -> Any:
-    new_rows = insert(usage)
-    return new_rows.on_conflict_do_update(
-        index_elements=["event_id"],
-        set_={c.name: new_rows.excluded[c.name] for c in usage.columns if c.name not in _KEPT},
-        where=(usage.c.status == IN_DOUBT) & (new_rows.excluded.status != IN_DOUBT),
-    ).returning(usage.c.event_id)
+_COLUMNS = tuple(column.name for column in usage.columns if column.name != "guardrails")
+"""What `to_row` fills: every column of `usage` but `guardrails` (the prompt-log writer's)."""
 
-
-_UPSERT = _upsert()
-"""Store a row, or complete its in-doubt write-ahead record; built once, so SQLAlchemy compiles it once (its
-compiled cache is keyed on the statement) instead of on every batch."""
+_UPSERT = text(
+    f"INSERT INTO usage ({', '.join(_COLUMNS)}) {unnest_rows(usage, _COLUMNS)} "
+    f"ON CONFLICT (event_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS if c not in _KEPT)} "
+    f"WHERE usage.status = {IN_DOUBT} AND EXCLUDED.status <> {IN_DOUBT} RETURNING event_id")
+"""Store rows, or complete their in-doubt write-ahead records: one statement for any batch size."""
 
 
 def _one_per_call(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,7 +115,7 @@ async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> tuple[
     if not rows:
         return 0, []
     async with engine.begin() as conn:
-        written = {r.event_id for r in await conn.execute(_UPSERT, rows)}
+        written = {r.event_id for r in await conn.execute(_UPSERT, column_arrays(rows, _COLUMNS, ["metadata"]))}
         new = [r for r in rows if r["event_id"] in written]
         await _mark_repeated_calls(conn, {(r["request_id"], r["attempt"], r["call_seq"]) for r in new})
         events = await update_totals(conn, [r for r in new if r["status"] != IN_DOUBT])
