@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanContext, SpanKind
 
 from switchyard.services.accounting.ledger import to_row, write_batch
 from switchyard.services.accounting.prompt_log import PromptLogWriter
-from switchyard.shared import topics, tracing
+from switchyard.shared import gc_settings, topics, tracing
 from switchyard.shared.answers import read_or_bury
 from switchyard.shared.config import load_config
 from switchyard.shared.contracts import IN_DOUBT, UsageEvent
@@ -158,4 +158,5 @@ def run(args: argparse.Namespace) -> None:
     import uvloop
 
     setup_logging("accounting")
+    gc_settings.freeze_startup_objects()
     uvloop.run(serve(args))

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from switchyard.services.router.routing import decide
-from switchyard.shared import metrics, topics, tracing
+from switchyard.shared import gc_settings, metrics, topics, tracing
 from switchyard.shared.answers import answer, refuse_unreadable
 from switchyard.shared.breaker import BreakerSettings, HealthBook
 from switchyard.shared.config import load_config
@@ -195,4 +195,5 @@ def run(args: argparse.Namespace) -> None:
     import uvloop
 
     setup_logging("router")
+    gc_settings.freeze_startup_objects()
     uvloop.run(serve(args))

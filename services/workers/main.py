@@ -44,7 +44,7 @@ from switchyard.services.workers.outbox import Outbox
 from switchyard.services.workers.pacing import Pacer
 from switchyard.services.workers.pipeline import Pipeline
 from switchyard.services.workers.providers import get_adapter
-from switchyard.shared import metrics, topics, tracing
+from switchyard.shared import gc_settings, metrics, topics, tracing
 from switchyard.shared.answers import problems
 from switchyard.shared.config import load_config
 from switchyard.shared.config_schema import GatewayConfig
@@ -288,4 +288,5 @@ def run(args: argparse.Namespace) -> None:
     import uvloop
 
     setup_logging(f"worker.{args.provider}")
+    gc_settings.freeze_startup_objects()
     uvloop.run(serve(args))
