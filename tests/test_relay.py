@@ -80,6 +80,20 @@ async def test_a_normal_answer_settles_once_with_its_usage_and_cancels_nothing()
     assert gateway.cancelled == []
 
 
+async def test_the_watcher_outlives_settlement_and_ends_with_the_response_changing_nothing() -> None:
+    gateway, call = CountingGateway(), _call()
+    relay = Relay(gateway)  # type: ignore[arg-type]
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    relay.watch(call, messages.get)
+    call.pending.offer(Reply(id="req-1", type="response", data={"usage": {"total_tokens": 4}}))
+    await relay.first(call)  # settles the call
+    assert call.watcher is not None and not call.watcher.done()  # not cancelled: no CancelledError cycle
+    await messages.put({"type": "http.disconnect"})  # what `receive` gives once the response is complete
+    await call.watcher
+    _settled_once(gateway)
+    assert gateway.cancelled == [] and gateway.finished == [4]
+
+
 async def test_an_error_reply_is_raised_and_settles_once_without_a_cancel() -> None:
     gateway, call = CountingGateway(), _call()
     relay = Relay(gateway)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ document, `405` for other methods and the metrics' route label are unchanged.
 `ChatCompletions` reads and parses the body once (size and depth limits), validates it once, relays it and
 writes the answer itself: JSON, or SSE chunk by chunk. An error before the first byte goes to the very
 exception handlers the app registered, so its shape and headers are those of every other route; a client that
-leaves is noticed by the relay's watcher (the stream ends, the call is settled and cancelled).
+leaves is noticed by the relay's watcher (the stream ends, the call is settled and its provider call cancelled).
 """
 
 from __future__ import annotations

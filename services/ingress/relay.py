@@ -7,9 +7,13 @@
 - **a cancel for work nobody will read**: a call settled before the pipeline sent its last message (the
   client went away, the deadline passed, the stream was cut) publishes a `CancelRequest` on `llm.cancel`, so
   the worker holding the provider call stops it. Publishing never blocks the response path;
-- **a disconnect is noticed while waiting**: from submission until settlement a watcher reads the ASGI
-  `receive` channel, so a client that leaves while its non-streaming answer is still being generated is
-  seen at once (uvicorn does not cancel the handler for it), not when the answer finally comes;
+- **a disconnect is noticed while waiting**: from submission a watcher reads the ASGI `receive` channel, so
+  a client that leaves while its non-streaming answer is still being generated is seen at once (uvicorn does
+  not cancel the handler for it), not when the answer finally comes. The watcher is never cancelled: once the
+  response is complete, `receive` returns `http.disconnect` (the ASGI spec), so it ends by itself, and
+  telling a settled call that its client is gone changes nothing. A cancelled watcher left a reference cycle
+  per request (the CancelledError's traceback through four frames and the request's state), which only the
+  cyclic garbage collector could free;
 - **the deadline bounds every wait**: a deadline mid-stream ends the stream with a 504 error reply.
 """
 
@@ -72,7 +76,7 @@ class InFlight:
     first_chunk_at: float | None = None
     """perf_counter() when a stream's first chunk arrived (metrics: time to first token)."""
     watcher: asyncio.Task[None] | None = None
-    """Reads the client's `receive` channel until settlement (see `Relay.watch`)."""
+    """Reads the client's `receive` channel until the response is complete (see `Relay.watch`)."""
 
 
 def reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
@@ -160,7 +164,7 @@ class Relay:
         return call
 
     def watch(self, call: InFlight, receive: Receive) -> None:
-        """Notice the client leaving from now until settlement (which stops the watcher)."""
+        """Notice the client leaving from now on (the watcher ends with the response)."""
         if not call.settled and call.watcher is None:
             call.watcher = asyncio.get_running_loop().create_task(_watch(receive, call.pending))
 
@@ -207,14 +211,12 @@ class Relay:
             self.settle(call, reply)
 
     def settle(self, call: InFlight, last: Reply | None) -> None:
-        """The request is over: stop listening, release its admission, correct the token estimate, log its
-        prompt record, and cancel the provider call if the pipeline has not finished it. Once only."""
+        """The request is over: release its admission, correct the token estimate, log its prompt record, and
+        cancel the provider call if the pipeline has not finished it. Once only."""
         if call.settled:
             return
         call.settled = True
         gateway = self.gateway
-        if call.watcher is not None:
-            call.watcher.cancel()
         gateway.replies.unregister(call.envelope.id)
         if not call.pending.done:
             gateway.publish_cancel(call.envelope.id)
