@@ -7,7 +7,7 @@ objects mirror them for queries and inserts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +169,13 @@ def unnest_rows(table: Table, names: Sequence[str]) -> str:
     return f"SELECT * FROM unnest({', '.join(casts)})"
 
 
-def column_arrays(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
-                  json_columns: Collection[str] = ()) -> dict[str, list[Any]]:
-    """The parameters of an `unnest_rows` statement: one list per column. Values of `json_columns` are sent as
-    JSON text (what the driver's JSONB codec takes)."""
+def column_arrays(table: Table, names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The parameters of an `unnest_rows(table, names)` statement: one list per column. Values of JSON columns
+    are sent as JSON text (what the driver's JSONB codec takes)."""
     arrays: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in names}
-    for name in json_columns:
-        arrays[name] = [None if value is None else orjson.dumps(value).decode() for value in arrays[name]]
+    for name in names:
+        if isinstance(table.c[name].type, JSON):  # JSONB is a JSON
+            arrays[name] = [None if value is None else orjson.dumps(value).decode() for value in arrays[name]]
     return arrays
 
 

@@ -88,7 +88,8 @@ async def update_totals(conn: AsyncConnection, rows: list[dict[str, Any]]) -> li
     sums = aggregate(rows)
     if not sums:
         return []
-    totals = (await conn.execute(_ADD_TO_TOTALS, column_arrays(ordered_values(sums), _TOTALS_COLUMNS))).all()
+    values = column_arrays(spend_totals, _TOTALS_COLUMNS, ordered_values(sums))
+    totals = (await conn.execute(_ADD_TO_TOTALS, values)).all()
     limits = await _budgets_for(conn, {(k[0], k[1]) for k in sums})
     events: list[KeyEvent] = []
     for scope, scope_id, period, start, total in totals:

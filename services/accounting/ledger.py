@@ -115,7 +115,7 @@ async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> tuple[
     if not rows:
         return 0, []
     async with engine.begin() as conn:
-        written = {r.event_id for r in await conn.execute(_UPSERT, column_arrays(rows, _COLUMNS, ["metadata"]))}
+        written = {r.event_id for r in await conn.execute(_UPSERT, column_arrays(usage, _COLUMNS, rows))}
         new = [r for r in rows if r["event_id"] in written]
         await _mark_repeated_calls(conn, {(r["request_id"], r["attempt"], r["call_seq"]) for r in new})
         events = await update_totals(conn, [r for r in new if r["status"] != IN_DOUBT])
