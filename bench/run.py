@@ -341,11 +341,9 @@ def table(doc: dict[str, Any]) -> str:
     row("streams with wrong text (order / framing)", [f"{s[n]['bad_streams']} of {s[n]['streams']}" for n in names],
         "", "0")
     def services_at_max(n: str) -> str:
-        at_max = s[n].get("peak_rss_mb_at_max_by_process", {})
-        services = [v for lab, v in at_max.items() if lab.split("-")[0] in _SERVICES]
-        if not services:
-            return f"{max(at_max.values(), default=0):.0f}"
-        by = {lab.split("-")[0]: v for lab, v in at_max.items()}
+        by = {lab.split("-")[0]: v for lab, v in s[n].get("peak_rss_mb_at_max_by_process", {}).items()}
+        if not any(lab in by for lab in _SERVICES):  # one process (LiteLLM, the fake)
+            return f"{max(by.values(), default=0):.0f}"
         return " / ".join(f"{by.get(lab, 0):.0f}" for lab in (*_SERVICES, "supervisor"))
     row("peak RSS at max throughput, MB: ingress / router / worker / accounting / supervisor (one process: it)",
         [services_at_max(n) for n in names], "", "≤ 80 each; supervisor ≤ 60")
@@ -379,10 +377,11 @@ def table(doc: dict[str, Any]) -> str:
                   "| process | CPU ms / req | peak RSS MB at max throughput | peak RSS MB, whole run |",
                   "| --- | --- | --- | --- |"]
         at_max = sy.get("peak_rss_mb_at_max_by_process", {})
+        def cell(value: float | None, digits: int) -> str:
+            return "" if value is None else f"{value:.{digits}f}"
         for lab in sorted(set(sy["cpu_by_process_at_max"]) | set(sy["peak_rss_mb_by_process"])):
-            cells = [sy["cpu_by_process_at_max"].get(lab), at_max.get(lab), sy["peak_rss_mb_by_process"].get(lab)]
-            lines.append(f"| {lab} | " + " | ".join("" if v is None else f"{v:.{3 if i == 0 else 0}f}"
-                                                      for i, v in enumerate(cells)) + " |")
+            lines.append(f"| {lab} | {cell(sy['cpu_by_process_at_max'].get(lab), 3)} | {cell(at_max.get(lab), 0)} | "
+                         f"{cell(sy['peak_rss_mb_by_process'].get(lab), 0)} |")
     dirty = f", uncommitted changes in {', '.join(doc['git_dirty'])}" if doc.get("git_dirty") else ""
     lines += ["", f"Raw results: `{doc['file']}` (git {doc['git']}{dirty})."]
     return "\n".join(lines)
