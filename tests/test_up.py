@@ -44,3 +44,24 @@ def test_up_uses_external_broker_and_database(stack: RunningStack, tmp_path: Pat
         broker.proc.terminate()
         broker.proc.wait()
     assert not (tmp_path / "second" / ".switchyard" / "stack.json").exists()
+
+
+def test_embedded_postgres_moves_to_another_port_when_its_port_was_taken(tmp_path: Path) -> None:
+    import socket
+
+    from switchyard.devstack.broker import free_port
+    from switchyard.devstack.postgres import EmbeddedPostgres
+
+    with socket.socket() as taken:  # another process got the chosen port before the server could bind it
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        pg = EmbeddedPostgres(tmp_path / "pg", port)
+        pg.start()
+        try:
+            assert pg.port != port
+            assert f"127.0.0.1:{pg.port}/" in pg.url
+            with socket.create_connection(("127.0.0.1", pg.port), timeout=5):
+                pass
+        finally:
+            pg.stop()
