@@ -65,3 +65,25 @@ def test_embedded_postgres_moves_to_another_port_when_its_port_was_taken(tmp_pat
                 pass
         finally:
             pg.stop()
+
+
+def test_embedded_kafka_moves_to_other_ports_when_its_port_was_taken(tmp_path: Path) -> None:
+    import socket
+
+    from switchyard.devstack.broker import stop_process
+
+    broker = EmbeddedKafka(tmp_path / "kafka", tmp_path / "broker.log")
+    broker._choose_ports()  # chosen free, as `start` does; then another process binds one before the JVM does
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", broker.port))
+        taken.listen()
+        chosen = broker.port
+        broker.start()
+        try:
+            assert broker.port != chosen
+            assert f"listeners=PLAINTEXT://127.0.0.1:{broker.port}," in broker.properties.read_text()
+            assert "Address already in use" in broker.log_path.read_text()  # the first JVM did meet the taken port
+            with socket.create_connection(("127.0.0.1", broker.port), timeout=5):
+                pass
+        finally:
+            stop_process(broker.proc, grace_s=20)

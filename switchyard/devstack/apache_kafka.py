@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from base64 import urlsafe_b64encode
 from collections.abc import Sequence
@@ -257,15 +258,18 @@ class EmbeddedKafka:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.controller_port = 0
+        self.served = False
+        """Whether the node has served on its ports: from then on clients know them, and a restart keeps them."""
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _choose_ports(self) -> None:
+    def _choose_ports(self, keep: bool = True) -> None:
+        """Reuse the ports `server.properties` names when they are free (and `keep`), else choose two."""
         from switchyard.devstack.broker import free_port, port_is_free
 
-        kept = _read_ports(self.properties)
+        kept = _read_ports(self.properties) if keep else None
         if kept and all(port_is_free(p) for p in kept):
             self.port, self.controller_port = kept
         else:
@@ -312,18 +316,46 @@ class EmbeddedKafka:
         """Start the node (formatting its data folder the first time) and wait until its port answers.
         `jvm_options` go to its JVM before the others (`build_class_archive` adds one).
 
-        On a restart the same ports are used; the log is recovered from disk by the broker itself. The wait is
-        long because a JVM start plus log recovery after a kill can take over a minute on a busy 2-core machine;
-        a node that exits fails at once (`alive`), so only a live, slow node uses the whole wait.
+        On a restart the same ports are used, since clients know them; the log is recovered from disk by the
+        broker itself. Before the node first serves, a port another process took between being chosen and the
+        JVM binding it makes the node exit: it starts again on fresh ports (up to PORT_ATTEMPTS). The wait is
+        long because a JVM start plus log recovery after a kill can take over a minute on a busy 2-core
+        machine; a node that exits fails at once, so only a live, slow node uses the whole wait.
         """
-        from switchyard.devstack.broker import wait_port
+        from switchyard.devstack.broker import PORT_ATTEMPTS, log_says_port_taken, log_size
 
         if self.port == 0:
             self._choose_ports()
         java = self._java()
         self._format(java)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        self.proc = subprocess.Popen([java[0], *jvm_options, *java[1:], "kafka.Kafka", str(self.properties)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        for attempt in range(PORT_ATTEMPTS):
+            logged = log_size(self.log_path)
+            log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+            self.proc = subprocess.Popen([java[0], *jvm_options, *java[1:], "kafka.Kafka", str(self.properties)],
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+            try:
+                self._wait_started(logged, timeout_s)
+                self.served = True
+                return
+            except RuntimeError:
+                may_move = not self.served and attempt + 1 < PORT_ATTEMPTS
+                if not (may_move and log_says_port_taken(self.log_path, logged)):
+                    raise
+                self._choose_ports(keep=False)
+
+    def _wait_started(self, logged: int, timeout_s: float) -> None:
+        """Return once this node serves: its port answers and its log, from `logged` on, says it started.
+
+        The port alone could be another process's, one that took it before the JVM could bind it.
+        """
+        from switchyard.devstack.broker import log_says, wait_port
+
+        deadline = time.monotonic() + timeout_s
         wait_port(self.port, timeout_s=timeout_s, alive=self.proc)
+        while not log_says(self.log_path, logged, b"Kafka Server started"):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the Kafka node exited ({self.proc.returncode}); see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Kafka node did not say it started after {timeout_s}s; see {self.log_path}")
+            time.sleep(0.05)

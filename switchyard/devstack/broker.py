@@ -90,6 +90,34 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+PORT_ATTEMPTS = 3
+"""Ports tried when the one chosen was taken by another process before the server could bind it."""
+
+
+def log_says(log: Path, offset: int, words: bytes) -> bool:
+    """Whether a server's log, from `offset` on, contains `words`."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return words in f.read()
+    except OSError:
+        return False
+
+
+def log_says_port_taken(log: Path, offset: int) -> bool:
+    """Whether a server's log, from `offset` on, says a port it tried to bind was in use.
+
+    A port `free_port` found free can be bound by another process before a slow server (a JVM, PostgreSQL)
+    gets to it; the servers then exit with this in their log, and their starters choose again.
+    """
+    return log_says(log, offset, b"Address already in use")
+
+
+def log_size(log: Path) -> int:
+    """Where a server's next lines will start in its log (0 before it exists)."""
+    return log.stat().st_size if log.exists() else 0
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:

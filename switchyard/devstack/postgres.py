@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from switchyard.devstack.broker import free_port
+from switchyard.devstack.broker import PORT_ATTEMPTS, free_port, log_says_port_taken, log_size
 
 PG_BIN_ENV = "SWITCHYARD_PG_BIN"
 DB_NAME = "switchyard"
@@ -57,17 +57,6 @@ def _chown_for_server(path: Path) -> None:
                 parent.chmod(mode | 0o001)
 
 
-PORT_ATTEMPTS = 3
-"""Ports tried when the one chosen was taken by another process before the server could bind it."""
-
-
-def _port_taken(log: Path, offset: int) -> bool:
-    """Whether the server's log, from `offset` on, says its port was in use."""
-    with open(log, "rb") as f:
-        f.seek(offset)
-        return b"Address already in use" in f.read()
-
-
 class EmbeddedPostgres:
     def __init__(self, base: Path, port: int) -> None:
         self.base = base
@@ -100,12 +89,12 @@ class EmbeddedPostgres:
         log = self.base / "postgres.log"
         for attempt in range(PORT_ATTEMPTS):
             opts = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=on"
-            logged = log.stat().st_size if log.exists() else 0
+            logged = log_size(log)
             result = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(log), "-w",
                                "-t", "60", "start", check=False)
             if result.returncode == 0:
                 break
-            if attempt + 1 < PORT_ATTEMPTS and _port_taken(log, logged):
+            if attempt + 1 < PORT_ATTEMPTS and log_says_port_taken(log, logged):
                 self.port = free_port()  # taken between choosing it and binding it: choose again
                 continue
             raise RuntimeError(f"PostgreSQL did not start: {result.stderr.decode()[-2000:]} (log: {log})")
