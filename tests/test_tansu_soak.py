@@ -49,6 +49,15 @@ def _rotation(stack: RunningStack) -> dict[str, Any]:
     return dict(read_stack(stack.cwd).get("tansu_rotation") or {})
 
 
+def _service_warnings(stack: RunningStack) -> list[str]:
+    """The services' warnings and errors, for a failure's message (the temporary folder is gone after CI)."""
+    lines = []
+    for path in sorted((stack.cwd / ".switchyard" / "logs").glob("*.log")):
+        lines += [f"{path.name}: {line[:300]}" for line in path.read_text(errors="replace").splitlines()
+                  if '"level":"warning"' in line or '"level":"error"' in line]
+    return lines[-60:]
+
+
 def _broker_pid(stack: RunningStack) -> int | None:
     broker = read_stack(stack.cwd).get("broker") or {}
     return broker.get("pid")
@@ -104,7 +113,7 @@ def test_long_streams_stay_whole_across_rotations_and_the_broker_stays_small(soa
         for thread in threads:
             thread.join(timeout=150)
     status = _rotation(soak_stack)
-    assert not failures, failures
+    assert not failures, (failures, status, _service_warnings(soak_stack), soak_stack.log()[-2000:])
     assert status.get("rotations", 0) >= ROTATIONS, (status, len(done), soak_stack.log()[-3000:])
     assert "rotated the embedded Tansu broker" in soak_stack.log()
     assert len(pids) >= ROTATIONS, pids  # each rotation is a fresh broker process
