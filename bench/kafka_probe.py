@@ -32,7 +32,7 @@ from switchyard.shared.kafka import ensure_topics, make_consumer, make_producer 
 from switchyard.shared.tansu import BROKER_ENV  # noqa: E402
 
 
-async def probe(bootstrap: str, wait_ms: int, n: int, linger_ms: int = 1) -> dict[str, float]:
+async def probe(bootstrap: str, wait_ms: int, n: int, linger_ms: int = 0) -> dict[str, float]:
     topic = "bench.probe"
     await ensure_topics(bootstrap, {topic: 1})
     producer = make_producer(bootstrap, linger_ms=linger_ms)
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--broker", choices=["kafka", "tansu"], default="kafka", help="which embedded broker")
     parser.add_argument("--waits", default="5,100,500", help="fetch_max_wait_ms values to try")
     parser.add_argument("-n", type=int, default=40, help="messages per wait")
-    parser.add_argument("--lingers", default="1", help="producer linger_ms values to try (the services use 1)")
+    parser.add_argument("--lingers", default="0", help="producer linger_ms values to try (the services use 0)")
     args = parser.parse_args()
     os.environ.setdefault(BROKER_ENV, args.broker)  # the services' producer and consumer settings for this broker
     broker: EmbeddedBroker | None = None
