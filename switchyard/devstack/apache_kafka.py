@@ -313,7 +313,7 @@ class EmbeddedKafka:
             f"node.id=1\ndirectory.id={_cluster_id()}\nversion=1\ncluster.id={_cluster_id()}\n")
 
     def start(self, timeout_s: float = 180.0, jvm_options: Sequence[str] = ()) -> None:
-        """Start the node (formatting its data folder the first time) and wait until its port answers.
+        """Start the node (formatting its data folder the first time) and wait until it serves.
         `jvm_options` go to its JVM before the others (`build_class_archive` adds one).
 
         On a restart the same ports are used, since clients know them; the log is recovered from disk by the
