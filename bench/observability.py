@@ -138,6 +138,8 @@ def main() -> int:
     print(f"OTLP exports received: {sink.exports} ({sink.bytes:,} bytes)")
     spans = sink.spans_by_service()
     print(f"spans received: {sum(spans.values()):,} ({', '.join(f'{k} {v:,}' for k, v in spans.items())})")
+    dropped = summary.get("switchyard-observed", {}).get("spans_dropped_by_process", {})
+    print(f"spans dropped unsent (switchyard_spans_dropped_total): {dropped or 'not read'}")
     return 0
 
 

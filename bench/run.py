@@ -223,6 +223,8 @@ def summarize(target: dict[str, Any], plan: Plan) -> dict[str, Any]:
     s["peak_rss_mb_by_process"] = _peaks([target.get("memory", {}),
                                           *(c.get(k, {}) for c in closed for k in ("memory_before", "memory"))])
     s["peak_rss_mb_at_max_by_process"] = _peaks([c.get("memory", {}) for c in closed])
+    if "spans_dropped" in target:
+        s["spans_dropped_by_process"] = target["spans_dropped"]
     return s
 
 
@@ -530,8 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         doc["targets"] = data
         finished = True
     finally:
-        for t in targets.values():
+        for name, t in targets.items():
             procstat.resume(t.roots)
+            if isinstance(t, Switchyard) and finished:  # spans a stack could not export (tracing on only)
+                doc["targets"][name]["spans_dropped"] = t.metric("switchyard_spans_dropped_total")
             if isinstance(t, Switchyard) and not finished:  # a failed run keeps the stacks' logs to read
                 print(f"run failed: {t.name}'s logs are kept in {t.dir}", file=sys.stderr)
                 t.stop(keep=True)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from loadgen import Endpoint, one_request
@@ -151,6 +152,28 @@ class Switchyard:
 
     def endpoint(self) -> Endpoint:
         return Endpoint(self.name, "127.0.0.1", self.port, MODEL, api_key=SWITCHYARD_KEY)
+
+    def metric(self, name: str) -> dict[str, float]:
+        """An unlabelled metric's value on each service's /metrics (ingress serves it on its own port, the
+        others on their health ports); a service that does not answer is left out."""
+        from procstat import cmdline
+
+        ports = {"ingress": self.port}
+        for label, pid in self.service_pids().items():
+            argv = cmdline(pid)
+            if "--health-port" in argv:
+                ports[label] = int(argv[argv.index("--health-port") + 1])
+        values: dict[str, float] = {}
+        for label, port in ports.items():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                    text = answer.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith(f"{name} "):
+                    values[label] = float(line.split()[1])
+        return values
 
     def stop(self, keep: bool = False) -> None:
         """Stop the stack; its scratch folder (PostgreSQL data, logs) goes too unless `keep`."""
