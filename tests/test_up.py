@@ -87,3 +87,27 @@ def test_embedded_kafka_moves_to_other_ports_when_its_port_was_taken(tmp_path: P
                 pass
         finally:
             stop_process(broker.proc, grace_s=20)
+
+
+def test_services_run_with_two_malloc_arenas(stack: RunningStack) -> None:
+    """`up` starts every service with MALLOC_ARENA_MAX=2 (unless the environment sets it): with glibc's default,
+    the threads a reconnect starts keep their own arenas, and a service stays megabytes larger after an outage."""
+    import os
+
+    services: dict[str, bool] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if Path(os.readlink(proc / "cwd")) != stack.cwd.resolve():
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"switchyard.cli" in argv:
+            command = argv[argv.index(b"switchyard.cli") + 1].decode()
+            if command in ("ingress", "router", "worker", "accounting"):
+                services[f"{command}[{proc.name}]"] = b"MALLOC_ARENA_MAX=2" in environ
+    assert {name.split("[")[0] for name in services} == {"ingress", "router", "worker", "accounting"}, services
+    assert all(services.values()), services
