@@ -345,14 +345,12 @@ class EmbeddedKafka:
                 self._choose_ports(keep=False)
 
     def _wait_started(self, logged: int, timeout_s: float) -> None:
-        """Return once this node serves: its port answers and its log, from `logged` on, says it started.
-
-        The port alone could be another process's, one that took it before the JVM could bind it.
-        """
-        from switchyard.devstack.broker import log_says, wait_port
+        """Return once this node serves: its log, from `logged` on, says it started, which Kafka writes only
+        after its listeners are bound. A port that answers is not enough: it could be another process's, one
+        that took it before the JVM could bind it."""
+        from switchyard.devstack.broker import log_says
 
         deadline = time.monotonic() + timeout_s
-        wait_port(self.port, timeout_s=timeout_s, alive=self.proc)
         while not log_says(self.log_path, logged, b"Kafka Server started"):
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"the Kafka node exited ({self.proc.returncode}); see {self.log_path}")
