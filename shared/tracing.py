@@ -26,7 +26,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-from switchyard.shared.otlp import SpanBatcher, SpanRecord
+from switchyard.shared.otlp import SpanBatcher, SpanRecord, encode_span
 from switchyard.shared.topics import HEADER_TRACEPARENT
 
 Headers = list[tuple[str, bytes]]
@@ -136,7 +136,7 @@ class Hop:
             span.error = error
             span.attributes["error.type"] = error
         span.end_ns = end_ns or time.time_ns()
-        _batcher.add(span)
+        _batcher.add(encode_span(span))
 
 
 def _sampled(name: str, parent: SpanContext | None, trace_id: int, kind: SpanKind,
@@ -183,8 +183,8 @@ def wait_in_topic(topic: str, parent: SpanContext | None, produced_ms: int,
     if not _sampled(name, parent, parent.trace_id, SpanKind.CONSUMER, attrs):
         return
     now = time.time_ns()
-    _batcher.add(SpanRecord(name, parent.trace_id, random.getrandbits(64) or 1, parent, SpanKind.CONSUMER.value,
-                            min(now, produced_ms * 1_000_000), now, attrs))
+    _batcher.add(encode_span(SpanRecord(name, parent.trace_id, random.getrandbits(64) or 1, parent,
+                                        SpanKind.CONSUMER.value, min(now, produced_ms * 1_000_000), now, attrs)))
 
 
 def from_record(headers: Iterable[tuple[str, bytes]] | None) -> SpanContext | None:

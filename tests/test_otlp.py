@@ -111,19 +111,20 @@ class Collector:
         self.gate.set()
         self.fail = False
 
-    def send(self, batch: list[SpanRecord]) -> bool:
+    def send(self, batch: list[bytes]) -> bool:
         self.sending.set()
         self.gate.wait(30)
         if self.fail:
             self.fail = False
             raise ConnectionError("collector down")
-        self.batches.append([record.name for record in batch])
+        self.batches.append([span.decode() for span in batch])
         self.arrived.set()
         return True
 
 
-def record(name: str) -> SpanRecord:
-    return SpanRecord(name, 1, 2, None, 0, 1, 2)
+def span(name: str) -> bytes:
+    """An encoded span, as the batcher sees one (its bytes are opaque to it): here, its name."""
+    return name.encode()
 
 
 def test_a_full_batch_is_sent_at_once_in_batches_of_the_configured_size(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,10 +133,10 @@ def test_a_full_batch_is_sent_at_once_in_batches_of_the_configured_size(monkeypa
     collector = Collector()
     batcher = SpanBatcher(collector.send)
     for i in range(3):
-        batcher.add(record(f"s{i}"))
+        batcher.add(span(f"s{i}"))
     assert collector.arrived.wait(30)
     assert collector.batches == [["s0", "s1", "s2"]]
-    batcher.add(record("s3"))
+    batcher.add(span("s3"))
     batcher.shutdown()  # what waits is sent on shutdown
     assert collector.batches == [["s0", "s1", "s2"], ["s3"]]
 
@@ -146,10 +147,10 @@ def test_a_failed_send_is_logged_and_the_next_batch_still_goes(monkeypatch: pyte
     collector = Collector()
     collector.fail = True
     batcher = SpanBatcher(collector.send)
-    batcher.add(record("lost0"))
-    batcher.add(record("lost1"))
-    batcher.add(record("s0"))
-    batcher.add(record("s1"))
+    batcher.add(span("lost0"))
+    batcher.add(span("lost1"))
+    batcher.add(span("s0"))
+    batcher.add(span("s1"))
     batcher.shutdown()
     assert collector.batches[-1] == ["s0", "s1"] and ["lost0", "lost1"] not in collector.batches
 
@@ -171,11 +172,11 @@ def test_while_the_collector_is_slow_spans_past_the_queue_bound_are_dropped_and_
     collector.gate.clear()
     batcher = SpanBatcher(collector.send)
     dropped = dropped_spans()
-    batcher.add(record("a"))
-    batcher.add(record("b"))
+    batcher.add(span("a"))
+    batcher.add(span("b"))
     assert collector.sending.wait(30)  # the thread holds [a, b] and waits on the collector
     for name in "cdefgh":
-        batcher.add(record(name))
+        batcher.add(span(name))
     assert dropped_spans() == dropped + 2
     collector.gate.set()
     batcher.shutdown()
@@ -187,7 +188,7 @@ def test_shutdown_sends_what_waits_then_closes_the_exporter(monkeypatch: pytest.
     collector = Collector()
     sent_before_close: list[list[list[str]]] = []
     batcher = SpanBatcher(collector.send, close=lambda: sent_before_close.append(list(collector.batches)))
-    batcher.add(record("last"))
+    batcher.add(span("last"))
     batcher.shutdown()
     assert sent_before_close == [[["last"]]]
 
@@ -197,7 +198,7 @@ def test_spans_ended_after_shutdown_are_not_kept(monkeypatch: pytest.MonkeyPatch
     batcher = SpanBatcher(collector.send)
     batcher.shutdown()
     dropped = dropped_spans()
-    batcher.add(record("late"))
+    batcher.add(span("late"))
     assert collector.batches == [] and dropped_spans() == dropped + 1
 
 
