@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from switchyard.shared import retry
+from switchyard.shared import kafka_partitioner, retry
 from switchyard.shared.tansu import TANSU_FETCH_WAIT_MS, RewindingConsumer, is_tansu
 from switchyard.shared.topics import MAX_MESSAGE_BYTES, topic_configs
 
@@ -70,6 +71,8 @@ def make_producer(bootstrap: str, **overrides: Any) -> Producer:
     leader is in flight, so bursts batch by themselves; a 1 ms linger added ~1.2 ms to every send's
     acknowledgement and ~2 ms to every hop (bench/kafka_probe.py), three hops per request.
 
+    Keyed messages go where any Kafka client puts them, by shared/kafka_partitioner.py's faster murmur2.
+
     On Apache Kafka the producer is idempotent (a retried send is never written twice) and compresses
     with LZ4, which a large body needs to fit and a small one pays microseconds for. Tansu gets neither:
     it does not implement idempotent producers.
@@ -87,6 +90,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> Producer:
         "max_batch_size": 1 << 20,
         "max_request_size": MAX_MESSAGE_BYTES,
         "client_id": "switchyard",
+        "partitioner": kafka_partitioner.partition,
     }
     options.update(overrides)
     return Producer(**options)
@@ -184,7 +188,8 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: fl
 async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_factor: int = 1,
                         timeout_s: float = 60.0) -> list[str]:
     """Create the topics that do not exist yet (idempotent); returns the names created, once a broker's
-    metadata lists them.
+    metadata lists them. On Apache Kafka, a topic that exists with fewer partitions than wanted gets more (a
+    stack restarted with more replicas); one with more keeps them, since partitions cannot be taken away.
 
     On KRaft a created topic is committed to the controller's log before the brokers' metadata caches apply
     it, so for a moment a Metadata request still says it does not exist. Whoever is told of a new topic next
@@ -204,6 +209,34 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], replication_fact
                 with attempt:
                     if unlisted := {t.name for t in missing} - set(await admin.list_topics()):
                         raise KafkaError(f"created topics not in the brokers' metadata yet: {sorted(unlisted)}")
+        if not is_tansu():
+            await _grow(admin, {name: parts for name, parts in topics.items() if name in existing})
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+async def _grow(admin: AIOKafkaAdminClient, wanted: dict[str, int], timeout_s: float = 60.0) -> None:
+    """Give each existing topic in `wanted` the partitions it lacks; returns once a broker's metadata lists them.
+
+    A consumer that starts while its broker's metadata still has the old count keeps it for minutes
+    (`metadata_max_age_ms`), and a message sent meanwhile to a new partition waits for nobody: so the services
+    start only after the new counts are served, as for new topics above."""
+    if not wanted:
+        return
+    short = {name: wanted[name] for name, count in (await _partition_counts(admin, wanted)).items()
+             if 0 < count < wanted[name]}
+    if not short:
+        return
+    log.info("adding partitions", extra={"topics": short})
+    await admin.create_partitions({name: NewPartitions(count) for name, count in short.items()})
+    async for attempt in retry.attempts(KafkaError, first_s=0.05, max_s=0.2, timeout_s=timeout_s):
+        with attempt:
+            counts = await _partition_counts(admin, short)
+            if lacking := sorted(name for name, count in short.items() if counts.get(name, 0) < count):
+                raise KafkaError(f"added partitions not in the brokers' metadata yet: {lacking}")
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: Iterable[str]) -> dict[str, int]:
+    return {found["topic"]: len(found.get("partitions") or []) for found in await admin.describe_topics(list(names))
+            if not found.get("error_code")}
