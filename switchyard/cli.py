@@ -109,7 +109,10 @@ def cmd_topics(args: argparse.Namespace) -> int:
     from switchyard.shared.kafka import ensure_topics
     from switchyard.shared.settings import load_settings
 
-    wanted = topics.all_topics(load_config(args.config).providers())
+    try:
+        wanted = topics.all_topics(load_config(args.config).providers(), topics.most_partitions())
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     created = asyncio.run(ensure_topics(load_settings().bootstrap_servers, wanted, args.replication_factor))
     print(f"{len(created)} topics created, {len(wanted) - len(created)} already existed")
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from switchyard.shared import topics
 from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.azure_fake import FakeAzureOpenAI
 from tests.fakes.bedrock_fake import FakeBedrock
@@ -150,7 +151,10 @@ models:
 @pytest.fixture(scope="session")
 def stack(fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     cwd: Path = tmp_path_factory.mktemp("stack")
-    running = start_stack(cwd, stack_config(fakes), extra_env={"TEST_UPSTREAM_KEY": "sk-upstream-secret"})
+    # Sixteen partitions, not one per stage: tests start more ingress replicas (reply partitions 1 and 8 up)
+    # and workers on this stack.
+    running = start_stack(cwd, stack_config(fakes), extra_env={"TEST_UPSTREAM_KEY": "sk-upstream-secret",
+                                                               topics.PARTITIONS_ENV: "16"})
     try:
         warm_up(running, "gpt-test")
         for fake in fakes.all():

@@ -25,7 +25,7 @@ from switchyard.shared import topics
 from switchyard.shared.contracts import MAX_TOKENS, Usage, UsageEvent
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import UNREADABLE, UNSTORABLE
-from switchyard.shared.kafka import make_producer, start_client
+from switchyard.shared.kafka import make_consumer, make_producer, start_client, topic_partitions
 from switchyard.shared.kafka_delivery import send_and_wait
 from switchyard.shared.prompt_log import PromptRecord
 from tests import test_delivery_failures
@@ -79,6 +79,16 @@ async def produce(bootstrap: str, topic: str, messages: list[tuple[int, bytes, b
         await producer.stop()
 
 
+async def partition_count(bootstrap: str, topic: str) -> int:
+    """How many partitions `topic` has on the stack (SWITCHYARD_PARTITIONS may have capped them)."""
+    consumer = make_consumer(bootstrap=bootstrap, group_id=None)
+    await start_client(consumer, "test-poison-partitions")
+    try:
+        return len(await topic_partitions(consumer, topic))
+    finally:
+        await consumer.stop()
+
+
 async def stored(database_url: str, sql: str, ids: list[str], want: int,
                  timeout_s: float = 120) -> list[dict[str, Any]]:
     engine = make_engine(database_url, pool_size=1)
@@ -112,7 +122,8 @@ async def test_unstorable_usage_events_are_dead_lettered_and_spend_goes_on(
     messages: list[tuple[int, bytes, bytes]] = []
     good: list[str] = []
     bad: dict[str, str] = {}
-    for partition in range(topics.PARTITIONS[topics.USAGE]):  # every partition meets poison before good events
+    # every partition meets poison before good events
+    for partition in range(await partition_count(stack.bootstrap, topics.USAGE)):
         for name, fields in poison.items():
             rid = f"poison-{run}-{partition}-{name}"
             bad[rid] = name
@@ -169,7 +180,7 @@ async def test_unstorable_prompt_records_are_dead_lettered_and_the_log_goes_on(
     messages: list[tuple[int, bytes, bytes]] = []
     good: list[str] = []
     bad: list[str] = []
-    for partition in range(topics.PARTITIONS[topics.PROMPTS]):
+    for partition in range(await partition_count(stack.bootstrap, topics.PROMPTS)):
         for name, fields in {"attempts": {"attempts": 2**40}, "ts_ms": {"ts_ms": 10**17}}.items():
             rid = f"poison-prompt-{run}-{partition}-{name}"
             bad.append(rid)

@@ -21,6 +21,7 @@ import openai
 import orjson
 import pytest
 
+from switchyard.shared import topics
 from tests.fakes.embedding_fake import FakeEmbeddings, near, random_vector
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import free_port
@@ -73,7 +74,8 @@ def providers() -> Iterator[Providers]:
 
 @pytest.fixture(scope="module")
 def cstack(providers: Providers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    running = start_stack(tmp_path_factory.mktemp("cache-stack"), _config(providers))
+    running = start_stack(tmp_path_factory.mktemp("cache-stack"), _config(providers),
+                          extra_env={topics.PARTITIONS_ENV: "3"})  # reply partitions for two more ingress replicas
     try:
         warm_up(running, "plain")
         yield running

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+from aiokafka.admin import AIOKafkaAdminClient
 
 from switchyard.devstack.apache_kafka import EmbeddedKafka
+from switchyard.shared import topics
 from tests.stack import RunningStack, _child_env, start_stack, warm_up
 
 
@@ -20,8 +23,31 @@ def test_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
     assert "models[0].deployments[0].provider" in result.stderr
 
 
+def test_a_partition_count_that_is_not_a_positive_integer_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "switchyard.cli", "up", "--port", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env=_child_env({topics.PARTITIONS_ENV: "0"}))
+    assert result.returncode == 1
+    assert "SWITCHYARD_PARTITIONS must be a positive integer, not '0'" in result.stderr
+    assert not (tmp_path / ".switchyard" / "pg").exists()
+
+
+def partition_counts(bootstrap: str, names: list[str]) -> dict[str, int]:
+    async def describe() -> dict[str, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)}
+        finally:
+            await admin.close()
+
+    return asyncio.run(describe())
+
+
 def test_up_uses_external_broker_and_database(stack: RunningStack, tmp_path: Path) -> None:
-    """With KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL set, `up` starts neither broker nor database."""
+    """With KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL set, `up` starts neither broker nor database.
+
+    Its topics have one partition each, as many as each stage has processes; started again with two routers, it
+    gives llm.requests a second partition (a new router joining the group hands one to each), and serves."""
     broker = EmbeddedKafka(tmp_path / "kafka", tmp_path / "broker.log")
     broker.start()
     other = start_stack(tmp_path / "second", None, extra_env={"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
@@ -38,6 +64,16 @@ def test_up_uses_external_broker_and_database(stack: RunningStack, tmp_path: Pat
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Echo: offline"
         spend = other.cli("spend", "--by", "provider", "--since", "1h", "--json")
         assert spend.returncode == 0 and '"demo"' in spend.stdout  # the second stack's usage, in the shared DB
+        named = [topics.REQUESTS, topics.REPLIES, topics.USAGE, topics.provider_topic("demo")]
+        assert partition_counts(broker.bootstrap, named) == dict.fromkeys(named, 1)
+        assert other.stop() == 0
+        other = start_stack(tmp_path / "second", None, args=("--replicas", "router=2"),
+                            extra_env={"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "DATABASE_URL": stack.database_url})
+        assert partition_counts(broker.bootstrap, named) == {**dict.fromkeys(named, 1), topics.REQUESTS: 2}
+        warm_up(other, "demo")
+        r = httpx.post(f"{other.url}/v1/chat/completions", headers=other.headers(), timeout=60,
+                       json={"model": "demo", "messages": [{"role": "user", "content": "two routers"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Echo: two routers"
     finally:
         assert other.stop() == 0
         assert broker.proc is not None

@@ -57,11 +57,24 @@ never give theirs back. After one broker outage (or a pause) the worker stayed 1
 router 5 MB; with two arenas none grew (bench/README.md)."""
 
 
+def partitions_cap(replicas: dict[str, int]) -> int | None:
+    """SWITCHYARD_PARTITIONS, checked before anything starts: a positive integer, and enough for ingress."""
+    try:
+        most = topics.most_partitions()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if most is not None and most < replicas["ingress"]:
+        raise SystemExit(f"{topics.PARTITIONS_ENV}={most}: each of the {replicas['ingress']} ingress replicas needs "
+                         f"its own {topics.REPLIES} partition")
+    return most
+
+
 def up(args: Any) -> int:
     base = Path.cwd() / STATE_DIR
     (base / "logs").mkdir(parents=True, exist_ok=True)
     stack = Stack(base)
     replicas = parse_replicas(getattr(args, "replicas", None))
+    most = partitions_cap(replicas)
     env = {MALLOC_ARENAS_ENV: MALLOC_ARENAS, **os.environ}
     master_key = env.get("SWITCHYARD_MASTER_KEY") or ""
     generated = not master_key
@@ -125,7 +138,9 @@ def up(args: Any) -> int:
             config = load_config(str(path) if path else None) if path else _with_demo(env)
             say(f"provider    no models configured: `demo` is served by the built-in fake on port {port}")
         bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
-        stack.topics = topics.all_topics(config.providers())
+        providers = config.providers()  # one partition per process of the stage that consumes the topic
+        stack.topics = (topics.stack_topics(providers, replicas) if most is None
+                        else topics.all_topics(providers, most))
         asyncio.run(ensure_topics(bootstrap, stack.topics))
         if stack.broker is not None and stack.broker.loses_data:
             stack.rotation = TansuRotation.from_env(bootstrap, stack.topics, topics.consumer_groups(config.providers()))
