@@ -123,7 +123,7 @@ def _attribute(key: str, value: Any) -> bytes:
     elif isinstance(value, int):
         by_value = (type(value), value)
     elif isinstance(value, float):
-        return _field(b"\x4a", _string(b"\x0a", key) + b"\x12\x09\x21" + _pack_double(value))
+        return _field(b"\x4a", _string(b"\x0a", key) + _field(b"\x12", _any_value(value)))
     else:
         return b""
     kept = _encoded_values.get(key)
@@ -232,9 +232,8 @@ def _env_int(name: str, default: int) -> int:
 class SpanBatcher:
     """Finished spans, encoded (`encode_span`), wait here; a daemon thread sends them in batches, off the request path.
 
-    Spans are encoded when they end, on the thread that ends them, while their record is fresh in the CPU's cache:
-    the thread then only joins bytes and sends them, and does not compete with the event loop for the GIL to
-    encode (which made the same encoding cost several times more in place).
+    Spans are encoded when they end, on the thread that ends them: the sending thread only joins bytes and sends
+    them, so it never holds the GIL for milliseconds to encode a batch while the event loop waits for it.
 
     It wakes every OTEL_BSP_SCHEDULE_DELAY ms (default 5,000), or as soon as OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans
     (512) are waiting, and sends all that wait, a batch at a time. Past OTEL_BSP_MAX_QUEUE_SIZE waiting spans
