@@ -143,7 +143,7 @@ def up(args: Any) -> int:
                         else topics.all_topics(providers, most))
         asyncio.run(ensure_topics(bootstrap, stack.topics))
         if stack.broker is not None and stack.broker.loses_data:
-            stack.rotation = TansuRotation.from_env(bootstrap, stack.topics, topics.consumer_groups(config.providers()))
+            stack.rotation = TansuRotation.from_env(bootstrap, stack.topics, topics.consumer_groups(providers))
         ingress_url = f"http://{_client_host(args.host)}:{args.port}"
         stack.info = {
             "bootstrap_servers": bootstrap, "database_url": env["DATABASE_URL"], "ingress_url": ingress_url,
@@ -175,7 +175,7 @@ def up(args: Any) -> int:
                                    "--reply-partition", str(i)], i)
         for i in range(replicas["router"]):
             add(f"router-{i}", ["router"], i)
-        for provider in config.providers():
+        for provider in providers:
             for i in range(replicas["worker"]):
                 add(f"worker-{provider}-{i}", ["worker", "--provider", provider], i, provider)
         for i in range(replicas["accounting"]):
