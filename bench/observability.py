@@ -4,10 +4,11 @@
     .venv/bin/python bench/observability.py --smoke                # harness check
     .venv/bin/python bench/observability.py --base f094608         # against a revision before issue 15
 
-- `base`: this checkout without OTEL_EXPORTER_OTLP_ENDPOINT (no spans are recorded or exported; the Prometheus
-  metrics cannot be turned off, so they are in both), or with `--base REV` a revision without issue 15's
-  metrics and traces, extracted with `git archive` into bench/.work/src/obs-base (the repository itself is
-  not touched);
+- `base`: this checkout with Prometheus recording turned into no-ops (bench/metrics_off/sitecustomize.py on its
+  PYTHONPATH) and without OTEL_EXPORTER_OTLP_ENDPOINT, so no metric is recorded and no span is recorded or
+  exported; with `--base-metrics`, the same checkout with its metrics (tracing alone is compared); or with
+  `--base REV` a revision without issue 15's metrics and traces, extracted with `git archive` into
+  bench/.work/src/obs-base (the repository itself is not touched);
 - `observed`: this checkout, with OTEL_EXPORTER_OTLP_ENDPOINT pointing at an OTLP/HTTP sink started here, so
   every service records and exports spans, and every request is counted in the Prometheus metrics. The sink
   answers 200 to every export and counts them, so the run shows that spans were really exported.
@@ -95,6 +96,8 @@ def run_bench(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str
                "--targets", "switchyard", "--no-readme", "--name", name, *extra]
     if args.repeats:
         command += ["--repeats", str(args.repeats)]
+    if args.rates and not args.smoke:
+        command += ["--rates", args.rates]
     print(" ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
     results = sorted((ROOT / "bench" / ("results" if not args.smoke else ".work")).glob(f"*{name}*.json"),
@@ -106,10 +109,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None,
                         help="a revision without the observability code (default: this checkout, tracing off)")
+    parser.add_argument("--base-metrics", action="store_true",
+                        help="keep the Prometheus metrics in the base stack: compare tracing alone")
     parser.add_argument("--smoke", action="store_true", help="bench/run.py --smoke instead of --quick")
     parser.add_argument("--full", action="store_true",
                         help="bench/run.py's full scenarios (10 s, not 4 s: steadier CPU figures), not --quick")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rates", default="50,200,500",
+                        help="open-loop rates (req/s) at which CPU per request is compared: at a fixed load below "
+                             "both stacks' max, the difference is tracing's own cost, without the closed loop's noise")
     parser.add_argument("--sequential", action="store_true",
                         help="measure base then observed in two runs, one stack at a time, instead of interleaved "
                              "(for when a paused stack does not come back in time)")
@@ -117,7 +125,12 @@ def main() -> int:
     sink = Sink()
     name = "observability-smoke" if args.smoke else "observability"
     otel = [f"OTEL_EXPORTER_OTLP_ENDPOINT={sink.url}", "OTEL_BSP_SCHEDULE_DELAY=1000"]
-    base = ["--repo", str(extract(args.base))] if args.base else []
+    if args.base:
+        base = ["--repo", str(extract(args.base))]
+    elif args.base_metrics:
+        base = []
+    else:
+        base = ["--repo", f"{ROOT}:{ROOT / 'bench' / 'metrics_off'}"]
     if args.sequential:
         summary = {"switchyard": run_bench(args, f"{name}-base", base).get("switchyard", {}),
                    "switchyard-observed": run_bench(args, f"{name}-observed",
@@ -135,6 +148,13 @@ def main() -> int:
         print(f"{target:<22}{rps!s:>20}{cpu!s:>20}")
     if rows[0][1] and rows[1][1]:
         print(f"\nobserved / base max throughput: {rows[1][1] / rows[0][1]:.1%} (target: >= 90%)")
+    base, observed = summary.get("switchyard", {}), summary.get("switchyard-observed", {})
+    for key in sorted((k for k in base if k.startswith("open")), key=lambda k: float(k[4:])):
+        off = base[key].get("cpu_ms_per_req", {}).get("median")
+        on = observed.get(key, {}).get("cpu_ms_per_req", {}).get("median")
+        if off and on:
+            print(f"CPU ms per request at {key[4:]} req/s: base {off:.2f}, observed {on:.2f} "
+                  f"(observed costs {on / off - 1:+.1%})")
     print(f"OTLP exports received: {sink.exports} ({sink.bytes:,} bytes)")
     spans = sink.spans_by_service()
     print(f"spans received: {sum(spans.values()):,} ({', '.join(f'{k} {v:,}' for k, v in spans.items())})")

@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure Switchyard from source tree PATH (PYTHONPATH; extra `:`-separated entries "
                              "allowed) as `switchyard-NAME`, interleaved with the others in the same run (A/B of a "
                              "proposed change under the same machine load)")
+    parser.add_argument("--rates", default=None, metavar="R1,R2",
+                        help="open-loop rates in req/s instead of the mode's (50,200): e.g. 50,200,600 to compare "
+                             "CPU per request at a fixed load near the max")
     parser.add_argument("--env", action="append", default=[], metavar="K=V",
                         help="extra environment for the Switchyard stack (e.g. to try a tuning knob)")
     parser.add_argument("--variant-env", action="append", default=[], metavar="K=V",
@@ -455,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLANS[mode_name]
     if args.repeats:
         plan = Plan(**{**asdict(plan), "repeats": args.repeats})
+    if args.rates:
+        plan = Plan(**{**asdict(plan), "rates": tuple(float(rate) for rate in args.rates.split(","))})
     wanted = (args.targets or ("switchyard" if args.smoke else "switchyard,tansu,litellm")).split(",")
     if "litellm" in wanted and not LiteLLM.available():
         _say("LiteLLM venv missing (bench/.venv-litellm): "
