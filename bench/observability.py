@@ -108,7 +108,8 @@ def run_bench(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None,
-                        help="a revision without the observability code (default: this checkout, tracing off)")
+                        help="a revision without the observability code "
+                             "(default: this checkout, neither metrics nor tracing)")
     parser.add_argument("--base-metrics", action="store_true",
                         help="keep the Prometheus metrics in the base stack: compare tracing alone")
     parser.add_argument("--smoke", action="store_true", help="bench/run.py --smoke instead of --quick")
@@ -117,7 +118,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rates", default="50,200,500",
                         help="open-loop rates (req/s) at which CPU per request is compared: at a fixed load below "
-                             "both stacks' max, the difference is tracing's own cost, without the closed loop's noise")
+                             "both stacks' max, the difference is observability's own cost, without the closed "
+                             "loop's noise")
     parser.add_argument("--sequential", action="store_true",
                         help="measure base then observed in two runs, one stack at a time, instead of interleaved "
                              "(for when a paused stack does not come back in time)")
