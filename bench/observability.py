@@ -150,10 +150,10 @@ def main() -> int:
         print(f"{target:<22}{rps!s:>20}{cpu!s:>20}")
     if rows[0][1] and rows[1][1]:
         print(f"\nobserved / base max throughput: {rows[1][1] / rows[0][1]:.1%} (target: >= 90%)")
-    base, observed = summary.get("switchyard", {}), summary.get("switchyard-observed", {})
-    for key in sorted((k for k in base if k.startswith("open")), key=lambda k: float(k[4:])):
-        off = base[key].get("cpu_ms_per_req", {}).get("median")
-        on = observed.get(key, {}).get("cpu_ms_per_req", {}).get("median")
+    off_summary, on_summary = summary.get("switchyard", {}), summary.get("switchyard-observed", {})
+    for key in sorted((k for k in off_summary if k.startswith("open")), key=lambda k: float(k[4:])):
+        off = off_summary[key].get("cpu_ms_per_req", {}).get("median")
+        on = on_summary.get(key, {}).get("cpu_ms_per_req", {}).get("median")
         if off and on:
             print(f"CPU ms per request at {key[4:]} req/s: base {off:.2f}, observed {on:.2f} "
                   f"(observed costs {on / off - 1:+.1%})")

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -457,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = PLANS[mode_name]
     if args.repeats:
-        plan = Plan(**{**asdict(plan), "repeats": args.repeats})
+        plan = replace(plan, repeats=args.repeats)
     if args.rates:
-        plan = Plan(**{**asdict(plan), "rates": tuple(float(rate) for rate in args.rates.split(","))})
+        plan = replace(plan, rates=tuple(float(rate) for rate in args.rates.split(",")))
     wanted = (args.targets or ("switchyard" if args.smoke else "switchyard,tansu,litellm")).split(",")
     if "litellm" in wanted and not LiteLLM.available():
         _say("LiteLLM venv missing (bench/.venv-litellm): "
