@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from switchyard.services.ingress.auth import Identity
-from switchyard.services.ingress.relay import REPLY_GRACE_S, InFlight, Relay
+from switchyard.services.ingress.relay import REPLY_GRACE_S, InFlight, Relay, joined
 from switchyard.services.ingress.replies import REPLY_OVERHEAD, ClientGone, Pending
 from switchyard.shared.contracts import OUT_OF_BAND, Reply, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
@@ -138,7 +138,7 @@ async def test_a_stream_that_ends_settles_once_with_its_usage() -> None:
     first = await relay.first(call)
     replies = await _drain(relay.rest(call, first))
     assert [r.type for r in replies] == ["chunk", "chunk", "end"]
-    relay.closer(call)()  # the streaming response's own close after the body
+    relay.settle(call, None)  # the streaming response's own close after the body
     _settled_once(gateway)
     assert gateway.finished == [9] and gateway.cancelled == []
 
@@ -149,7 +149,7 @@ async def test_a_stream_whose_first_reply_is_its_end_settles_once() -> None:
     call.pending.offer(_end(0, tokens=3))
     first = await relay.first(call)
     await _drain(relay.rest(call, first))
-    relay.closer(call)()
+    relay.settle(call, None)
     _settled_once(gateway)
     assert gateway.finished == [3] and gateway.cancelled == []
 
@@ -167,7 +167,7 @@ async def test_a_client_gone_mid_stream_ends_it_settles_once_and_cancels() -> No
     await messages.put({"type": "http.disconnect"})  # ...when the client hangs up
     with pytest.raises(StopAsyncIteration):
         await waiting
-    relay.closer(call)()
+    relay.settle(call, None)
     _settled_once(gateway)
     assert gateway.cancelled == ["req-1"] and gateway.finished == [None]
     assert call.watcher is not None and call.watcher.done()
@@ -194,7 +194,7 @@ async def test_a_stream_abandoned_before_its_first_byte_settles_once_through_its
     call.pending.offer(_chunk(0))
     first = await relay.first(call)
     relay.sse(call, first)  # never iterated: the client left before the response started
-    relay.closer(call)()
+    relay.settle(call, None)
     _settled_once(gateway)
     assert gateway.cancelled == ["req-1"]
 
@@ -222,3 +222,25 @@ async def test_sse_frames_chunks_errors_and_done() -> None:
     frames = [frame async for frame in relay.sse(call, first)]
     assert frames[0].startswith(b"data: {") and frames[-1] == b"data: [DONE]\n\n" and len(frames) == 2
     _settled_once(gateway)
+
+
+async def test_frames_of_replies_already_here_leave_as_one_write_and_none_waits_for_a_later_one() -> None:
+    gateway, call = CountingGateway(), _call()
+    relay = Relay(gateway)  # type: ignore[arg-type]
+    call.pending.offer(Reply(id="req-1", seq=0, type="chunk", data={"choices": [{"delta": {"content": "a"}}]},
+                             chunks=[{"choices": [{"delta": {"content": "b"}}]}]))  # two chunks in one message
+    call.pending.offer(_chunk(1, "c"))
+    first = await relay.first(call)
+    writes = joined(relay.sse(call, first), lambda: call.pending)
+    assert await anext(writes) == b"".join(
+        b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % text for text in (b"a", b"b", b"c"))
+    later = asyncio.ensure_future(anext(writes))  # nothing is queued: the next write waits for the next reply
+    await asyncio.sleep(0)
+    assert not later.done()
+    call.pending.offer(_chunk(2, "d"))
+    assert await later == b'data: {"choices":[{"delta":{"content":"d"}}]}\n\n'  # sent alone, at once
+    call.pending.offer(_end(3))
+    assert await anext(writes) == b"data: [DONE]\n\n"
+    await writes.aclose()
+    _settled_once(gateway)
+    assert gateway.cancelled == []

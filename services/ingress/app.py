@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,9 +32,9 @@ from switchyard.services.ingress.observability import ObservabilityMiddleware
 from switchyard.services.ingress.openapi import OPENAPI_URL, json_body
 from switchyard.services.ingress.plain_routes import ChatCompletions, PlainRoutes
 from switchyard.services.ingress.prompt_logs import add_log_routes
-from switchyard.services.ingress.relay import SSE_HEADERS, Relay, reply_headers
+from switchyard.services.ingress.relay import Relay, reply_headers
 from switchyard.services.ingress.request_ids import RequestIdMiddleware
-from switchyard.services.ingress.responses import SettlingStream, header_value, json_response
+from switchyard.services.ingress.responses import header_value, json_response
 from switchyard.services.ingress.responses_routes import Pipeline, add_responses_routes
 from switchyard.services.ingress.ui.routes import add_ui_routes
 from switchyard.services.ingress.validation import ChatCompletionRequest, EmbeddingsRequest, read_json, validate
@@ -161,7 +161,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                 first.data or {}, model)
             return json_response(answer or {}, 200, headers)
 
-        async def relay() -> AsyncIterator[bytes]:
+        async def relay() -> AsyncGenerator[bytes, None]:
             events = anthropic_api.AnthropicEvents(model)
             async for reply in pipeline.rest(call, first):
                 if reply.type == "chunk":
@@ -172,8 +172,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                     return
             yield events.finish()
 
-        return SettlingStream(relay(), pipeline.closer(call), media_type="text/event-stream",
-                              headers={**headers, **SSE_HEADERS})
+        return pipeline.stream(call, relay(), headers)
 
     @app.post("/v1/messages/count_tokens", openapi_extra=json_body("AnthropicCountTokensRequest"))
     async def anthropic_count_tokens(request: Request) -> Response:
@@ -186,7 +185,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         return json_response(counted, 200, {anthropic_api.ESTIMATE_HEADER: "true", "request-id": request_id})
 
     add_responses_routes(app, gateway, Pipeline(pipeline.submit, pipeline.first, pipeline.rest, reply_headers,
-                                                SSE_HEADERS, pipeline.settle))
+                                                pipeline.stream))
     return app
 
 

@@ -53,6 +53,10 @@ class RecordingPending(Pending):
     def done(self) -> bool:
         return self.inner.done
 
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
     def client_gone(self) -> None:
         self.inner.client_gone()
 

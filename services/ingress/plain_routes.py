@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 
 from switchyard.services.ingress.auth import Identity
-from switchyard.services.ingress.relay import SSE_HEADERS, Relay, reply_headers
+from switchyard.services.ingress.relay import SSE_HEADERS, Relay, joined, reply_headers
 from switchyard.services.ingress.validation import ChatCompletionRequest, read_json, validate
 
 log = logging.getLogger("switchyard.ingress.plain")
@@ -94,7 +94,7 @@ class ChatCompletions:
             await send({"type": "http.response.start", "status": first.status, "headers": headers})
             await send({"type": "http.response.body", "body": content, "more_body": False})
             return
-        frames = self.relay.sse(call, first)
+        frames = joined(self.relay.sse(call, first), lambda: call.pending)
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": headers + [(b"content-type", _SSE), *_SSE_HEADERS]})

@@ -213,6 +213,11 @@ class Pending:
         reader, a redone call it refused) leaves the call running, so it is not done."""
         return self._done
 
+    @property
+    def ready(self) -> bool:
+        """Whether `next` returns without waiting: a reply (or the news that the client left) is already here."""
+        return bool(self._expanding) or not self.queue.empty()
+
     def client_gone(self) -> None:
         """The client left: the reader's `next` raises ClientGone from now on, whatever is queued."""
         self._gone = True

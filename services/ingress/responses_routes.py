@@ -13,7 +13,7 @@ error bodies with the right status; a failure mid-stream ends the stream with `r
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from switchyard.services.ingress import responses_output as out
 from switchyard.services.ingress.anthropic_api import format_sse
 from switchyard.services.ingress.auth import Identity
 from switchyard.services.ingress.openapi import json_body
-from switchyard.services.ingress.responses import SettlingStream, header_value, json_response
+from switchyard.services.ingress.responses import header_value, json_response
 from switchyard.services.ingress.responses_store import ResponseStore, page
 from switchyard.services.ingress.responses_stream import ResponseStream
 from switchyard.services.ingress.validation import ChatCompletionRequest, read_json, validate
@@ -47,9 +47,8 @@ class Pipeline:
     first: Callable[[Any], Awaitable[Reply]]
     rest: Callable[[Any, Reply], AsyncIterator[Reply]]
     headers: Callable[[Reply, str], dict[str, str]]
-    sse_headers: dict[str, str]
-    settle: Callable[[Any, Reply | None], None]
-    """Ends a call once (its limits given back); a stream's response calls it however the stream ends."""
+    stream: Callable[[Any, AsyncGenerator[bytes, None], dict[str, str]], Response]
+    """The SSE response for a call's frames; it ends the call once (its limits given back) however it ends."""
 
 
 def _validate_chat(body: dict[str, Any]) -> None:
@@ -114,7 +113,7 @@ def add_responses_routes(app: FastAPI, gateway: Any, pipeline: Pipeline) -> None
             answer = out.from_chat_completion(first.data or {}, raw, rid)
             return json_response(await keep(identity, raw, answer), 200, headers)
 
-        async def relay() -> AsyncIterator[bytes]:
+        async def relay() -> AsyncGenerator[bytes, None]:
             translator = ResponseStream(out.skeleton(rid, raw))
             async for reply in pipeline.rest(call, first):
                 if reply.type == "chunk":
@@ -123,19 +122,16 @@ def add_responses_routes(app: FastAPI, gateway: Any, pipeline: Pipeline) -> None
                     events = translator.fail(GatewayError.from_body(reply.status, reply.data, reply.headers))
                 else:
                     continue
-                for event in events:
-                    yield format_sse(event["type"], event)
+                yield b"".join(format_sse(event["type"], event) for event in events)
                 if reply.type == "error":
                     return
             events = translator.finish()
             assert translator.final is not None
             stored = await keep(identity, raw, translator.final)
             events[-1]["response"] = stored
-            for event in events:
-                yield format_sse(event["type"], event)
+            yield b"".join(format_sse(event["type"], event) for event in events)
 
-        return SettlingStream(relay(), lambda: pipeline.settle(call, None), media_type="text/event-stream",
-                              headers={**headers, **pipeline.sse_headers})
+        return pipeline.stream(call, relay(), headers)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(request: Request, response_id: str) -> Response:
