@@ -1,5 +1,5 @@
 """Providers' server-sent events as the worker reads them (services/workers/upstream.py + providers/base.py
-`iter_sse`, decoded by httpx-sse) from a real HTTP server that writes its body in awkward pieces: any line
+`iter_sse`, providers/sse.py) from a real HTTP server that writes its body in awkward pieces: any line
 ending, multi-line data, comments, a UTF-8 character split across reads; an answer that is not an event
 stream is refused."""
 
@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-from httpx_sse import SSEError
-
+from switchyard.services.workers.providers import sse
 from switchyard.services.workers.providers.base import ServerEvent, UpstreamRequest, iter_sse
 from switchyard.services.workers.upstream import STREAM_RECEIVE_WINDOW_BYTES, UpstreamClient
+from switchyard.shared.errors import GatewayError
 
 
 @asynccontextmanager
@@ -64,8 +64,25 @@ async def test_an_event_cut_before_its_blank_line_is_dropped() -> None:
 
 
 async def test_an_answer_that_is_not_an_event_stream_is_refused() -> None:
-    with pytest.raises(SSEError):
+    with pytest.raises(GatewayError) as refused:
         await events([b'{"choices": []}'], content_type="application/json")
+    assert refused.value.status == 502 and refused.value.code == "bad_upstream_response"
+
+
+async def test_fields_as_the_rules_read_them_and_a_crlf_cut_between_reads_is_one_line_end() -> None:
+    pieces = [b"data:no space\r", b"\ndata\r\n", b"event: message\nid: 7\nretry: 10\ndatabase: no\n",
+              b"data:  two spaces\n\n", b"event: ping\n\n", b"\n\n", b"event\ndata: \xe2\x82\n\n"]
+    got = await events(pieces)
+    assert [(e.event, e.data) for e in got] == [(None, "no space\n\n two spaces"), (None, "\ufffd")]
+
+
+async def test_an_event_past_the_limit_ends_the_call_with_a_502(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 64)
+    for pieces in ([b"data: " + b"x" * 40 + b"\n", b"data: " + b"y" * 40 + b"\n\n"],  # one event, many lines
+                   [b"data: " + b"x" * 40, b"x" * 40]):  # one line, never ended
+        with pytest.raises(GatewayError) as refused:
+            await events(pieces)
+        assert refused.value.status == 502 and refused.value.code == "bad_upstream_response"
 
 
 async def test_a_streaming_call_reads_through_a_small_receive_window_and_other_calls_do_not() -> None:

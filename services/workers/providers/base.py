@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import orjson
-from httpx_sse import EventSource
 
 from switchyard.services.workers.providers.openai_shape import openai_style_error, usage_from_openai
+from switchyard.services.workers.providers.sse import ServerEvent as ServerEvent
+from switchyard.services.workers.providers.sse import iter_sse as iter_sse
 from switchyard.shared.config_schema import Deployment
 from switchyard.shared.contracts import NativeRequest, Usage
 from switchyard.shared.errors import GatewayError
@@ -123,19 +123,6 @@ class UpstreamRequest:
     """OpenAI parameters this provider cannot honour; returned to the caller in a response header."""
 
 
-@dataclass
-class ServerEvent:
-    """One decoded stream event: an SSE event (name + data) or one frame of another framing."""
-
-    data: str
-    event: str | None = None
-    payload: dict[str, Any] | None = None
-    """Already-decoded JSON for binary framings (Bedrock's event stream)."""
-
-    def json(self) -> Any:
-        return self.payload if self.payload is not None else orjson.loads(self.data)
-
-
 class StreamParser:
     """Turns a provider's stream events into OpenAI `chat.completion.chunk` dicts.
 
@@ -208,22 +195,9 @@ class ProviderAdapter:
         """The token usage of what `parse_chat` / `parse_embeddings` returned."""
         return usage_from_openai(response.get("usage"))
 
-    async def events(self, response: httpx.Response) -> AsyncIterator[ServerEvent]:
+    def events(self, response: httpx.Response) -> AsyncIterator[ServerEvent]:
         """Decode the response body into events; SSE unless the provider frames differently."""
-        async for event in iter_sse(response):
-            yield event
+        return iter_sse(response)
 
     def map_error(self, status: int, body: bytes, headers: httpx.Headers) -> GatewayError:
         return openai_style_error(status, body, headers, provider=self.name)
-
-
-# ---- decoding a stream ------------------------------------------------------------------------
-
-
-async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerEvent]:
-    """The response's server-sent events, decoded by httpx-sse (the WHATWG rules: `data` lines joined, any
-    line ending, comments and unknown fields skipped); an answer that is not `text/event-stream` is an
-    `SSEError`, which the call maps to a 502 like any unreadable answer."""
-    async for sse in EventSource(response).aiter_sse():
-        if sse.data:
-            yield ServerEvent(data=sse.data, event=sse.event if sse.event != "message" else None)
