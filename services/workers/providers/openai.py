@@ -61,7 +61,8 @@ def _checked(data: Any, provider: str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise GatewayError(502, f"{provider}: malformed {what} (not an object)", code="bad_upstream_response",
                            retryable=True)
-    usage_from_openai(data.get("usage"))
+    if data.get("usage"):  # most stream chunks have none: no Usage built for them
+        usage_from_openai(data["usage"])
     return data
 
 
