@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+
 from switchyard.services.workers.providers import sse
 from switchyard.services.workers.providers.base import ServerEvent, UpstreamRequest, iter_sse
 from switchyard.services.workers.upstream import STREAM_RECEIVE_WINDOW_BYTES, UpstreamClient
