@@ -231,7 +231,7 @@ async def test_frames_of_replies_already_here_leave_as_one_write_and_none_waits_
                              chunks=[{"choices": [{"delta": {"content": "b"}}]}]))  # two chunks in one message
     call.pending.offer(_chunk(1, "c"))
     first = await relay.first(call)
-    writes = joined(relay.sse(call, first), lambda: call.pending)
+    writes = joined(relay.sse(call, first), call.pending)
     assert await anext(writes) == b"".join(
         b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % text for text in (b"a", b"b", b"c"))
     later = asyncio.ensure_future(anext(writes))  # nothing is queued: the next write waits for the next reply

@@ -94,7 +94,7 @@ class ChatCompletions:
             await send({"type": "http.response.start", "status": first.status, "headers": headers})
             await send({"type": "http.response.body", "body": content, "more_body": False})
             return
-        frames = joined(self.relay.sse(call, first), lambda: call.pending)
+        frames = joined(self.relay.sse(call, first), call.pending)
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": headers + [(b"content-type", _SSE), *_SSE_HEADERS]})

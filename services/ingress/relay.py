@@ -89,7 +89,7 @@ def wait_s(envelope: RequestEnvelope) -> float:
     return (envelope.deadline_ms - time.time() * 1000) / 1000.0 + REPLY_GRACE_S
 
 
-async def joined(frames: AsyncGenerator[bytes, None], pending: Callable[[], Pending]) -> AsyncGenerator[bytes, None]:
+async def joined(frames: AsyncGenerator[bytes, None], pending: Pending) -> AsyncGenerator[bytes, None]:
     """`frames`, with those of replies that were already here when one was rendered joined into one write.
 
     A worker sends a stream's chunks a few to a Kafka message; written one by one, each chunk cost an ASGI
@@ -101,7 +101,7 @@ async def joined(frames: AsyncGenerator[bytes, None], pending: Callable[[], Pend
     try:
         async for frame in frames:
             held.append(frame)
-            if not pending().ready:
+            if not pending.ready:
                 yield b"".join(held)
                 held.clear()
         if held:
@@ -250,7 +250,7 @@ class Relay:
 
     def stream(self, call: InFlight, frames: AsyncGenerator[bytes, None], headers: dict[str, str]) -> Response:
         """The SSE response relaying a stream's `frames` (see `joined`); it settles the call however it ends."""
-        return SettlingStream(joined(frames, lambda: call.pending), lambda: self.settle(call, None),
+        return SettlingStream(joined(frames, call.pending), lambda: self.settle(call, None),
                               media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
 
     async def sse(self, call: InFlight, first: Reply, shape_chunk: Shape = same) -> AsyncGenerator[bytes, None]:
