@@ -77,10 +77,19 @@ async def test_fields_as_the_rules_read_them_and_a_crlf_cut_between_reads_is_one
     assert [(e.event, e.data) for e in got] == [(None, "no space\n\n two spaces"), (None, "\ufffd")]
 
 
+def test_a_line_read_in_many_small_pieces_is_one_line() -> None:
+    decoder = sse.SSEDecoder()
+    line = b'data: {"text": "' + b"abcdefghij" * 1000 + b'"}\r'
+    got = [event for start in range(0, len(line), 7) for event in decoder.feed(line[start:start + 7])]
+    got += decoder.feed(b"\n\n")  # the CR LF cut by the read, then the blank line
+    assert got == [ServerEvent(data='{"text": "' + "abcdefghij" * 1000 + '"}')]
+
+
 async def test_an_event_past_the_limit_ends_the_call_with_a_502(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 64)
     for pieces in ([b"data: " + b"x" * 40 + b"\n", b"data: " + b"y" * 40 + b"\n\n"],  # one event, many lines
-                   [b"data: " + b"x" * 40, b"x" * 40]):  # one line, never ended
+                   [b"data: " + b"x" * 40, b"x" * 40],  # one line, never ended
+                   [b"data: 1\n" + b"x" * 80]):  # a long unfinished line after a complete one
         with pytest.raises(GatewayError) as refused:
             await events(pieces)
         assert refused.value.status == 502 and refused.value.code == "bad_upstream_response"

@@ -41,10 +41,14 @@ class ServerEvent:
 
 
 class SSEDecoder:
-    """Bytes in, complete events out (`feed`); keeps the unfinished line and event between reads."""
+    """Bytes in, complete events out (`feed`); keeps the unfinished line and event between reads.
+
+    An unfinished line is kept as the pieces it came in and joined once it ends, so a long line costs its length
+    once, not once per read."""
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._tail: list[bytes] = []
+        self._tail_size = 0
         self._after_cr = False
         self._data: list[str] = []
         self._size = 0
@@ -56,9 +60,18 @@ class SSEDecoder:
         self._after_cr = piece.endswith(b"\r")
         if b"\r" in piece:
             piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = (self._tail + piece).split(b"\n") if self._tail else piece.split(b"\n")
-        self._tail = lines.pop()
-        if len(self._tail) > MAX_EVENT_BYTES:
+        if b"\n" not in piece:
+            self._tail.append(piece)
+            self._tail_size += len(piece)
+            if self._tail_size > MAX_EVENT_BYTES:
+                raise _too_large()
+            return []
+        if self._tail:
+            piece = b"".join((*self._tail, piece))
+        lines = piece.split(b"\n")
+        last = lines.pop()
+        self._tail, self._tail_size = ([last], len(last)) if last else ([], 0)
+        if self._tail_size > MAX_EVENT_BYTES:
             raise _too_large()
         events: list[ServerEvent] = []
         for line in lines:
