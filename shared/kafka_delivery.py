@@ -166,8 +166,9 @@ async def send_and_wait(producer: AIOKafkaProducer, topic: str, value: bytes, *,
                         partition: int | None = None, headers: Headers | None = None, attempts: int = 20) -> Any:
     """Send and wait for the broker's acknowledgement, retrying transient failures; DeliveryRefused at once
     for a permanent one."""
-    async def attempt() -> Any:
-        fut = await send(producer, topic, value, key=key, partition=partition, headers=headers)
+    async def attempt() -> Any:  # queue and acknowledgement are one attempt: one retry loop covers both
+        await destinations(producer).check(topic, partition)
+        fut = await producer.send(topic, value, key=key, partition=partition, headers=headers)
         return await fut
 
     return await _retrying(attempt, lambda e: refusal(producer, e, topic, partition, len(value)),
