@@ -144,6 +144,14 @@ async def refusal(producer: AIOKafkaProducer, error: BaseException, topic: str, 
     return None
 
 
+async def _queue(producer: AIOKafkaProducer, topic: str, value: bytes, key: bytes | None, partition: int | None,
+                 headers: Headers | None) -> asyncio.Future[Any]:
+    """One try at queueing: the destination checked (`Destinations`), then the message handed to aiokafka."""
+    await destinations(producer).check(topic, partition)
+    future: asyncio.Future[Any] = await producer.send(topic, value, key=key, partition=partition, headers=headers)
+    return future
+
+
 async def send(producer: AIOKafkaProducer, topic: str, value: bytes, *, key: bytes | None = None,
                partition: int | None = None, headers: Headers | None = None,
                attempts: int = 20) -> asyncio.Future[Any]:
@@ -152,13 +160,8 @@ async def send(producer: AIOKafkaProducer, topic: str, value: bytes, *, key: byt
     Checks the destination first (`Destinations`) and raises DeliveryRefused at once for what the broker
     can never accept; retries while the broker is briefly unreachable (e.g. just after a restart).
     """
-    async def attempt() -> asyncio.Future[Any]:
-        await destinations(producer).check(topic, partition)
-        result: asyncio.Future[Any] = await producer.send(topic, value, key=key, partition=partition,
-                                                          headers=headers)
-        return result
-
-    return await _retrying(attempt, lambda e: refusal(producer, e, topic, partition, len(value)),
+    return await _retrying(lambda: _queue(producer, topic, value, key, partition, headers),
+                           lambda e: refusal(producer, e, topic, partition, len(value)),
                            what="send", topic=topic, attempts=attempts)
 
 
@@ -167,9 +170,7 @@ async def send_and_wait(producer: AIOKafkaProducer, topic: str, value: bytes, *,
     """Send and wait for the broker's acknowledgement, retrying transient failures; DeliveryRefused at once
     for a permanent one."""
     async def attempt() -> Any:  # queue and acknowledgement are one attempt: one retry loop covers both
-        await destinations(producer).check(topic, partition)
-        fut = await producer.send(topic, value, key=key, partition=partition, headers=headers)
-        return await fut
+        return await (await _queue(producer, topic, value, key, partition, headers))
 
     return await _retrying(attempt, lambda e: refusal(producer, e, topic, partition, len(value)),
                            what="delivery", topic=topic, attempts=attempts)
