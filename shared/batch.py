@@ -18,6 +18,10 @@ from switchyard.shared.contracts import Reply, RequestEnvelope
 from switchyard.shared.errors import GatewayError, redact_message
 from switchyard.shared.parts import Assembler
 
+BATCH_STAGES = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+"""The stages of a batch of the Batches API; each has a `<stage>_at` column (shared/db.py): when the batch
+entered it."""
+
 log = logging.getLogger("switchyard.batch")
 URL_KINDS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 """The endpoints a batch line of `switchyard batch run` may name, and the envelope kind each becomes. The

@@ -1,4 +1,4 @@
-"""The accounting database: table definitions (SQLAlchemy Core), engine factory, migrations.
+"""The accounting database: table definitions (SQLAlchemy Core, for alembic and accounting), engines, migrations.
 
 Schema changes go through alembic migrations in shared/migrations/versions; these table
 objects mirror them for queries and inserts.
@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, REAL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from switchyard.shared.batch import BATCH_STAGES
 from switchyard.shared.settings import asyncpg_url
 
 metadata = MetaData()
@@ -220,9 +221,6 @@ file_chunks = Table(
     Column("data", LargeBinary, nullable=False),
 )
 
-BATCH_STAGES = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
-"""Each has a `<stage>_at` column: when the batch entered it."""
-
 batches = Table(
     "batches",
     metadata,
@@ -261,3 +259,38 @@ batch_lines = Table(
     Column("status", Text, nullable=False),
     Column("result", LargeBinary),
 )
+
+prompt_log = Table(
+    "prompt_log",
+    metadata,
+    Column("request_id", Text, primary_key=True),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("key_id", Text),
+    Column("model", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("stream", Boolean, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("route", Text),
+    Column("attempts", Integer, nullable=False),
+    Column("request", JSONB),
+    Column("answer", JSONB),
+    Column("error", JSONB),
+    Column("timings", JSONB, nullable=False),
+    Column("usage", JSONB),
+    Column("guardrails", JSONB, nullable=False),
+)
+"""The prompt log (shared/prompt_log.py): one row per finished request with prompt logging on."""
+
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("key_id", Text, nullable=False),
+    Column("team", Text),
+    Column("previous_id", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("response", JSONB, nullable=False),
+    Column("input_items", JSONB, nullable=False),
+    Column("turn", JSONB, nullable=False),
+)
+"""Stored Responses API answers (services/ingress/responses_store.py), chained by previous_id."""

@@ -1,10 +1,10 @@
-"""The prompt log: the record ingress publishes to `llm.prompts` when a request ends, and its table.
+"""The prompt log: the record ingress publishes to `llm.prompts` when a request ends.
 
 A record is redacted before it is published (the policy of shared/redaction.py, on top of what `mask`
 guardrails replaced), so neither the topic nor PostgreSQL ever holds what the policy names. `request` and
 `answer` are set only when prompt logging is on for the request (key `log_prompts`, else the model group's,
 else `logging.prompts`); a record without them still carries the guardrail decisions, which accounting
-writes onto the request's usage rows.
+writes onto the request's usage rows. The table is `prompt_log` in shared/db.py.
 """
 
 from __future__ import annotations
@@ -12,31 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
-from sqlalchemy import Boolean, Column, DateTime, Integer, Table, Text
-from sqlalchemy.dialects.postgresql import JSONB
 
 from switchyard.shared.contracts import CONTRACT_VERSION, now_ms, without_nul
-from switchyard.shared.db import metadata
-
-prompt_log = Table(
-    "prompt_log",
-    metadata,
-    Column("request_id", Text, primary_key=True),
-    Column("ts", DateTime(timezone=True), nullable=False),
-    Column("key_id", Text),
-    Column("model", Text, nullable=False),
-    Column("kind", Text, nullable=False),
-    Column("stream", Boolean, nullable=False),
-    Column("status", Integer, nullable=False),
-    Column("route", Text),
-    Column("attempts", Integer, nullable=False),
-    Column("request", JSONB),
-    Column("answer", JSONB),
-    Column("error", JSONB),
-    Column("timings", JSONB, nullable=False),
-    Column("usage", JSONB),
-    Column("guardrails", JSONB, nullable=False),
-)
 
 
 class PromptRecord(BaseModel):

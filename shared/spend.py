@@ -7,12 +7,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, true
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from switchyard.shared.contracts import IN_DOUBT
-from switchyard.shared.db import usage
 from switchyard.shared.groupings import GROUPINGS
+from switchyard.shared.pg import Database, Query
 
 _SINCE = re.compile(r"^(\d+)([mhdw])$")
 
@@ -31,53 +28,56 @@ def parse_since(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _column(by: str) -> Any:
-    if by == "key":
-        return usage.c.key_id
-    if by == "model":
-        return usage.c.model_group
-    if by == "provider":
-        return usage.c.provider
-    if by == "deployment":
-        return usage.c.deployment
-    if by == "team":
-        return usage.c.team
-    if by == "project":
-        return usage.c.project
-    if by == "day":
-        return func.to_char(func.date_trunc("day", usage.c.ts), "YYYY-MM-DD")
-    raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, not {by!r}")
+_GROUP_COLUMNS = {
+    "key": "key_id",
+    "model": "model_group",
+    "provider": "provider",
+    "deployment": "deployment",
+    "team": "team",
+    "project": "project",
+    "day": "to_char(date_trunc('day', ts), 'YYYY-MM-DD')",
+}
+"""What each grouping (`by`) reads from the usage table: the only text a caller's choice puts into the SQL."""
+
+_SPEND_SQL = """
+SELECT {column} AS "group",
+       count(*) AS requests,
+       coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+       coalesce(sum(completion_tokens), 0) AS completion_tokens,
+       coalesce(sum(cached_tokens), 0) AS cached_tokens,
+       coalesce(sum(cost_usd), 0) AS cost_usd,
+       count(*) FILTER (WHERE ok IS false AND status <> {in_doubt}) AS errors,
+       count(*) FILTER (WHERE status = {in_doubt}) AS in_doubt,
+       count(*) FILTER (WHERE cache_hit IS true) AS cache_hits,
+       coalesce(sum(cost_saved_usd), 0) AS saved_usd
+FROM usage
+WHERE ts >= :since{until}
+GROUP BY 1
+ORDER BY sum(cost_usd) DESC, 1
+"""
 
 
-async def spend(engine: AsyncEngine, by: str = "model", since: str = "30d",
+def _query(by: str, until: bool) -> Query:
+    """The spend statement grouped by `by` (a GROUPINGS name), bounded by `:until` when `until`."""
+    column = _GROUP_COLUMNS.get(by)
+    if column is None:
+        raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, not {by!r}")
+    return Query(_SPEND_SQL.format(column=column, in_doubt=int(IN_DOUBT), until=" AND ts < :until" if until else ""))
+
+
+async def spend(database: Database, by: str = "model", since: str = "30d",
                 until: str | None = None) -> list[dict[str, Any]]:
     """Requests, tokens and USD per group since a point in time (and before `until`), most expensive first;
     `cache_hits` counts the requests the response cache answered (cost 0, no tokens) and `saved_usd` what
     their provider calls cost."""
-    col = _column(by).label("group")
-    query = (
-        select(
-            col,
-            func.count().label("requests"),
-            func.coalesce(func.sum(usage.c.prompt_tokens), 0).label("prompt_tokens"),
-            func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
-            func.coalesce(func.sum(usage.c.cached_tokens), 0).label("cached_tokens"),
-            func.coalesce(func.sum(usage.c.cost_usd), 0).label("cost_usd"),
-            func.count().filter(usage.c.ok.is_(False), usage.c.status != IN_DOUBT).label("errors"),
-            func.count().filter(usage.c.status == IN_DOUBT).label("in_doubt"),
-            func.count().filter(usage.c.cache_hit.is_(True)).label("cache_hits"),
-            func.coalesce(func.sum(usage.c.cost_saved_usd), 0).label("saved_usd"),
-        )
-        .where(usage.c.ts >= parse_since(since))
-        .where(usage.c.ts < parse_since(until) if until else true())
-        .group_by(col)
-        .order_by(func.sum(usage.c.cost_usd).desc(), col)
-    )
-    async with engine.connect() as conn:
-        rows = (await conn.execute(query)).mappings().all()
+    query = _query(by, bool(until))
+    params: dict[str, Any] = {"since": parse_since(since)}
+    if until:
+        params["until"] = parse_since(until)
+    rows = await database.fetch(query, params)
     out = []
     for row in rows:
-        item = dict(row)
+        item: dict[str, Any] = dict(row)
         item[by] = item.pop("group")
         item["cost_usd"] = float(Decimal(item["cost_usd"]))
         item["saved_usd"] = float(Decimal(item["saved_usd"]))

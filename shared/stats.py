@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from switchyard.shared.groupings import LATENCY_GROUPINGS, WINDOWS
+from switchyard.shared.pg import Database, Query
 
 TIMINGS = ("total_ms", "provider_ms", "ttft_ms")
 
@@ -31,7 +29,10 @@ WHERE ts >= now() - CAST(:window AS interval) AND status <> 0
 GROUP BY 1
 ORDER BY 1
 """
-"""The query (README.md shows it): `{column}` is deployment, model_group or provider; status 0 is "in doubt"."""
+"""The query (README.md shows it): `{column}` is deployment, model_group or provider; status 0 is "in doubt";
+`:window` is one of WINDOWS (a timedelta, which asyncpg sends as an interval)."""
+
+_QUERIES = {by: Query(LATENCY_SQL.format(column=column)) for by, column in LATENCY_GROUPINGS.items()}
 
 
 def _percentiles(values: list[float] | None) -> dict[str, float | None]:
@@ -39,21 +40,18 @@ def _percentiles(values: list[float] | None) -> dict[str, float | None]:
     return {"p50": p50, "p95": p95, "p99": p99}
 
 
-async def latency(engine: AsyncEngine, by: str = "deployment", window: str = "1h") -> list[dict[str, Any]]:
+async def latency(database: Database, by: str = "deployment", window: str = "1h") -> list[dict[str, Any]]:
     """Counts, error rate and P50/P95/P99 (milliseconds) of each timing per group over the window."""
     if by not in LATENCY_GROUPINGS:
         raise ValueError(f"by must be one of {', '.join(LATENCY_GROUPINGS)}, not {by!r}")
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
-    query = text(LATENCY_SQL.format(column=LATENCY_GROUPINGS[by]))
-    async with engine.connect() as conn:
-        rows = (await conn.execute(query, {"window": WINDOWS[window]})).mappings()
-        out = []
-        for row in rows:
-            requests, errors = int(row["requests"]), int(row["errors"])
-            item: dict[str, Any] = {by: row["group"], "requests": requests, "errors": errors,
-                                    "error_rate": errors / requests if requests else 0.0}
-            for timing in TIMINGS:
-                item[timing] = _percentiles(row[timing])
-            out.append(item)
+    out = []
+    for row in await database.fetch(_QUERIES[by], {"window": WINDOWS[window]}):
+        requests, errors = int(row["requests"]), int(row["errors"])
+        item: dict[str, Any] = {by: row["group"], "requests": requests, "errors": errors,
+                                "error_rate": errors / requests if requests else 0.0}
+        for timing in TIMINGS:
+            item[timing] = _percentiles(row[timing])
+        out.append(item)
     return out

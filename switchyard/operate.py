@@ -12,9 +12,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from switchyard.shared.pg import Database
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
@@ -58,9 +61,9 @@ def _print_table(rows: list[dict[str, Any]], by: str) -> None:
           f"(cache: {hits} hits saved ${saved:.6f})")
 
 
-def _query_database(query: Callable[[Any], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]] | None:
-    """Run `query(engine)` on a one-connection engine to DATABASE_URL; None (said on stderr) without one."""
-    from switchyard.shared.db import make_engine
+def _query_database(query: Callable[[Database], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]] | None:
+    """Run `query(database)` on a one-connection pool to DATABASE_URL; None (said on stderr) without one."""
+    from switchyard.shared.pg import Database
     from switchyard.shared.settings import load_settings
 
     database_url = load_settings().database_url
@@ -69,11 +72,11 @@ def _query_database(query: Callable[[Any], Awaitable[list[dict[str, Any]]]]) -> 
         return None
 
     async def run() -> list[dict[str, Any]]:
-        engine = make_engine(database_url, pool_size=1)
+        database = Database(database_url, max_size=1)
         try:
-            return await query(engine)
+            return await query(database)
         finally:
-            await engine.dispose()
+            await database.close()
 
     return asyncio.run(run())
 
@@ -82,7 +85,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
     from switchyard.shared.spend import spend
 
     try:
-        rows = _query_database(lambda engine: spend(engine, by=args.by, since=args.since))
+        rows = _query_database(lambda database: spend(database, by=args.by, since=args.since))
     except ValueError as e:
         print(f"switchyard: {e}", file=sys.stderr)
         return 2
@@ -98,7 +101,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from switchyard.shared.stats import TIMINGS, latency
 
-    rows = _query_database(lambda engine: latency(engine, by=args.by, window=args.window))
+    rows = _query_database(lambda database: latency(database, by=args.by, window=args.window))
     if rows is None:
         return 2
     if args.json:

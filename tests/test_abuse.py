@@ -19,8 +19,8 @@ import pytest
 
 from switchyard.services.ingress.keys import KEY_PREFIX, KeyStore, key_hash_secret
 from switchyard.shared import topics
-from switchyard.shared.db import make_engine
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.pg import Database
 from switchyard.shared.settings import Settings
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import free_port
@@ -192,11 +192,12 @@ def test_past_the_in_flight_cap_a_request_gets_503_with_retry_after(
 
 async def test_random_tokens_cost_postgresql_nothing_once_keys_are_loaded(abuse_stack: RunningStack) -> None:
     key = new_key(abuse_stack, models=["cheap"])
-    store = KeyStore(make_engine(abuse_stack.database_url), key_hash_secret(Settings(master_key=MASTER_KEY)))
+    store = KeyStore(Database(abuse_stack.database_url), key_hash_secret(Settings(master_key=MASTER_KEY)))
     await store.load_all()
-    await store.engine.dispose()
+    await store.database.close()
     # From here on any query fails: nothing listens there. A token refused without one is a 401, not a 503.
-    store.engine = store.request_engine = make_engine(f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    store.database = store.request_database = Database(f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+                                                       connect_timeout_s=2.0)
     try:
         for _ in range(200):
             with pytest.raises(GatewayError) as refused:
@@ -205,7 +206,7 @@ async def test_random_tokens_cost_postgresql_nothing_once_keys_are_loaded(abuse_
         assert store.outage.down is False, "a random token made the key store query PostgreSQL"
         assert (await store.authenticate(key)).allowed_models == ["cheap"]
     finally:
-        await store.engine.dispose()
+        await store.database.close()
 
 
 def auth_failures_counted(stack: RunningStack) -> float:

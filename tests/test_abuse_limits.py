@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from asyncpg.connection import LoggedQuery
+from sqlalchemy import text
 
 from switchyard.devstack.postgres import EmbeddedPostgres
 from switchyard.services.accounting.budgets import aggregate, ordered_values
@@ -25,6 +27,7 @@ from switchyard.services.ingress.limits import WINDOW_S, RateLimiter
 from switchyard.shared.config import parse_config
 from switchyard.shared.db import make_engine, upgrade_blocking
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.pg import Connection, Database
 from tests.fakes.server import free_port
 
 CONFIG = parse_config("models:\n  - name: priced\n    deployments:\n"
@@ -42,6 +45,26 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pg.stop()
 
 
+class CountingDatabase(Database):
+    """A `Database` that records the statements its connections run while `statements` is not None."""
+
+    statements: list[str] | None = None
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        def seen(query: LoggedQuery) -> None:
+            if self.statements is not None:
+                self.statements.append(query.query)
+
+        async with super().connection() as conn:
+            conn.raw.add_query_logger(seen)
+            try:
+                yield conn
+                await asyncio.sleep(0)  # asyncpg calls the loggers soon after each statement, not during it
+            finally:
+                conn.raw.remove_query_logger(seen)
+
+
 def _wait_for_a_fresh_window(need_s: float = 20.0) -> None:
     """What a test does must fit in one minute window (the limits are per window)."""
     if time.time() % WINDOW_S > WINDOW_S - need_s:
@@ -55,8 +78,8 @@ def test_two_replicas_stay_within_the_tpm_limit_when_usage_is_four_times_the_est
     _wait_for_a_fresh_window()
 
     async def run() -> int:
-        engine = make_engine(pg_url)
-        a, b = RateLimiter(engine, local_share=1.0), RateLimiter(engine, local_share=1.0)
+        database = Database(pg_url)
+        a, b = RateLimiter(database, local_share=1.0), RateLimiter(database, local_share=1.0)
         used = 0
 
         async def one(replica: RateLimiter, calls_overlap: asyncio.Barrier | None = None) -> bool:
@@ -80,7 +103,7 @@ def test_two_replicas_stay_within_the_tpm_limit_when_usage_is_four_times_the_est
                 await b.drain()
             return used
         finally:
-            await engine.dispose()
+            await database.close()
 
     used = asyncio.run(run())
     assert limit * 0.9 <= used <= limit * 1.05, used
@@ -95,17 +118,14 @@ def test_a_reservation_is_one_statement_and_old_windows_are_deleted(pg_url: str)
         async with engine.begin() as conn:
             await conn.execute(text("INSERT INTO rate_counters (key_id, kind, window_start, used) "
                                     "VALUES ('key_old', 'requests', :w, 5)"), {"w": old})
-        statements: list[str] = []
-
-        def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            statements.append(statement)
-
-        limiter = RateLimiter(engine, local_share=1.0)
+        database = CountingDatabase(pg_url)
+        limiter = RateLimiter(database, local_share=1.0)
         await limiter.drain()
-        event.listen(engine.sync_engine, "before_cursor_execute", seen)
+        statements: list[str] = []
+        database.statements = statements
         try:
             await limiter._reserve("key_one", "requests", int(time.time() // WINDOW_S * WINDOW_S), 3, 10)
-            event.remove(engine.sync_engine, "before_cursor_execute", seen)
+            database.statements = None
             await limiter.take("key_one", "requests", 10, 1)  # also prunes ended windows, in the background
             await limiter.drain()
             async with engine.connect() as conn:
@@ -113,6 +133,7 @@ def test_a_reservation_is_one_statement_and_old_windows_are_deleted(pg_url: str)
                         ).scalar_one()
             return statements, int(left)
         finally:
+            await database.close()
             await engine.dispose()
 
     statements, left = asyncio.run(run())
@@ -138,10 +159,10 @@ def test_concurrent_requests_on_two_replicas_cannot_overshoot_a_budget(pg_url: s
     assert each > 0
 
     async def run() -> tuple[list[Any], Decimal, Decimal]:
-        engine = make_engine(pg_url, pool_size=10)
+        engine, database = make_engine(pg_url), Database(pg_url, max_size=10)
         try:
             await _team_budget(engine, "team_hold", each * 10)
-            a, b = BudgetHolds(engine, CONFIG, grace_s=0), BudgetHolds(engine, CONFIG, grace_s=0)
+            a, b = BudgetHolds(database, CONFIG, grace_s=0), BudgetHolds(database, CONFIG, grace_s=0)
             outcomes = await asyncio.gather(*[(a if i % 2 else b).reserve(_identity(f"key_{i}", "team_hold"),
                                                                         "priced", body) for i in range(40)],
                                             return_exceptions=True)
@@ -158,6 +179,7 @@ def test_concurrent_requests_on_two_replicas_cannot_overshoot_a_budget(pg_url: s
                 ).scalar_one())
             return list(outcomes), held, after
         finally:
+            await database.close()
             await engine.dispose()
 
     outcomes, held, after = asyncio.run(run())
@@ -172,10 +194,10 @@ def test_budget_holds_settle_after_the_grace(pg_url: str) -> None:
     body = {"model": "priced", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10}
 
     async def run() -> tuple[Decimal, Decimal]:
-        engine = make_engine(pg_url)
+        engine, database = make_engine(pg_url), Database(pg_url)
         try:
             await _team_budget(engine, "team_settle", Decimal(1))
-            holds = BudgetHolds(engine, CONFIG, grace_s=0)
+            holds = BudgetHolds(database, CONFIG, grace_s=0)
             hold = await holds.reserve(_identity("key_s", "team_settle"), "priced", body)
             assert hold is not None
             sql = "SELECT reserved_usd FROM spend_totals WHERE scope = 'team' AND scope_id = 'team_settle'"
@@ -186,6 +208,7 @@ def test_budget_holds_settle_after_the_grace(pg_url: str) -> None:
             async with engine.connect() as conn:
                 return during, Decimal((await conn.execute(text(sql))).scalar_one())
         finally:
+            await database.close()
             await engine.dispose()
 
     during, after = asyncio.run(run())

@@ -225,7 +225,7 @@ def test_team_budget_blocks_every_key_of_the_team(stack: RunningStack) -> None:
 
 
 def test_budget_block_lifts_when_the_period_ends() -> None:
-    store = KeyStore(engine=None, secret=b"s")  # type: ignore[arg-type]
+    store = KeyStore(database=None, secret=b"s")  # type: ignore[arg-type]
     record = KeyRecord(key_id="k1", key_hash="h", key_prefix="sk-sy-abc", team="t", budget_usd=Decimal(1),
                        budget_period="day")
     store.blocked["key:k1"] = (time.time() + 60, "day budget of $1")

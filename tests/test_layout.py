@@ -75,12 +75,23 @@ def test_lint_imports_passes_and_fails_on_an_upward_or_cross_service_import(tmp_
         f.write("\nimport switchyard.services.workers.pacing  # noqa: E402\n")
     with (tree / "services" / "accounting" / "ledger.py").open("a") as f:  # a bare-name import
         f.write("\nimport shared.topics  # noqa: E402\n")
+    with (tree / "services" / "ingress" / "keys.py").open("a") as f:  # ingress -> SQLAlchemy (21 MB)
+        f.write("\nimport switchyard.shared.db  # noqa: E402\n")
     broken = _lint_imports(tree)
     report = broken.stdout + broken.stderr
     assert broken.returncode != 0, report
     assert "switchyard.shared.errors -> switchyard.cli" in report, report
     assert "switchyard.services.router.health -> switchyard.services.workers.pacing" in report, report
     assert "switchyard.services.accounting.ledger -> shared" in report, report
+    assert "switchyard.services.ingress.keys -> switchyard.shared.db" in report, report
+
+
+def test_ingress_runs_without_importing_sqlalchemy() -> None:
+    """What the import contract checks statically, at run time: the ingress app and every module it loads."""
+    probe = ("import sys; import switchyard.services.ingress.main; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'alembic')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert loaded.stdout.strip() == "[]", loaded.stdout[:500]
 
 
 def test_the_readme_folder_table_matches_the_tree() -> None:

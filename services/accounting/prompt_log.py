@@ -33,9 +33,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.shared import topics
 from switchyard.shared.answers import read_or_bury
+from switchyard.shared.db import prompt_log
 from switchyard.shared.dead import UNSTORABLE, bury_consumed
 from switchyard.shared.kafka import group_instance_id, make_consumer, start_client
-from switchyard.shared.prompt_log import PromptRecord, prompt_log
+from switchyard.shared.prompt_log import PromptRecord
 from switchyard.shared.storable import store_until_stored
 
 log = logging.getLogger("switchyard.accounting.prompts")

@@ -113,7 +113,7 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
         from switchyard.shared.spend import spend
 
         try:
-            rows = await spend(gateway.engine(), by=by, since=since)
+            rows = await spend(gateway.database(), by=by, since=since)
         except OverflowError:
             raise GatewayError(400, "'since' is too far in the past.", param="since") from None
         except ValueError as e:
@@ -131,5 +131,5 @@ def add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
             raise GatewayError(400, f"'by' must be one of {', '.join(LATENCY_GROUPINGS)}.", param="by")
         if window not in WINDOWS:
             raise GatewayError(400, f"'window' must be one of {', '.join(WINDOWS)}.", param="window")
-        rows = await latency(gateway.engine(), by=by, window=window)
+        rows = await latency(gateway.database(), by=by, window=window)
         return json_response({"object": "list", "by": by, "window": window, "unit": "ms", "data": rows})

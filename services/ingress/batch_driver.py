@@ -18,12 +18,9 @@ import os
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from switchyard.services.ingress.batch_run import BatchRun, LeaseLost
 from switchyard.services.ingress.database import DATABASE_ERRORS
-from switchyard.shared.db import make_engine
+from switchyard.shared.pg import Database, Query
 
 if TYPE_CHECKING:
     from switchyard.services.ingress.app import Gateway
@@ -35,6 +32,16 @@ LEASE_S = float(os.environ.get("SWITCHYARD_BATCH_LEASE_S", "30"))
 CLAIM_EVERY_S = 2.0
 MAX_BATCHES = 16
 """Batches one replica drives at once (more wait in PostgreSQL for a free driver)."""
+MAX_CONNECTIONS = 9
+"""The drivers' pool. A validating batch holds two connections at once (its transaction and the file reader):
+too small a pool would leave batches validating side by side waiting on each other until the pool timeout."""
+
+_CLAIM = Query(
+    "UPDATE batches SET driver = :me, lease_until = now() + :lease WHERE id IN ("
+    " SELECT id FROM batches WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
+    " AND (driver = :me OR lease_until IS NULL OR lease_until < now()) AND NOT (id = ANY(:running))"
+    " ORDER BY created_at LIMIT :free FOR UPDATE SKIP LOCKED) RETURNING id")
+
 
 class BatchDriver:
     """Claims unfinished batches whose lease is free and drives each in its own task."""
@@ -45,14 +52,14 @@ class BatchDriver:
         self.lease = timedelta(seconds=LEASE_S)
         self.running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
-        self._engine: AsyncEngine | None = None
+        self._database: Database | None = None
 
     @property
-    def engine(self) -> AsyncEngine:
-        if self._engine is None:
-            self._engine = make_engine(self.gateway.settings.database_url, pool_size=4, connect_timeout_s=5.0,
-                                       command_timeout_s=60.0, pool_timeout_s=30.0)
-        return self._engine
+    def database(self) -> Database:
+        if self._database is None:
+            self._database = Database(self.gateway.settings.database_url, max_size=MAX_CONNECTIONS,
+                                      connect_timeout_s=5.0, command_timeout_s=60.0, pool_timeout_s=30.0)
+        return self._database
 
     def wake(self) -> None:
         self._wake.set()
@@ -71,21 +78,17 @@ class BatchDriver:
             for task in list(self.running.values()):
                 task.cancel()
             await asyncio.gather(*self.running.values(), return_exceptions=True)
-            if self._engine is not None:
-                await self._engine.dispose()
+            if self._database is not None:
+                await self._database.close()
 
     async def _claim(self) -> None:
         free = MAX_BATCHES - len(self.running)
         if free <= 0:
             return
-        async with self.engine.begin() as conn:
-            ids = (await conn.execute(text(
-                "UPDATE batches SET driver = :me, lease_until = now() + :lease WHERE id IN ("
-                " SELECT id FROM batches WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
-                " AND (driver = :me OR lease_until IS NULL OR lease_until < now()) AND NOT (id = ANY(:running))"
-                " ORDER BY created_at LIMIT :free FOR UPDATE SKIP LOCKED) RETURNING id"),
-                {"me": self.me, "lease": self.lease, "running": list(self.running), "free": free})).scalars().all()
-        for batch_id in ids:
+        async with self.database.transaction() as conn:
+            rows = await conn.fetch(_CLAIM, {"me": self.me, "lease": self.lease, "running": list(self.running),
+                                             "free": free})
+        for batch_id in (row["id"] for row in rows):
             self.running[batch_id] = asyncio.create_task(self._drive(batch_id))
 
     async def _drive(self, batch_id: str) -> None:

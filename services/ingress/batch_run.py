@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from sqlalchemy import case, func, select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from switchyard.services.ingress.batch_validation import ENDPOINTS, INSERT_ROWS, RESPONSES, store_lines
 from switchyard.services.ingress.file_store import FileWriter, new_file_id
@@ -36,11 +34,11 @@ from switchyard.services.ingress.responses_output import from_chat_completion, r
 from switchyard.shared import topics
 from switchyard.shared.answers import answer
 from switchyard.shared.batch import envelope_for, result_line, terminal, unanswered_line
-from switchyard.shared.db import batch_lines, batches
 from switchyard.shared.guardrails import count, decisions_from
 from switchyard.shared.kafka import ensure_topics, make_consumer, start_client
 from switchyard.shared.kafka_delivery import encode, send
 from switchyard.shared.parts import Assembler
+from switchyard.shared.pg import Connection, Query, Record
 
 if TYPE_CHECKING:
     from switchyard.services.ingress.batch_driver import BatchDriver
@@ -51,6 +49,39 @@ CANCEL_GRACE_S = float(os.environ.get("SWITCHYARD_BATCH_CANCEL_GRACE_S", "60"))
 """How long a cancelling batch waits for the lines already sent before it is cancelled without them."""
 IN_FLIGHT_S = 20.0
 MIN_IN_FLIGHT, MAX_IN_FLIGHT = 64, 5000
+
+_RENEW = Query("UPDATE batches SET lease_until = now() + :lease WHERE id = :id AND driver = :me RETURNING *")
+_COUNTS = Query(
+    "SELECT count(*) FILTER (WHERE submitted) AS in_flight, count(*) FILTER (WHERE NOT submitted) AS"
+    " unsent FROM batch_lines WHERE batch_id = :id AND status = 'pending'")
+_UNSENT = Query("SELECT line, custom_id, body FROM batch_lines"
+                " WHERE batch_id = :id AND submitted = false AND status = 'pending' ORDER BY line LIMIT :limit")
+_SUBMITTED = Query("UPDATE batch_lines SET submitted = true WHERE batch_id = :id AND line = ANY(:lines)")
+_STORE = Query(
+    "UPDATE batch_lines AS l SET status = v.status, result = v.result"
+    " FROM unnest(CAST(:lines AS int[]), CAST(:statuses AS text[]), CAST(:results AS bytea[]))"
+    " AS v(line, status, result)"
+    " WHERE l.batch_id = :id AND l.line = v.line AND l.status = 'pending' RETURNING v.status")
+_ADVANCE = Query("UPDATE batches SET completed = completed + :ok, failed = failed + :failed,"
+                 " reply_offset = :offset WHERE id = :id AND driver = :me")
+_BODIES = Query("SELECT line, body FROM batch_lines WHERE batch_id = :id AND line = ANY(:lines)")
+_VALIDATED = {
+    "failed": Query(
+        "UPDATE batches SET total = :total, status = 'failed', failed_at = now(), driver = NULL, lease_until = NULL,"
+        " errors = :errors WHERE id = :id AND driver = :me AND status IN ('validating', 'cancelling')"),
+    "in_progress": Query(
+        "UPDATE batches SET total = :total,"
+        " status = CASE WHEN status = 'validating' THEN 'in_progress' ELSE status END, in_progress_at = now()"
+        " WHERE id = :id AND driver = :me AND status IN ('validating', 'cancelling')")}
+_FINALIZING = Query("UPDATE batches SET status = 'finalizing', finalizing_at = now()"
+                    " WHERE id = :id AND driver = :me AND status = 'in_progress'")
+_UNANSWERED = Query("UPDATE batch_lines SET status = :status WHERE batch_id = :id AND status = 'pending'")
+_FINISH = {final: Query(
+    f"UPDATE batches SET status = :final, {final}_at = now(), output_file_id = :output_file_id,"
+    " error_file_id = :error_file_id, driver = NULL, lease_until = NULL"
+    " WHERE id = :id AND driver = :me AND status = :status") for final in ("completed", "cancelled", "expired")}
+_RESULTS = Query("SELECT line, custom_id, status, result FROM batch_lines WHERE batch_id = :id AND line > :after"
+                 " ORDER BY line LIMIT :limit")
 
 
 def _timed_out(reply: Any) -> bool:
@@ -70,24 +101,21 @@ class BatchRun:
     def __init__(self, driver: BatchDriver, batch_id: str) -> None:
         self.driver, self.id = driver, batch_id
         self.gateway = driver.gateway
-        self.engine = driver.engine
+        self.db = driver.database
         self.topic = f"{topics.BATCH_REPLY_PREFIX}{batch_id}"
         self.answered: deque[tuple[float, int]] = deque()
         self.assembler = Assembler()
         """Holds the parts of answers too large for one message until their response arrives."""
 
-    async def renew(self) -> Any:
+    async def renew(self) -> _Batch:
         """Extend the lease; returns the batch row with `in_flight` and `unsent` line counts, or LeaseLost."""
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(
-                update(batches).where(batches.c.id == self.id, batches.c.driver == self.driver.me)
-                .values(lease_until=func.now() + self.driver.lease).returning(batches))).first()
+        async with self.db.transaction() as conn:
+            row = await conn.fetchrow(_RENEW, {"id": self.id, "me": self.driver.me, "lease": self.driver.lease})
             if row is None:
                 raise LeaseLost
-            counts = (await conn.execute(text(
-                "SELECT count(*) FILTER (WHERE submitted) AS in_flight, count(*) FILTER (WHERE NOT submitted) AS"
-                " unsent FROM batch_lines WHERE batch_id = :id AND status = 'pending'"), {"id": self.id})).one()
-        return _Batch(row, counts.in_flight, counts.unsent)
+            counts = await conn.fetchrow(_COUNTS, {"id": self.id})
+            assert counts is not None  # an aggregate: always one row
+        return _Batch(row, counts["in_flight"], counts["unsent"])
 
     async def run(self) -> None:
         batch = await self.renew()
@@ -108,7 +136,7 @@ class BatchRun:
         finally:
             await consumer.stop()
 
-    async def follow(self, batch: Any, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    async def follow(self, batch: _Batch, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
         """Send lines, store answers, and end the batch when it is done, cancelled or expired."""
         while True:
             now = time.time()
@@ -140,12 +168,8 @@ class BatchRun:
         rate = sum(n for _, n in self.answered) / 30.0
         return int(min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, rate * IN_FLIGHT_S)))
 
-    async def submit(self, batch: Any, room: int) -> None:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(
-                select(batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.body)
-                .where(batch_lines.c.batch_id == self.id, batch_lines.c.submitted.is_(False),
-                       batch_lines.c.status == "pending").order_by(batch_lines.c.line).limit(room))).all()
+    async def submit(self, batch: _Batch, room: int) -> None:
+        rows = await self.db.fetch(_UNSENT, {"id": self.id, "limit": room})
         if not rows:
             return
         responses = ENDPOINTS[batch.endpoint] == RESPONSES
@@ -155,11 +179,11 @@ class BatchRun:
         key_guardrails = list(record.guardrails or []) if record is not None else []
         acks = []
         for row in rows:
-            body = orjson.loads(row.body)
+            body = orjson.loads(row["body"])
             if responses:
                 body = {**to_chat_request(body), "stream": False}
             blocked, decisions = guard_batch_line(self.gateway.guardrails, body, key_guardrails)  # masks in place
-            env = envelope_for(f"{self.id}-{row.line}", row.custom_id, kind, body, self.topic,
+            env = envelope_for(f"{self.id}-{row['line']}", row["custom_id"], kind, body, self.topic,
                                deadline_ms, batch.key_id, batch.key_metadata, key_guardrails)
             if decisions:  # onto the line's usage row, as an interactive request's are
                 self.gateway.publish_record(line_record(env.id, batch.key_id, env.model, kind, decisions, blocked))
@@ -168,10 +192,8 @@ class BatchRun:
                 continue
             acks.append(await send(self.gateway.producer, topics.REQUESTS, encode(env), key=env.id.encode()))
         await asyncio.gather(*acks)
-        async with self.engine.begin() as conn:
-            await conn.execute(update(batch_lines).where(
-                batch_lines.c.batch_id == self.id, batch_lines.c.line.in_([r.line for r in rows]))
-                .values(submitted=True))
+        async with self.db.transaction() as conn:
+            await conn.execute(_SUBMITTED, {"id": self.id, "lines": [r["line"] for r in rows]})
 
     async def store(self, records: list[Any], endpoint: str, expires_at_s: float) -> None:
         """Store each line's first answer and the position after `records`, in one transaction.
@@ -194,17 +216,16 @@ class BatchRun:
                 "ok" if ok else "error", orjson.dumps({"status_code": reply.status, "body": reply.data})))
         if ENDPOINTS.get(endpoint) == RESPONSES:
             answers = await self.as_responses(answers)
-        async with self.engine.begin() as conn:
+        async with self.db.transaction() as conn:
             stored: list[str] = []
             if answers:
-                stored = list((await conn.execute(_STORE, {
+                stored = [row[0] for row in await conn.fetch(_STORE, {
                     "id": self.id, "lines": list(answers), "statuses": [s for s, _ in answers.values()],
-                    "results": [r for _, r in answers.values()]})).scalars().all())
-            done = await conn.execute(
-                update(batches).where(batches.c.id == self.id, batches.c.driver == self.driver.me)
-                .values(completed=batches.c.completed + stored.count("ok"),
-                        failed=batches.c.failed + stored.count("error"), reply_offset=records[-1].offset + 1))
-            if not done.rowcount:
+                    "results": [r for _, r in answers.values()]})]
+            done = await conn.execute(_ADVANCE, {
+                "id": self.id, "me": self.driver.me, "ok": stored.count("ok"), "failed": stored.count("error"),
+                "offset": records[-1].offset + 1})
+            if not done:
                 raise LeaseLost
         if stored:
             self.answered.append((time.monotonic(), len(stored)))
@@ -214,9 +235,7 @@ class BatchRun:
         ok = [line for line, (status, _) in answers.items() if status == "ok"]
         if not ok:
             return answers
-        async with self.engine.connect() as conn:
-            bodies = dict((await conn.execute(select(batch_lines.c.line, batch_lines.c.body).where(
-                batch_lines.c.batch_id == self.id, batch_lines.c.line.in_(ok)))).tuples().all())
+        bodies = {row["line"]: row["body"] for row in await self.db.fetch(_BODIES, {"id": self.id, "lines": ok})}
         out = dict(answers)
         for line in ok:
             result = orjson.loads(answers[line][1])
@@ -225,50 +244,40 @@ class BatchRun:
             out[line] = ("ok", orjson.dumps(result))
         return out
 
-    async def validate(self, batch: Any) -> None:
+    async def validate(self, batch: _Batch) -> None:
         """Check and store every line of the input file (batch_validation.py); the batch becomes
         `in_progress`, or `failed` with the line numbers of what is wrong (and no line stored)."""
-        async with self.engine.begin() as conn:
-            total, errors = await store_lines(conn, self.engine, self.gateway, batch, self.id)
-            values: dict[str, Any] = {"total": 0 if errors else total}
+        async with self.db.transaction() as conn:
+            total, errors = await store_lines(conn, self.db, self.gateway, batch, self.id)
+            params: dict[str, Any] = {"id": self.id, "me": self.driver.me, "total": 0 if errors else total}
             if errors:
-                values.update(status="failed", failed_at=func.now(), driver=None, lease_until=None,
-                              errors={"object": "list", "data": errors})
-            else:
-                values.update(status=case((batches.c.status == "validating", "in_progress"), else_=batches.c.status),
-                              in_progress_at=func.now())
-            done = await conn.execute(update(batches).where(
-                batches.c.id == self.id, batches.c.driver == self.driver.me,
-                batches.c.status.in_(("validating", "cancelling"))).values(**values))
-            if not done.rowcount:
+                params["errors"] = {"object": "list", "data": errors}
+            done = await conn.execute(_VALIDATED["failed" if errors else "in_progress"], params)
+            if not done:
                 raise LeaseLost
         log.info("batch validated", extra={"batch_id": self.id, "lines": total, "errors": len(errors)})
 
-    async def finish(self, batch: Any, final: str) -> None:
+    async def finish(self, batch: _Batch, final: str) -> None:
         """Write the output and error files and the final status, in one transaction."""
         if final == "completed" and batch.status == "in_progress":
-            async with self.engine.begin() as conn:
-                await conn.execute(update(batches).where(batches.c.id == self.id, batches.c.driver == self.driver.me,
-                                                         batches.c.status == "in_progress")
-                                   .values(status="finalizing", finalizing_at=func.now()))
+            async with self.db.transaction() as conn:
+                await conn.execute(_FINALIZING, {"id": self.id, "me": self.driver.me})
         unanswered = {"cancelled": ("batch_cancelled", "The batch was cancelled before this request ran."),
                       "expired": ("batch_expired", "This request could not be executed before the completion "
                                                    "window expired.")}.get(final)
-        async with self.engine.begin() as conn:
+        async with self.db.transaction() as conn:
             if unanswered:
-                await conn.execute(update(batch_lines).where(batch_lines.c.batch_id == self.id,
-                                                             batch_lines.c.status == "pending").values(status=final))
+                await conn.execute(_UNANSWERED, {"id": self.id, "status": final})
             output = await self.write_files(conn, batch, unanswered)
-            done = await conn.execute(update(batches).where(
-                batches.c.id == self.id, batches.c.driver == self.driver.me,
-                batches.c.status == ("in_progress" if final == "expired" else
-                                     "cancelling" if final == "cancelled" else "finalizing"))
-                .values(status=final, **{f"{final}_at": func.now()}, **output, driver=None, lease_until=None))
-            if not done.rowcount:
+            done = await conn.execute(_FINISH[final], {
+                "id": self.id, "me": self.driver.me, "final": final, **output,
+                "status": "in_progress" if final == "expired" else "cancelling" if final == "cancelled" else
+                "finalizing"})
+            if not done:
                 raise RuntimeError("the batch's status changed while it was finalized")  # rolled back; retried
         log.info("batch finished", extra={"batch_id": self.id, "status": final})
 
-    async def write_files(self, conn: AsyncConnection, batch: Any,
+    async def write_files(self, conn: Connection, batch: _Batch,
                           unanswered: tuple[str, str] | None) -> dict[str, str | None]:
         writers: dict[str, FileWriter] = {}
 
@@ -280,21 +289,18 @@ class BatchRun:
 
         last = 0
         while True:
-            rows = (await conn.execute(
-                select(batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.status, batch_lines.c.result)
-                .where(batch_lines.c.batch_id == self.id, batch_lines.c.line > last)
-                .order_by(batch_lines.c.line).limit(INSERT_ROWS))).all()
+            rows = await conn.fetch(_RESULTS, {"id": self.id, "after": last, "limit": INSERT_ROWS})
             if not rows:
                 break
             for row in rows:
-                request_id = f"{self.id}-{row.line}"
-                if row.result is not None:
-                    result = orjson.loads(row.result)
-                    await writer("output" if row.status == "ok" else "error").write(
-                        result_line(row.custom_id, request_id, result["status_code"], result["body"]))
+                request_id = f"{self.id}-{row['line']}"
+                if row["result"] is not None:
+                    result = orjson.loads(row["result"])
+                    await writer("output" if row["status"] == "ok" else "error").write(
+                        result_line(row["custom_id"], request_id, result["status_code"], result["body"]))
                 elif unanswered:
-                    await writer("error").write(unanswered_line(row.custom_id, request_id, *unanswered))
-            last = rows[-1].line
+                    await writer("error").write(unanswered_line(row["custom_id"], request_id, *unanswered))
+            last = rows[-1]["line"]
         out: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
         for which, w in writers.items():
             await w.close()
@@ -303,17 +309,13 @@ class BatchRun:
 
 
 class _Batch:
-    """A batch row with its pending line counts."""
+    """A batch row with its pending line counts; its columns read as attributes (`batch.status`)."""
 
-    def __init__(self, row: Any, in_flight: int, unsent: int) -> None:
+    def __init__(self, row: Record, in_flight: int, unsent: int) -> None:
         self._row, self.in_flight, self.unsent = row, int(in_flight), int(unsent)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._row, name)
-
-
-_STORE = text(
-    "UPDATE batch_lines AS l SET status = v.status, result = v.result"
-    " FROM unnest(CAST(:lines AS int[]), CAST(:statuses AS text[]), CAST(:results AS bytea[]))"
-    " AS v(line, status, result)"
-    " WHERE l.batch_id = :id AND l.line = v.line AND l.status = 'pending' RETURNING v.status")
+        try:
+            return self._row[name]
+        except KeyError:
+            raise AttributeError(name) from None

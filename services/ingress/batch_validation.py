@@ -12,16 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import BaseModel
-from sqlalchemy import delete, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from switchyard.services.ingress.file_store import lines
 from switchyard.services.ingress.responses_api import to_chat_request
 from switchyard.services.ingress.validation import MAX_BODY_BYTES, ChatCompletionRequest, EmbeddingsRequest
 from switchyard.services.ingress.validation import validate as validate_body
 from switchyard.shared.batch import URL_KINDS, LineError, parse_line
-from switchyard.shared.db import batch_lines, files
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.pg import Connection, Database, Query
 
 if TYPE_CHECKING:
     from switchyard.services.ingress.app import Gateway
@@ -36,11 +34,17 @@ ENDPOINTS = {**URL_KINDS, "/v1/responses": RESPONSES}
 """The endpoints a batch may name. A `/v1/responses` line runs as chat (translated when it is sent) and its
 answer is translated back to a response object when it is stored, as `POST /v1/responses` does."""
 
+_DELETE_LINES = Query("DELETE FROM batch_lines WHERE batch_id = :batch_id")
+_FILE_EXISTS = Query("SELECT id FROM files WHERE id = :id")
+_INSERT_LINE = Query("INSERT INTO batch_lines (batch_id, line, custom_id, model, body, submitted, status)"
+                     " VALUES (:batch_id, :line, :custom_id, :model, :body, :submitted, :status)")
 
-async def store_lines(conn: AsyncConnection, engine: AsyncEngine, gateway: Gateway, batch: Any,
+
+async def store_lines(conn: Connection, db: Database, gateway: Gateway, batch: Any,
                       batch_id: str) -> tuple[int, list[dict[str, Any]]]:
     """Check every line of `batch`'s input file and, when all pass, store them as pending in `conn`'s transaction
-    (none stored otherwise); returns the number of lines read and the errors found (empty when all passed)."""
+    (none stored otherwise); returns the number of lines read and the errors found (empty when all passed).
+    The file is read through `db`, a chunk at a time, on connections of its own."""
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
     keys = gateway.keys
@@ -52,13 +56,13 @@ async def store_lines(conn: AsyncConnection, engine: AsyncEngine, gateway: Gatew
     def fail(number: int | None, code: str, message: str, param: str | None = None) -> None:
         errors.append({"code": code, "message": message, "param": param, "line": number})
 
-    await conn.execute(delete(batch_lines).where(batch_lines.c.batch_id == batch_id))
-    exists = (await conn.execute(select(files.c.id).where(files.c.id == batch.input_file_id))).first()
+    await conn.execute(_DELETE_LINES, {"batch_id": batch_id})
+    exists = await conn.fetchrow(_FILE_EXISTS, {"id": batch.input_file_id})
     if exists is None:
         fail(None, "invalid_file", f"The input file {batch.input_file_id} no longer exists.",
              "input_file_id")
     else:
-        async for number, raw in lines(engine, batch.input_file_id, MAX_BODY_BYTES):
+        async for number, raw in lines(db, batch.input_file_id, MAX_BODY_BYTES):
             total += 1
             if total > MAX_LINES:
                 fail(number, "too_many_lines", f"A batch may have at most {MAX_LINES} lines.")
@@ -82,14 +86,14 @@ async def store_lines(conn: AsyncConnection, engine: AsyncEngine, gateway: Gatew
                              "model": body["model"], "body": orjson.dumps(body), "submitted": False,
                              "status": "pending"})
                 if len(rows) >= INSERT_ROWS:
-                    await conn.execute(insert(batch_lines), rows)
+                    await conn.executemany(_INSERT_LINE, rows)
                     rows = []
         if total == 0 and not errors:
             fail(None, "empty_file", "The input file has no lines.")
     if errors:
-        await conn.execute(delete(batch_lines).where(batch_lines.c.batch_id == batch_id))
+        await conn.execute(_DELETE_LINES, {"batch_id": batch_id})
     elif rows:
-        await conn.execute(insert(batch_lines), rows)
+        await conn.executemany(_INSERT_LINE, rows)
     return total, errors
 
 

@@ -36,16 +36,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from switchyard.services.ingress.auth import Identity
 from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage
 from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import Usage
-from switchyard.shared.db import budgets, virtual_keys
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.periods import period_end, period_start
+from switchyard.shared.pg import Database, Query
 from switchyard.shared.pricing import cost
 from switchyard.shared.service import BackgroundTasks
 from switchyard.shared.tokens import estimate_input_tokens, estimate_total_tokens
@@ -60,7 +57,7 @@ BUDGETS_REFRESH_S = 10.0
 Row = tuple[str, str, str, datetime]
 """(scope, scope id, period, period start): one row of spend_totals."""
 
-_RESERVE = text("""
+_RESERVE = Query("""
 INSERT INTO spend_totals AS t (scope, scope_id, period, period_start, cost_usd, tokens, requests,
                                reserved_usd, budget_usd)
 SELECT scope, scope_id, period, period_start, 0, 0, 0, CAST(:amount AS numeric), budget
@@ -76,12 +73,19 @@ RETURNING t.scope, t.scope_id
 """)
 """Hold `amount` on each row where it still fits its budget; the rows come in the caller's (sorted) order."""
 
-_RELEASE = text("""
+_RELEASE = Query("""
 UPDATE spend_totals AS t SET reserved_usd = GREATEST(0, t.reserved_usd - CAST(:amount AS numeric))
 FROM (SELECT * FROM unnest(CAST(:scopes AS text[]), CAST(:ids AS text[]), CAST(:periods AS text[]),
                            CAST(:starts AS timestamptz[]))) AS v(scope, scope_id, period, period_start)
 WHERE (t.scope, t.scope_id, t.period, t.period_start) = (v.scope, v.scope_id, v.period, v.period_start)
 """)
+
+_KEY_BUDGETS = Query("SELECT key_id, budget_usd, budget_period FROM virtual_keys WHERE budget_usd IS NOT NULL")
+_BUDGETS = Query("SELECT scope, scope_id, budget_usd, budget_period FROM budgets")
+
+
+class _Refused(Exception):
+    """A scope refused the hold: rolls the transaction back (no scope holds anything)."""
 
 
 def settle_grace_s() -> float:
@@ -115,8 +119,8 @@ def estimate_cost(config: GatewayConfig, model: str, body: dict[str, Any]) -> De
 
 
 class BudgetHolds:
-    def __init__(self, engine: AsyncEngine, config: GatewayConfig, grace_s: float | None = None) -> None:
-        self.engine = engine
+    def __init__(self, database: Database, config: GatewayConfig, grace_s: float | None = None) -> None:
+        self.database = database
         self.config = config
         self.grace_s = settle_grace_s() if grace_s is None else grace_s
         self._budgets: dict[tuple[str, str], tuple[Decimal, str]] = {}
@@ -130,12 +134,10 @@ class BudgetHolds:
         if time.monotonic() - self._loaded_at < BUDGETS_REFRESH_S:
             return
         found: dict[tuple[str, str], tuple[Decimal, str]] = {}
-        async with self.engine.connect() as conn:
-            for r in await conn.execute(select(virtual_keys.c.key_id, virtual_keys.c.budget_usd,
-                                               virtual_keys.c.budget_period)
-                                        .where(virtual_keys.c.budget_usd.is_not(None))):
-                found[("key", r.key_id)] = (Decimal(r.budget_usd), r.budget_period or "month")
-            for b in (await conn.execute(select(budgets))).mappings():
+        async with self.database.connection() as conn:
+            for r in await conn.fetch(_KEY_BUDGETS):
+                found[("key", r["key_id"])] = (Decimal(r["budget_usd"]), r["budget_period"] or "month")
+            for b in await conn.fetch(_BUDGETS):
                 found[(b["scope"], b["scope_id"])] = (Decimal(b["budget_usd"]), b["budget_period"])
         self._budgets, self._loaded_at = found, time.monotonic()
 
@@ -164,13 +166,15 @@ class BudgetHolds:
                 if not wanted:
                     return None
                 rows = tuple(r for r, _ in wanted)
-                async with self.engine.connect() as conn:
-                    held = {(s, i) for s, i in await conn.execute(_RESERVE, {
-                        **_columns(rows), "budgets": [b for _, b in wanted], "amount": amount})}
-                    if len(held) == len(rows):
-                        await conn.commit()
-                    else:
-                        await conn.rollback()
+                held: set[tuple[str, str]] = set()
+                try:
+                    async with self.database.transaction() as conn:
+                        held = {(r["scope"], r["scope_id"]) for r in await conn.fetch(_RESERVE, {
+                            **_columns(rows), "budgets": [b for _, b in wanted], "amount": amount})}
+                        if len(held) < len(rows):
+                            raise _Refused
+                except _Refused:
+                    pass  # rolled back: nothing is held
         except DATABASE_ERRORS as e:
             self.outage.failed(e)
             return None
@@ -194,8 +198,8 @@ class BudgetHolds:
     async def _release(self, hold: Hold, after_s: float = 0.0) -> None:
         await asyncio.sleep(after_s)
         try:
-            async with asyncio.timeout(RESERVE_TIMEOUT_S), self.engine.begin() as conn:
-                await conn.execute(_RELEASE, {**_columns(hold.rows), "amount": hold.amount})
+            async with asyncio.timeout(RESERVE_TIMEOUT_S):
+                await self.database.execute(_RELEASE, {**_columns(hold.rows), "amount": hold.amount})
         except DATABASE_ERRORS as e:
             self.outage.failed(e)  # the hold stays until the period ends: refuses early, never overspends
 

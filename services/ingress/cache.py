@@ -27,19 +27,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.services.ingress.auth import Identity
 from switchyard.services.ingress.cache_keys import CacheControl, cache_control, exact_key, scope, semantic_parts
 from switchyard.services.ingress.cache_replay import RecordingPending, ReplayPending, replies_for
 from switchyard.services.ingress.cache_store import CacheStore, unit
-from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage, request_engine
+from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage, request_database
 from switchyard.services.ingress.replies import Pending, ReplyListener
 from switchyard.shared import topics
 from switchyard.shared.config_schema import GatewayConfig, ModelGroup
 from switchyard.shared.contracts import Reply, RequestEnvelope, Usage, UsageEvent, now_ms
 from switchyard.shared.kafka_delivery import encode, send
 from switchyard.shared.metrics import CACHE_REQUESTS
+from switchyard.shared.pg import Database
 
 log = logging.getLogger("switchyard.ingress.cache")
 
@@ -83,8 +83,8 @@ class ResponseCache:
         self.gateway_config = config
         wanted = bool(database_url) and any(m.cache for m in config.models)
         # Its own small pool with the request path's short timeouts: cache traffic never starves key lookups.
-        self.engine: AsyncEngine | None = request_engine(database_url) if wanted else None
-        self.store = CacheStore(self.engine, config.cache) if self.engine is not None else None
+        self.database: Database | None = request_database(database_url) if wanted else None
+        self.store = CacheStore(self.database, config.cache) if self.database is not None else None
         self.pipeline = pipeline
         self.outage = DatabaseOutage(log, "the response cache", "every cacheable request is a miss")
         self._writes: set[asyncio.Task[None]] = set()
@@ -100,8 +100,8 @@ class ResponseCache:
             self._sweeper.cancel()
         if self._writes:  # entries and hit usage on their way: give them a moment to land
             await asyncio.wait(list(self._writes), timeout=2.0)
-        if self.engine is not None:
-            await self.engine.dispose()
+        if self.database is not None:
+            await self.database.close()
 
     def enabled(self, model: str) -> bool:
         group = self.gateway_config.group(model)

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.shared.config_schema import CacheConfig
+from switchyard.shared.pg import Database, Query
 
 NO_MAX_AGE_S = 1e9
 
@@ -33,13 +32,13 @@ class Found:
     similarity: float | None = None
 
 
-_GET_EXACT = text("""
+_GET_EXACT = Query("""
 SELECT entry FROM response_cache
 WHERE scope = :scope AND exact_key = :key AND expires_at > now()
   AND created_at > now() - make_interval(secs => CAST(:max_age AS float8))
 """)
 
-_GET_SEMANTIC = text("""
+_GET_SEMANTIC = Query("""
 SELECT entry, sim FROM (
   SELECT entry, (SELECT sum(a * b) FROM unnest(embedding, CAST(:vector AS real[])) AS t(a, b)) AS sim
   FROM (SELECT entry, embedding FROM response_cache
@@ -51,23 +50,23 @@ SELECT entry, sim FROM (
 WHERE sim >= :threshold ORDER BY sim DESC LIMIT 1
 """)
 
-_PUT = text("""
+_PUT = Query("""
 INSERT INTO response_cache (scope, exact_key, semantic_key, embedding, model_group, created_at, expires_at,
                             entry, size_bytes)
 VALUES (:scope, :key, :semantic_key, CAST(:vector AS real[]), :model_group, now(),
-        now() + make_interval(secs => CAST(:ttl AS float8)), CAST(:entry AS json), :size)
+        now() + make_interval(secs => CAST(:ttl AS float8)), CAST(CAST(:entry AS text) AS json), :size)
 ON CONFLICT (scope, exact_key) DO UPDATE SET
   semantic_key = excluded.semantic_key, embedding = excluded.embedding, model_group = excluded.model_group,
   created_at = excluded.created_at, expires_at = excluded.expires_at, entry = excluded.entry,
   size_bytes = excluded.size_bytes
 """)
 
-_DELETE_EXPIRED = text("""
+_DELETE_EXPIRED = Query("""
 DELETE FROM response_cache WHERE ctid IN (
   SELECT ctid FROM response_cache WHERE expires_at <= now() LIMIT :batch)
 """)
 
-_TRIM = text("""
+_TRIM = Query("""
 DELETE FROM response_cache WHERE ctid IN (
   SELECT ctid FROM response_cache ORDER BY created_at
   LIMIT GREATEST((SELECT count(*) FROM response_cache) - :max_entries, 0))
@@ -83,15 +82,13 @@ def unit(vector: list[float]) -> list[float] | None:
 
 
 class CacheStore:
-    def __init__(self, engine: AsyncEngine, config: CacheConfig) -> None:
-        self.engine = engine
+    def __init__(self, database: Database, config: CacheConfig) -> None:
+        self.database = database
         self.config = config
 
     async def get_exact(self, scope: str, key: str, max_age_s: float | None) -> Found | None:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(_GET_EXACT, {"scope": scope, "key": key,
-                                                   "max_age": _max_age(max_age_s)})).first()
-        return Found(_decoded(row.entry)) if row is not None else None
+        row = await self.database.fetchrow(_GET_EXACT, {"scope": scope, "key": key, "max_age": _max_age(max_age_s)})
+        return Found(_decoded(row["entry"])) if row is not None else None
 
     async def get_semantic(self, scope: str, key: str, vector: list[float], threshold: float,
                            max_age_s: float | None) -> Found | None:
@@ -99,28 +96,27 @@ class CacheStore:
         candidates = self.config.semantic.max_candidates if self.config.semantic else 64
         params = {"scope": scope, "key": key, "vector": vector, "dim": len(vector), "threshold": threshold,
                   "max_age": _max_age(max_age_s), "candidates": candidates}
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(_GET_SEMANTIC, params)).first()
-        return Found(_decoded(row.entry), float(row.sim)) if row is not None else None
+        row = await self.database.fetchrow(_GET_SEMANTIC, params)
+        return Found(_decoded(row["entry"]), float(row["sim"])) if row is not None else None
 
     async def put(self, scope: str, key: str, semantic_key: str | None, vector: list[float] | None,
                   model_group: str, ttl_s: float, entry: dict[str, Any]) -> bool:
-        """Store (or refresh) an entry; False when it is larger than `max_entry_bytes` and was not stored."""
+        """Store (or refresh) an entry; False when it is larger than `max_entry_bytes` and was not stored.
+        The entry goes as the JSON text measured (a text parameter cast to json), so it is encoded once."""
         encoded = orjson.dumps(entry).decode()
         if len(encoded) > self.config.max_entry_bytes:
             return False
         params = {"scope": scope, "key": key, "semantic_key": semantic_key if vector else None, "vector": vector,
                   "model_group": model_group, "ttl": ttl_s, "entry": encoded, "size": len(encoded)}
-        async with self.engine.begin() as conn:
-            await conn.execute(_PUT, params)
+        await self.database.execute(_PUT, params)
         return True
 
     async def sweep(self, batch: int = 10_000) -> int:
         """Delete expired entries (at most `batch`) and the oldest past `max_entries`; how many went."""
-        async with self.engine.begin() as conn:
-            expired = (await conn.execute(_DELETE_EXPIRED, {"batch": batch})).rowcount
-            trimmed = (await conn.execute(_TRIM, {"max_entries": self.config.max_entries})).rowcount
-        return int(expired or 0) + int(trimmed or 0)
+        async with self.database.transaction() as conn:
+            expired = await conn.execute(_DELETE_EXPIRED, {"batch": batch})
+            trimmed = await conn.execute(_TRIM, {"max_entries": self.config.max_entries})
+        return expired + trimmed
 
 
 def _max_age(max_age_s: float | None) -> float:
@@ -128,5 +124,6 @@ def _max_age(max_age_s: float | None) -> float:
 
 
 def _decoded(entry: Any) -> dict[str, Any]:
-    """The stored entry (a `json` column: text as stored, so a replay keeps the original key order)."""
+    """The stored entry (a `json` column: text as stored, decoded in its order, so a replay keeps the original
+    key order)."""
     return dict(orjson.loads(entry) if isinstance(entry, (str, bytes)) else entry)

@@ -1,6 +1,6 @@
 """PostgreSQL as ingress sees it: optional at run time, and never a reason for a 500 or a hung request.
 
-Two engines with timeouts (the request path fails fast; loading keys and the admin API may take
+Two connection pools with timeouts (the request path fails fast; loading keys and the admin API may take
 longer), the errors an unreachable, stopping or silent server raises, the 503 answered for them,
 and `DatabaseOutage`, which keeps one component from logging or probing once per request.
 """
@@ -13,11 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import asyncpg
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from switchyard.shared.db import make_engine
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.pg import Database
 
 log = logging.getLogger("switchyard.ingress.database")
 
@@ -25,20 +23,20 @@ RETRY_AFTER_S = 3.0
 """Retry-After of the 503s answered while PostgreSQL is unreachable."""
 
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
-    SQLAlchemyError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-    asyncpg.InternalClientError)
-"""What a call to an unreachable, stopping or hanging PostgreSQL raises: refused or timed-out connections
-(OSError, TimeoutError), errors SQLAlchemy wraps (DBAPIError, pool timeouts) and asyncpg's own."""
+    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+"""What a call to an unreachable, stopping or hanging PostgreSQL raises: refused or timed-out connections and
+pool checkouts (OSError, TimeoutError) and asyncpg's own errors (a connection lost mid-call, a server
+shutting down)."""
 
 
-def admin_engine(url: str) -> AsyncEngine:
+def admin_database(url: str) -> Database:
     """Loading keys and the admin API (a spend report may take a while)."""
-    return make_engine(url, connect_timeout_s=5.0, command_timeout_s=30.0, pool_timeout_s=5.0)
+    return Database(url, connect_timeout_s=5.0, command_timeout_s=30.0, pool_timeout_s=5.0)
 
 
-def request_engine(url: str) -> AsyncEngine:
+def request_database(url: str) -> Database:
     """The request path: rate-limit reservations and lookups of keys not in the cache."""
-    return make_engine(url, connect_timeout_s=2.0, command_timeout_s=2.0, pool_timeout_s=1.0)
+    return Database(url, connect_timeout_s=2.0, command_timeout_s=2.0, pool_timeout_s=1.0)
 
 
 REFUSED_VALUE_ERRORS: tuple[type[Exception], ...] = (asyncpg.DataError, ValueError, OverflowError)
@@ -48,7 +46,7 @@ request's fault, a 400, not an outage."""
 
 
 def refused_value(error: BaseException) -> bool:
-    """Whether `error`, or what it wraps (SQLAlchemy's `orig`, exception causes), is a REFUSED_VALUE_ERRORS."""
+    """Whether `error`, or what caused it, is a REFUSED_VALUE_ERRORS."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [error]
     while todo:
@@ -58,7 +56,7 @@ def refused_value(error: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, REFUSED_VALUE_ERRORS):
             return True
-        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+        todo += [e.__cause__, e.__context__]
     return False
 
 

@@ -10,29 +10,46 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from switchyard.shared.db import file_chunks, files
+from switchyard.shared.pg import Connection, Database, Query, Record
 
 CHUNK_BYTES = 1 << 20
 """The size of one stored chunk (the last one of a file may be shorter)."""
+
+OWNED = "(CAST(:owner_key AS text) IS NULL OR key_id = :owner_key OR team = :owner_team)"
+"""The rows of a `files` or `batches` query an `Owner` may see (its `params()` fill it in)."""
+
+_INSERT_FILE = Query("INSERT INTO files (id, key_id, team, filename, purpose, bytes, created_at)"
+                     " VALUES (:id, :key_id, :team, :filename, :purpose, :bytes, :created_at)")
+_INSERT_CHUNK = Query("INSERT INTO file_chunks (file_id, seq, data) VALUES (:file_id, :seq, :data)")
+_CLOSE_FILE = Query("UPDATE files SET bytes = :bytes, purpose = :purpose, filename = :filename WHERE id = :id")
+_GET_FILE = Query(f"SELECT * FROM files WHERE id = :id AND {OWNED}")
+_ANCHOR = Query("SELECT created_at, id FROM files WHERE id = :id")
+_LIST_FILES = {ascending: Query(
+    f"SELECT * FROM files WHERE {OWNED} AND (CAST(:purpose AS text) IS NULL OR purpose = :purpose)"
+    " AND (CAST(:after_at AS timestamptz) IS NULL"
+    f" OR (created_at, id) {'>' if ascending else '<'} (CAST(:after_at AS timestamptz), CAST(:after_id AS text)))"
+    f" ORDER BY created_at {'ASC' if ascending else 'DESC'}, id {'ASC' if ascending else 'DESC'} LIMIT :limit")
+    for ascending in (True, False)}
+_DELETE_FILE = Query(f"DELETE FROM files WHERE id = :id AND {OWNED}")
+_CHUNK = Query("SELECT data FROM file_chunks WHERE file_id = :file_id AND seq = :seq")
 
 
 def new_file_id() -> str:
     return f"file-{uuid.uuid4().hex}"
 
 
-def file_object(row: Any) -> dict[str, Any]:
+def file_object(row: Record | Mapping[str, Any]) -> dict[str, Any]:
     """A `files` row as OpenAI's File object."""
-    return {"id": row.id, "object": "file", "bytes": int(row.bytes), "created_at": int(row.created_at.timestamp()),
-            "expires_at": int(row.expires_at.timestamp()) if row.expires_at else None, "filename": row.filename,
-            "purpose": row.purpose, "status": "processed", "status_details": None}
+    expires_at = row["expires_at"]
+    return {"id": row["id"], "object": "file", "bytes": int(row["bytes"]),
+            "created_at": int(row["created_at"].timestamp()),
+            "expires_at": int(expires_at.timestamp()) if expires_at else None, "filename": row["filename"],
+            "purpose": row["purpose"], "status": "processed", "status_details": None}
 
 
 @dataclass
@@ -42,22 +59,20 @@ class Owner:
     key_id: str | None
     team: str | None
 
-    def clause(self, table: Any) -> Any:
-        if self.key_id is None:
-            return True
-        if self.team:
-            return (table.c.key_id == self.key_id) | (table.c.team == self.team)
-        return table.c.key_id == self.key_id
+    def params(self) -> dict[str, Any]:
+        """The parameters of OWNED: every row for the master key, else the key's own and its team's."""
+        return {"owner_key": self.key_id, "owner_team": self.team or None}
 
 
 class FileWriter:
     """Writes one file inside the caller's transaction: `write` buffers up to CHUNK_BYTES, then stores a chunk."""
 
-    def __init__(self, conn: AsyncConnection, file_id: str, owner_key: str, team: str | None, purpose: str,
+    def __init__(self, conn: Connection, file_id: str, owner_key: str, team: str | None, purpose: str,
                  filename: str) -> None:
         self.conn, self.file_id = conn, file_id
-        self.row = {"id": file_id, "key_id": owner_key, "team": team, "filename": filename, "purpose": purpose,
-                    "bytes": 0, "created_at": datetime.now(UTC)}
+        self.row: dict[str, Any] = {"id": file_id, "key_id": owner_key, "team": team, "filename": filename,
+                                    "purpose": purpose, "bytes": 0, "created_at": datetime.now(UTC),
+                                    "expires_at": None}
         self.buffer = bytearray()
         self.size = 0
         self.seq = 0
@@ -66,7 +81,7 @@ class FileWriter:
     async def _start(self) -> None:
         if not self.started:
             self.started = True
-            await self.conn.execute(insert(files).values(**self.row))
+            await self.conn.execute(_INSERT_FILE, self.row)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes; stores every full chunk now, so at most one chunk stays buffered."""
@@ -78,7 +93,7 @@ class FileWriter:
 
     async def _store(self, data: bytes) -> None:
         await self._start()
-        await self.conn.execute(insert(file_chunks).values(file_id=self.file_id, seq=self.seq, data=data))
+        await self.conn.execute(_INSERT_CHUNK, {"file_id": self.file_id, "seq": self.seq, "data": data})
         self.seq += 1
 
     async def close(self, purpose: str | None = None, filename: str | None = None) -> dict[str, Any]:
@@ -87,70 +102,52 @@ class FileWriter:
         if self.buffer:
             await self._store(bytes(self.buffer))
             self.buffer.clear()
-        values: dict[str, Any] = {"bytes": self.size}
+        self.row["bytes"] = self.size
         if purpose is not None:
-            values["purpose"] = purpose
+            self.row["purpose"] = purpose
         if filename is not None:
-            values["filename"] = filename
-        await self.conn.execute(update(files).where(files.c.id == self.file_id).values(**values))
-        self.row.update(values)
-        return file_object(_Row(self.row))
+            self.row["filename"] = filename
+        await self.conn.execute(_CLOSE_FILE, self.row)
+        return file_object(self.row)
 
 
-class _Row:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.__dict__.update(data)
-        self.expires_at = data.get("expires_at")
+async def get_file(db: Database, file_id: str, owner: Owner) -> Record | None:
+    return await db.fetchrow(_GET_FILE, {"id": file_id, **owner.params()})
 
 
-async def get_file(engine: AsyncEngine, file_id: str, owner: Owner) -> Any | None:
-    async with engine.connect() as conn:
-        return (await conn.execute(select(files).where(files.c.id == file_id, owner.clause(files)))).first()
-
-
-async def list_files(engine: AsyncEngine, owner: Owner, purpose: str | None, limit: int, after: str | None,
-                     ascending: bool) -> tuple[list[Any], bool]:
+async def list_files(db: Database, owner: Owner, purpose: str | None, limit: int, after: str | None,
+                     ascending: bool) -> tuple[list[Record], bool]:
     """A page of files, newest first unless `ascending`; `after` is the id of the last file of the previous page."""
-    query = select(files).where(owner.clause(files))
-    if purpose:
-        query = query.where(files.c.purpose == purpose)
-    async with engine.connect() as conn:
-        if after:
-            anchor = (await conn.execute(select(files.c.created_at, files.c.id).where(files.c.id == after))).first()
-            if anchor is not None:
-                key = func.row(files.c.created_at, files.c.id)
-                mark = func.row(anchor.created_at, anchor.id)
-                query = query.where(key > mark if ascending else key < mark)
-        order = (files.c.created_at.asc(), files.c.id.asc()) if ascending else (files.c.created_at.desc(),
-                                                                              files.c.id.desc())
-        rows = list((await conn.execute(query.order_by(*order).limit(limit + 1))).all())
+    async with db.connection() as conn:
+        anchor = await conn.fetchrow(_ANCHOR, {"id": after}) if after else None
+        rows = await conn.fetch(_LIST_FILES[ascending], {
+            **owner.params(), "purpose": purpose or None, "limit": limit + 1,
+            "after_at": anchor["created_at"] if anchor else None, "after_id": anchor["id"] if anchor else None})
     return rows[:limit], len(rows) > limit
 
 
-async def delete_file(engine: AsyncEngine, file_id: str, owner: Owner) -> bool:
-    async with engine.begin() as conn:
-        result = await conn.execute(delete(files).where(files.c.id == file_id, owner.clause(files)))
-    return bool(result.rowcount)
+async def delete_file(db: Database, file_id: str, owner: Owner) -> bool:
+    async with db.transaction() as conn:
+        deleted = await conn.execute(_DELETE_FILE, {"id": file_id, **owner.params()})
+    return bool(deleted)
 
 
-async def chunks(engine: AsyncEngine, file_id: str) -> AsyncIterator[bytes]:
+async def chunks(db: Database, file_id: str) -> AsyncIterator[bytes]:
     """The file's bytes, one stored chunk at a time (one short query each: no connection held between them)."""
     seq = 0
     while True:
-        async with engine.connect() as conn:
-            data = (await conn.execute(select(file_chunks.c.data).where(
-                file_chunks.c.file_id == file_id, file_chunks.c.seq == seq))).scalar()
+        data = await db.fetchval(_CHUNK, {"file_id": file_id, "seq": seq})
         if data is None:
             return
         yield bytes(data)
         seq += 1
 
 
-async def lines(engine: AsyncEngine, file_id: str, max_line_bytes: int) -> AsyncIterator[tuple[int, bytes | None]]:
+async def lines(db: Database, file_id: str, max_line_bytes: int) -> AsyncIterator[tuple[int, bytes | None]]:
     """(line number from 1, line) for every non-empty line of a file; a line longer than `max_line_bytes` is
     yielded as None (and skipped), so a hostile file cannot make a reader buffer it whole."""
     number, pending, too_long = 0, bytearray(), False
-    async for chunk in chunks(engine, file_id):
+    async for chunk in chunks(db, file_id):
         start = 0
         while True:
             end = chunk.find(b"\n", start)

@@ -113,7 +113,7 @@ async def upload(gateway: Gateway, request: Request, identity: Identity) -> dict
         raise GatewayError(400, f"The multipart body is malformed ({e}).", code="invalid_multipart") from None
     fields: dict[str, bytearray] = {}
     filename: str | None = None
-    async with gateway.engine().begin() as conn:
+    async with gateway.database().transaction() as conn:
         writer = FileWriter(conn, new_file_id(), identity.key_id, identity.metadata.get("team"), "batch", "upload")
         current: str | None = None  # "file", a field name, or None (a part to skip)
         async for data in request.stream():
@@ -181,7 +181,7 @@ def add_file_routes(app: FastAPI, gateway: Gateway) -> None:
                                order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
                                after: str | None = None) -> Response:
         identity = await gateway.authenticate(request)
-        rows, more = await list_files(gateway.engine(), owner_of(identity), purpose, limit, after, order == "asc")
+        rows, more = await list_files(gateway.database(), owner_of(identity), purpose, limit, after, order == "asc")
         data = [file_object(r) for r in rows]
         return json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None, "has_more": more})
@@ -190,7 +190,7 @@ def add_file_routes(app: FastAPI, gateway: Gateway) -> None:
     @needs_database
     async def retrieve_file(request: Request, file_id: str) -> Response:
         identity = await gateway.authenticate(request)
-        row = await get_file(gateway.engine(), file_id, owner_of(identity))
+        row = await get_file(gateway.database(), file_id, owner_of(identity))
         if row is None:
             raise not_found("File", file_id, "file_id")
         return json_response(file_object(row))
@@ -199,7 +199,7 @@ def add_file_routes(app: FastAPI, gateway: Gateway) -> None:
     @needs_database
     async def delete_file_route(request: Request, file_id: str) -> Response:
         identity = await gateway.authenticate(request)
-        if not await delete_file(gateway.engine(), file_id, owner_of(identity)):
+        if not await delete_file(gateway.database(), file_id, owner_of(identity)):
             raise not_found("File", file_id, "file_id")
         return json_response({"id": file_id, "object": "file", "deleted": True})
 
@@ -207,15 +207,15 @@ def add_file_routes(app: FastAPI, gateway: Gateway) -> None:
     @needs_database
     async def file_content(request: Request, file_id: str) -> Response:
         identity = await gateway.authenticate(request)
-        engine = gateway.engine()
-        row = await get_file(engine, file_id, owner_of(identity))
+        db = gateway.database()
+        row = await get_file(db, file_id, owner_of(identity))
         if row is None:
             raise not_found("File", file_id, "file_id")
 
         async def body() -> AsyncIterator[bytes]:
-            async for chunk in chunks(engine, file_id):
+            async for chunk in chunks(db, file_id):
                 yield chunk
 
         return StreamingResponse(body(), media_type="application/octet-stream",
-                                 headers={"content-length": str(row.bytes),
+                                 headers={"content-length": str(row["bytes"]),
                                           "content-disposition": f'attachment; filename="{file_id}.jsonl"'})

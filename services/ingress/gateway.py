@@ -21,14 +21,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from fastapi import Request
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.services.ingress.admission import InFlightCap, max_timeout_s, timeout_s
 from switchyard.services.ingress.auth import MASTER, AuthFailures, Identity, bearer_token, is_master
 from switchyard.services.ingress.batch_driver import BatchDriver
 from switchyard.services.ingress.budget_holds import BudgetHolds, Hold
 from switchyard.services.ingress.cache import ResponseCache
-from switchyard.services.ingress.database import DATABASE_ERRORS, admin_engine, request_engine
+from switchyard.services.ingress.database import DATABASE_ERRORS, admin_database, request_database
 from switchyard.services.ingress.guarding import RequestGuard
 from switchyard.services.ingress.hold import AdmissionHold
 from switchyard.services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
@@ -42,6 +41,7 @@ from switchyard.shared.errors import GatewayError
 from switchyard.shared.guardrails import Guardrails
 from switchyard.shared.kafka import make_consumer, make_producer, start_client, topic_partitions
 from switchyard.shared.kafka_delivery import encode, send, send_and_wait
+from switchyard.shared.pg import Database
 from switchyard.shared.prompt_log import PromptRecord
 from switchyard.shared.service import BackgroundTasks
 from switchyard.shared.settings import Settings
@@ -69,8 +69,8 @@ class Gateway:
         self.settings = settings
         self.config = config
         self.reply_partition = reply_partition
-        self._engine: AsyncEngine | None = None
-        self._request_engine: AsyncEngine | None = None
+        self._database: Database | None = None
+        self._request_database: Database | None = None
         self.keys: KeyStore | None = None
         self.limiter: RateLimiter | None = None
         self.budget_holds: BudgetHolds | None = None
@@ -125,9 +125,10 @@ class Gateway:
         self.cache.start()
         if self.settings.database_url:
             # Nothing here waits for PostgreSQL: the keys load in the background (see `ready`).
-            self.keys = KeyStore(self.engine(), key_hash_secret(self.settings), request_engine=self.request_engine())
-            self.limiter = RateLimiter(self.request_engine())
-            self.budget_holds = BudgetHolds(self.request_engine(), self.config)
+            self.keys = KeyStore(self.database(), key_hash_secret(self.settings),
+                                 request_database=self.request_database())
+            self.limiter = RateLimiter(self.request_database())
+            self.budget_holds = BudgetHolds(self.request_database(), self.config)
             self._tasks.append(asyncio.create_task(self._follow_key_events()))
             self._tasks.append(asyncio.create_task(self._keep_keys_loaded()))
             self.batch_driver = BatchDriver(self)
@@ -147,23 +148,24 @@ class Gateway:
         with contextlib.suppress(TimeoutError):  # a broker that is gone cannot hold the shutdown
             await asyncio.wait_for(self._background.drain(), PUBLISH_DRAIN_S)
         await self.producer.stop()
-        for engine in (self._engine, self._request_engine):
-            if engine is not None:
-                await engine.dispose()
+        for database in (self._database, self._request_database):
+            if database is not None:
+                await database.close()
 
-    def engine(self) -> AsyncEngine:
+    def database(self) -> Database:
+        """The pool of the admin API and key loading (longer timeouts)."""
         if not self.settings.database_url:
             raise GatewayError(503, "No accounting database is configured (DATABASE_URL).", code="no_database")
-        if self._engine is None:
-            self._engine = admin_engine(self.settings.database_url)
-        return self._engine
+        if self._database is None:
+            self._database = admin_database(self.settings.database_url)
+        return self._database
 
-    def request_engine(self) -> AsyncEngine:
-        """The engine of the request path, with short timeouts (a failure there degrades, never waits long)."""
-        if self._request_engine is None:
-            self.engine()  # the same 503 without a DATABASE_URL
-            self._request_engine = request_engine(self.settings.database_url)
-        return self._request_engine
+    def request_database(self) -> Database:
+        """The pool of the request path, with short timeouts (a failure there degrades, never waits long)."""
+        if self._request_database is None:
+            self.database()  # the same 503 without a DATABASE_URL
+            self._request_database = request_database(self.settings.database_url)
+        return self._request_database
 
     async def _keep_keys_loaded(self) -> None:
         """Load the virtual keys now, then every REFRESH_S; each load is retried until PostgreSQL answers.

@@ -29,17 +29,15 @@ import secrets
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
-
-from sqlalchemy import and_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.services.ingress.database import DATABASE_ERRORS, RETRY_AFTER_S, DatabaseOutage
 from switchyard.services.ingress.key_records import BudgetSpec, KeyRecord, KeySpec
 from switchyard.shared.contracts import KeyEvent
-from switchyard.shared.db import budgets, spend_totals, virtual_keys
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.periods import PERIODS, period_end, period_start
+from switchyard.shared.pg import Connection, Database, Query, Record
 from switchyard.shared.settings import Settings
 
 __all__ = ["KEY_PREFIX", "REFRESH_S", "BudgetSpec", "KeyRecord", "KeySpec", "KeyStore", "hash_key", "key_hash_secret",
@@ -50,9 +48,51 @@ KEY_PREFIX = "sk-sy-"
 REFRESH_S = 10.0
 NEGATIVE_TTL_S = 5.0
 LOOKUP_TIMEOUT_S = 3.0
-"""Bound on a request-path key lookup (the engine's own connect/command timeouts come first)."""
+"""Bound on a request-path key lookup (the database's own connect/command timeouts come first)."""
 CATCH_UP_S = 2.5
 """The longest a token unknown to the loaded keys waits for `llm.keys` to be read up to its arrival."""
+
+KEY_COLUMNS = ("key_id", "key_hash", "key_prefix", "name", "team", "project", "user_id", "allowed_models", "rpm",
+               "tpm", "max_parallel", "budget_usd", "budget_period", "alert_thresholds", "expires_at", "metadata",
+               "created_at", "updated_at", "revoked_at", "guardrails", "log_prompts")
+"""The columns of virtual_keys (shared/db.py), in table order."""
+_JSON_COLUMNS = frozenset({"allowed_models", "alert_thresholds", "metadata", "guardrails"})
+"""The JSONB columns (all NOT NULL): a None written to one is stored as JSON null, as it always was."""
+_UPDATABLE = tuple(c for c in KEY_COLUMNS if c not in ("key_id", "updated_at"))
+
+_SELECT_KEYS = f"SELECT {', '.join(KEY_COLUMNS)} FROM virtual_keys"
+_ALL_KEYS = Query(_SELECT_KEYS)
+_KEY_BY_ID = Query(_SELECT_KEYS + " WHERE key_id = :key_id")
+_KEY_BY_HASH = Query(_SELECT_KEYS + " WHERE key_hash = :key_hash")
+_KEY_EXISTS = Query("SELECT key_id FROM virtual_keys WHERE key_id = :key_id")
+_KEY_BUDGETS = Query("SELECT key_id, budget_usd, budget_period FROM virtual_keys WHERE budget_usd IS NOT NULL")
+_BUDGETS = Query("SELECT scope, scope_id, budget_usd, budget_period, alert_thresholds FROM budgets")
+_SPENT = Query("SELECT cost_usd FROM spend_totals "
+               "WHERE scope = :scope AND scope_id = :scope_id AND period = :period AND period_start = :start")
+_SET_BUDGET = Query("""
+INSERT INTO budgets (scope, scope_id, budget_usd, budget_period, alert_thresholds)
+VALUES (:scope, :scope_id, :amount, :period, :thresholds)
+ON CONFLICT (scope, scope_id) DO UPDATE
+SET budget_usd = EXCLUDED.budget_usd, budget_period = EXCLUDED.budget_period,
+    alert_thresholds = EXCLUDED.alert_thresholds
+""")
+
+
+def _value(column: str) -> str:
+    """The SQL for a column's `:column` parameter (a None for a JSONB column is JSON null, not SQL NULL)."""
+    return f"COALESCE(:{column}, 'null'::jsonb)" if column in _JSON_COLUMNS else f":{column}"
+
+
+_INSERT_KEY = Query(f"INSERT INTO virtual_keys ({', '.join(KEY_COLUMNS)}) "
+                    f"VALUES ({', '.join(_value(c) for c in KEY_COLUMNS)})")
+"""A new key: columns its spec does not set are NULL (none of them has a default but guardrails, always set)."""
+
+
+@lru_cache(maxsize=64)
+def _update_key(columns: tuple[str, ...]) -> Query:
+    """Set `columns` (names from `_UPDATABLE` only, never a caller's text) of a key that is not revoked."""
+    sets = ", ".join(f"{c} = {_value(c)}" for c in (*columns, "updated_at"))
+    return Query(f"UPDATE virtual_keys SET {sets} WHERE key_id = :key_id AND revoked_at IS NULL")
 
 
 def keys_unavailable() -> GatewayError:
@@ -82,10 +122,10 @@ class KeyStore:
     PostgreSQL first and then reloaded here, so this replica sees its own change at once (others through
     `llm.keys`)."""
 
-    def __init__(self, engine: AsyncEngine, secret: bytes, request_engine: AsyncEngine | None = None) -> None:
-        self.engine = engine
+    def __init__(self, database: Database, secret: bytes, request_database: Database | None = None) -> None:
+        self.database = database
         """For loading and administration."""
-        self.request_engine = request_engine or engine
+        self.request_database = request_database or database
         """For lookups on the request path (short timeouts)."""
         self.secret = secret
         self.by_hash: dict[str, KeyRecord] = {}
@@ -108,8 +148,8 @@ class KeyStore:
     # ---- cache -------------------------------------------------------------------------------
 
     async def load_all(self) -> None:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(virtual_keys))).mappings().all()
+        async with self.database.connection() as conn:
+            rows = await conn.fetch(_ALL_KEYS)
             blocks = await self._current_blocks(conn)
         records = [KeyRecord.from_row(r) for r in rows]
         self.by_hash = {r.key_hash: r for r in records}
@@ -117,28 +157,24 @@ class KeyStore:
         self.blocked = blocks
         self.loaded_at = time.time()
 
-    async def _current_blocks(self, conn: Any) -> dict[str, tuple[float, str]]:
+    async def _current_blocks(self, conn: Connection) -> dict[str, tuple[float, str]]:
         """Scopes whose spend in their budget's current period has reached the budget."""
         now = datetime.now(UTC)
         limits: list[tuple[str, str, str, Decimal]] = []
-        for row in (await conn.execute(select(virtual_keys.c.key_id, virtual_keys.c.budget_usd,
-                                              virtual_keys.c.budget_period)
-                                       .where(virtual_keys.c.budget_usd.is_not(None)))).all():
-            limits.append(("key", row.key_id, row.budget_period or "month", row.budget_usd))
-        for row in (await conn.execute(select(budgets))).mappings().all():
+        for row in await conn.fetch(_KEY_BUDGETS):
+            limits.append(("key", row["key_id"], row["budget_period"] or "month", row["budget_usd"]))
+        for row in await conn.fetch(_BUDGETS):
             limits.append((row["scope"], row["scope_id"], row["budget_period"], row["budget_usd"]))
         out: dict[str, tuple[float, str]] = {}
         for scope, scope_id, period, amount in limits:
-            total = (await conn.execute(select(spend_totals.c.cost_usd).where(and_(
-                spend_totals.c.scope == scope, spend_totals.c.scope_id == scope_id,
-                spend_totals.c.period == period, spend_totals.c.period_start == period_start(period, now))))).scalar()
+            total = await conn.fetchval(_SPENT, {"scope": scope, "scope_id": scope_id, "period": period,
+                                                 "start": period_start(period, now)})
             if total is not None and Decimal(total) >= Decimal(amount):
                 out[f"{scope}:{scope_id}"] = (period_end(period, now).timestamp(), f"{period} budget of ${amount}")
         return out
 
     async def reload(self, key_id: str) -> None:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(select(virtual_keys).where(virtual_keys.c.key_id == key_id))).mappings().first()
+        row = await self.database.fetchrow(_KEY_BY_ID, {"key_id": key_id})
         old = self.by_id.pop(key_id, None)
         if old is not None:
             self.by_hash.pop(old.key_hash, None)
@@ -212,14 +248,13 @@ class KeyStore:
         self.check_budget(record)
         return record
 
-    async def _lookup(self, key_hash: str) -> Any:
+    async def _lookup(self, key_hash: str) -> Record | None:
         """The key's row, or None; a 503 (never a 401) when PostgreSQL cannot tell."""
         if not self.outage.may_try():
             raise keys_unavailable()
         try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT_S), self.request_engine.connect() as conn:
-                row = (await conn.execute(select(virtual_keys).where(virtual_keys.c.key_hash == key_hash))
-                       ).mappings().first()
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                row = await self.request_database.fetchrow(_KEY_BY_HASH, {"key_hash": key_hash})
         except DATABASE_ERRORS as e:
             self.outage.failed(e)
             raise keys_unavailable() from e
@@ -251,23 +286,27 @@ class KeyStore:
         values.setdefault("metadata", {})
         values.setdefault("alert_thresholds", [0.8])
         values["guardrails"] = values.get("guardrails") or []
-        async with self.engine.begin() as conn:
-            await conn.execute(virtual_keys.insert().values(**values))
+        unknown = set(values) - set(KEY_COLUMNS)
+        if unknown:
+            raise ValueError(f"not columns of virtual_keys: {', '.join(sorted(unknown))}")
+        await self.database.execute(_INSERT_KEY, {c: values.get(c) for c in KEY_COLUMNS})
         await self.reload(key_id)
         return self.by_id[key_id], token
 
     async def update(self, key_id: str, changes: dict[str, Any]) -> KeyRecord:
         """Change a key that is not revoked: a revoked key is final (409 `key_revoked`, nothing changed), so an
         edit racing a revocation cannot quietly give a revoked key new limits."""
+        unknown = set(changes) - set(_UPDATABLE)
+        if unknown:
+            raise ValueError(f"not updatable columns of virtual_keys: {', '.join(sorted(unknown))}")
+        columns = tuple(c for c in _UPDATABLE if c in changes)
         found = None
-        async with self.engine.begin() as conn:
-            result = await conn.execute(update(virtual_keys)
-                                        .where(virtual_keys.c.key_id == key_id, virtual_keys.c.revoked_at.is_(None))
-                                        .values(**changes, updated_at=datetime.now(UTC)))
-            if result.rowcount == 0:
-                found = (await conn.execute(select(virtual_keys.c.key_id)
-                                            .where(virtual_keys.c.key_id == key_id))).first()
-        if result.rowcount == 0:
+        async with self.database.transaction() as conn:
+            changed = await conn.execute(_update_key(columns),
+                                         {**changes, "updated_at": datetime.now(UTC), "key_id": key_id})
+            if changed == 0:
+                found = await conn.fetchrow(_KEY_EXISTS, {"key_id": key_id})
+        if changed == 0:
             if found is None:
                 raise GatewayError(404, f"No key {key_id!r}.", param="key_id", code="key_not_found")
             raise GatewayError(409, f"Key {key_id!r} is revoked: it can no longer be changed.", param="key_id",
@@ -292,15 +331,9 @@ class KeyStore:
     async def set_budget(self, scope: str, scope_id: str, amount: Decimal, period: str,
                          thresholds: list[float]) -> None:
         """A team or project budget (key budgets live on the key)."""
-        from sqlalchemy.dialects.postgresql import insert
-
         if scope not in ("team", "project"):
             raise GatewayError(400, "scope must be team or project", param="scope")
         if period not in PERIODS:
             raise GatewayError(400, f"period must be one of {', '.join(PERIODS)}", param="period")
-        stmt = insert(budgets).values(scope=scope, scope_id=scope_id, budget_usd=amount, budget_period=period,
-                                      alert_thresholds=thresholds)
-        async with self.engine.begin() as conn:
-            await conn.execute(stmt.on_conflict_do_update(
-                index_elements=["scope", "scope_id"],
-                set_={"budget_usd": amount, "budget_period": period, "alert_thresholds": thresholds}))
+        await self.database.execute(_SET_BUDGET, {"scope": scope, "scope_id": scope_id, "amount": amount,
+                                                  "period": period, "thresholds": thresholds})

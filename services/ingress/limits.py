@@ -30,11 +30,9 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from switchyard.services.ingress.database import DATABASE_ERRORS, DatabaseOutage
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.pg import Database, Query
 from switchyard.shared.service import BackgroundTasks
 
 log = logging.getLogger("switchyard.ingress.limits")
@@ -42,14 +40,14 @@ log = logging.getLogger("switchyard.ingress.limits")
 WINDOW_S = 60
 BLOCK_FRACTION = 0.05
 RESERVE_TIMEOUT_S = 3.0
-"""Bound on one reservation (the engine's connect/command timeouts come first); past it, count locally."""
+"""Bound on one reservation (the database's connect/command timeouts come first); past it, count locally."""
 PRUNE_EVERY_S = 60.0
 """How often a replica deletes the counter rows of ended windows."""
 RETRY_DB_S = 2.0
 """While PostgreSQL is unreachable, one reservation every this many seconds probes it; others count locally."""
 LOCAL_SHARE_ENV = "SWITCHYARD_LOCAL_LIMIT_SHARE"
 
-_RESERVE = text("""
+_RESERVE = Query("""
 INSERT INTO rate_counters AS c (key_id, kind, window_start, used, granted)
 VALUES (:key_id, :kind, :window,
         CAST(:add AS bigint) + LEAST(CAST(:want AS bigint), GREATEST(0, CAST(:limit AS bigint) - :add)),
@@ -60,8 +58,9 @@ SET used = c.used + CAST(:add AS bigint)
     granted = LEAST(CAST(:want AS bigint), GREATEST(0, CAST(:limit AS bigint) - c.used - :add))
 RETURNING c.used, c.granted
 """)
-
 """A reservation: add what is owed, grant what the limit still allows (at most `want`), in one statement."""
+
+_PRUNE = Query("DELETE FROM rate_counters WHERE window_start < :before")
 
 
 def local_share_from_env() -> float:
@@ -95,8 +94,8 @@ def _window(now: float) -> int:
 
 
 class RateLimiter:
-    def __init__(self, engine: AsyncEngine, local_share: float | None = None) -> None:
-        self.engine = engine
+    def __init__(self, database: Database, local_share: float | None = None) -> None:
+        self.database = database
         """Used on the request path: give it short connect/command/pool timeouts."""
         self.local_share = local_share_from_env() if local_share is None else local_share
         self._allowances: dict[tuple[str, str], Allowance] = {}
@@ -112,19 +111,17 @@ class RateLimiter:
                        unreserved: int = 0) -> tuple[int, int]:
         """Atomically take up to `want` from the shared counter, first adding `unreserved` (what this replica
         admitted or was charged on its own count: outage admissions, TPM corrections); returns (granted, counter
-        after). One statement, one round trip: the row lock of the UPSERT serialises replicas."""
+        after). One statement (committed by itself), one round trip: the row lock of the UPSERT serialises replicas."""
         params = {"key_id": key_id, "kind": kind, "window": datetime.fromtimestamp(window, UTC), "limit": limit,
                   "want": want, "add": unreserved}
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(_RESERVE, params)).one()
-        return int(row.granted), int(row.used)
+        row = await self.database.fetchrow(_RESERVE, params)
+        assert row is not None  # an UPSERT returns its row
+        return int(row["granted"]), int(row["used"])
 
     async def _prune(self, now: float) -> None:
         """Delete counter rows of windows that ended (kept one extra window for late corrections)."""
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(text("DELETE FROM rate_counters WHERE window_start < :before"),
-                                   {"before": datetime.fromtimestamp(_window(now) - WINDOW_S, UTC)})
+            await self.database.execute(_PRUNE, {"before": datetime.fromtimestamp(_window(now) - WINDOW_S, UTC)})
         except DATABASE_ERRORS as e:
             self.outage.failed(e)
 

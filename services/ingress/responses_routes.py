@@ -73,10 +73,10 @@ def _int_query(request: Request, name: str, default: int, low: int, high: int) -
 
 
 def add_responses_routes(app: FastAPI, gateway: Any, pipeline: Pipeline) -> None:
-    """Register the routes on `app`; `gateway` is the ingress Gateway (authentication, database engines)."""
+    """Register the routes on `app`; `gateway` is the ingress Gateway (authentication, database pools)."""
 
     def store() -> ResponseStore:
-        return ResponseStore(gateway.request_engine())  # a 503 when no database is configured
+        return ResponseStore(gateway.request_database())  # a 503 when no database is configured
 
     async def keep(identity: Identity, raw: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
         """Store `response` when asked and possible; the object says whether it was stored."""

@@ -14,33 +14,30 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Table, Text, and_, delete, insert, or_, select, text
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.sql.elements import ColumnElement
-
 from switchyard.services.ingress.auth import Identity
 from switchyard.services.ingress.database import database_errors_as_503
-from switchyard.shared.db import metadata
 from switchyard.shared.errors import GatewayError
-
-responses = Table(
-    "responses",
-    metadata,
-    Column("id", Text, primary_key=True),
-    Column("key_id", Text, nullable=False),
-    Column("team", Text),
-    Column("previous_id", Text),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("response", JSONB, nullable=False),
-    Column("input_items", JSONB, nullable=False),
-    Column("turn", JSONB, nullable=False),
-)
+from switchyard.shared.pg import Database, Query
 
 MAX_CHAIN = 1000
 """The longest previous_response_id chain followed (a longer one is refused, never read unbounded)."""
 
-_CHAIN = text("""
+_VISIBLE = "(key_id = :key_id OR team = :team)"
+"""Made by this key, or by a key of its team (`:team` NULL, for the master key or a key without a team, matches
+no row: then only the key's own responses are visible)."""
+
+_INSERT = Query("""
+INSERT INTO responses (id, key_id, team, previous_id, created_at, response, input_items, turn)
+VALUES (:id, :key_id, :team, :previous_id, :created_at, :response, :input_items, :turn)
+""")
+
+_READ = {column: Query(f"SELECT {column} FROM responses WHERE id = :id AND {_VISIBLE}")
+         for column in ("response", "input_items", "id")}
+"""One column of a visible response, by column name (a fixed set: never a name from a request)."""
+
+_DELETE = Query(f"DELETE FROM responses WHERE id = :id AND {_VISIBLE}")
+
+_CHAIN = Query("""
 WITH RECURSIVE chain(id, previous_id, turn, depth) AS (
     SELECT id, previous_id, turn, 0 FROM responses WHERE id = :id
   UNION ALL
@@ -60,17 +57,16 @@ def _team(identity: Identity) -> str | None:
     return None if identity.is_master else identity.metadata.get("team") or None
 
 
-def _visible(identity: Identity) -> ColumnElement[bool]:
-    team = _team(identity)
-    mine = responses.c.key_id == identity.key_id
-    return or_(mine, responses.c.team == team) if team else mine
+def _visible(identity: Identity) -> dict[str, Any]:
+    """The parameters of `_VISIBLE` for `identity`."""
+    return {"key_id": identity.key_id, "team": _team(identity)}
 
 
 class ResponseStore:
     """Reads and writes of stored responses; PostgreSQL failures become 503s (`database_errors_as_503`)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     async def save(self, identity: Identity, response: dict[str, Any], input_items: list[dict[str, Any]],
                    turn: list[dict[str, Any]]) -> None:
@@ -79,20 +75,17 @@ class ResponseStore:
                "created_at": datetime.fromtimestamp(response["created_at"], UTC), "response": response,
                "input_items": input_items, "turn": turn}
         with database_errors_as_503("Storing a response"):
-            async with self.engine.begin() as conn:
-                await conn.execute(insert(responses).values(**row))
+            await self.database.execute(_INSERT, row)
 
     async def get(self, identity: Identity, rid: str) -> dict[str, Any]:
-        return dict(await self._one(identity, rid, responses.c.response))
+        return dict(await self._one(identity, rid, "response"))
 
     async def input_items(self, identity: Identity, rid: str) -> list[dict[str, Any]]:
-        return list(await self._one(identity, rid, responses.c.input_items))
+        return list(await self._one(identity, rid, "input_items"))
 
-    async def _one(self, identity: Identity, rid: str, column: Any, param: str | None = None) -> Any:
+    async def _one(self, identity: Identity, rid: str, column: str, param: str | None = None) -> Any:
         with database_errors_as_503("Reading a stored response"):
-            async with self.engine.connect() as conn:
-                value = (await conn.execute(select(column).where(and_(responses.c.id == rid,
-                                                                      _visible(identity))))).scalar()
+            value = await self.database.fetchval(_READ[column], {"id": rid, **_visible(identity)})
         if value is None:
             raise not_found(rid, param)
         return value
@@ -103,23 +96,20 @@ class ResponseStore:
         404 (param `previous_response_id`) when `rid` is not visible to `identity`; 400 when an earlier
         response of the chain was deleted or the chain is longer than MAX_CHAIN.
         """
-        await self._one(identity, rid, responses.c.id, "previous_response_id")
+        await self._one(identity, rid, "id", "previous_response_id")
         with database_errors_as_503("Continuing a stored response"):
-            async with self.engine.connect() as conn:
-                rows = (await conn.execute(_CHAIN, {"id": rid, "max_depth": MAX_CHAIN})).all()
-        if not rows or rows[0].previous_id is not None:
-            what = ("is longer than the gateway follows" if rows and rows[0].depth >= MAX_CHAIN
+            rows = await self.database.fetch(_CHAIN, {"id": rid, "max_depth": MAX_CHAIN})
+        if not rows or rows[0]["previous_id"] is not None:
+            what = ("is longer than the gateway follows" if rows and rows[0]["depth"] >= MAX_CHAIN
                     else "refers to a response that was deleted")
             raise GatewayError(400, f"The conversation of '{rid}' {what}; start a new one.",
                                param="previous_response_id", code="invalid_value")
-        return [message for row in rows for message in row.turn]
+        return [message for row in rows for message in row["turn"]]
 
     async def delete(self, identity: Identity, rid: str) -> None:
         with database_errors_as_503("Deleting a stored response"):
-            async with self.engine.begin() as conn:
-                result = await conn.execute(delete(responses).where(and_(responses.c.id == rid,
-                                                                         _visible(identity))))
-        if not result.rowcount:
+            deleted = await self.database.execute(_DELETE, {"id": rid, **_visible(identity)})
+        if not deleted:
             raise not_found(rid)
 
 

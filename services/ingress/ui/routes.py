@@ -130,7 +130,7 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
     @needs_database
     async def dashboard_overview(request: Request) -> Response:
         await gateway.authenticate_admin(request)
-        return json_response(await queries.overview(gateway.engine()))
+        return json_response(await queries.overview(gateway.database()))
 
     @app.get("/v1/dashboard/spend")
     @needs_database
@@ -143,7 +143,7 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
         start, end = _since(since), _since(until, "until") if until else None
         if end is not None and end <= start:
             raise GatewayError(400, "'until' must be after 'since'.", param="until", code="invalid_value")
-        rows = await spend(gateway.engine(), by=by, since=start.isoformat(),
+        rows = await spend(gateway.database(), by=by, since=start.isoformat(),
                            until=end.isoformat() if end else None)
         if format == "csv":
             return _csv(by, rows)
@@ -161,14 +161,14 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
         await gateway.authenticate_admin(request)
         configured = [{"deployment": d.id, "provider": d.provider, "model_group": m.name}
                       for m in gateway.config.models for d in m.deployments]
-        rows = await queries.deployments(gateway.engine(), configured)
+        rows = await queries.deployments(gateway.database(), configured)
         states = await watch.states([r["deployment"] for r in rows])
         pools, backlog_error = await watch.backlogs(gateway.config.providers())
         for row in rows:
             row["state"] = states.get(row["deployment"], "closed") if states is not None else None
             row["pool"] = topics.worker_group(row["provider"]) if row["provider"] in pools else None
             row["backlog"] = pools.get(row["provider"])
-        return json_response({"deployments": rows, "failovers": await queries.failovers(gateway.engine()),
+        return json_response({"deployments": rows, "failovers": await queries.failovers(gateway.database()),
                               "pools": {topics.worker_group(p): n for p, n in pools.items()},
                               "errors": {"state": None if states is not None else STATES_UNKNOWN,
                                          "backlog": backlog_error}})
@@ -178,7 +178,7 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
     async def dashboard_keys(request: Request) -> Response:
         """`GET /v1/keys` plus each key's spend in its budget's current period (`spent_usd`)."""
         await gateway.authenticate_admin(request)
-        used = await queries.key_budget_use(gateway.engine())
+        used = await queries.key_budget_use(gateway.database())
         data = [{**r.public(), "spent_usd": used.get(r.key_id)} for r in await gateway.key_store().all_keys()]
         return json_response({"object": "list", "data": data})
 
@@ -189,7 +189,7 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
                                  status: Annotated[str | None, Query(pattern="^(ok|error)$")] = None,
                                  limit: Annotated[int, Query(ge=1, le=queries.MAX_ROWS)] = 100) -> Response:
         await gateway.authenticate_admin(request)
-        rows = await queries.requests(gateway.engine(), since=_since(since), key=key, model=model, status=status,
+        rows = await queries.requests(gateway.database(), since=_since(since), key=key, model=model, status=status,
                                       limit=limit)
         return json_response({"object": "list", "data": rows, "prompts": None})
 
@@ -197,7 +197,7 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
     @needs_database
     async def dashboard_request(request: Request, request_id: str) -> Response:
         await gateway.authenticate_admin(request)
-        attempts = await queries.request_detail(gateway.engine(), request_id)
+        attempts = await queries.request_detail(gateway.database(), request_id)
         if not attempts:
             raise GatewayError(404, "No usage recorded for that request id.", param="request_id",
                                code="request_not_found")
