@@ -1,17 +1,16 @@
-"""The accounting database: table definitions (SQLAlchemy Core, for alembic and accounting), engines, migrations.
+"""The accounting database: table definitions (SQLAlchemy Core), migrations, and an engine for tools and tests.
 
-Schema changes go through alembic migrations in shared/migrations/versions; these table
-objects mirror them for queries and inserts.
+Schema changes go through alembic migrations in shared/migrations/versions; these table objects mirror them
+(alembic's metadata, and what tests and tools query). The services themselves talk to PostgreSQL through
+asyncpg (shared/pg.py) with SQL text, and never import this module: SQLAlchemy would cost each of them about
+21 MB (docs/decisions/ingress-memory.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -25,7 +24,6 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, REAL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -155,29 +153,6 @@ def make_engine(url: str, pool_size: int = 5, *, connect_timeout_s: float = 60.0
     return create_async_engine(asyncpg_url(url), pool_size=pool_size, max_overflow=5, pool_pre_ping=True,
                                pool_timeout=pool_timeout_s,
                                connect_args={"timeout": connect_timeout_s, "command_timeout": command_timeout_s})
-
-
-def unnest_rows(table: Table, names: Sequence[str]) -> str:
-    """`SELECT * FROM unnest(CAST(:name AS type[]), ...)` over `table`'s columns `names`, in that order.
-
-    An INSERT from it takes its rows as one array per column (`column_arrays`), so its text is the same for
-    any number of rows: PostgreSQL and the driver prepare and plan it once. A multi-row VALUES list is a new
-    statement for every row count, each compiled by SQLAlchemy, prepared by PostgreSQL and cached per
-    connection (about 8 MB of accounting's memory under load, when batches of 1 to 1,000 rows came in).
-    """
-    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
-    casts = (f"CAST(:{name} AS {table.c[name].type.compile(dialect=dialect)}[])" for name in names)
-    return f"SELECT * FROM unnest({', '.join(casts)})"
-
-
-def column_arrays(table: Table, names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """The parameters of an `unnest_rows(table, names)` statement: one list per column. Values of JSON columns
-    are sent as JSON text (what the driver's JSONB codec takes)."""
-    arrays: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in names}
-    for name in names:
-        if isinstance(table.c[name].type, JSON):  # JSONB is a JSON
-            arrays[name] = [None if value is None else orjson.dumps(value).decode() for value in arrays[name]]
-    return arrays
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -161,3 +161,33 @@ class Database:
                     await pool.close()
             except Exception:  # noqa: BLE001 - closing a pool to a dead server must not fail shutdown
                 pool.terminate()
+
+
+Column = tuple[str, str]
+"""A column a statement writes and its PostgreSQL type: `("cost_usd", "numeric(20,10)")`."""
+
+_JSON_TYPES = ("json", "jsonb")
+
+
+def unnest_rows(columns: Sequence[Column]) -> str:
+    """`SELECT * FROM unnest(CAST(:name AS type[]), ...)` over `columns`, in that order.
+
+    An INSERT from it takes its rows as one array per column (`column_arrays`), so its text is the same for
+    any number of rows: PostgreSQL prepares and plans it once per connection. (A multi-row VALUES list is a
+    new statement for every row count, each prepared and cached per connection.) JSON columns travel as text
+    arrays cast to their type, which keeps their values out of the array codec.
+    """
+    casts = (f"CAST(CAST(:{name} AS text[]) AS {kind}[])" if kind in _JSON_TYPES else f"CAST(:{name} AS {kind}[])"
+             for name, kind in columns)
+    return f"SELECT * FROM unnest({', '.join(casts)})"
+
+
+def column_arrays(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The parameters of an `unnest_rows(columns)` statement: one list per column, JSON values as JSON text."""
+    arrays: dict[str, list[Any]] = {}
+    for name, kind in columns:
+        values = [row[name] for row in rows]
+        if kind in _JSON_TYPES:
+            values = [None if value is None else orjson.dumps(value).decode() for value in values]
+        arrays[name] = values
+    return arrays

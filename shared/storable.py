@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+import asyncpg
 
 from switchyard.shared.retry import attempts
 
@@ -37,15 +37,14 @@ def permanent_data_error(error: BaseException) -> str | None:
     """The database's message when `error` is a refusal of the data itself, which no retry can change; else
     None. The message is the server's primary message (never its DETAIL or CONTEXT, which may quote the
     data); for a value the driver cannot encode, the argument and why, without the value."""
-    if not isinstance(error, DBAPIError):
+    if not isinstance(error, asyncpg.PostgresError):
         return None
-    cause = error.orig.__cause__ if error.orig is not None else None
-    state = getattr(cause, "sqlstate", None)
+    state = getattr(error, "sqlstate", None)
     if not isinstance(state, str) or not (state.startswith("22") or state in _PERMANENT_STATES):
         return None
-    message = getattr(cause, "message", None)
+    message = getattr(error, "message", None)
     if not message:  # asyncpg refused to encode an argument: its text quotes the value
-        found = _ARGUMENT.match(str(cause))
+        found = _ARGUMENT.match(str(error))
         message = f"invalid input for query argument {found[1]} ({found[2]})" if found else "invalid input"
     return f"{message} (SQLSTATE {state})"[:MAX_ERROR_CHARS]
 
@@ -66,7 +65,7 @@ async def store_or_isolate(items: Sequence[T], store: Callable[[Sequence[T]], Aw
     batch, so `store` must be idempotent (what a first try committed is stored once)."""
     try:
         return [await store(items)], []
-    except DBAPIError as e:
+    except asyncpg.PostgresError as e:
         message = permanent_data_error(e)
         if message is None:
             raise
@@ -78,8 +77,9 @@ async def store_or_isolate(items: Sequence[T], store: Callable[[Sequence[T]], Aw
     return left + right, left_refused + right_refused
 
 
-UNAVAILABLE = (OperationalError, DBAPIError, OSError)
-"""What `store_until_stored` retries: the database unreachable, or refusing what a later try may take."""
+UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+"""What `store_until_stored` retries: the database unreachable (refused, timed out, a connection lost), or
+refusing what a later try may take."""
 
 
 async def store_until_stored(items: Sequence[T], store: Callable[[Sequence[T]], Awaitable[R]], *,

@@ -11,9 +11,12 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from switchyard.services.accounting.ledger import to_row, write_batch
+from switchyard.services.accounting.budgets import TOTALS_COLUMNS
+from switchyard.services.accounting.ledger import USAGE_COLUMNS, to_row, write_batch
+from switchyard.services.accounting.prompt_log import PROMPT_LOG_COLUMNS
 from switchyard.shared.contracts import IN_DOUBT, Usage, UsageEvent
-from switchyard.shared.db import make_engine
+from switchyard.shared.db import make_engine, usage
+from switchyard.shared.pg import Database, Query
 from switchyard.shared.pricing import cost, lookup
 from tests.stack import RunningStack
 
@@ -67,12 +70,12 @@ async def test_usage_writes_are_idempotent_by_event_id(stack: RunningStack) -> N
     event = UsageEvent(event_id="evt-idempotent-1", request_id="req-idem", attempt=0, provider="openai",
                        deployment="gpt-test/0", model_group="gpt-test", provider_model="gpt-4o-mini",
                        usage=Usage(prompt_tokens=10, completion_tokens=5))
-    engine = make_engine(stack.database_url, pool_size=1)
+    database = Database(stack.database_url, max_size=1)
     try:
-        first, _ = await write_batch(engine, [to_row(event)])
-        again, _ = await write_batch(engine, [to_row(event), to_row(event.model_copy(update={"event_id": "evt-2"}))])
+        first, _ = await write_batch(database, [to_row(event)])
+        again, _ = await write_batch(database, [to_row(event), to_row(event.model_copy(update={"event_id": "evt-2"}))])
     finally:
-        await engine.dispose()
+        await database.close()
     assert (first, again) == (1, 1)
     assert len(await _rows(stack.database_url, "req-idem", wait_s=0)) == 2
 
@@ -83,16 +86,15 @@ async def test_an_outcome_keeps_guardrail_decisions_set_on_its_write_ahead_row(s
     started = UsageEvent(event_id="evt-guarded", request_id="req-guarded", attempt=0, provider="openai",
                          deployment="gpt-test/0", model_group="gpt-test", provider_model="gpt-4o-mini",
                          status=IN_DOUBT)
-    engine = make_engine(stack.database_url, pool_size=1)
+    database = Database(stack.database_url, max_size=1)
     try:
-        await write_batch(engine, [to_row(started)])
-        async with engine.begin() as conn:
-            await conn.execute(text("UPDATE usage SET guardrails = CAST(:g AS jsonb) WHERE request_id = 'req-guarded'"),
-                               {"g": orjson.dumps([{"guardrail": "out-pii", "action": "mask"}]).decode()})
-        await write_batch(engine, [to_row(started.model_copy(update={
+        await write_batch(database, [to_row(started)])
+        await database.execute(Query("UPDATE usage SET guardrails = :g WHERE request_id = 'req-guarded'"),
+                               {"g": [{"guardrail": "out-pii", "action": "mask"}]})
+        await write_batch(database, [to_row(started.model_copy(update={
             "status": 200, "usage": Usage(prompt_tokens=3, completion_tokens=2)}))])
     finally:
-        await engine.dispose()
+        await database.close()
     [row] = await _rows(stack.database_url, "req-guarded", wait_s=0)
     assert row["status"] == 200 and row["completion_tokens"] == 2
     assert row["guardrails"] == [{"guardrail": "out-pii", "action": "mask"}]
@@ -146,3 +148,23 @@ async def test_readme_sql_runs(stack: RunningStack, sql: str) -> None:
     finally:
         await engine.dispose()
     assert rows
+
+
+async def test_the_columns_accounting_writes_are_the_tables_columns_with_their_types(stack: RunningStack) -> None:
+    """Accounting writes through asyncpg with each column's type spelled out (shared/pg.py's unnest_rows): those
+    names and types must be the migrated tables' own, or a batch would fail, or round a cost, in production."""
+    database = Database(stack.database_url, max_size=1)
+    try:
+        for table, written, every in (("usage", USAGE_COLUMNS, False), ("prompt_log", PROMPT_LOG_COLUMNS, True),
+                                      ("spend_totals", TOTALS_COLUMNS, False)):
+            rows = await database.fetch(Query(
+                "SELECT attname, format_type(atttypid, atttypmod) AS kind FROM pg_attribute "
+                "WHERE attrelid = CAST(CAST(:table AS text) AS regclass) AND attnum > 0 AND NOT attisdropped"),
+                {"table": table})
+            actual = {r["attname"]: r["kind"] for r in rows}
+            assert {name: actual.get(name) for name, _ in written} == dict(written), table
+            if every:
+                assert set(actual) == {name for name, _ in written}, table
+    finally:
+        await database.close()
+    assert {name for name, _ in USAGE_COLUMNS} | {"guardrails"} == {c.name for c in usage.columns}

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from switchyard.services.accounting.ledger import to_row, write_batch
 from switchyard.shared.contracts import Usage, UsageEvent
-from switchyard.shared.db import make_engine
+from switchyard.shared.pg import Database, Query
 from tests.stack import RunningStack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/ holds scripts, not a package
@@ -142,11 +141,12 @@ def test_services_resume_after_the_broker_restarts(chaos: dict[str, Any]) -> Non
 # ---- the ledger rules the chaos run relies on, one at a time, on the shared stack's PostgreSQL ----------
 
 
-async def _rows_of(engine: Any, request_id: str) -> list[dict[str, Any]]:
-    async with engine.connect() as conn:
-        result = await conn.execute(text("SELECT event_id, status, ok, redelivered, prompt_tokens FROM usage "
-                                         "WHERE request_id = :rid ORDER BY ts, event_id"), {"rid": request_id})
-        return [dict(r) for r in result.mappings()]
+_ROWS_OF = Query("SELECT event_id, status, ok, redelivered, prompt_tokens FROM usage "
+                 "WHERE request_id = :rid ORDER BY ts, event_id")
+
+
+async def _rows_of(database: Database, request_id: str) -> list[dict[str, Any]]:
+    return [dict(r) for r in await database.fetch(_ROWS_OF, {"rid": request_id})]
 
 
 def _call(request_id: str, ts_ms: int) -> UsageEvent:
@@ -161,34 +161,34 @@ def _outcome(started: UsageEvent) -> UsageEvent:
 
 
 async def test_a_call_in_doubt_is_completed_by_its_outcome_and_never_regresses(stack: RunningStack) -> None:
-    engine = make_engine(stack.database_url, pool_size=1)
+    database = Database(stack.database_url, max_size=1)
     try:
         rid = uuid.uuid4().hex
         started = _call(rid, 1_700_000_000_000)
-        await write_batch(engine, [to_row(started)])
-        assert [(r["status"], r["ok"]) for r in await _rows_of(engine, rid)] == [(0, False)]  # in doubt
-        await write_batch(engine, [to_row(_outcome(started))])
-        await write_batch(engine, [to_row(started)])  # the start record redelivered after the outcome
-        rows = await _rows_of(engine, rid)
+        await write_batch(database, [to_row(started)])
+        assert [(r["status"], r["ok"]) for r in await _rows_of(database, rid)] == [(0, False)]  # in doubt
+        await write_batch(database, [to_row(_outcome(started))])
+        await write_batch(database, [to_row(started)])  # the start record redelivered after the outcome
+        rows = await _rows_of(database, rid)
         assert [(r["status"], r["ok"], r["prompt_tokens"]) for r in rows] == [(200, True, 7)]
         other = _call(uuid.uuid4().hex, 1_700_000_000_000)  # start and outcome in one accounting batch
-        await write_batch(engine, [to_row(other), to_row(_outcome(other)), to_row(other)])
-        assert [(r["status"], r["ok"]) for r in await _rows_of(engine, other.request_id)] == [(200, True)]
+        await write_batch(database, [to_row(other), to_row(_outcome(other)), to_row(other)])
+        assert [(r["status"], r["ok"]) for r in await _rows_of(database, other.request_id)] == [(200, True)]
     finally:
-        await engine.dispose()
+        await database.close()
 
 
 async def test_a_second_call_for_one_attempt_is_marked_redelivered_whatever_the_arrival_order(
         stack: RunningStack) -> None:
-    engine = make_engine(stack.database_url, pool_size=1)
+    database = Database(stack.database_url, max_size=1)
     try:
         rid = uuid.uuid4().hex
         first, second, third = (_call(rid, 1_700_000_000_000 + i) for i in range(3))
-        await write_batch(engine, [to_row(_outcome(second))])
-        await write_batch(engine, [to_row(_outcome(third))])
-        await write_batch(engine, [to_row(first)])  # the original call, in doubt, stored last
-        rows = await _rows_of(engine, rid)
+        await write_batch(database, [to_row(_outcome(second))])
+        await write_batch(database, [to_row(_outcome(third))])
+        await write_batch(database, [to_row(first)])  # the original call, in doubt, stored last
+        rows = await _rows_of(database, rid)
         assert [(r["event_id"], r["redelivered"]) for r in rows] == [
             (first.event_id, False), (second.event_id, True), (third.event_id, True)]
     finally:
-        await engine.dispose()
+        await database.close()

@@ -20,6 +20,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,9 +88,10 @@ def test_lint_imports_passes_and_fails_on_an_upward_or_cross_service_import(tmp_
     assert "switchyard.services.ingress.keys -> switchyard.shared.db" in report, report
 
 
-def test_ingress_runs_without_importing_sqlalchemy() -> None:
-    """What the import contract checks statically, at run time: the ingress app and every module it loads."""
-    probe = ("import sys; import switchyard.services.ingress.main; "
+@pytest.mark.parametrize("service", ["ingress", "router", "workers", "accounting"])
+def test_no_service_imports_sqlalchemy(service: str) -> None:
+    """What the import contract checks statically, at run time: the service and every module it loads."""
+    probe = (f"import sys; import switchyard.services.{service}.main; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'alembic')))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
     assert loaded.stdout.strip() == "[]", loaded.stdout[:500]

@@ -14,12 +14,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from switchyard.shared.contracts import KeyEvent
-from switchyard.shared.db import budgets, column_arrays, spend_totals, unnest_rows, virtual_keys
 from switchyard.shared.periods import PERIODS, period_end, period_start
+from switchyard.shared.pg import Column, Connection, Query, column_arrays, unnest_rows
 
 log = logging.getLogger("switchyard.accounting.budgets")
 
@@ -53,29 +50,36 @@ def ordered_values(sums: dict[TotalKey, list[Decimal | int]]) -> list[dict[str, 
              "tokens": v[1], "requests": v[2]} for k, v in sorted(sums.items())]
 
 
-async def _budgets_for(conn: AsyncConnection, scopes: set[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+_KEY_BUDGETS = Query("SELECT key_id, budget_usd, budget_period, alert_thresholds FROM virtual_keys "
+                     "WHERE key_id = ANY(:key_ids) AND budget_usd IS NOT NULL")
+_SCOPE_BUDGETS = Query("SELECT b.scope, b.scope_id, b.budget_usd, b.budget_period, b.alert_thresholds "
+                       "FROM budgets b JOIN unnest(CAST(:scopes AS text[]), CAST(:ids AS text[])) AS s(scope, id) "
+                       "ON b.scope = s.scope AND b.scope_id = s.id")
+
+
+async def _budgets_for(conn: Connection, scopes: set[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     found: dict[tuple[str, str], Any] = {}
     key_ids = [sid for scope, sid in scopes if scope == "key"]
     if key_ids:
-        rows = await conn.execute(select(virtual_keys.c.key_id, virtual_keys.c.budget_usd,
-                                         virtual_keys.c.budget_period, virtual_keys.c.alert_thresholds)
-                                  .where(virtual_keys.c.key_id.in_(key_ids), virtual_keys.c.budget_usd.is_not(None)))
-        for r in rows:
-            found[("key", r.key_id)] = (Decimal(r.budget_usd), r.budget_period or "month", list(r.alert_thresholds))
+        for r in await conn.fetch(_KEY_BUDGETS, {"key_ids": key_ids}):
+            found[("key", r["key_id"])] = (Decimal(r["budget_usd"]), r["budget_period"] or "month",
+                                           list(r["alert_thresholds"]))
     others = [(scope, sid) for scope, sid in scopes if scope != "key"]
     if others:
-        scoped = await conn.execute(select(budgets).where(or_(*[and_(budgets.c.scope == s, budgets.c.scope_id == i)
-                                                                for s, i in others])))
-        for b in scoped.mappings():
+        params = {"scopes": [scope for scope, _ in others], "ids": [sid for _, sid in others]}
+        for b in await conn.fetch(_SCOPE_BUDGETS, params):
             found[(b["scope"], b["scope_id"])] = (Decimal(b["budget_usd"]), b["budget_period"],
                                                   list(b["alert_thresholds"]))
     return found
 
 
-_TOTALS_COLUMNS = ("scope", "scope_id", "period", "period_start", "cost_usd", "tokens", "requests")
+TOTALS_COLUMNS: tuple[Column, ...] = (
+    ("scope", "text"), ("scope_id", "text"), ("period", "text"), ("period_start", "timestamp with time zone"),
+    ("cost_usd", "numeric(20,10)"), ("tokens", "bigint"), ("requests", "bigint"))
+"""The columns of spend_totals (shared/db.py) a batch adds to."""
 
-_ADD_TO_TOTALS = text(
-    f"INSERT INTO spend_totals ({', '.join(_TOTALS_COLUMNS)}) {unnest_rows(spend_totals, _TOTALS_COLUMNS)} "
+_ADD_TO_TOTALS = Query(
+    f"INSERT INTO spend_totals ({', '.join(name for name, _ in TOTALS_COLUMNS)}) {unnest_rows(TOTALS_COLUMNS)} "
     "ON CONFLICT (scope, scope_id, period, period_start) DO UPDATE SET "
     "cost_usd = spend_totals.cost_usd + EXCLUDED.cost_usd, tokens = spend_totals.tokens + EXCLUDED.tokens, "
     "requests = spend_totals.requests + EXCLUDED.requests "
@@ -83,13 +87,12 @@ _ADD_TO_TOTALS = text(
 """Add a batch's sums to the totals, in the order given (`ordered_values`): one statement for any number."""
 
 
-async def update_totals(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[KeyEvent]:
+async def update_totals(conn: Connection, rows: list[dict[str, Any]]) -> list[KeyEvent]:
     """Add new rows to the totals (inside the caller's transaction); returns budget events to publish."""
     sums = aggregate(rows)
     if not sums:
         return []
-    values = column_arrays(spend_totals, _TOTALS_COLUMNS, ordered_values(sums))
-    totals = (await conn.execute(_ADD_TO_TOTALS, values)).all()
+    totals = await conn.fetch(_ADD_TO_TOTALS, column_arrays(TOTALS_COLUMNS, ordered_values(sums)))
     limits = await _budgets_for(conn, {(k[0], k[1]) for k in sums})
     events: list[KeyEvent] = []
     for scope, scope_id, period, start, total in totals:

@@ -14,12 +14,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
 from switchyard.services.accounting.budgets import update_totals
 from switchyard.shared.contracts import IN_DOUBT, KeyEvent, Usage, UsageEvent
-from switchyard.shared.db import column_arrays, unnest_rows, usage
+from switchyard.shared.pg import Column, Connection, Database, Query, column_arrays, unnest_rows
 from switchyard.shared.pricing import cost
 
 
@@ -68,7 +65,7 @@ _KEPT = ("event_id", "ts", "redelivered", "guardrails")
 """Columns an outcome leaves as the row has them: the call's identity and start (from its write-ahead record),
 and the guardrail decisions, which only the prompt-log writer sets and may set before the outcome lands."""
 
-_MARK_REPEATED_CALLS = text("""
+_MARK_REPEATED_CALLS = Query("""
 UPDATE usage AS u SET redelivered = r.n > 1
 FROM (SELECT event_id, row_number() OVER (PARTITION BY request_id, attempt, call_seq ORDER BY ts, event_id) AS n
       FROM usage
@@ -79,12 +76,24 @@ WHERE u.event_id = r.event_id AND u.redelivered <> (r.n > 1)
 """)
 
 
-_COLUMNS = tuple(column.name for column in usage.columns if column.name != "guardrails")
-"""What `to_row` fills: every column of `usage` but `guardrails` (the prompt-log writer's)."""
+USAGE_COLUMNS: tuple[Column, ...] = (
+    ("event_id", "text"), ("request_id", "text"), ("attempt", "integer"), ("call_seq", "integer"),
+    ("ts", "timestamp with time zone"), ("kind", "text"), ("provider", "text"), ("deployment", "text"),
+    ("model_group", "text"), ("provider_model", "text"), ("key_id", "text"), ("team", "text"), ("project", "text"),
+    ("user_id", "text"), ("metadata", "jsonb"), ("prompt_tokens", "bigint"), ("completion_tokens", "bigint"),
+    ("cached_tokens", "bigint"), ("reasoning_tokens", "bigint"), ("cost_usd", "numeric(20,10)"),
+    ("priced", "boolean"), ("status", "integer"), ("ok", "boolean"), ("stream", "boolean"),
+    ("latency_ms", "double precision"), ("ttft_ms", "double precision"), ("total_ms", "double precision"),
+    ("priority", "text"), ("redelivered", "boolean"), ("cache_hit", "boolean"), ("cost_saved_usd", "numeric(20,10)"),
+)
+"""What `to_row` fills: every column of `usage` (shared/db.py; tests/test_accounting.py checks they agree) but
+`guardrails` (the prompt-log writer's)."""
 
-_UPSERT = text(
-    f"INSERT INTO usage ({', '.join(_COLUMNS)}) {unnest_rows(usage, _COLUMNS)} "
-    f"ON CONFLICT (event_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS if c not in _KEPT)} "
+_NAMES = tuple(name for name, _ in USAGE_COLUMNS)
+
+_UPSERT = Query(
+    f"INSERT INTO usage ({', '.join(_NAMES)}) {unnest_rows(USAGE_COLUMNS)} "
+    f"ON CONFLICT (event_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _NAMES if c not in _KEPT)} "
     f"WHERE usage.status = {IN_DOUBT} AND EXCLUDED.status <> {IN_DOUBT} RETURNING event_id")
 """Store rows, or complete their in-doubt write-ahead records: one statement for any batch size."""
 
@@ -99,13 +108,13 @@ def _one_per_call(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(best.values())
 
 
-async def _mark_repeated_calls(conn: AsyncConnection, calls: set[tuple[str, int, int]]) -> None:
+async def _mark_repeated_calls(conn: Connection, calls: set[tuple[str, int, int]]) -> None:
     if calls:
         request_ids, attempts, seqs = (list(column) for column in zip(*sorted(calls), strict=True))
         await conn.execute(_MARK_REPEATED_CALLS, {"request_ids": request_ids, "attempts": attempts, "calls": seqs})
 
 
-async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> tuple[int, list[KeyEvent]]:
+async def write_batch(database: Database, rows: list[dict[str, Any]]) -> tuple[int, list[KeyEvent]]:
     """Store rows, complete in-doubt ones, mark repeated calls, and update spend totals, in one transaction.
 
     Returns (rows inserted or completed, budget events to publish). A row already stored with an
@@ -114,8 +123,8 @@ async def write_batch(engine: AsyncEngine, rows: list[dict[str, Any]]) -> tuple[
     rows = _one_per_call(rows)
     if not rows:
         return 0, []
-    async with engine.begin() as conn:
-        written = {r.event_id for r in await conn.execute(_UPSERT, column_arrays(usage, _COLUMNS, rows))}
+    async with database.transaction() as conn:
+        written = {r["event_id"] for r in await conn.fetch(_UPSERT, column_arrays(USAGE_COLUMNS, rows))}
         new = [r for r in rows if r["event_id"] in written]
         await _mark_repeated_calls(conn, {(r["request_id"], r["attempt"], r["call_seq"]) for r in new})
         events = await update_totals(conn, [r for r in new if r["status"] != IN_DOUBT])

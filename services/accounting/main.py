@@ -29,7 +29,6 @@ from switchyard.shared import gc_settings, topics, tracing
 from switchyard.shared.answers import read_or_bury
 from switchyard.shared.config import load_config
 from switchyard.shared.contracts import IN_DOUBT, UsageEvent
-from switchyard.shared.db import make_engine
 from switchyard.shared.dead import UNSTORABLE, bury_consumed
 from switchyard.shared.health import serve_health
 from switchyard.shared.kafka import group_instance_id, lagging_fetch, make_consumer, make_producer, start_client
@@ -37,6 +36,7 @@ from switchyard.shared.kafka_delivery import encode, send_and_wait
 from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
+from switchyard.shared.pg import Database
 from switchyard.shared.service import run_until_signal
 from switchyard.shared.settings import load_settings
 from switchyard.shared.storable import store_until_stored
@@ -58,7 +58,7 @@ class Accounting:
     def __init__(self, bootstrap: str, database_url: str) -> None:
         if not database_url:
             raise SystemExit("accounting needs DATABASE_URL (or a stack started by `switchyard up` here)")
-        self.engine = make_engine(database_url)
+        self.database = Database(database_url)
         self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=topics.ACCOUNTING_GROUP,
                                                         group_instance_id=group_instance_id(topics.ACCOUNTING_GROUP),
                                                         tansu_fetch_wait_ms=100, max_poll_records=BATCH_MAX,
@@ -76,7 +76,7 @@ class Accounting:
     async def stop(self) -> None:
         await self.consumer.stop()
         await self.producer.stop()
-        await self.engine.dispose()
+        await self.database.close()
 
     async def run_forever(self) -> None:
         while True:
@@ -133,7 +133,7 @@ class Accounting:
 
     async def _store(self, rows: Sequence[Row]) -> None:
         """One transaction of rows, then the budget events it caused."""
-        stored, events = await write_batch(self.engine, [row.row for row in rows])
+        stored, events = await write_batch(self.database, [row.row for row in rows])
         self.stored += stored
         for event in events:
             await send_and_wait(self.producer, topics.KEYS, encode(event), key=event.key_id.encode())
@@ -147,7 +147,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.health_port:
         await serve_health(args.health_port, lambda: accounting.ready)
     log.info("accounting started")
-    prompts = PromptLogWriter(settings.bootstrap_servers, accounting.engine, load_config().logging.retention_days,
+    prompts = PromptLogWriter(settings.bootstrap_servers, accounting.database, load_config().logging.retention_days,
                               accounting.producer)
     await run_until_signal(log, accounting.run_forever(), prompts.run(), follow_lag(accounting.consumer, "accounting"))
     await accounting.stop()

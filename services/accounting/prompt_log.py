@@ -27,15 +27,12 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from sqlalchemy import text
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchyard.shared import topics
 from switchyard.shared.answers import read_or_bury
-from switchyard.shared.db import prompt_log
 from switchyard.shared.dead import UNSTORABLE, bury_consumed
 from switchyard.shared.kafka import group_instance_id, make_consumer, start_client
+from switchyard.shared.pg import Column, Database, Query, column_arrays, unnest_rows
 from switchyard.shared.prompt_log import PromptRecord
 from switchyard.shared.storable import store_until_stored
 
@@ -45,9 +42,22 @@ USAGE_WAIT_S = 120.0
 RETENTION_BATCH = 1000
 RETENTION_EVERY_S = float(os.environ.get("SWITCHYARD_RETENTION_INTERVAL_S", "60"))
 
-_SET_GUARDRAILS = text("UPDATE usage SET guardrails = CAST(:guardrails AS jsonb) WHERE request_id = :request_id")
-_DELETE_OLD = text("DELETE FROM prompt_log WHERE request_id IN "
+_SET_GUARDRAILS = Query("UPDATE usage SET guardrails = CAST(CAST(:guardrails AS text) AS jsonb) "
+                        "WHERE request_id = :request_id")
+_DELETE_OLD = Query("DELETE FROM prompt_log WHERE request_id IN "
                    "(SELECT request_id FROM prompt_log WHERE ts < :cutoff LIMIT :batch)")
+
+PROMPT_LOG_COLUMNS: tuple[Column, ...] = (
+    ("request_id", "text"), ("ts", "timestamp with time zone"), ("key_id", "text"), ("model", "text"),
+    ("kind", "text"), ("stream", "boolean"), ("status", "integer"), ("route", "text"), ("attempts", "integer"),
+    ("request", "jsonb"), ("answer", "jsonb"), ("error", "jsonb"), ("timings", "jsonb"), ("usage", "jsonb"),
+    ("guardrails", "jsonb"),
+)
+"""The columns of prompt_log (shared/db.py; tests/test_accounting.py checks they agree)."""
+
+_INSERT = Query(f"INSERT INTO prompt_log ({', '.join(name for name, _ in PROMPT_LOG_COLUMNS)}) "
+                f"{unnest_rows(PROMPT_LOG_COLUMNS)} ON CONFLICT (request_id) DO NOTHING")
+"""Store a batch's rows in one statement; a record stored before (a redelivery) is left as it is."""
 
 
 def to_row(record: PromptRecord) -> dict[str, Any]:
@@ -75,9 +85,9 @@ class _Entry:
 
 
 class PromptLogWriter:
-    def __init__(self, bootstrap: str, engine: AsyncEngine, retention_days: float,
+    def __init__(self, bootstrap: str, database: Database, retention_days: float,
                  producer: AIOKafkaProducer) -> None:
-        self.engine = engine
+        self.database = database
         self.producer = producer
         self.retention_days = retention_days
         self.consumer: AIOKafkaConsumer = make_consumer(
@@ -145,15 +155,14 @@ class PromptLogWriter:
         returns the request ids whose usage rows took the decisions."""
         rows = [e.row for e in entries if e.row is not None]
         done: set[str] = set()
-        async with self.engine.begin() as conn:
+        async with self.database.transaction() as conn:
             if rows:
-                await conn.execute(insert(prompt_log).on_conflict_do_nothing(index_elements=["request_id"]), rows)
+                await conn.execute(_INSERT, column_arrays(PROMPT_LOG_COLUMNS, rows))
             for entry in entries:
                 if entry.guardrails is None:
                     continue
-                result = await conn.execute(_SET_GUARDRAILS, {"request_id": entry.record.request_id,
-                                                              "guardrails": entry.guardrails})
-                if result.rowcount:
+                if await conn.execute(_SET_GUARDRAILS, {"request_id": entry.record.request_id,
+                                                        "guardrails": entry.guardrails}):
                     done.add(entry.record.request_id)
         return done
 
@@ -162,10 +171,9 @@ class PromptLogWriter:
         cutoff = datetime.now(UTC) - timedelta(days=self.retention_days)
         deleted = 0
         while True:
-            async with self.engine.begin() as conn:
-                result = await conn.execute(_DELETE_OLD, {"cutoff": cutoff, "batch": RETENTION_BATCH})
-            deleted += result.rowcount or 0
-            if (result.rowcount or 0) < RETENTION_BATCH:
+            gone = await self.database.execute(_DELETE_OLD, {"cutoff": cutoff, "batch": RETENTION_BATCH})
+            deleted += gone
+            if gone < RETENTION_BATCH:
                 return deleted
             await asyncio.sleep(0)  # let the writer in between batches
 
