@@ -1,11 +1,11 @@
 """PostgreSQL through asyncpg alone: a lazily opened pool with timeouts, and statements with named parameters.
 
-Ingress talks to PostgreSQL through this module, not SQLAlchemy, which would cost it about 21 MB of memory
+The services talk to PostgreSQL through this module, not SQLAlchemy, which would cost each about 21 MB of memory
 (docs/decisions/ingress-memory.md). What it guarantees:
 - `Database` opens no connection until the first call, so a process starts while PostgreSQL is down; each call
   is bounded by the timeouts given (connecting, each command, waiting for a pooled connection), so a stopped
-  or silent server fails the call instead of hanging it. A connection the server closed is replaced on the
-  next checkout (asyncpg notices the closed socket).
+  or silent server fails the call instead of hanging it. A connection the server closed is replaced at the
+  next checkout once asyncpg has read the close (a call on it before that fails, and the next one reconnects).
 - JSON and JSONB values go in and come out as Python objects (orjson), both ways.
 - `Query` is SQL text with `:name` parameters, turned once into asyncpg's `$n` form, so a statement reads
   like the SQL it is and its parameters are passed by name. `::type` casts and quoted literals are left as
