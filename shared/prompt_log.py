@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from switchyard.shared.contracts import CONTRACT_VERSION, now_ms, without_nul
+from switchyard.shared.contracts import CONTRACT_VERSION, now_ms, scrub_nul
 
 
 class PromptRecord(BaseModel):
@@ -38,12 +38,11 @@ class PromptRecord(BaseModel):
     usage: dict[str, Any] | None = None
     guardrails: list[dict[str, Any]] = Field(default_factory=list)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nul(cls, data: Any) -> Any:
+    @model_validator(mode="after")
+    def _no_nul(self) -> PromptRecord:
         """Strings carry no NUL, prompts and answers included (PostgreSQL's text and JSONB refuse it; a
         NUL in a prompt is no character a reader of the log needs)."""
-        return without_nul(data)
+        return scrub_nul(self)
 
 
 def attempts_from_route(route: str | None) -> int:
