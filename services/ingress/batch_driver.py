@@ -85,9 +85,8 @@ class BatchDriver:
         free = MAX_BATCHES - len(self.running)
         if free <= 0:
             return
-        async with self.database.transaction() as conn:
-            rows = await conn.fetch(_CLAIM, {"me": self.me, "lease": self.lease, "running": list(self.running),
-                                             "free": free})
+        rows = await self.database.fetch(_CLAIM, {"me": self.me, "lease": self.lease, "running": list(self.running),
+                                                  "free": free})
         for batch_id in (row["id"] for row in rows):
             self.running[batch_id] = asyncio.create_task(self._drive(batch_id))
 

@@ -192,8 +192,7 @@ class BatchRun:
                 continue
             acks.append(await send(self.gateway.producer, topics.REQUESTS, encode(env), key=env.id.encode()))
         await asyncio.gather(*acks)
-        async with self.db.transaction() as conn:
-            await conn.execute(_SUBMITTED, {"id": self.id, "lines": [r["line"] for r in rows]})
+        await self.db.execute(_SUBMITTED, {"id": self.id, "lines": [r["line"] for r in rows]})
 
     async def store(self, records: list[Any], endpoint: str, expires_at_s: float) -> None:
         """Store each line's first answer and the position after `records`, in one transaction.
@@ -260,8 +259,7 @@ class BatchRun:
     async def finish(self, batch: _Batch, final: str) -> None:
         """Write the output and error files and the final status, in one transaction."""
         if final == "completed" and batch.status == "in_progress":
-            async with self.db.transaction() as conn:
-                await conn.execute(_FINALIZING, {"id": self.id, "me": self.driver.me})
+            await self.db.execute(_FINALIZING, {"id": self.id, "me": self.driver.me})
         unanswered = {"cancelled": ("batch_cancelled", "The batch was cancelled before this request ran."),
                       "expired": ("batch_expired", "This request could not be executed before the completion "
                                                    "window expired.")}.get(final)

@@ -122,8 +122,7 @@ def add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
                   "reply_offset": 0,
                   # The replica that accepted it drives it at once; the lease lets another take over if it dies.
                   "driver": driver.me if driver else None, "lease_until": now + driver.lease if driver else None}
-        async with gateway.database().transaction() as conn:
-            row = await conn.fetchrow(_INSERT, values)
+        row = await gateway.database().fetchrow(_INSERT, values)
         assert row is not None
         if driver:
             driver.wake()
@@ -156,8 +155,7 @@ def add_batch_routes(app: FastAPI, gateway: Gateway) -> None:
         """`cancelling` now; the driver stops sending lines, waits for those in flight, then `cancelled`."""
         identity = await gateway.authenticate(request)
         owner = owner_of(identity)
-        async with gateway.database().transaction() as conn:
-            row = await conn.fetchrow(_CANCEL, {"id": batch_id, **owner.params()})
+        row = await gateway.database().fetchrow(_CANCEL, {"id": batch_id, **owner.params()})
         if row is None:
             row = await _get(gateway, batch_id, owner)
             if row["status"] not in ("cancelling", "cancelled"):

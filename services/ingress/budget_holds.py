@@ -42,7 +42,7 @@ from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import Usage
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.periods import period_end, period_start
-from switchyard.shared.pg import Database, Query
+from switchyard.shared.pg import Connection, Database, Query
 from switchyard.shared.pricing import cost
 from switchyard.shared.service import BackgroundTasks
 from switchyard.shared.tokens import estimate_input_tokens, estimate_total_tokens
@@ -82,6 +82,19 @@ WHERE (t.scope, t.scope_id, t.period, t.period_start) = (v.scope, v.scope_id, v.
 
 _KEY_BUDGETS = Query("SELECT key_id, budget_usd, budget_period FROM virtual_keys WHERE budget_usd IS NOT NULL")
 _BUDGETS = Query("SELECT scope, scope_id, budget_usd, budget_period FROM budgets")
+
+Budgets = dict[tuple[str, str], tuple[Decimal, str]]
+"""(scope, scope id) -> (amount in USD, period)."""
+
+
+async def every_budget(conn: Connection) -> Budgets:
+    """Every budget: keys' (a key's period is `month` unless it names one), teams' and projects'."""
+    found: Budgets = {}
+    for r in await conn.fetch(_KEY_BUDGETS):
+        found[("key", r["key_id"])] = (Decimal(r["budget_usd"]), r["budget_period"] or "month")
+    for b in await conn.fetch(_BUDGETS):
+        found[(b["scope"], b["scope_id"])] = (Decimal(b["budget_usd"]), b["budget_period"])
+    return found
 
 
 class _Refused(Exception):
@@ -123,7 +136,7 @@ class BudgetHolds:
         self.database = database
         self.config = config
         self.grace_s = settle_grace_s() if grace_s is None else grace_s
-        self._budgets: dict[tuple[str, str], tuple[Decimal, str]] = {}
+        self._budgets: Budgets = {}
         self._loaded_at = -BUDGETS_REFRESH_S
         self._background = BackgroundTasks()
         self.outage = DatabaseOutage(log, "budget holds", "budgets are enforced only after spend is accounted "
@@ -133,12 +146,8 @@ class BudgetHolds:
         """Every budget (keys', teams', projects'), refreshed at most every BUDGETS_REFRESH_S."""
         if time.monotonic() - self._loaded_at < BUDGETS_REFRESH_S:
             return
-        found: dict[tuple[str, str], tuple[Decimal, str]] = {}
         async with self.database.connection() as conn:
-            for r in await conn.fetch(_KEY_BUDGETS):
-                found[("key", r["key_id"])] = (Decimal(r["budget_usd"]), r["budget_period"] or "month")
-            for b in await conn.fetch(_BUDGETS):
-                found[(b["scope"], b["scope_id"])] = (Decimal(b["budget_usd"]), b["budget_period"])
+            found = await every_budget(conn)
         self._budgets, self._loaded_at = found, time.monotonic()
 
     def _rows(self, identity: Identity, now: datetime) -> list[tuple[Row, Decimal]]:

@@ -88,7 +88,7 @@ class CacheStore:
 
     async def get_exact(self, scope: str, key: str, max_age_s: float | None) -> Found | None:
         row = await self.database.fetchrow(_GET_EXACT, {"scope": scope, "key": key, "max_age": _max_age(max_age_s)})
-        return Found(_decoded(row["entry"])) if row is not None else None
+        return Found(dict(row["entry"])) if row is not None else None
 
     async def get_semantic(self, scope: str, key: str, vector: list[float], threshold: float,
                            max_age_s: float | None) -> Found | None:
@@ -97,7 +97,7 @@ class CacheStore:
         params = {"scope": scope, "key": key, "vector": vector, "dim": len(vector), "threshold": threshold,
                   "max_age": _max_age(max_age_s), "candidates": candidates}
         row = await self.database.fetchrow(_GET_SEMANTIC, params)
-        return Found(_decoded(row["entry"]), float(row["sim"])) if row is not None else None
+        return Found(dict(row["entry"]), float(row["sim"])) if row is not None else None
 
     async def put(self, scope: str, key: str, semantic_key: str | None, vector: list[float] | None,
                   model_group: str, ttl_s: float, entry: dict[str, Any]) -> bool:
@@ -122,8 +122,3 @@ class CacheStore:
 def _max_age(max_age_s: float | None) -> float:
     return NO_MAX_AGE_S if max_age_s is None else max_age_s
 
-
-def _decoded(entry: Any) -> dict[str, Any]:
-    """The stored entry (a `json` column: text as stored, decoded in its order, so a replay keeps the original
-    key order)."""
-    return dict(orjson.loads(entry) if isinstance(entry, (str, bytes)) else entry)

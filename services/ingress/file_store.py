@@ -127,9 +127,7 @@ async def list_files(db: Database, owner: Owner, purpose: str | None, limit: int
 
 
 async def delete_file(db: Database, file_id: str, owner: Owner) -> bool:
-    async with db.transaction() as conn:
-        deleted = await conn.execute(_DELETE_FILE, {"id": file_id, **owner.params()})
-    return bool(deleted)
+    return bool(await db.execute(_DELETE_FILE, {"id": file_id, **owner.params()}))
 
 
 async def chunks(db: Database, file_id: str) -> AsyncIterator[bytes]:

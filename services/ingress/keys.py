@@ -32,6 +32,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
+from switchyard.services.ingress.budget_holds import every_budget
 from switchyard.services.ingress.database import DATABASE_ERRORS, RETRY_AFTER_S, DatabaseOutage
 from switchyard.services.ingress.key_records import BudgetSpec, KeyRecord, KeySpec
 from switchyard.shared.contracts import KeyEvent
@@ -65,8 +66,6 @@ _ALL_KEYS = Query(_SELECT_KEYS)
 _KEY_BY_ID = Query(_SELECT_KEYS + " WHERE key_id = :key_id")
 _KEY_BY_HASH = Query(_SELECT_KEYS + " WHERE key_hash = :key_hash")
 _KEY_EXISTS = Query("SELECT key_id FROM virtual_keys WHERE key_id = :key_id")
-_KEY_BUDGETS = Query("SELECT key_id, budget_usd, budget_period FROM virtual_keys WHERE budget_usd IS NOT NULL")
-_BUDGETS = Query("SELECT scope, scope_id, budget_usd, budget_period, alert_thresholds FROM budgets")
 _SPENT = Query("SELECT cost_usd FROM spend_totals "
                "WHERE scope = :scope AND scope_id = :scope_id AND period = :period AND period_start = :start")
 _SET_BUDGET = Query("""
@@ -160,16 +159,11 @@ class KeyStore:
     async def _current_blocks(self, conn: Connection) -> dict[str, tuple[float, str]]:
         """Scopes whose spend in their budget's current period has reached the budget."""
         now = datetime.now(UTC)
-        limits: list[tuple[str, str, str, Decimal]] = []
-        for row in await conn.fetch(_KEY_BUDGETS):
-            limits.append(("key", row["key_id"], row["budget_period"] or "month", row["budget_usd"]))
-        for row in await conn.fetch(_BUDGETS):
-            limits.append((row["scope"], row["scope_id"], row["budget_period"], row["budget_usd"]))
         out: dict[str, tuple[float, str]] = {}
-        for scope, scope_id, period, amount in limits:
+        for (scope, scope_id), (amount, period) in (await every_budget(conn)).items():
             total = await conn.fetchval(_SPENT, {"scope": scope, "scope_id": scope_id, "period": period,
                                                  "start": period_start(period, now)})
-            if total is not None and Decimal(total) >= Decimal(amount):
+            if total is not None and Decimal(total) >= amount:
                 out[f"{scope}:{scope_id}"] = (period_end(period, now).timestamp(), f"{period} budget of ${amount}")
         return out
 
