@@ -17,11 +17,11 @@ import pytest
 from switchyard.devstack.children import write_stack
 from switchyard.services.ingress.admission import InFlightCap, timeout_s
 from switchyard.services.ingress.replies import REPLY_OVERHEAD, Pending, StreamBuffers
-from switchyard.services.router.routing import decide
 from switchyard.shared import topics
 from switchyard.shared.breaker import BreakerSettings, HealthBook
 from switchyard.shared.contracts import AttemptRecord, Reply, RequestEnvelope
 from switchyard.shared.errors import GatewayError
+from switchyard.shared.routing import decide
 from tests.test_routing import T0, cfg, env_for
 
 CONFIG = """

@@ -65,11 +65,12 @@ def _cancels_until(stack: RunningStack, request_id: str) -> list[str]:
 
 
 def _request_id_of(stack: RunningStack, nonce: str) -> str:
-    """The id ingress gave the request whose prompt holds `nonce` (from its envelope on llm.requests)."""
+    """The id ingress gave the request whose prompt holds `nonce` (from its envelope on the openai provider topic,
+    where ingress routes the first attempt)."""
     def ids(messages: list[bytes]) -> list[str]:
         return [RequestEnvelope.model_validate_json(m).id for m in messages if nonce.encode() in m]
 
-    return ids(asyncio.run(_read_until(stack.bootstrap, topics.REQUESTS, lambda ms: bool(ids(ms)))))[0]
+    return ids(asyncio.run(_read_until(stack.bootstrap, topics.provider_topic("openai"), lambda ms: bool(ids(ms)))))[0]
 
 
 def _body(text: str, **extra: Any) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from switchyard.services.ingress.anthropic_api import (
     to_openai_request,
 )
 from switchyard.services.ingress.anthropic_messages import Untranslatable
-from switchyard.services.router.routing import decide
 from switchyard.services.workers.providers import ADAPTERS, get_adapter
 from switchyard.services.workers.providers import native as worker_native
 from switchyard.shared.breaker import HealthBook
@@ -25,6 +24,7 @@ from switchyard.shared.config import parse_config
 from switchyard.shared.contracts import CONTRACT_VERSION, ENVELOPE_VERSION, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.native import NATIVE_FORMATS, NATIVE_REQUIRED
+from switchyard.shared.routing import decide
 
 WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
 BASH = {"type": "bash_20250124", "name": "bash"}

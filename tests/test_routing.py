@@ -14,19 +14,19 @@ from typing import Any
 
 import pytest
 
-from switchyard.services.router.routing import (
-    BACKOFF_BASE_S,
-    MAX_ATTEMPTS,
-    Decision,
-    decide,
-    estimate_input_tokens,
-)
 from switchyard.shared.breaker import BreakerSettings, HealthBook
 from switchyard.shared.config import parse_config
 from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import AttemptEvent, AttemptRecord, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.pricing import lookup
+from switchyard.shared.routing import (
+    BACKOFF_BASE_S,
+    MAX_ATTEMPTS,
+    Decision,
+    decide,
+    estimate_input_tokens,
+)
 
 T0 = now_ms()
 _ids = itertools.count()

@@ -217,22 +217,36 @@ def test_latency_strategy_shifts_traffic_away_from_a_slow_deployment(routing_sta
     assert len(route_fakes["slow"].calls()) <= 5
 
 
-def test_two_routers_share_cooldowns(routing_stack: RunningStack, route_fakes: Fakes, client: httpx.Client) -> None:
+def test_ingress_and_both_routers_share_cooldowns(routing_stack: RunningStack, route_fakes: Fakes,
+                                                  client: httpx.Client) -> None:
+    """Ingress routes every first attempt and the routers every retry: all of them keep out of the deployment
+    that asked for 30 s, from the one event its worker published."""
     assert {"router-0", "router-1"} <= set(read_stack(routing_stack.cwd).get("children", {}))
     route_fakes["shared_a"].inject(status=429, retry_after=30, times=1)  # one 429, then it would answer fine
     first = chat(routing_stack, client, "shared", "first")
     assert first.status_code == 200
     assert served_by(first) == "shared/1"
-    time.sleep(0.5)  # the attempt event reaches both routers
+    time.sleep(0.5)  # the attempt event reaches ingress and both routers
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(4) as pool:  # first attempts: ingress's decisions
         responses = list(pool.map(lambda i: chat(routing_stack, client, "shared", f"q{i}"), range(24)))
     assert [r.status_code for r in responses] == [200] * 24
     assert {served_by(r) for r in responses} == {"shared/1"}
-    assert len(route_fakes["shared_a"].calls()) == 1, "a router sent traffic to the deployment that asked for 30 s"
-    # The requests were spread over the partitions of both routers: `switchyard up --replicas router=2` gives
-    # llm.requests two partitions, one per router.
-    partitions = {(murmur2(r.headers[topics.HEADER_REQUEST_ID].encode()) & 0x7FFFFFFF) % 2 for r in responses}
+    assert len(route_fakes["shared_a"].calls()) == 1, "ingress sent traffic to the deployment that asked for 30 s"
+
+    # Retries: each of these fails once on shared/1, so a router picks its next attempt. shared/0 is the only
+    # untried deployment; a router that did not know it is cooling down would send the retry there.
+    retried = []
+    for i in range(12):
+        route_fakes["shared_b"].inject(status=503, times=1)
+        r = chat(routing_stack, client, "shared", f"retry {i}")
+        assert r.status_code == 200, r.text
+        assert served_by(r) == "shared/1" and r.headers[topics.HEADER_ROUTE].endswith("attempt=1")
+        retried.append(r)
+    assert len(route_fakes["shared_a"].calls()) == 1, "a router sent a retry to the deployment that asked for 30 s"
+    # The retries were spread over the partitions of both routers: `switchyard up --replicas router=2` gives
+    # llm.requests two partitions, one per router, and a retry is keyed by its request id.
+    partitions = {(murmur2(r.headers[topics.HEADER_REQUEST_ID].encode()) & 0x7FFFFFFF) % 2 for r in retried}
     assert partitions == {0, 1}
 
 

@@ -28,6 +28,7 @@ from switchyard.services.ingress.batch_driver import BatchDriver
 from switchyard.services.ingress.budget_holds import BudgetHolds, Hold
 from switchyard.services.ingress.cache import ResponseCache
 from switchyard.services.ingress.database import DATABASE_ERRORS, admin_database, request_database
+from switchyard.services.ingress.first_attempt import FirstAttempt
 from switchyard.services.ingress.guarding import RequestGuard
 from switchyard.services.ingress.hold import AdmissionHold
 from switchyard.services.ingress.keys import KEY_PREFIX, REFRESH_S, KeyStore, key_hash_secret
@@ -41,6 +42,7 @@ from switchyard.shared.errors import GatewayError
 from switchyard.shared.guardrails import Guardrails
 from switchyard.shared.kafka import make_consumer, make_producer, start_client, topic_partitions
 from switchyard.shared.kafka_delivery import encode, send, send_and_wait
+from switchyard.shared.kafka_destinations import DeliveryRefused
 from switchyard.shared.pg import Database
 from switchyard.shared.prompt_log import PromptRecord
 from switchyard.shared.service import BackgroundTasks
@@ -86,6 +88,7 @@ class Gateway:
         if is_tansu():
             self.hold.install()
         self.guardrails = Guardrails(config.guardrails)
+        self.first_attempt = FirstAttempt(settings.bootstrap_servers, config)
 
     def guard(self, identity: Identity, model: str) -> RequestGuard:
         """The guardrails of a request (the model group's and the key's) and whether its prompt is logged."""
@@ -121,6 +124,7 @@ class Gateway:
         self.producer = make_producer(self.settings.bootstrap_servers)
         self.replies = ReplyListener(self.settings.bootstrap_servers, topics.REPLIES, self.reply_partition)
         await start_client(self.producer, "ingress-producer")
+        await self.first_attempt.start()
         self.cache = ResponseCache(self.config, self.settings.database_url, self)
         self.cache.start()
         if self.settings.database_url:
@@ -144,6 +148,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await self.replies.stop()
+        await self.first_attempt.stop()
         await self.cache.close()
         with contextlib.suppress(TimeoutError):  # a broker that is gone cannot hold the shutdown
             await asyncio.wait_for(self._background.drain(), PUBLISH_DRAIN_S)
@@ -306,15 +311,20 @@ class Gateway:
         return now_ms() + int(timeout * 1000)
 
     async def submit(self, envelope: RequestEnvelope, trace: tracing.Hop | None = None) -> Pending:
-        """Register for the reply, then write the envelope (with the request's trace context) and wait for the
-        broker's acknowledgement."""
+        """Route the first attempt (services/ingress/first_attempt.py), register for the reply, then write the
+        envelope to its provider's topic (with the decision's trace context) and wait for the broker's
+        acknowledgement. Routing's refusal is raised before anything is written."""
+        topic, route = self.first_attempt.route(envelope, trace)
         value = encode(envelope)  # before the try: a body that cannot be encoded is not a broker outage
         async with self.hold.admitted():  # waits while `switchyard up` rotates the Tansu broker
             pending = self.replies.register(envelope.id)
         try:
-            fut = await send(self.producer, topics.REQUESTS, value, key=envelope.id.encode(),
-                             headers=trace.headers() if trace is not None else None)
+            fut = await send(self.producer, topic, value, key=envelope.id.encode(), headers=route.headers())
             await fut
+        except DeliveryRefused as refused:  # e.g. a provider topic that takes less than the body
+            self.replies.unregister(envelope.id)
+            raise GatewayError(refused.status, f"The request cannot be routed: {refused.message}.",
+                               code="delivery_refused") from None
         except Exception as e:
             self.replies.unregister(envelope.id)
             log.error("could not enqueue request", extra={"request_id": envelope.id, "error": repr(e)})

@@ -176,8 +176,9 @@ class Relay:
                 return call
         try:
             call.pending = await gateway.submit(envelope, getattr(state, "trace", None))
-        except GatewayError:
+        except GatewayError:  # routing refused it, or the broker did: answered here, and logged like any answer
             gateway.finish(identity, estimate, None)
+            gateway.publish_record(guard.record(envelope.id, identity.key_id, model, kind, stream))
             raise
         if cached is not None:
             call.pending = gateway.cache.recording(call.pending, cached)

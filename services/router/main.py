@@ -1,5 +1,9 @@
 """`switchyard router`: consume `llm.requests`, pick a deployment, publish to its provider topic.
 
+What arrives here is every attempt ingress did not route itself: a failed attempt coming back with its history,
+and batch envelopes (the Batches API's lines and batch producers'). Ingress routes an interactive request's
+first attempt by the same rules over the same health (services/ingress/first_attempt.py).
+
 Health comes from `llm.events` (read in full by every replica, from two minutes back on
 start, and caught up before the first request is routed), so routers hold no state that
 another replica lacks. Offsets are committed after every message of a batch has been
@@ -25,7 +29,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from switchyard.services.router.routing import decide
 from switchyard.shared import gc_settings, metrics, topics, tracing
 from switchyard.shared.answers import answer, refuse_unreadable
 from switchyard.shared.breaker import BreakerSettings, HealthBook
@@ -42,6 +45,7 @@ from switchyard.shared.kafka_destinations import DeliveryRefused
 from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
+from switchyard.shared.routing import decide
 from switchyard.shared.service import run_until_signal
 from switchyard.shared.settings import load_settings
 

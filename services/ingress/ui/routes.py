@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -150,8 +148,7 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
         return json_response({"object": "list", "by": by, "since": start.isoformat(),
                               "until": end.isoformat() if end else None, "data": rows})
 
-    watch = ProviderWatch(gateway.settings.bootstrap_servers)
-    _stop_with_app(app, watch.stop)
+    watch = ProviderWatch(gateway.settings.bootstrap_servers, gateway.first_attempt)
 
     @app.get("/v1/dashboard/providers")
     @needs_database
@@ -162,7 +159,7 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
         configured = [{"deployment": d.id, "provider": d.provider, "model_group": m.name}
                       for m in gateway.config.models for d in m.deployments]
         rows = await queries.deployments(gateway.database(), configured)
-        states = await watch.states([r["deployment"] for r in rows])
+        states = watch.states([r["deployment"] for r in rows])
         pools, backlog_error = await watch.backlogs(gateway.config.providers())
         for row in rows:
             row["state"] = states.get(row["deployment"], "closed") if states is not None else None
@@ -203,21 +200,6 @@ def add_ui_routes(app: FastAPI, gateway: Gateway) -> None:
                                code="request_not_found")
         return json_response({"request_id": request_id, "attempts": attempts,
                               "cost_usd": round(sum(a["cost_usd"] for a in attempts), 10)})
-
-
-def _stop_with_app(app: FastAPI, stop: Callable[[], Awaitable[None]]) -> None:
-    """Run `stop` when the app's lifespan ends (after ingress's own shutdown), without touching app.py."""
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(a: Any) -> AsyncIterator[Any]:
-        async with inner(a) as state:
-            try:
-                yield state
-            finally:
-                await stop()
-
-    app.router.lifespan_context = lifespan
 
 
 def _csv(by: str, rows: list[dict[str, Any]]) -> Response:

@@ -27,7 +27,7 @@ from switchyard.shared.native import native_required, required_format, speaks
 from switchyard.shared.pricing import lookup
 from switchyard.shared.tokens import DEFAULT_OUTPUT_TOKENS, estimate_input_tokens, text_of
 
-log = logging.getLogger("switchyard.router")
+log = logging.getLogger("switchyard.routing")
 
 MAX_ATTEMPTS = 6
 """Attempts after which a request that has no untried deployment left gets its last error."""
