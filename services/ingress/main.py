@@ -7,6 +7,7 @@ import argparse
 import uvicorn
 
 from switchyard.services.ingress.app import Gateway, create_app, reply_partition_from_env
+from switchyard.services.ingress.http_writes import HttpProtocol
 from switchyard.shared import gc_settings, tracing
 from switchyard.shared.config import load_config
 from switchyard.shared.logs import setup_logging
@@ -22,6 +23,6 @@ def run(args: argparse.Namespace) -> None:
     app = create_app(gateway)
     gc_settings.freeze_startup_objects()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
+                loop="uvloop", http=HttpProtocol, timeout_graceful_shutdown=10,
                 server_header=False)
     tracing.shutdown()
