@@ -1,4 +1,4 @@
-"""uvicorn's HTTP/1.1 protocol, with the writes of one event-loop turn sent as one.
+"""uvicorn's HTTP/1.1 protocol, with a response's head sent together with its body.
 
 uvicorn writes a response's status line and headers as soon as the app sends `http.response.start`, and its
 body on `http.response.body`: two `send` calls and two TCP segments for every JSON answer. A write to a local
@@ -6,11 +6,14 @@ socket costs tens of microseconds of CPU here (the kernel delivers it to the rea
 the two writes were an eighth of ingress's CPU under load (`bench/results/2026-12-02-profile-edge.md`).
 
 Guarantees:
-- Bytes leave in the order they were written, once the current turn of the event loop ends (`call_soon`),
-  so a head and a body sent without an await between them leave together; nothing waits longer than that.
-- `close()` sends what is pending before closing; `abort()` drops it, as aborting does.
+- A response's head is held until the end of the current turn of the event loop (`call_soon`), and whatever
+  is written meanwhile joins it, so a head and a body sent without an await between them leave as one write.
+  Nothing waits longer than that turn, and bytes leave in the order they were written.
+- Every other write goes straight to the socket: a stream's frames, which arrive one reply at a time, pay
+  nothing for the holding.
+- `close()` sends what is held before closing; `abort()` drops it, as aborting does.
 - Flow control is uvicorn's own: the real transport still pauses and resumes the protocol, and the bytes
-  pending here are counted in `get_write_buffer_size()`.
+  held here are counted in `get_write_buffer_size()`.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+HEAD = b"HTTP/"
+"""How every status line uvicorn writes begins."""
+
 
 class CoalescingTransport(asyncio.Transport):
-    """A transport whose writes within one event-loop turn reach the socket as one write."""
+    """A transport that holds a response's head until the end of the event-loop turn, so its body joins it."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -31,9 +37,13 @@ class CoalescingTransport(asyncio.Transport):
         self._pending: list[bytes] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
+        if self._pending:  # joins what is held, in order
+            self._pending.append(bytes(data))
+        elif data[:5] == HEAD:  # a status line: its body usually follows in this turn
+            self._pending.append(bytes(data))
             self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
+        else:
+            self._transport.write(data)
 
     def _flush(self) -> None:
         if not self._pending:
