@@ -26,16 +26,22 @@ from switchyard.shared.kafka import lagging_fetch, make_consumer, start_client, 
 log = logging.getLogger("switchyard.health")
 HEALTH_REPLAY_MS = 120_000
 CATCH_UP_TIMEOUT_S = 15.0
+FIRST_ATTEMPT_WAIT_MS = 50
+"""How long the broker may hold an empty fetch of a reader that routes first attempts (ingress): a cooldown reaches
+it within this, and at idle it asks this often. Under load a fetch returns as soon as 16 KiB of events wait."""
+RETRY_WAIT_MS = 250
+"""The same for a reader that routes only retries and batch lines (routers): a retry already skips the deployment
+that failed it, so the rest of the health may be a little older, and an idle router asks 4 times a second."""
 
 
 class HealthFeed:
     """Keeps `book` up to date from `llm.events`: `start()`, then run `follow()` until cancelled, then `stop()`."""
 
-    def __init__(self, bootstrap: str, book: HealthBook, client: str) -> None:
+    def __init__(self, bootstrap: str, book: HealthBook, client: str, wait_ms: int = FIRST_ATTEMPT_WAIT_MS) -> None:
         self.book = book
         self.client = client
-        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=50,
-                                                     **lagging_fetch(50, 16 << 10))
+        self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=wait_ms,
+                                                     **lagging_fetch(wait_ms, 16 << 10))
         self.caught_up = False
 
     async def start(self) -> None:

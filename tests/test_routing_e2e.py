@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka.partitioner import murmur2
+from prometheus_client.parser import text_string_to_metric_families
 
 from switchyard.shared import topics
+from switchyard.shared.metrics import BREAKER_STATES
 from switchyard.shared.settings import read_stack
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Recorded
@@ -95,6 +97,29 @@ def served_by(r: httpx.Response) -> str:
     """The deployment named by `x-switchyard-route: group=..; deployment=..; attempt=..`."""
     parts = dict(p.strip().split("=", 1) for p in r.headers[topics.HEADER_ROUTE].split(";"))
     return parts["deployment"]
+
+
+def breaker_states(stack: RunningStack, deployment: str) -> dict[str, str | None]:
+    """`deployment`'s breaker state as ingress holds it (the dashboard) and as each router holds it (its
+    `switchyard_deployment_state` metric)."""
+    names = {value: name for name, value in BREAKER_STATES.items()}
+    rows = httpx.get(f"{stack.url}/v1/dashboard/providers", headers=stack.headers(), timeout=10).json()
+    states: dict[str, str | None] = {
+        "ingress": next((d["state"] for d in rows["deployments"] if d["deployment"] == deployment), None)}
+    for name, url in stack.info["metrics_urls"].items():
+        if name.startswith("router"):
+            for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+                for sample in family.samples:
+                    if sample.name == "switchyard_deployment_state" and sample.labels["deployment"] == deployment:
+                        states[name] = names[int(sample.value)]
+    return states
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def for_seconds(seconds: float, send: Callable[[int], httpx.Response],
@@ -226,7 +251,10 @@ def test_ingress_and_both_routers_share_cooldowns(routing_stack: RunningStack, r
     first = chat(routing_stack, client, "shared", "first")
     assert first.status_code == 200
     assert served_by(first) == "shared/1"
-    time.sleep(0.5)  # the attempt event reaches ingress and both routers
+    # The attempt event reaches ingress (its dashboard shows its own book) and both routers (their metric).
+    wait_until(lambda: breaker_states(routing_stack, "shared/0") == {"ingress": "open", "router-0": "open",
+                                                                     "router-1": "open"},
+               "ingress and both routers to hold shared/0 open")
 
     with ThreadPoolExecutor(4) as pool:  # first attempts: ingress's decisions
         responses = list(pool.map(lambda i: chat(routing_stack, client, "shared", f"q{i}"), range(24)))

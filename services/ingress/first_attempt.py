@@ -51,9 +51,8 @@ class FirstAttempt:
 
     @property
     def following(self) -> bool:
-        """Whether `llm.events` is being followed now (the dashboard shows breaker states only then)."""
-        return self._feed is not None and self._feed.caught_up and self._follow is not None \
-            and not self._follow.done()
+        """Whether `llm.events` is being followed (since `start()`; the dashboard shows breaker states only then)."""
+        return self._follow is not None and not self._follow.done()
 
     async def start(self) -> None:
         """Replay recent health and keep following it (aiokafka clients are made in the running loop)."""

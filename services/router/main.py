@@ -38,7 +38,7 @@ from switchyard.shared.contracts import ENVELOPE_VERSION, RequestEnvelope, now_m
 from switchyard.shared.dead import bury
 from switchyard.shared.errors import GatewayError, nesting_error, timeout_error
 from switchyard.shared.health import serve_health
-from switchyard.shared.health_feed import HealthFeed
+from switchyard.shared.health_feed import RETRY_WAIT_MS, HealthFeed
 from switchyard.shared.kafka import group_instance_id, make_consumer, make_producer, start_client
 from switchyard.shared.kafka_delivery import check_destination, encode, send_and_wait
 from switchyard.shared.kafka_destinations import DeliveryRefused
@@ -63,7 +63,7 @@ class Router:
         self.requests: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=topics.ROUTER_GROUP,
                                                        group_instance_id=group_instance_id(topics.ROUTER_GROUP))
         self.offsets = BatchOffsets(self.requests)
-        self.feed = HealthFeed(bootstrap, self.health, "router-events")
+        self.feed = HealthFeed(bootstrap, self.health, "router-events", wait_ms=RETRY_WAIT_MS)
         self.ready = False
 
     async def start(self) -> None:
