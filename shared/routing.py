@@ -23,6 +23,7 @@ from switchyard.shared.breaker import HealthBook
 from switchyard.shared.config_schema import Deployment, GatewayConfig, ModelGroup, RouteRule
 from switchyard.shared.contracts import AttemptRecord, NativeFormat, RequestEnvelope
 from switchyard.shared.errors import RETRYABLE_STATUSES, GatewayError
+from switchyard.shared.kafka_destinations import DeliveryRefused
 from switchyard.shared.native import native_required, required_format, speaks
 from switchyard.shared.pricing import lookup
 from switchyard.shared.tokens import DEFAULT_OUTPUT_TOKENS, estimate_input_tokens, text_of
@@ -43,6 +44,21 @@ class Decision:
     deployment: Deployment
     not_before_ms: int = 0
     rule: str | None = None
+
+    def apply(self, env: RequestEnvelope) -> str:
+        """Write the decision into `env` (model group, deployment, not-before); the provider topic it goes to."""
+        env.model_group = self.group.name
+        env.deployment = self.deployment.id
+        env.not_before_ms = self.not_before_ms
+        log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt,
+                                   "rule": self.rule, "not_before_ms": env.not_before_ms})
+        return topics.provider_topic(self.deployment.provider, batch=env.priority == "batch")
+
+    def span_attributes(self, env: RequestEnvelope) -> dict[str, str | int]:
+        """What a `route` span says about the decision (never the request's content)."""
+        return {"gen_ai.request.model": env.model, "switchyard.model_group": self.group.name,
+                "switchyard.deployment": self.deployment.id, "gen_ai.provider.name": self.deployment.provider,
+                "switchyard.attempt": env.attempt, "switchyard.request_id": env.id, "switchyard.rule": self.rule or ""}
 
 
 # ---- request features -------------------------------------------------------------------------
@@ -241,6 +257,25 @@ def pick(group: ModelGroup, candidates: list[Deployment], health: HealthBook, en
 def backoff_s(attempt: int, rng: random.Random) -> float:
     """Exponential backoff with full jitter."""
     return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def route(env: RequestEnvelope, config: GatewayConfig, health: HealthBook, now_ms: int,
+          rng: random.Random | None = None) -> Decision:
+    """`decide`, where a fault inside routing (a bug) is a 500 `routing_error`, logged: a bug must neither leave
+    the caller without an answer nor crash-loop a consumer on one message."""
+    try:
+        return decide(env, config, health, now_ms, rng)
+    except GatewayError:
+        raise
+    except Exception:
+        log.exception("routing failed", extra={"request_id": env.id})
+        raise GatewayError(500, "The gateway could not route this request.", code="routing_error") from None
+
+
+def undeliverable(refused: DeliveryRefused) -> GatewayError:
+    """The answer to a routed envelope its provider's topic refuses (e.g. too large for it)."""
+    return GatewayError(refused.status, f"The request cannot be routed: {refused.message}.", code="delivery_refused",
+                        retryable=False)
 
 
 def decide(env: RequestEnvelope, config: GatewayConfig, health: HealthBook, now_ms: int,

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from switchyard.services.ingress import first_attempt
 from switchyard.services.ingress.first_attempt import FirstAttempt
-from switchyard.shared import topics
+from switchyard.shared import routing, topics
 from switchyard.shared.config import parse_config
 from switchyard.shared.contracts import AttemptEvent, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
@@ -73,7 +72,7 @@ def test_a_fault_inside_routing_is_a_500_routing_error_not_a_crash(monkeypatch: 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(first_attempt, "decide", broken)
+    monkeypatch.setattr(routing, "decide", broken)
     with pytest.raises(GatewayError) as raised:
         FirstAttempt("127.0.0.1:9", CONFIG).route(envelope(), None)
     assert (raised.value.status, raised.value.code) == (500, "routing_error")

@@ -26,13 +26,13 @@ import random
 
 from opentelemetry.trace import SpanKind
 
-from switchyard.shared import topics, tracing
+from switchyard.shared import tracing
 from switchyard.shared.breaker import BreakerSettings, HealthBook
 from switchyard.shared.config_schema import GatewayConfig
 from switchyard.shared.contracts import RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError
 from switchyard.shared.health_feed import HealthFeed
-from switchyard.shared.routing import decide
+from switchyard.shared.routing import route
 
 log = logging.getLogger("switchyard.ingress")
 RESTART_S = 1.0
@@ -88,20 +88,11 @@ class FirstAttempt:
         context = parent.context if parent is not None else None
         hop = tracing.start("route", context, SpanKind.INTERNAL) if tracing.enabled() else tracing.Hop(None, context)
         try:
-            decision = decide(envelope, self.config, self.book, now_ms(), self.rng)
+            decision = route(envelope, self.config, self.book, now_ms(), self.rng)
         except GatewayError as e:
-            hop.end(error=e.type)
+            hop.end(error=e.code if e.code == "routing_error" else e.type)
             raise
-        except Exception:
-            log.exception("routing failed", extra={"request_id": envelope.id})
-            hop.end(error="routing_error")
-            raise GatewayError(500, "The gateway could not route this request.", code="routing_error") from None
-        envelope.model_group = decision.group.name
-        envelope.deployment = decision.deployment.id
-        envelope.not_before_ms = decision.not_before_ms
-        hop.set({"gen_ai.request.model": envelope.model, "switchyard.model_group": envelope.model_group,
-                 "switchyard.deployment": envelope.deployment, "gen_ai.provider.name": decision.deployment.provider,
-                 "switchyard.attempt": envelope.attempt, "switchyard.request_id": envelope.id,
-                 "switchyard.rule": decision.rule or ""})
+        topic = decision.apply(envelope)
+        hop.set(decision.span_attributes(envelope))
         hop.end()
-        return topics.provider_topic(decision.deployment.provider), hop
+        return topic, hop

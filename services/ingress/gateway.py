@@ -45,6 +45,7 @@ from switchyard.shared.kafka_delivery import encode, send, send_and_wait
 from switchyard.shared.kafka_destinations import DeliveryRefused
 from switchyard.shared.pg import Database
 from switchyard.shared.prompt_log import PromptRecord
+from switchyard.shared.routing import undeliverable
 from switchyard.shared.service import BackgroundTasks
 from switchyard.shared.settings import Settings
 from switchyard.shared.tansu import is_tansu
@@ -323,8 +324,7 @@ class Gateway:
             await fut
         except DeliveryRefused as refused:  # e.g. a provider topic that takes less than the body
             self.replies.unregister(envelope.id)
-            raise GatewayError(refused.status, f"The request cannot be routed: {refused.message}.",
-                               code="delivery_refused") from None
+            raise undeliverable(refused) from None
         except Exception as e:
             self.replies.unregister(envelope.id)
             log.error("could not enqueue request", extra={"request_id": envelope.id, "error": repr(e)})

@@ -45,7 +45,7 @@ from switchyard.shared.kafka_destinations import DeliveryRefused
 from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
 from switchyard.shared.logs import setup_logging
-from switchyard.shared.routing import decide
+from switchyard.shared.routing import route, undeliverable
 from switchyard.shared.service import run_until_signal
 from switchyard.shared.settings import load_settings
 
@@ -150,30 +150,16 @@ class Router:
         if env.expired(now):
             return await self.answer(env, timeout_error())
         try:
-            decision = decide(env, self.config, self.health, now, self.rng)
+            decision = route(env, self.config, self.health, now, self.rng)
         except GatewayError as e:
             return await self.answer(env, e)
-        except Exception:
-            # A bug must not leave the caller without an answer, nor crash-loop on this message.
-            log.exception("routing failed", extra={"request_id": env.id})
-            return await self.answer(env, GatewayError(500, "The router could not route this request.",
-                                                       code="routing_error"))
-        env.model_group = decision.group.name
-        env.deployment = decision.deployment.id
-        hop.set({"gen_ai.request.model": env.model, "switchyard.model_group": env.model_group,
-                 "switchyard.deployment": env.deployment, "gen_ai.provider.name": decision.deployment.provider,
-                 "switchyard.attempt": env.attempt, "switchyard.request_id": env.id,
-                 "switchyard.rule": decision.rule or ""})
-        env.not_before_ms = decision.not_before_ms
-        topic = topics.provider_topic(decision.deployment.provider, batch=env.priority == "batch")
-        log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt,
-                                   "rule": decision.rule, "not_before_ms": env.not_before_ms})
+        topic = decision.apply(env)
+        hop.set(decision.span_attributes(env))
         try:
             await send_and_wait(self.producer, topic, encode(env), key=env.id.encode(),
                                 headers=tracing.current_headers())
         except DeliveryRefused as refused:  # e.g. routing made a batch producer's largest envelope too large
-            await self.answer(env, GatewayError(refused.status, f"The request cannot be routed: {refused.message}.",
-                                                code="delivery_refused", retryable=False))
+            await self.answer(env, undeliverable(refused))
 
     async def answer(self, env: RequestEnvelope, err: GatewayError) -> None:
         """The request's terminal answer, from the router: no deployment left, or its deadline passed.
