@@ -256,7 +256,7 @@ class Worker:
             err = GatewayError(500, "The worker failed while handling this request.", code="worker_error",
                                retryable=False)
         try:
-            await self.outbox.reply_error(env, err)
+            await (await self.outbox.reply_error(env, err))
         except KafkaError:
             raise
         except Exception:

@@ -31,9 +31,9 @@ from switchyard.shared.contracts import (
     UsageEvent,
     now_ms,
 )
-from switchyard.shared.dead import bury, deliver_or_bury
+from switchyard.shared.dead import bury, send_or_bury
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.kafka_delivery import deliver, encode, send_and_wait
+from switchyard.shared.kafka_delivery import deliver, encode, queue_then, send_and_wait
 from switchyard.shared.kafka_destinations import REFUSED_TOO_LARGE, DeliveryRefused, too_large
 from switchyard.shared.parts import MAX_REPLY_BYTES, split
 
@@ -47,7 +47,16 @@ class Outbox:
         self.producer = producer
         self.service = service
 
-    def send_reply(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
+    async def send_reply(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
+        """Queue a reply; the future of its delivery (`deliver_reply`'s outcome)."""
+        value = encode(reply)
+        if reply.type == "response" and len(value) >= topics.MAX_MESSAGE_BYTES:
+            return self.reply_later(env, reply)
+        return await queue_then(lambda: self.deliver_reply(env, reply), self.producer, env.reply_topic, value,
+                                key=env.id.encode(), partition=env.reply_partition, headers=tracing.current_headers())
+
+    def reply_later(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
+        """`deliver_reply` as a task, for a caller that cannot await (a stream's acknowledgement callback)."""
         return asyncio.ensure_future(self.deliver_reply(env, reply))
 
     async def deliver_reply(self, env: RequestEnvelope, reply: Reply, replaceable: bool = True) -> Any:
@@ -91,10 +100,10 @@ class Outbox:
         return await send_and_wait(self.producer, env.reply_topic, encode(whole), key=env.id.encode(),
                                    partition=env.reply_partition)
 
-    def reply_error(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:
+    async def reply_error(self, env: RequestEnvelope, err: GatewayError) -> asyncio.Future[Any]:
         reply = Reply(id=env.id, attempt=env.attempt, seq=OUT_OF_BAND, type="error", status=err.status,
                       data=err.body(), headers=err.response_headers(), custom_id=env.custom_id)
-        return self.send_reply(env, reply)
+        return await self.send_reply(env, reply)
 
     def retry(self, env: RequestEnvelope, dep: Deployment, err: GatewayError,
                latency_ms: float = 0.0) -> asyncio.Future[Any]:
@@ -108,16 +117,18 @@ class Outbox:
         return deliver(self.producer, topics.REQUESTS, encode(nxt), key=env.id.encode(),
                        headers=tracing.current_headers())
 
-    def record(self, topic: str, message: UsageEvent | AttemptEvent, key: bytes) -> asyncio.Future[Any]:
+    async def record(self, topic: str, message: UsageEvent | AttemptEvent, key: bytes) -> asyncio.Future[Any]:
         """Usage and events have no caller to answer: what the broker refuses is dead-lettered."""
-        return deliver_or_bury(self.producer, topic, encode(message), key=key, service=self.service,
-                               request_id=message.request_id, headers=tracing.current_headers())
+        value, headers = encode(message), tracing.current_headers()
+        return await queue_then(lambda: send_or_bury(self.producer, topic, value, key=key, service=self.service,
+                                                     request_id=message.request_id, headers=headers),
+                                self.producer, topic, value, key=key, headers=headers)
 
-    def started(self, env: RequestEnvelope, dep: Deployment) -> asyncio.Future[Any]:
+    async def started(self, env: RequestEnvelope, dep: Deployment) -> asyncio.Future[Any]:
         """Tell every router a call began: least-busy counts it, and it takes a half-open breaker's probe."""
         event = AttemptEvent(request_id=env.id, attempt=env.attempt, deployment=dep.id, provider=dep.provider,
                              model_group=env.model_group or env.model, ok=True, phase="start")
-        return self.record(topics.EVENTS, event, dep.id.encode())
+        return await self.record(topics.EVENTS, event, dep.id.encode())
 
     async def store_write_ahead(self, started: UsageEvent) -> None:
         """Store a call's write-ahead usage record; returns once the broker has acknowledged it (the call may
@@ -135,7 +146,7 @@ class Outbox:
             stream=env.stream, priority=env.priority,
         )
 
-    def usage(self, started: UsageEvent, result: CallResult | None,
+    async def usage(self, started: UsageEvent, result: CallResult | None,
                failed: CallFailed | None, env: RequestEnvelope) -> asyncio.Future[Any]:
         """The call's outcome, under its write-ahead record's event id (accounting completes that row)."""
         event = started.model_copy(update={
@@ -144,9 +155,9 @@ class Outbox:
             "latency_ms": result.latency_ms if result else failed.latency_ms if failed else 0.0,
             "ttft_ms": result.ttft_ms if result else None, "total_ms": float(now_ms() - env.created_ms),
         })
-        return self.record(topics.USAGE, event, usage_key(event))
+        return await self.record(topics.USAGE, event, usage_key(event))
 
-    def event(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
+    async def event(self, env: RequestEnvelope, dep: Deployment, result: CallResult | None,
                      failed: CallFailed | None) -> asyncio.Future[Any]:
         event = AttemptEvent(
             request_id=env.id, attempt=env.attempt, deployment=dep.id, provider=dep.provider,
@@ -156,7 +167,7 @@ class Outbox:
             latency_ms=result.latency_ms if result else failed.latency_ms if failed else 0.0,
             ttft_ms=result.ttft_ms if result else None,
         )
-        return self.record(topics.EVENTS, event, dep.id.encode())
+        return await self.record(topics.EVENTS, event, dep.id.encode())
 
 
 def too_large_reply(env: RequestEnvelope, reply: Reply, refused: DeliveryRefused) -> Reply:

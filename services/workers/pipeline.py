@@ -40,7 +40,7 @@ from switchyard.services.workers.upstream import UpstreamClient
 from switchyard.shared import topics
 from switchyard.shared.answers import refuse_unreadable
 from switchyard.shared.config_schema import Deployment, GatewayConfig
-from switchyard.shared.contracts import ENVELOPE_VERSION, Reply, RequestEnvelope, now_ms
+from switchyard.shared.contracts import ENVELOPE_VERSION, Reply, ReplyType, RequestEnvelope, now_ms
 from switchyard.shared.errors import GatewayError, timeout_error
 from switchyard.shared.guardrails import Guardrails
 
@@ -70,18 +70,18 @@ class Pipeline:
         except ValidationError as e:  # never from a router: answered where it can be, else dead-lettered
             return [asyncio.ensure_future(refuse_unreadable(self.outbox.producer, raw, e, service=self.outbox.service))]
         if env.v > ENVELOPE_VERSION:  # routers upgrade with workers; a newer envelope may need what we lack
-            return [self.outbox.reply_error(env, GatewayError(500, f"envelope version {env.v} is newer than this "
+            return [await self.outbox.reply_error(env, GatewayError(500, f"envelope version {env.v} is newer than this "
                                                                    "worker", retryable=False))]
         dep = self.config.deployment(env.deployment or "")
         if dep is None:
             err = GatewayError(500, f"deployment {env.deployment!r} is not configured on this worker",
                                code="unknown_deployment", retryable=False)
-            return [self.outbox.reply_error(env, err)]
+            return [await self.outbox.reply_error(env, err)]
         if dep.credentials_missing:  # the operator's log names the variable (at start); the caller gets no detail
             err = GatewayError(502, f"The gateway could not authenticate with the provider of this model "
                                f"({self.provider}); the operator has been told.", code=UPSTREAM_AUTH_ERROR,
                                retryable=False)
-            return [self.outbox.reply_error(env, err)]
+            return [await self.outbox.reply_error(env, err)]
         with self.cancels.holding(env.id) as cancel:
             return await self._attempt(env, dep, cancel)
 
@@ -92,7 +92,7 @@ class Pipeline:
         if wait_s > 0:
             await asyncio.sleep(min(wait_s, max(0.0, (env.deadline_ms - now_ms()) / 1000.0)))
         if env.expired():
-            return [self.outbox.reply_error(env, timeout_error())]
+            return [await self.outbox.reply_error(env, timeout_error())]
         acks: list[asyncio.Future[Any]] = []
         call_seq = 0
         while True:
@@ -103,7 +103,7 @@ class Pipeline:
                 async with self.pacer.slot(dep, env) as lease:
                     self.no_return(True)
                     if env.expired():
-                        return [*acks, self.outbox.reply_error(env, timeout_error())]
+                        return [*acks, await self.outbox.reply_error(env, timeout_error())]
                     done, retry_here = await self._call(env, dep, lease, call_seq, cancel)
                     acks.extend(done)
                     call_seq += 1
@@ -123,18 +123,19 @@ class Pipeline:
         started = Outbox.write_ahead(env, dep, call_seq)
         hop = observe.start_attempt(env, dep)
 
+        def reply(kind: ReplyType, **fields: Any) -> Reply:
+            return Reply(id=env.id, attempt=env.attempt, type=kind, custom_id=env.custom_id, call=started.event_id,
+                         **fields)
+
         def send_chunks(chunks: list[dict[str, Any]], seq: int) -> asyncio.Future[Any]:
-            reply = Reply(id=env.id, attempt=env.attempt, seq=seq, type="chunk", data=chunks[0], chunks=chunks[1:],
-                          headers={topics.HEADER_ROUTE: route} if seq == 0 else {}, custom_id=env.custom_id,
-                          call=started.event_id, format=native_format)
-            return self.outbox.send_reply(env, reply)
+            return self.outbox.reply_later(env, reply("chunk", seq=seq, data=chunks[0], chunks=chunks[1:],
+                                                      headers={topics.HEADER_ROUTE: route} if seq == 0 else {},
+                                                      format=native_format))
 
         def blocked(err: GatewayError) -> None:  # an output guardrail ended the stream: the error goes at once
-            acks.append(self.outbox.send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=stream.close(),
-                                                          type="error", status=err.status, data=err.body(),
-                                                          custom_id=env.custom_id,
-                                                          headers={topics.HEADER_ROUTE: route, **guard.headers()},
-                                                          call=started.event_id)))
+            acks.append(self.outbox.reply_later(env, reply("error", seq=stream.close(), status=err.status,
+                                                           data=err.body(),
+                                                           headers={topics.HEADER_ROUTE: route, **guard.headers()})))
 
         stream = ChunkStream(send_chunks)
         guard = OutputGuard.of(self.guardrails, env)  # nothing unmasked is produced to Kafka
@@ -142,12 +143,12 @@ class Pipeline:
         try:
             ctx.native = native_request(env, self.adapter, guarded=guard.active)  # sent as the caller wrote it
         except GatewayError as e:  # only its own format expresses the request, and this call cannot send it
-            return [*acks, self.outbox.reply_error(env, e)], False
+            return [*acks, await self.outbox.reply_error(env, e)], False
         native_format = ctx.native.format if ctx.native is not None else None
 
         # Queued together, the start event and the write-ahead record share one produce request; only the
         # write-ahead record must be acknowledged before the provider is called.
-        acks.append(self.outbox.started(env, dep))
+        acks.append(await self.outbox.started(env, dep))
         await self.outbox.store_write_ahead(started)
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
@@ -158,12 +159,12 @@ class Pipeline:
             acks.extend(stream.sent)
             observe.finish_attempt(hop, env, dep, None, failed)
             if failed.error.status == CLIENT_CLOSED:  # its client went away: the call is owed, no answer is
-                acks.append(self.outbox.usage(started, None, failed, env))
-                acks.append(self.outbox.event(env, dep, None, failed))
+                acks.append(await self.outbox.usage(started, None, failed, env))
+                acks.append(await self.outbox.event(env, dep, None, failed))
                 return acks, False
             self.pacer.observe_failure(dep, lease, failed.error)
-            acks.append(self.outbox.usage(started, None, failed, env))
-            acks.append(self.outbox.event(env, dep, None, failed))
+            acks.append(await self.outbox.usage(started, None, failed, env))
+            acks.append(await self.outbox.event(env, dep, None, failed))
             failed.error = for_caller(failed.error, dep.provider, dep.id)
             if failed.chunks_sent == 0 and failed.error.status == 429 and (
                     env.priority == "batch" or self.pacer.any_key_free(dep)):
@@ -172,9 +173,8 @@ class Pipeline:
                 acks.append(self.outbox.retry(env, dep, failed.error, failed.latency_ms))
             elif guard.blocked is None:
                 err = failed.error
-                acks.append(self.outbox.send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="error",
-                                                              status=err.status, data=err.body(),
-                                                              custom_id=env.custom_id, call=started.event_id)))
+                acks.append(await self.outbox.send_reply(env, reply("error", seq=seq, status=err.status,
+                                                                    data=err.body())))
             return acks, False
         observe.finish_attempt(hop, env, dep, result, None)
         self.pacer.record_usage(lease, result.usage.prompt_tokens + result.usage.completion_tokens)
@@ -194,29 +194,23 @@ class Pipeline:
             final_error = e
         headers.update(guard.headers())
         if guard.blocked is not None or final_error is not None:
-            acks.extend(stream.sent)
             if final_error is not None:
-                acks.append(self.outbox.send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=stream.close(),
-                                                              type="error", status=final_error.status,
-                                                              data=final_error.body(), headers=headers,
-                                                              custom_id=env.custom_id, call=started.event_id,
-                                                              provider_ms=provider_ms)))
+                acks.append(await self.outbox.send_reply(env, reply("error", seq=stream.close(),
+                                                                    status=final_error.status, data=final_error.body(),
+                                                                    headers=headers, provider_ms=provider_ms)))
+            acks.extend(stream.sent)
         elif env.stream:
             if native_format is None and (env.body.get("stream_options") or {}).get("include_usage"):
                 await on_chunk(usage_chunk(result, env))
-            seq = stream.close()
+            end = reply("end", seq=stream.close(), headers=headers, provider_ms=provider_ms,
+                        data={"usage": usage_chunk(result, env)["usage"]})
             acks.extend(stream.sent)
-            acks.append(self.outbox.send_reply(env, Reply(id=env.id, attempt=env.attempt, seq=seq, type="end",
-                                                          headers=headers, custom_id=env.custom_id,
-                                                          call=started.event_id, provider_ms=provider_ms,
-                                                          data={"usage": usage_chunk(result, env)["usage"]})))
+            acks.append(await self.outbox.send_reply(env, end))
         else:
-            acks.append(self.outbox.send_reply(env, Reply(id=env.id, attempt=env.attempt, type="response",
-                                                          data=result.response, headers=headers,
-                                                          custom_id=env.custom_id, call=started.event_id,
-                                                          provider_ms=provider_ms, format=native_format,
-                                                          usage=usage_chunk(result, env)["usage"]
-                                                          if native_format else None)))
-        acks.append(self.outbox.usage(started, result, None, env))
-        acks.append(self.outbox.event(env, dep, result, None))
+            usage = usage_chunk(result, env)["usage"] if native_format else None
+            acks.append(await self.outbox.send_reply(env, reply("response", data=result.response, headers=headers,
+                                                                provider_ms=provider_ms, format=native_format,
+                                                                usage=usage)))
+        acks.append(await self.outbox.usage(started, result, None, env))
+        acks.append(await self.outbox.event(env, dep, result, None))
         return acks, False
