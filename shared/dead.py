@@ -107,14 +107,6 @@ async def bury_consumed(producer: AIOKafkaProducer, record: ConsumerRecord[bytes
                       request_id=request_id, headers=record.headers)
 
 
-def deliver_or_bury(producer: AIOKafkaProducer, topic: str, value: bytes, *, key: bytes | None, service: str,
-                    partition: int | None = None, request_id: str | None = None,
-                    headers: Iterable[tuple[str, bytes]] | None = None) -> asyncio.Task[Any]:
-    """`send_or_bury` as a task, like switchyard.shared.kafka_delivery.deliver."""
-    return asyncio.ensure_future(send_or_bury(producer, topic, value, key=key, service=service,
-                                              partition=partition, request_id=request_id, headers=headers))
-
-
 # ---- reading and replaying (`switchyard dead`) ---------------------------------------------------------
 
 

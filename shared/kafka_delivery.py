@@ -176,9 +176,9 @@ async def send_and_wait(producer: AIOKafkaProducer, topic: str, value: bytes, *,
                            what="delivery", topic=topic, attempts=attempts)
 
 
-async def queue_then(redeliver: Callable[[], Awaitable[T]], producer: AIOKafkaProducer, topic: str, value: bytes, *,
+async def queue_then(redeliver: Callable[[], Awaitable[Any]], producer: AIOKafkaProducer, topic: str, value: bytes, *,
                      key: bytes | None = None, partition: int | None = None,
-                     headers: Headers | None = None) -> asyncio.Future[T]:
+                     headers: Headers | None = None) -> asyncio.Future[Any]:
     """Queue a message now and return the future of its acknowledgement, with no task on the way.
 
     Nearly every send is queued at once and acknowledged on the first try, so that try runs inline and its
@@ -191,7 +191,7 @@ async def queue_then(redeliver: Callable[[], Awaitable[T]], producer: AIOKafkaPr
         first: asyncio.Future[Any] = await _queue(producer, topic, value, key, partition, headers)
     except (KafkaError, AssertionError, ValueError, DeliveryRefused):
         return asyncio.ensure_future(redeliver())
-    outcome: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def settle(ack: asyncio.Future[Any]) -> None:
         if not ack.cancelled() and ack.exception() is None:
@@ -204,7 +204,7 @@ async def queue_then(redeliver: Callable[[], Awaitable[T]], producer: AIOKafkaPr
     return outcome
 
 
-def _forward(done: asyncio.Future[T], outcome: asyncio.Future[T]) -> None:
+def _forward(done: asyncio.Future[Any], outcome: asyncio.Future[Any]) -> None:
     if outcome.done():
         return
     if done.cancelled():

@@ -1,6 +1,7 @@
 """Messages the broker can never accept, dead letters, and rebalances, on the real stack (no Kafka mocks).
 
-- a refused send (too large, no such topic or partition) raises DeliveryRefused at once, never retried;
+- a refused send (too large, no such topic or partition) raises DeliveryRefused at once, never retried; one
+  queued inline (`queue_then`) resolves to what its full delivery ended with;
 - a reply over the 16 MiB limit is sent in parts (tests/test_oversized.py), and one no part of which the
   reply topic accepts is a 413 there;
 - an envelope the worker fails on is answered with a 500, not redelivered into a crash loop;
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import bindparam, text
 
 from switchyard.shared import topics
@@ -35,7 +37,7 @@ from switchyard.shared.contracts import Reply, RequestEnvelope
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import bury, read_dead
 from switchyard.shared.kafka import ensure_topics, make_producer, start_client
-from switchyard.shared.kafka_delivery import send_and_wait
+from switchyard.shared.kafka_delivery import queue_then, send_and_wait
 from switchyard.shared.kafka_destinations import (
     REFUSED_TOO_LARGE,
     REFUSED_UNKNOWN_PARTITION,
@@ -167,6 +169,46 @@ async def test_refused_sends_raise_at_once_without_retrying(stack: RunningStack)
             assert (refused.value.reason, refused.value.status) == (reason, status), refused.value
             assert time.monotonic() - started < 5, f"{reason}: refused only after retrying"
         await send_and_wait(producer, topic, b"fine", partition=1)  # the producer is still good
+    finally:
+        await producer.stop()
+
+
+async def test_queue_then_gives_the_acknowledgement_or_what_the_full_delivery_ended_with(stack: RunningStack) -> None:
+    """A worker queues what a call owes inline (`queue_then`): a send the broker takes resolves to its
+    acknowledgement without running the fallback; one refused when queued (no such partition, too large for
+    the client) or when acknowledged (over the topic's own limit) resolves to the fallback's outcome."""
+    topic = f"test.queue-then.{uuid.uuid4().hex[:8]}"
+    small = f"test.queue-then-small.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(stack.bootstrap, {topic: 2})
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "2000"})])
+    finally:
+        await admin.close()
+    await ensure_topics(stack.bootstrap, {small: 1})  # returns once the metadata lists it
+    producer = make_producer(stack.bootstrap, compression_type=None)  # the broker sees the bytes as they are
+    await start_client(producer, "test-queue-then")
+    fallbacks: list[str] = []
+
+    def fallback(name: str) -> Callable[[], Awaitable[str]]:
+        async def redeliver() -> str:
+            fallbacks.append(name)
+            return f"redelivered {name}"
+        return redeliver
+
+    try:
+        taken = await (await queue_then(fallback("taken"), producer, topic, b"fine", partition=1))
+        assert (taken.topic, taken.partition) == (topic, 1)
+        assert fallbacks == []
+        no_partition = await queue_then(fallback("no partition"), producer, topic, b"x", partition=2)
+        assert await no_partition == "redelivered no partition"
+        too_large = await queue_then(fallback("too large"), producer, topic, b"x" * (topics.MAX_MESSAGE_BYTES + 1))
+        assert await too_large == "redelivered too large"
+        refused_at_ack = await queue_then(fallback("refused at ack"), producer, small, b"x" * 4000, partition=0)
+        assert await refused_at_ack == "redelivered refused at ack"
+        assert fallbacks == ["no partition", "too large", "refused at ack"]
+        assert (await (await queue_then(fallback("after"), producer, topic, b"fine"))).topic == topic
     finally:
         await producer.stop()
 
