@@ -127,6 +127,18 @@ async def read_replies(bootstrap: str, topic: str, want: int, timeout_s: float =
         await consumer.stop()
 
 
+async def create_limited_topic(bootstrap: str, topic: str, max_message_bytes: int) -> None:
+    """A one-partition topic that takes at most `max_message_bytes` a message (its `max.message.bytes`), as a
+    batch producer's reply topic created with other settings would; returns once the metadata lists it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": str(max_message_bytes)})])
+    finally:
+        await admin.close()
+    await ensure_topics(bootstrap, {topic: 1})
+
+
 async def produce_envelope(bootstrap: str, env: RequestEnvelope) -> None:
     producer = make_producer(bootstrap)
     await start_client(producer, "test-envelopes")
@@ -180,13 +192,7 @@ async def test_queue_then_gives_the_acknowledgement_or_what_the_full_delivery_en
     topic = f"test.queue-then.{uuid.uuid4().hex[:8]}"
     small = f"test.queue-then-small.{uuid.uuid4().hex[:8]}"
     await ensure_topics(stack.bootstrap, {topic: 2})
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "2000"})])
-    finally:
-        await admin.close()
-    await ensure_topics(stack.bootstrap, {small: 1})  # returns once the metadata lists it
+    await create_limited_topic(stack.bootstrap, small, 2000)
     producer = make_producer(stack.bootstrap, compression_type=None)  # the broker sees the bytes as they are
     await start_client(producer, "test-queue-then")
     fallbacks: list[str] = []

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from switchyard.services.ingress.replies import Pending
 from switchyard.services.ingress.validation import MAX_BODY_BYTES
@@ -29,7 +28,7 @@ from switchyard.shared.parts import PART_BYTES, Assembler, pieces, split
 from tests import test_delivery_failures
 from tests.conftest import Fakes
 from tests.stack import RunningStack
-from tests.test_delivery_failures import produce_envelope, read_replies, restarts
+from tests.test_delivery_failures import create_limited_topic, produce_envelope, read_replies, restarts
 
 restarts_before = test_delivery_failures.restarts_before
 """The stack's restart counts before this module's tests (a module fixture): none may restart."""
@@ -184,12 +183,7 @@ async def test_a_reply_topic_with_kafka_s_default_limit_gets_a_large_answer_in_p
     11 MB answer (30,000 inputs, as in the issue) whole, even compressed, so it is sent in parts that topic
     accepts, and a reader joins them (shared/parts.Assembler)."""
     reply_topic = f"test.small-replies.{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(reply_topic, 1, 1, topic_configs={"max.message.bytes": "1048588"})])
-    finally:
-        await admin.close()
+    await create_limited_topic(stack.bootstrap, reply_topic, 1048588)
     env = RequestEnvelope(id=uuid.uuid4().hex, kind="embeddings", model="gpt-test", reply_topic=reply_topic,
                           reply_partition=0, priority="batch", custom_id="wide",
                           body={"model": "gpt-test", "input": [f"doc {i}" for i in range(30_000)]})
@@ -215,12 +209,7 @@ async def test_a_reply_no_part_of_which_fits_its_topic_is_a_413(stack: RunningSt
     """A reply topic that takes only 2,000 bytes a message: neither the answer nor its parts fit, so the
     request is answered there with a 413 `reply_too_large` (an error fits), once, and the worker carries on."""
     reply_topic = f"test.tiny-replies.{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(reply_topic, 1, 1, topic_configs={"max.message.bytes": "2000"})])
-    finally:
-        await admin.close()
+    await create_limited_topic(stack.bootstrap, reply_topic, 2000)
     env = RequestEnvelope(id=uuid.uuid4().hex, kind="embeddings", model="gpt-test", reply_topic=reply_topic,
                           reply_partition=0, priority="batch", custom_id="tiny",
                           body={"model": "gpt-test", "input": [f"doc {i}" for i in range(3000)]})

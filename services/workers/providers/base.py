@@ -68,8 +68,8 @@ class faults_as:  # noqa: N801 - used as `with faults_as(...)`, like contextlib'
     """A block that raises only `GatewayError` (or one of `passing`): any other `Exception` becomes `fault`.
 
     Only `Exception`s are converted: task cancellation and interpreter exit propagate untouched. A class, not a
-    `@contextmanager`: it wraps every stream event an adapter parses, and a generator per block cost a stream
-    ~5 % of the worker's call path (bench/worker_call.py --stream).
+    `@contextmanager`: it wraps every stream event an adapter parses (`_guarded`), and a generator per block cost
+    a stream ~5 % of the worker's call path (bench/worker_call.py --stream).
     """
 
     __slots__ = ("fault", "provider", "passing")
@@ -99,12 +99,8 @@ def _guard_methods(cls: type, names: tuple[str, ...], fault: Fault, provider: Ca
 def _guarded(method: Callable[..., Any], fault: Fault, provider: Callable[[Any], str]) -> Callable[..., Any]:
     @functools.wraps(method)
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with faults_as(fault, provider(self)):
             return method(self, *args, **kwargs)
-        except GatewayError:
-            raise
-        except Exception as e:
-            raise fault(provider(self), e) from e
 
     return guarded
 
