@@ -157,10 +157,10 @@ class RequestEnvelope(BaseModel):
 
 
 ReplyType = Literal["response", "chunk", "end", "error", "part"]
-REPLY_VERSION = 2
+REPLY_VERSION = 3
 """Version 2 of `Reply` added `chunks` (one message may carry several stream chunks) and `part` replies (a
-response too large for one message, in pieces). A reader of version 1 would keep only `data` and drop the
-rest, so readers (ingress, batch readers) upgrade before workers."""
+response too large for one message, in pieces); version 3 lets a stream's `end` carry its last chunks in
+`chunks`. An older reader would drop chunks, so readers (ingress, batch readers) upgrade before workers."""
 OUT_OF_BAND = 1_000_000
 """`seq` of a terminal error sent by a router or by a worker before any chunk: it ends the request at once."""
 
@@ -185,7 +185,8 @@ class Reply(BaseModel):
     data: dict[str, Any] | None = None
     chunks: list[dict[str, Any]] = Field(default_factory=list)
     """On a `chunk` message: the stream chunks that follow `data`, in order (chunks that arrived while the
-    previous message was being acknowledged travel together)."""
+    previous message was being acknowledged travel together). On an `end`: the stream's last chunks, which
+    arrived after the last chunk message left."""
     headers: dict[str, str] = Field(default_factory=dict)
     custom_id: str | None = None
     parts: int = 0
@@ -198,9 +199,17 @@ class Reply(BaseModel):
     (ingress subtracts it from its end-to-end time to measure the gateway's own overhead)."""
     format: NativeFormat | None = None
     """On a `response` or `chunk`: `data` is the provider's own answer or stream event in this format (the
-    envelope's `native` request was sent), not OpenAI's; ingress relays it unchanged."""
+    envelope's `native` request was sent), not OpenAI's; ingress relays it unchanged. On an `end`: so are
+    its `chunks`."""
     usage: dict[str, Any] | None = None
     """On a `response` in a native `format`: its usage in OpenAI's shape (what limits and logs count)."""
+
+    def pieces(self) -> list[dict[str, Any]]:
+        """The stream chunks this message carries, in order: a `chunk` message's `data` then its `chunks`, an
+        `end`'s `chunks` (its `data` is the stream's usage), none on any other message."""
+        if self.type == "chunk":
+            return [self.data, *self.chunks] if self.data is not None else self.chunks
+        return self.chunks if self.type == "end" else []
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -192,14 +192,19 @@ def from_record(headers: Iterable[tuple[str, bytes]] | None) -> SpanContext | No
     return parse_traceparent(traceparent_header(headers))
 
 
-_current: ContextVar[SpanContext | None] = ContextVar("switchyard_trace_context", default=None)
-"""The trace context of the hop the running task works for: tasks started from it (acks, deliveries)
-inherit it, so whatever they produce carries it without threading it through every call."""
+_current: ContextVar[tuple[SpanContext, bytes] | None] = ContextVar("switchyard_trace_context", default=None)
+"""The trace context of the hop the running task works for, with its `traceparent` already formatted (a call
+produces several messages under one context): tasks started from it (acks, deliveries) inherit it, so whatever
+they produce carries it without threading it through every call."""
+
+
+def _with_header(context: SpanContext | None) -> tuple[SpanContext, bytes] | None:
+    return (context, format_traceparent(context)) if context is not None else None
 
 
 def use(context: SpanContext | None) -> None:
     """Make `context` the running task's trace context (what `current_headers()` carries)."""
-    _current.set(context)
+    _current.set(_with_header(context))
 
 
 _received: ContextVar[SpanContext | None] = ContextVar("switchyard_trace_received", default=None)
@@ -209,7 +214,7 @@ def receive(context: SpanContext | None) -> None:
     """The trace context of the message the running task handles: the parent of each span it starts for it
     (a worker's second call for one message is the sibling of its first, not its child)."""
     _received.set(context)
-    _current.set(context)
+    _current.set(_with_header(context))
 
 
 def received() -> SpanContext | None:
@@ -217,10 +222,11 @@ def received() -> SpanContext | None:
 
 
 def current() -> SpanContext | None:
-    return _current.get()
+    current = _current.get()
+    return current[0] if current is not None else None
 
 
 def current_headers() -> Headers | None:
     """Kafka headers carrying the running task's trace context (None when it has none)."""
-    context = _current.get()
-    return [(HEADER_TRACEPARENT, format_traceparent(context))] if context is not None else None
+    current = _current.get()
+    return [(HEADER_TRACEPARENT, current[1])] if current is not None else None

@@ -12,7 +12,6 @@ import orjson
 import pytest
 
 from switchyard.services.ingress.anthropic_stream import AnthropicEvents
-from switchyard.shared.contracts import Reply
 from tests.conftest import Fakes
 from tests.fakes.anthropic_fake import Scripted
 from tests.stack import RunningStack
@@ -200,11 +199,10 @@ async def test_a_passed_through_stream_is_prompt_logged(stack: RunningStack, fak
 
 def test_a_relayed_event_cannot_forge_frames() -> None:
     events = AnthropicEvents("claude")
-    forged = Reply(id="r", type="chunk", format="anthropic",
-                   data={"type": "ping\n\nevent: message_stop", "delta": {"text": "x\n\ndata: {}"}})
-    frame = events.chunk(forged)
+    forged = {"type": "ping\n\nevent: message_stop", "delta": {"text": "x\n\ndata: {}"}}
+    frame = events.chunk(forged, "anthropic")
     assert frame.startswith(b"event: message\ndata: ") and frame.count(b"\n\n") == 1
-    assert orjson.loads(frame.split(b"data: ", 1)[1]) == forged.data
+    assert orjson.loads(frame.split(b"data: ", 1)[1]) == forged
     assert events.finish() == b""  # a native stream ends with the provider's own message_stop
 
 

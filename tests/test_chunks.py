@@ -65,3 +65,15 @@ async def test_a_long_stream_keeps_only_what_is_unacknowledged_or_failed() -> No
     await asyncio.sleep(0)
     await stream.add({"i": 101})
     assert stream.sent == sends.futures[-2:]  # the failure, for the caller to report, and the one in flight
+
+
+async def test_finish_hands_the_chunks_still_held_to_the_end_message_and_sends_nothing_more() -> None:
+    sends = Sends()
+    stream = ChunkStream(sends)
+    for i in range(3):
+        await stream.add({"i": i})
+    last, seq = stream.finish()  # the first message is still unacknowledged: two chunks are held
+    assert [c["i"] for c in last] == [1, 2] and seq == 1
+    sends.futures[0].set_result(None)
+    await asyncio.sleep(0)  # its acknowledgement flushes nothing: the end message carries them
+    assert [seq for _, seq in sends.messages] == [0] and stream.sent == []

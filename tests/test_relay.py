@@ -224,6 +224,20 @@ async def test_sse_frames_chunks_errors_and_done() -> None:
     _settled_once(gateway)
 
 
+async def test_a_streams_last_chunks_carried_by_its_end_are_relayed_in_order_before_done() -> None:
+    gateway, call = CountingGateway(), _call()
+    relay = Relay(gateway)  # type: ignore[arg-type]
+    call.pending.offer(_chunk(0, "a"))
+    call.pending.offer(Reply(id="req-1", seq=1, type="end", data={"usage": {"total_tokens": 3}},
+                             chunks=[{"choices": [{"delta": {"content": t}}]} for t in ("b", "c")]))
+    first = await relay.first(call)
+    body = b"".join([frame async for frame in relay.sse(call, first)])
+    assert body == b"".join(b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % t for t in (b"a", b"b", b"c")) \
+        + b"data: [DONE]\n\n"
+    _settled_once(gateway)
+    assert gateway.finished == [3]
+
+
 async def test_frames_of_replies_already_here_leave_as_one_write_and_none_waits_for_a_later_one() -> None:
     gateway, call = CountingGateway(), _call()
     relay = Relay(gateway)  # type: ignore[arg-type]

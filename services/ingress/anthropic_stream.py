@@ -12,7 +12,6 @@ from typing import Any
 import orjson
 
 from switchyard.services.ingress.anthropic_response import anthropic_usage, message_id, stop_reason, tool_use_id
-from switchyard.shared.contracts import Reply
 
 # ---------------------------------------------------------------- streaming
 
@@ -177,9 +176,9 @@ class AnthropicEvents:
         self.translator = StreamTranslator(requested_model)
         self.native = False
 
-    def chunk(self, reply: Reply) -> bytes:
-        data = reply.data or {}
-        if reply.format == "anthropic":
+    def chunk(self, data: dict[str, Any], format: str | None) -> bytes:
+        """One stream chunk as Anthropic's events: relayed as it is when it is already one (`format`)."""
+        if format == "anthropic":
             self.native = True
             name = data.get("type")
             return format_sse(name if isinstance(name, str) and _EVENT_NAME.fullmatch(name) else "message", data)

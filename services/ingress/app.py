@@ -164,12 +164,12 @@ def create_app(gateway: Gateway) -> FastAPI:
         async def relay() -> AsyncGenerator[bytes, None]:
             events = anthropic_api.AnthropicEvents(model)
             async for reply in pipeline.rest(call, first):
-                if reply.type == "chunk":
-                    yield events.chunk(reply)
-                elif reply.type == "error":
+                if reply.type == "error":
                     err = GatewayError.from_body(reply.status, reply.data, reply.headers)
                     yield anthropic_api.format_sse(*anthropic_api.error_event(err, request_id))
                     return
+                if chunks := reply.pieces():
+                    yield b"".join(events.chunk(chunk, reply.format) for chunk in chunks)
             yield events.finish()
 
         return pipeline.stream(call, relay(), headers)

@@ -67,10 +67,8 @@ class RecordingPending(Pending):
         if reply.format is not None:  # a provider's own format: entries hold OpenAI-shaped answers only
             self.recorded = True
             return reply
-        if reply.type == "chunk" and reply.data is not None:
-            if reply.data.get("choices") or not reply.data.get("usage"):
-                self.chunks.append(reply.data)
-        elif reply.type == "response":
+        self.chunks.extend(chunk for chunk in reply.pieces() if chunk.get("choices") or not chunk.get("usage"))
+        if reply.type == "response":
             self.recorded = True
             if reply.status == 200 and reply.data:
                 self.on_complete(reply.data, None, reply)
@@ -78,7 +76,7 @@ class RecordingPending(Pending):
             self.recorded = True
             if self.chunks:
                 self.on_complete(assemble(self.chunks, (reply.data or {}).get("usage")), self.chunks, reply)
-        else:
+        elif reply.type != "chunk":
             self.recorded = True  # an error is never cached
         return reply
 

@@ -104,20 +104,27 @@ class RequestGuard:
             self.error, self.status = reply.data, reply.status
 
     def streamed(self, reply: Reply) -> None:
-        """One stream reply on its way to the client: noted, its text kept for the prompt log."""
+        """One stream reply on its way to the client: noted, the text of each of its chunks kept for the prompt
+        log."""
         self.note(reply)
-        if reply.type != "chunk":
-            return
-        if self.first_chunk_ms is None:
+        chunks = reply.pieces()
+        if chunks and self.first_chunk_ms is None:
             self.first_chunk_ms = (time.monotonic() - self.started) * 1000
-        if not self.log_prompts:
-            return
-        if reply.format == "anthropic":  # Anthropic's own stream events: the text is in its text deltas
-            delta = (reply.data or {}).get("delta")
+        if reply.type == "chunk":  # `note` took the first chunk's usage; a later one's is the stream's
+            for chunk in reply.chunks:
+                if isinstance(chunk.get("usage"), dict):
+                    self.usage = chunk["usage"]
+        if self.log_prompts:
+            for chunk in chunks:
+                self._keep_text(chunk, reply.format)
+
+    def _keep_text(self, chunk: dict[str, Any], format: str | None) -> None:
+        if format == "anthropic":  # Anthropic's own stream events: the text is in its text deltas
+            delta = chunk.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                 self._text.setdefault(0, []).append(delta["text"])
             return
-        for choice in (reply.data or {}).get("choices") or []:
+        for choice in chunk.get("choices") or []:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             content = delta.get("content") if isinstance(delta, dict) else None
             if isinstance(content, str) and content:

@@ -257,10 +257,10 @@ class Relay:
     async def sse(self, call: InFlight, first: Reply, shape_chunk: Shape = same) -> AsyncGenerator[bytes, None]:
         """A stream in OpenAI's SSE framing: each chunk (shaped), an error as its body, then `[DONE]`."""
         async for reply in self.rest(call, first):
-            if reply.type == "chunk":
-                yield b"data: " + orjson.dumps(shape_chunk(reply.data or {})) + b"\n\n"
-            elif reply.type == "error":
+            if reply.type == "error":
                 yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
+            elif chunks := reply.pieces():
+                yield b"".join(b"data: " + orjson.dumps(shape_chunk(chunk)) + b"\n\n" for chunk in chunks)
         yield b"data: [DONE]\n\n"
 
     async def dispatch(self, request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,

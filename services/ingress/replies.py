@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 from collections import deque
-from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -140,8 +139,6 @@ class Pending:
         self.limit = limit or STREAM_BUFFER
         self.buffers = buffers or StreamBuffers()
         self.queue = ReplyQueue(self.buffers)
-        self._expanding: deque[dict[str, Any]] = deque()
-        self._expanded: Reply | None = None
         self.attempt = 0
         self.next_seq = 0
         self.call: str | None = None
@@ -217,7 +214,7 @@ class Pending:
     @property
     def ready(self) -> bool:
         """Whether `next` returns without waiting: a reply (or the news that the client left) is already here."""
-        return bool(self._expanding) or not self.queue.empty()
+        return not self.queue.empty()
 
     def client_gone(self) -> None:
         """The client left: the reader's `next` raises ClientGone from now on, whatever is queued."""
@@ -226,17 +223,13 @@ class Pending:
 
     async def next(self, timeout_s: float) -> Reply:
         """The next reply, within `timeout_s` (TimeoutError); ClientGone once the client left. A message of
-        several stream chunks is read as one reply per chunk, made only as it is read."""
+        several stream chunks is one reply (`Reply.pieces`): its readers render them together, without a copy
+        of the message per chunk."""
         if self._gone:
             raise ClientGone()
-        if self._expanding and self._expanded is not None:
-            chunk = self._expanding.popleft()
-            return self._expanded.model_copy(update={"data": chunk, "chunks": [], "headers": {}})
         reply = await self.queue.get(timeout_s)  # no Task per wait, unlike wait_for on 3.11
         if self._gone:
             raise ClientGone()
-        if reply.chunks:
-            self._expanded, self._expanding = reply, deque(reply.chunks)
         return reply
 
     def release(self) -> None:

@@ -116,13 +116,12 @@ def add_responses_routes(app: FastAPI, gateway: Any, pipeline: Pipeline) -> None
         async def relay() -> AsyncGenerator[bytes, None]:
             translator = ResponseStream(out.skeleton(rid, raw))
             async for reply in pipeline.rest(call, first):
-                if reply.type == "chunk":
-                    events = translator.feed(reply.data or {})
-                elif reply.type == "error":
+                if reply.type == "error":
                     events = translator.fail(GatewayError.from_body(reply.status, reply.data, reply.headers))
                 else:
-                    continue
-                yield b"".join(format_sse(event["type"], event) for event in events)
+                    events = [event for chunk in reply.pieces() for event in translator.feed(chunk)]
+                if events:
+                    yield b"".join(format_sse(event["type"], event) for event in events)
                 if reply.type == "error":
                     return
             events = translator.finish()

@@ -59,6 +59,13 @@ class ChunkStream:
         self._flush()
         return self.seq
 
+    def finish(self) -> tuple[list[dict[str, Any]], int]:
+        """End the stream without sending what is still buffered: those chunks, for the stream's `end` message
+        to carry (one message fewer per stream), and that message's `seq`."""
+        chunks, self._buffer = self._buffer, []
+        self._unacked = None
+        return chunks, self.seq
+
     def _flush(self) -> None:
         if not self._buffer:
             return

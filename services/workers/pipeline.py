@@ -202,8 +202,9 @@ class Pipeline:
         elif env.stream:
             if native_format is None and (env.body.get("stream_options") or {}).get("include_usage"):
                 await on_chunk(usage_chunk(result, env))
-            end = reply("end", seq=stream.close(), headers=headers, provider_ms=provider_ms,
-                        data={"usage": usage_chunk(result, env)["usage"]})
+            last_chunks, seq = stream.finish()
+            end = reply("end", seq=seq, headers=headers, provider_ms=provider_ms, chunks=last_chunks,
+                        format=native_format, data={"usage": usage_chunk(result, env)["usage"]})
             acks.extend(stream.sent)
             acks.append(await self.outbox.send_reply(env, end))
         else:
