@@ -198,13 +198,14 @@ async def queue_then(redeliver: Callable[[], Awaitable[Any]], producer: AIOKafka
             if not outcome.done():
                 outcome.set_result(ack.result())
             return
-        asyncio.ensure_future(redeliver()).add_done_callback(lambda done: _forward(done, outcome))
+        asyncio.ensure_future(redeliver()).add_done_callback(lambda done: forward(done, outcome))
 
     first.add_done_callback(settle)
     return outcome
 
 
-def _forward(done: asyncio.Future[Any], outcome: asyncio.Future[Any]) -> None:
+def forward(done: asyncio.Future[Any], outcome: asyncio.Future[Any]) -> None:
+    """Give `outcome` the outcome of `done` (unless it already has one)."""
     if outcome.done():
         return
     if done.cancelled():

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import subprocess
 import sys
 import threading
@@ -28,11 +29,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import bindparam, text
 
-from switchyard.shared import topics
+from switchyard.services.workers.outbox import Outbox
+from switchyard.shared import topics, tracing
 from switchyard.shared.contracts import Reply, RequestEnvelope
 from switchyard.shared.db import make_engine
 from switchyard.shared.dead import bury, read_dead
@@ -110,21 +112,26 @@ def wait_dead(stack: RunningStack, request_id: str, count: int = 1, timeout_s: f
         time.sleep(0.5)
 
 
-async def read_replies(bootstrap: str, topic: str, want: int, timeout_s: float = 60) -> list[Reply]:
+async def read_records(bootstrap: str, topic: str, want: int, timeout_s: float = 60) -> list[ConsumerRecord[Any, Any]]:
+    """The first `want` records of partition 0 of `topic` (fewer if they do not come within `timeout_s`)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=100)
     await start_client(consumer, "test-replies")
     try:
         parts = [TopicPartition(topic, 0)]  # the tests' reply topics have one partition
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
-        out: list[Reply] = []
+        out: list[ConsumerRecord[Any, Any]] = []
         deadline = asyncio.get_running_loop().time() + timeout_s
         while len(out) < want and asyncio.get_running_loop().time() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
-                out += [Reply.model_validate_json(r.value) for r in records]
+                out += records
         return out
     finally:
         await consumer.stop()
+
+
+async def read_replies(bootstrap: str, topic: str, want: int, timeout_s: float = 60) -> list[Reply]:
+    return [Reply.model_validate_json(r.value) for r in await read_records(bootstrap, topic, want, timeout_s)]
 
 
 async def create_limited_topic(bootstrap: str, topic: str, max_message_bytes: int) -> None:
@@ -215,6 +222,32 @@ async def test_queue_then_gives_the_acknowledgement_or_what_the_full_delivery_en
         assert await refused_at_ack == "redelivered refused at ack"
         assert fallbacks == ["no partition", "too large", "refused at ack"]
         assert (await (await queue_then(fallback("after"), producer, topic, b"fine"))).topic == topic
+    finally:
+        await producer.stop()
+
+
+async def test_replies_queued_from_callbacks_leave_in_order_each_with_its_own_trace(stack: RunningStack) -> None:
+    """A stream's chunk messages are queued from acknowledgement callbacks (`Outbox.reply_later`), many at
+    once when one produce response acknowledges several streams: they reach the reply topic in the order
+    queued, each under the trace context it was queued in, and each future resolves once it is stored."""
+    topic = f"test.reply-later.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(stack.bootstrap, {topic: 1})
+    producer = make_producer(stack.bootstrap)
+    await start_client(producer, "test-reply-later")
+    outbox = Outbox(producer, "test")
+    env = RequestEnvelope(id=uuid.uuid4().hex, model="m", body={}, reply_topic=topic, reply_partition=0)
+    traces = [f"00-{i:032x}-{i:016x}-01" for i in range(1, 21)]
+
+    def queue(seq: int) -> asyncio.Future[Any]:  # as an acknowledgement callback does, in its stream's context
+        tracing.use(tracing.parse_traceparent(traces[seq]))
+        return outbox.reply_later(env, Reply(id=env.id, seq=seq, type="chunk", data={"n": seq}))
+
+    try:
+        acks = await asyncio.gather(*[contextvars.Context().run(queue, seq) for seq in range(len(traces))])
+        assert all(ack.topic == topic for ack in acks)
+        records = await read_records(stack.bootstrap, topic, want=len(traces))
+        assert [Reply.model_validate_json(r.value).seq for r in records] == list(range(len(traces)))
+        assert [dict(r.headers)["traceparent"].decode() for r in records] == traces
     finally:
         await producer.stop()
 

@@ -10,9 +10,12 @@ usage or events the broker refuses, are dead-lettered (shared/dead.py), since no
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import orjson
@@ -33,7 +36,7 @@ from switchyard.shared.contracts import (
 )
 from switchyard.shared.dead import bury, send_or_bury
 from switchyard.shared.errors import GatewayError
-from switchyard.shared.kafka_delivery import deliver, encode, queue_then, send_and_wait
+from switchyard.shared.kafka_delivery import Headers, deliver, encode, forward, queue_then, send_and_wait
 from switchyard.shared.kafka_destinations import REFUSED_TOO_LARGE, DeliveryRefused, too_large
 from switchyard.shared.parts import MAX_REPLY_BYTES, split
 
@@ -46,20 +49,51 @@ class Outbox:
     def __init__(self, producer: AIOKafkaProducer, service: str) -> None:
         self.producer = producer
         self.service = service
+        self._later: deque[tuple[RequestEnvelope, Reply, asyncio.Future[Any], Headers | None]] = deque()
+        self._sending_later = False
 
-    async def send_reply(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
-        """Queue a reply; the future of its delivery (`deliver_reply`'s outcome)."""
+    async def send_reply(self, env: RequestEnvelope, reply: Reply,
+                         headers: Headers | None = None) -> asyncio.Future[Any]:
+        """Queue a reply; the future of its delivery (`deliver_reply`'s outcome). `headers`: the trace
+        context's, when not the running task's."""
         value = encode(reply)
+        headers = headers or tracing.current_headers()
         if reply.type == "response" and len(value) >= topics.MAX_MESSAGE_BYTES:
-            return self.reply_later(env, reply)
-        return await queue_then(lambda: self.deliver_reply(env, reply), self.producer, env.reply_topic, value,
-                                key=env.id.encode(), partition=env.reply_partition, headers=tracing.current_headers())
+            return asyncio.ensure_future(self.deliver_reply(env, reply, headers=headers))
+        return await queue_then(lambda: self.deliver_reply(env, reply, headers=headers), self.producer,
+                                env.reply_topic, value, key=env.id.encode(), partition=env.reply_partition,
+                                headers=headers)
 
     def reply_later(self, env: RequestEnvelope, reply: Reply) -> asyncio.Future[Any]:
-        """`deliver_reply` as a task, for a caller that cannot await (a stream's acknowledgement callback)."""
-        return asyncio.ensure_future(self.deliver_reply(env, reply))
+        """`send_reply` for a caller that cannot await (a stream's acknowledgement callback): the future of its
+        delivery. Replies queued this way leave in order, through one task for all of them while any wait, not
+        a task each: one produce response acknowledges the messages of many streams at once, and each
+        acknowledgement sends that stream's next message."""
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._later.append((env, reply, outcome, tracing.current_headers()))
+        if not self._sending_later:  # in a context of its own: each reply carries its own trace context
+            self._sending_later = True
+            asyncio.get_running_loop().create_task(self._send_later(), context=contextvars.Context())
+        return outcome
 
-    async def deliver_reply(self, env: RequestEnvelope, reply: Reply, replaceable: bool = True) -> Any:
+    async def _send_later(self) -> None:
+        try:
+            while self._later:
+                env, reply, outcome, headers = self._later.popleft()
+                try:
+                    delivery = await self.send_reply(env, reply, headers)
+                except Exception as e:  # only a bug: send_reply hands every delivery failure to its future
+                    outcome.set_exception(e)
+                    continue
+                delivery.add_done_callback(functools.partial(forward, outcome=outcome))
+        finally:
+            self._sending_later = False
+            if self._later:  # cancelled midway (shutdown): what is left fails rather than waits forever
+                while self._later:
+                    self._later.popleft()[2].cancel()
+
+    async def deliver_reply(self, env: RequestEnvelope, reply: Reply, replaceable: bool = True,
+                            headers: Headers | None = None) -> Any:
         """Deliver a reply; a response too large for one message goes in parts, anything else the broker
         refuses as too large becomes a 413 error reply in its place, and
         one whose topic or partition does not exist goes to the dead letters (no error could reach the
@@ -70,7 +104,8 @@ class Outbox:
                 return await self.deliver_in_parts(env, reply, len(value))
             try:
                 return await send_and_wait(self.producer, env.reply_topic, value, key=env.id.encode(),
-                                           partition=env.reply_partition, headers=tracing.current_headers())
+                                           partition=env.reply_partition,
+                                           headers=headers or tracing.current_headers())
             except DeliveryRefused as refused:
                 if refused.reason != REFUSED_TOO_LARGE or reply.type != "response":
                     raise
@@ -80,7 +115,8 @@ class Outbox:
             if refused.reason == REFUSED_TOO_LARGE and replaceable:
                 log.warning("reply too large; answering with an error", extra={"request_id": env.id,
                                                                               "bytes": refused.size})
-                return await self.deliver_reply(env, too_large_reply(env, reply, refused), replaceable=False)
+                return await self.deliver_reply(env, too_large_reply(env, reply, refused), replaceable=False,
+                                                headers=headers)
             return await bury(self.producer, refused, value, key=env.id.encode(), service=self.service,
                               request_id=env.id)
 
