@@ -147,7 +147,7 @@ async def refusal(producer: AIOKafkaProducer, error: BaseException, topic: str, 
 async def _queue(producer: AIOKafkaProducer, topic: str, value: bytes, key: bytes | None, partition: int | None,
                  headers: Headers | None) -> asyncio.Future[Any]:
     """One try at queueing: the destination checked (`Destinations`), then the message handed to aiokafka."""
-    await destinations(producer).check(topic, partition)
+    await destinations(producer).check(topic, partition, len(value))
     future: asyncio.Future[Any] = await producer.send(topic, value, key=key, partition=partition, headers=headers)
     return future
 

@@ -9,16 +9,20 @@ which stays a transient KafkaError.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import weakref
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.protocol.admin import DescribeConfigsRequest
 from aiokafka.protocol.metadata import MetadataRequest
 
 from switchyard.shared.tansu import is_tansu
 from switchyard.shared.topics import MAX_MESSAGE_BYTES
+
+log = logging.getLogger("switchyard.kafka")
 
 REFUSED_TOO_LARGE = "too_large"
 REFUSED_UNKNOWN_TOPIC = "unknown_topic"
@@ -56,6 +60,12 @@ def too_large(topic: str, partition: int | None, size: int, limit: int = MAX_MES
 
 _LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
+MIN_LIMIT = 1024
+"""Messages up to this size are sent without asking for their topic's limit: no reply topic is made that small."""
+
+_TOPIC_RESOURCE = 2
+"""DescribeConfigs' resource type for a topic."""
+
 class Destinations:
     """Which topics and partitions the cluster has: the check that runs before a message is sent somewhere.
 
@@ -74,6 +84,47 @@ class Destinations:
         self._client = client
         self._known: dict[str, frozenset[int] | None] = {}
         self._refresh: asyncio.Task[None] | None = None
+        self._limits: dict[str, int] = {}
+        self._limit_lookups: dict[str, asyncio.Task[int]] = {}
+
+    async def limit(self, topic: str) -> int:
+        """The most bytes a message to `topic` may have: its `max.message.bytes`, asked of a broker once per
+        topic. Our own topics take MAX_MESSAGE_BYTES, which is also what every producer of ours sends at most;
+        a topic made by someone else (a batch producer's reply topic) may take less. A message over it must be
+        refused here, before it is sent: aiokafka's idempotent producer does not roll a partition's sequence
+        number back when the broker refuses a batch, so every later send to that partition would fail with
+        OutOfOrderSequenceNumber. Where the broker will not say (Tansu, no DescribeConfigs right, no broker
+        reachable), MAX_MESSAGE_BYTES, and the broker's own check stands."""
+        found = self._limits.get(topic)
+        if found is not None:
+            return found
+        lookup = self._limit_lookups.get(topic)
+        if lookup is None:
+            lookup = self._limit_lookups[topic] = asyncio.ensure_future(self._fetch_limit(topic))
+        try:
+            return await asyncio.shield(lookup)
+        finally:
+            if lookup.done():
+                self._limit_lookups.pop(topic, None)
+
+    async def _fetch_limit(self, topic: str) -> int:
+        limit = MAX_MESSAGE_BYTES
+        node = self._client.get_random_node()
+        if node is not None and not is_tansu():
+            try:
+                response = await self._client.send(node, DescribeConfigsRequest(
+                    [(_TOPIC_RESOURCE, topic, ["max.message.bytes"])]))
+                for error_code, _, _, _, entries in response.resources:
+                    for name, value, *_ in entries if error_code == 0 else ():
+                        if name == "max.message.bytes" and str(value).isdigit():
+                            limit = int(value)
+            except KafkaError as e:  # not known now: asked again on the next send
+                log.info("could not read a topic's message limit", extra={"topic": topic, "error": repr(e)})
+                return limit
+            except Exception as e:  # an answer this client cannot read: the broker's own check stands
+                log.warning("could not read a topic's message limit", extra={"topic": topic, "error": repr(e)})
+        self._limits[topic] = limit
+        return limit
 
     def _lookup(self, topic: str) -> tuple[bool, frozenset[int] | set[int] | None]:
         """(exists, its partitions when known)."""
@@ -104,15 +155,18 @@ class Destinations:
             parts = self._lookup(topic)[1]
         return parts
 
-    async def check(self, topic: str, partition: int | None = None) -> None:
-        """Return when `topic` (and `partition`, when given) exists or may exist; raise DeliveryRefused when
-        it does not, even in fresh metadata. A KafkaError from the broker is transient and propagates."""
+    async def check(self, topic: str, partition: int | None = None, size: int = 0) -> None:
+        """Return when `topic` (and `partition`, when given) exists or may exist and takes a message of `size`
+        bytes (`limit`); raise DeliveryRefused when it does not, even in fresh metadata. A KafkaError from the
+        broker is transient and propagates."""
         if not _LEGAL_TOPIC.fullmatch(topic):
             raise DeliveryRefused(REFUSED_INVALID_TOPIC, f"{topic!r} is not a legal Kafka topic name", status=400,
                                   topic=topic, partition=partition)
         if partition is not None and partition < 0:
             raise DeliveryRefused(REFUSED_UNKNOWN_PARTITION, f"partition {partition} of {topic} does not exist",
                                   status=404, topic=topic, partition=partition)
+        if size > MIN_LIMIT and size > (limit := await self.limit(topic)):
+            raise too_large(topic, partition, size, limit)
         parts = self._lookup(topic)[1]
         if parts is not None and (partition is None or partition in parts):
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import subprocess
 import sys
 import threading
@@ -192,10 +193,31 @@ async def test_refused_sends_raise_at_once_without_retrying(stack: RunningStack)
         await producer.stop()
 
 
+async def test_a_message_over_its_topics_own_limit_is_refused_before_sending(stack: RunningStack) -> None:
+    """A reply topic someone else made with a smaller `max.message.bytes`: a message over it is refused when
+    queued, never by the broker, so the idempotent producer's sequence for that partition stays whole and the
+    partition takes the next message (a refusal by the broker left every later send failing with
+    OutOfOrderSequenceNumber)."""
+    topic = f"test.topic-limit.{uuid.uuid4().hex[:8]}"
+    await create_limited_topic(stack.bootstrap, topic, 3000)
+    producer = make_producer(stack.bootstrap)  # idempotent, LZ4: as the services'
+    await start_client(producer, "test-topic-limit")
+    try:
+        await send_and_wait(producer, topic, b"before", partition=0)
+        for _ in range(2):
+            with pytest.raises(DeliveryRefused) as refused:
+                await send_and_wait(producer, topic, os.urandom(4000), partition=0)
+            assert (refused.value.reason, refused.value.limit) == (REFUSED_TOO_LARGE, 3000)
+        after = await send_and_wait(producer, topic, b"after", partition=0, attempts=2)
+        assert (after.topic, after.partition, after.offset) == (topic, 0, 1)
+    finally:
+        await producer.stop()
+
+
 async def test_queue_then_gives_the_acknowledgement_or_what_the_full_delivery_ended_with(stack: RunningStack) -> None:
     """A worker queues what a call owes inline (`queue_then`): a send the broker takes resolves to its
     acknowledgement without running the fallback; one refused when queued (no such partition, too large for
-    the client) or when acknowledged (over the topic's own limit) resolves to the fallback's outcome."""
+    the client or for the topic's own limit) resolves to the fallback's outcome."""
     topic = f"test.queue-then.{uuid.uuid4().hex[:8]}"
     small = f"test.queue-then-small.{uuid.uuid4().hex[:8]}"
     await ensure_topics(stack.bootstrap, {topic: 2})
@@ -218,9 +240,10 @@ async def test_queue_then_gives_the_acknowledgement_or_what_the_full_delivery_en
         assert await no_partition == "redelivered no partition"
         too_large = await queue_then(fallback("too large"), producer, topic, b"x" * (topics.MAX_MESSAGE_BYTES + 1))
         assert await too_large == "redelivered too large"
-        refused_at_ack = await queue_then(fallback("refused at ack"), producer, small, b"x" * 4000, partition=0)
-        assert await refused_at_ack == "redelivered refused at ack"
-        assert fallbacks == ["no partition", "too large", "refused at ack"]
+        over_topic_limit = await queue_then(fallback("over the topic's limit"), producer, small, b"x" * 4000,
+                                            partition=0)
+        assert await over_topic_limit == "redelivered over the topic's limit"
+        assert fallbacks == ["no partition", "too large", "over the topic's limit"]
         assert (await (await queue_then(fallback("after"), producer, topic, b"fine"))).topic == topic
     finally:
         await producer.stop()
