@@ -231,9 +231,16 @@ async def test_a_streams_last_chunks_carried_by_its_end_are_relayed_in_order_bef
     call.pending.offer(Reply(id="req-1", seq=1, type="end", data={"usage": {"total_tokens": 3}},
                              chunks=[{"choices": [{"delta": {"content": t}}]} for t in ("b", "c")]))
     first = await relay.first(call)
-    body = b"".join([frame async for frame in relay.sse(call, first)])
-    assert body == b"".join(b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % t for t in (b"a", b"b", b"c")) \
-        + b"data: [DONE]\n\n"
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await relay.stream(call, relay.sse(call, first), {}).stream_response(send)
+    bodies = [(m["body"], m["more_body"]) for m in sent if m["type"] == "http.response.body"]
+    frame = b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n'
+    # Everything was already queued: one write, and it ends the response (no empty message after it).
+    assert bodies == [(frame % b"a" + frame % b"b" + frame % b"c" + b"data: [DONE]\n\n", False)]
     _settled_once(gateway)
     assert gateway.finished == [3]
 

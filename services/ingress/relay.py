@@ -34,7 +34,7 @@ from switchyard.services.ingress.auth import Identity
 from switchyard.services.ingress.guarding import RequestGuard
 from switchyard.services.ingress.hardening import echo
 from switchyard.services.ingress.replies import ClientGone, Pending
-from switchyard.services.ingress.responses import SettlingStream, json_response, safe_headers
+from switchyard.services.ingress.responses import LastPart, SettlingStream, json_response, safe_headers
 from switchyard.shared import topics
 from switchyard.shared.contracts import Reply, RequestEnvelope
 from switchyard.shared.errors import GatewayError, timeout_error
@@ -101,8 +101,9 @@ async def joined(frames: AsyncGenerator[bytes, None], pending: Pending) -> Async
     try:
         async for frame in frames:
             held.append(frame)
-            if not pending.ready:
-                yield b"".join(held)
+            if not pending.ready or isinstance(frame, LastPart):
+                write = b"".join(held)
+                yield LastPart(write) if isinstance(frame, LastPart) else write
                 held.clear()
         if held:
             yield b"".join(held)
@@ -255,13 +256,19 @@ class Relay:
                               media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
 
     async def sse(self, call: InFlight, first: Reply, shape_chunk: Shape = same) -> AsyncGenerator[bytes, None]:
-        """A stream in OpenAI's SSE framing: each chunk (shaped), an error as its body, then `[DONE]`."""
+        """A stream in OpenAI's SSE framing: each chunk (shaped), an error as its body, then `[DONE]`. What the
+        stream's last message carries leaves with `[DONE]`, as the response's last part."""
+        tail = b""
         async for reply in self.rest(call, first):
             if reply.type == "error":
-                yield b"data: " + orjson.dumps(reply.data) + b"\n\n"
+                tail = b"data: " + orjson.dumps(reply.data) + b"\n\n"
             elif chunks := reply.pieces():
-                yield b"".join(b"data: " + orjson.dumps(shape_chunk(chunk)) + b"\n\n" for chunk in chunks)
-        yield b"data: [DONE]\n\n"
+                frames = b"".join(b"data: " + orjson.dumps(shape_chunk(chunk)) + b"\n\n" for chunk in chunks)
+                if reply.type != "chunk":
+                    tail = frames
+                else:
+                    yield frames
+        yield LastPart(tail + b"data: [DONE]\n\n")
 
     async def dispatch(self, request: Request, identity: Identity, body: dict[str, Any], model: str, kind: str,
                        stream: bool, shape: Shape = same, shape_chunk: Shape = same) -> Response:

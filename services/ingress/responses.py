@@ -42,14 +42,31 @@ def error_response(err: GatewayError, request_id: str | None = None) -> Response
     return json_response(err.body(), err.status, headers)
 
 
+class LastPart(bytes):
+    """A stream's last bytes: sent as the response's end (`more_body=False`), so they and the end of the
+    chunked body leave in one write rather than two."""
+
+
 class SettlingStream(StreamingResponse):
     """A streaming response that calls `on_close` once it is over, however it ends: sent in full, the client
     gone before its first byte or midway, or cancelled. Its body generator alone cannot promise that: one
-    never started runs no `finally`, and one abandoned midway runs it only when garbage-collected."""
+    never started runs no `finally`, and one abandoned midway runs it only when garbage-collected. A body part
+    that is a `LastPart` ends the response."""
 
     def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.on_close = on_close
+
+    async def stream_response(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for part in self.body_iterator:
+            if ended:  # only a bug yields after the last part: not sent (the response is over)
+                continue
+            ended = isinstance(part, LastPart)
+            await send({"type": "http.response.body", "body": part, "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
