@@ -66,6 +66,7 @@ MIN_LIMIT = 1024
 _TOPIC_RESOURCE = 2
 """DescribeConfigs' resource type for a topic."""
 
+
 class Destinations:
     """Which topics and partitions the cluster has: the check that runs before a message is sent somewhere.
 

@@ -250,7 +250,7 @@ class Relay:
         env = call.envelope
         gateway.publish_record(call.guard.record(env.id, env.key_id, env.model, env.kind, env.stream))
 
-    def stream(self, call: InFlight, frames: AsyncGenerator[bytes, None], headers: dict[str, str]) -> Response:
+    def stream(self, call: InFlight, frames: AsyncGenerator[bytes, None], headers: dict[str, str]) -> SettlingStream:
         """The SSE response relaying a stream's `frames` (see `joined`); it settles the call however it ends."""
         return SettlingStream(joined(frames, call.pending), lambda: self.settle(call, None),
                               media_type="text/event-stream", headers={**headers, **SSE_HEADERS})

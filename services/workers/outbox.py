@@ -88,9 +88,8 @@ class Outbox:
                 delivery.add_done_callback(functools.partial(forward, outcome=outcome))
         finally:
             self._sending_later = False
-            if self._later:  # cancelled midway (shutdown): what is left fails rather than waits forever
-                while self._later:
-                    self._later.popleft()[2].cancel()
+            while self._later:  # cancelled midway (shutdown): what is left fails rather than waits forever
+                self._later.popleft()[2].cancel()
 
     async def deliver_reply(self, env: RequestEnvelope, reply: Reply, replaceable: bool = True,
                             headers: Headers | None = None) -> Any:
