@@ -31,9 +31,10 @@ class ChunkStream:
 
     Messages are sent in `seq` order and readers put them back in that order, so the text arrives whole
     and in order whatever the broker's batching does. `close` sends what is left and returns the next
-    free `seq` (for an `error` message); `finish` hands what is left to the stream's `end` message instead. `sent` holds the futures of the messages not yet
-    acknowledged, and of any that failed: what the caller must still wait for or report. An acknowledged
-    message's future is dropped at once, so a long stream holds a few futures, not one per message.
+    free `seq` (for an `error` message); `finish` hands what is left to the stream's `end` message
+    instead. `sent` holds the futures of the messages not yet acknowledged, and of any that failed: what
+    the caller must still wait for or report. An acknowledged message's future is dropped at once, so a
+    long stream holds a few futures, not one per message.
     """
 
     def __init__(self, send: SendChunks) -> None:
