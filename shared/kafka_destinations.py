@@ -100,15 +100,17 @@ class Destinations:
         if found is not None:
             return found
         lookup = self._limit_lookups.get(topic)
-        if lookup is None:
+        if lookup is None:  # one question in flight per topic; `_fetch_limit` takes it out when answered
             lookup = self._limit_lookups[topic] = asyncio.ensure_future(self._fetch_limit(topic))
-        try:
-            return await asyncio.shield(lookup)
-        finally:
-            if lookup.done():
-                self._limit_lookups.pop(topic, None)
+        return await asyncio.shield(lookup)
 
     async def _fetch_limit(self, topic: str) -> int:
+        try:
+            return await self._ask_limit(topic)
+        finally:
+            self._limit_lookups.pop(topic, None)
+
+    async def _ask_limit(self, topic: str) -> int:
         limit = MAX_MESSAGE_BYTES
         node = self._client.get_random_node()
         if node is not None and not is_tansu():

@@ -103,8 +103,7 @@ class Outbox:
                 return await self.deliver_in_parts(env, reply, len(value))
             try:
                 return await send_and_wait(self.producer, env.reply_topic, value, key=env.id.encode(),
-                                           partition=env.reply_partition,
-                                           headers=headers or tracing.current_headers())
+                                           partition=env.reply_partition, headers=headers)
             except DeliveryRefused as refused:
                 if refused.reason != REFUSED_TOO_LARGE or reply.type != "response":
                     raise
