@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from switchyard.shared import kafka_partitioner, retry
+from switchyard.shared.kafka_compression import use_fast_lz4
 from switchyard.shared.tansu import TANSU_FETCH_WAIT_MS, RewindingConsumer, is_tansu
 from switchyard.shared.topics import MAX_MESSAGE_BYTES, topic_configs
 
@@ -74,9 +75,10 @@ def make_producer(bootstrap: str, **overrides: Any) -> Producer:
     Keyed messages go where any Kafka client puts them, by shared/kafka_partitioner.py's faster murmur2.
 
     On Apache Kafka the producer is idempotent (a retried send is never written twice) and compresses
-    with LZ4, which a large body needs to fit and a small one pays microseconds for. Tansu gets neither:
-    it does not implement idempotent producers.
+    with LZ4 in its fast mode (shared/kafka_compression.py), which a large body needs to fit and a small one
+    pays microseconds for. Tansu gets neither: it does not implement idempotent producers.
     """
+    use_fast_lz4()
     acks = _acks()
     kafka = not is_tansu()
     options: dict[str, Any] = {
