@@ -361,3 +361,10 @@ async def wait_ready(ep: Endpoint, stream: bool = False, timeout_s: float = 60.0
             last = repr(e)
         await asyncio.sleep(0.3)
     raise RuntimeError(f"{ep.name} never answered 200 ({last})")
+
+
+async def warm_up(ep: Endpoint, stream: bool = False, seconds: float = 3.0) -> None:
+    """Until the target answers (`wait_ready`), then a 50-connection closed loop for `seconds`: its pools and
+    consumer groups are settled before anything is measured."""
+    await wait_ready(ep, stream=stream)
+    await closed_loop(ep, 50, seconds, stream=stream)

@@ -109,12 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {}
     try:
         ep = stack.endpoint()
-
-        async def warm() -> None:
-            await loadgen.wait_ready(ep, stream=args.stream)
-            await loadgen.closed_loop(ep, 50, 3, stream=args.stream)
-
-        uvloop.run(warm())
+        uvloop.run(loadgen.warm_up(ep, stream=args.stream, seconds=3))
         pids = stack.service_pids()
         spies = {
             label: subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(args.seconds)),

@@ -45,12 +45,7 @@ def main() -> int:
     stack.start()
     try:
         ep = stack.endpoint()
-
-        async def warm() -> None:
-            await loadgen.wait_ready(ep, stream=args.stream)
-            await loadgen.closed_loop(ep, 50, 5, stream=args.stream)
-
-        uvloop.run(warm())
+        uvloop.run(loadgen.warm_up(ep, stream=args.stream, seconds=5))
         for connections in (int(c) for c in args.connections.split(",")):
             before, (idle0, all0) = procstat.snapshot(stack.roots), machine_ticks()
             load = uvloop.run(loadgen.closed_loop(ep, connections, args.seconds, stream=args.stream))
