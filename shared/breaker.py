@@ -21,7 +21,8 @@ Circuit breaker per deployment, with three states:
 Times are event times (the worker's clock, seconds), so a router that replays old events ends up
 in the same state as one that saw them live. In-flight counts (least-busy) come from workers'
 `start` events and from this router's own routing decisions, keyed by (request id, attempt) so
-both count once; the `end` event clears them.
+both count once; the `end` event clears them. Workers send a `start` event only where a replica needs
+it: for a least-busy group's calls and for probes (`RequestEnvelope.announce_start`, set by routing).
 """
 
 from __future__ import annotations
@@ -213,6 +214,11 @@ class HealthBook:
         if now < h.open_until:
             return False
         return not (h.tripped and now < h.probe_until)
+
+    def tripped(self, deployment: str) -> bool:
+        """Whether the deployment's breaker is open or half-open: a call sent there is a probe."""
+        h = self.deployments.get(deployment)
+        return h is not None and h.tripped
 
     def cooldown_left(self, deployment: str, now: float) -> float:
         """Seconds until the deployment's cooldown ends (0 when it is not cooling down)."""

@@ -144,6 +144,10 @@ class RequestEnvelope(BaseModel):
     history: list[AttemptRecord] = Field(default_factory=list)
     not_before_ms: int = 0
     """A retry waits until then (backoff / Retry-After) before it is sent."""
+    announce_start: bool = True
+    """Whether the worker tells every router when the call begins (a `start` event on `llm.events`). Routers
+    need it only to count a least-busy group's calls in flight and to see a half-open breaker's probe taken,
+    so routing sets it for those calls alone; an envelope written before this field existed announces."""
 
     def expired(self, at_ms: int | None = None) -> bool:
         return (at_ms or now_ms()) >= self.deadline_ms

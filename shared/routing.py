@@ -2,7 +2,8 @@
 
 Functions of (envelope, config, health, clock) so every router replica decides alike and the
 rules are testable without Kafka. The only state they touch is the HealthBook, where a decision
-is noted as in flight (least-busy) and takes a half-open deployment's probe.
+is noted as in flight (least-busy) and takes a half-open deployment's probe; the envelope says whether its
+worker announces the call's start to the other replicas (only those two cases need it).
 
 The chain of model groups an attempt may use is rebuilt from the envelope each time (rules,
 the context-window check, the group's and the request's fallbacks, and any context-length or
@@ -44,12 +45,16 @@ class Decision:
     deployment: Deployment
     not_before_ms: int = 0
     rule: str | None = None
+    announce_start: bool = True
+    """Whether other replicas must hear when the call begins: it counts for least-busy, or it is a probe."""
 
     def apply(self, env: RequestEnvelope) -> str:
-        """Write the decision into `env` (model group, deployment, not-before); the provider topic it goes to."""
+        """Write the decision into `env` (model group, deployment, not-before, whether its start is announced);
+        the provider topic it goes to."""
         env.model_group = self.group.name
         env.deployment = self.deployment.id
         env.not_before_ms = self.not_before_ms
+        env.announce_start = self.announce_start
         log.debug("routed", extra={"request_id": env.id, "deployment": env.deployment, "attempt": env.attempt,
                                    "rule": self.rule, "not_before_ms": env.not_before_ms})
         return topics.provider_topic(self.deployment.provider, batch=env.priority == "batch")
@@ -302,7 +307,7 @@ def decide(env: RequestEnvelope, config: GatewayConfig, health: HealthBook, now_
         if candidates:
             dep = pick(g, candidates, health, env, now, rng)
             health.note_routed(dep.id, env.id, env.attempt, now)
-            return Decision(g, dep, rule=rule)
+            return Decision(g, dep, rule=rule, announce_start=_announced(g, dep, health))
 
     if len(env.history) >= MAX_ATTEMPTS:
         raise final_error(env)
@@ -322,7 +327,15 @@ def decide(env: RequestEnvelope, config: GatewayConfig, health: HealthBook, now_
     if now_ms + wait * 1000 >= env.deadline_ms:
         raise final_error(env, out_of_time=True)
     health.note_routed(dep.id, env.id, env.attempt, now + wait)
-    return Decision(g, dep, not_before_ms=int(now_ms + wait * 1000), rule=rule)
+    return Decision(g, dep, not_before_ms=int(now_ms + wait * 1000), rule=rule,
+                    announce_start=_announced(g, dep, health))
+
+
+def _announced(group: ModelGroup, dep: Deployment, health: HealthBook) -> bool:
+    """Whether the worker must tell every replica the call began: a least-busy group counts calls in flight, and
+    a call to a tripped deployment is its probe, which other replicas must see taken. Any other `start` event
+    would change no replica's decision, and costs a message produced, stored and read by every replica."""
+    return group.strategy == "least-busy" or health.tripped(dep.id)
 
 
 def final_error(env: RequestEnvelope, out_of_time: bool = False) -> GatewayError:

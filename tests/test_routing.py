@@ -566,6 +566,40 @@ def test_a_start_event_from_a_worker_marks_the_probe_as_taken_for_every_router()
     assert pick(TWO, env_for("chat"), health, at_ms=after + 10).deployment.id == "chat/1"
 
 
+def test_a_calls_start_is_announced_only_where_another_replica_decides_by_it() -> None:
+    """A worker sends a `start` event only when routing asked for one: for a least-busy group's calls (counted
+    in flight by every replica) and for a probe (taken for every replica); a call of a healthy fallback group
+    announces nothing, which saves every replica a message."""
+    healthy = pick(TWO, env_for("chat"))
+    assert healthy.deployment.id == "chat/0" and not healthy.announce_start
+    env = env_for("chat")
+    assert env.announce_start  # until routing decides: what an older router's envelope does
+    healthy.apply(env)
+    assert not env.announce_start
+
+    least_busy = cfg("""
+        models:
+          - name: lb
+            strategy: least-busy
+            deployments: [{provider: openai, model: m, api_key: k}]
+    """)
+    assert pick(least_busy, env_for("lb")).announce_start
+
+    health = HealthBook(SETTINGS)
+    for i in range(3):
+        health.apply(event("chat/0", T0 + i, ok=False))
+    after = T0 + 10_100  # cooled down: chat/0's next call is its half-open probe
+    probe = pick(TWO, env_for("chat"), health, at_ms=after)
+    assert probe.deployment.id == "chat/0" and probe.announce_start
+    assert not pick(TWO, env_for("chat"), health, at_ms=after + 10).announce_start  # chat/1 is healthy
+
+
+def test_an_envelope_from_before_announce_start_still_announces() -> None:
+    older = RequestEnvelope.model_validate_json(
+        b'{"v": 1, "id": "r", "model": "chat", "body": {}, "reply_topic": "r", "deployment": "chat/0"}')
+    assert older.announce_start
+
+
 def test_a_success_that_began_before_the_trip_does_not_close_the_breaker() -> None:
     health = HealthBook(SETTINGS)
     for i in range(3):

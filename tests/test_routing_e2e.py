@@ -8,6 +8,7 @@ The breaker cooldown is shortened to 2 s (SWITCHYARD_BREAKER_COOLDOWN_S) to keep
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 from switchyard.shared import topics
+from switchyard.shared.contracts import AttemptEvent
+from switchyard.shared.kafka import topic_partitions
 from switchyard.shared.metrics import BREAKER_STATES
 from switchyard.shared.settings import read_stack
 from tests.fakes.openai_fake import FakeOpenAI
@@ -27,7 +32,7 @@ from tests.stack import RunningStack, start_stack, warm_up
 
 COOLDOWN_S = 2.0
 NAMES = ["warm", "down_primary", "down_secondary", "flap_primary", "flap_secondary", "limited", "spare",
-         "slow", "quick", "shared_a", "shared_b", "late_a", "late_b"]
+         "slow", "quick", "shared_a", "shared_b", "late_a", "late_b", "busy_a", "busy_b"]
 GROUPS = {  # group -> (strategy, fakes in order)
     "warm": ("fallback", ["warm"]),
     "down": ("fallback", ["down_primary", "down_secondary"]),
@@ -36,6 +41,7 @@ GROUPS = {  # group -> (strategy, fakes in order)
     "quickest": ("latency", ["slow", "quick"]),
     "shared": ("fallback", ["shared_a", "shared_b"]),
     "late": ("fallback", ["late_a", "late_b"]),
+    "busy": ("least-busy", ["busy_a", "busy_b"]),
 }
 
 
@@ -292,3 +298,41 @@ def test_deadline_exhausted_is_504_and_no_provider_is_called_after_it(routing_st
     calls = route_fakes["late_a"].calls() + route_fakes["late_b"].calls()
     assert len(calls) >= 1
     assert all(c.ts < sent + timeout_s for c in calls), [c.ts - sent for c in calls]
+
+
+async def _attempt_events_until_ended(bootstrap: str, request_ids: set[str]) -> list[AttemptEvent]:
+    """`llm.events` from its beginning, read until every one of `request_ids` has its `end` event."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        parts = await topic_partitions(consumer, topics.EVENTS)
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        events: list[AttemptEvent] = []
+        deadline = time.monotonic() + 60
+        while not request_ids <= {e.request_id for e in events if e.phase == "end"}:
+            assert time.monotonic() < deadline, f"no end event for {request_ids} on {topics.EVENTS}"
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    try:
+                        events.append(AttemptEvent.model_validate_json(record.value or b""))
+                    except ValidationError:
+                        continue
+        return events
+    finally:
+        await consumer.stop()
+
+
+def test_a_worker_announces_a_calls_start_only_where_routing_asked(routing_stack: RunningStack, client: httpx.Client,
+                                                                   route_fakes: Fakes) -> None:
+    """A least-busy group's call is announced on `llm.events` (every replica counts it in flight); a healthy
+    fallback group's is not (no replica decides by it), and both still end with their outcome event. A start
+    and an end of one deployment share a partition, so a start sent would be read before its end."""
+    plain, busy = chat(routing_stack, client, "warm"), chat(routing_stack, client, "busy")
+    assert plain.status_code == busy.status_code == 200, (plain.text, busy.text)
+    plain_id, busy_id = plain.headers[topics.HEADER_REQUEST_ID], busy.headers[topics.HEADER_REQUEST_ID]
+    events = asyncio.run(_attempt_events_until_ended(routing_stack.bootstrap, {plain_id, busy_id}))
+    phases = {rid: [e.phase for e in events if e.request_id == rid] for rid in (plain_id, busy_id)}
+    assert phases == {plain_id: ["end"], busy_id: ["start", "end"]}
+    assert len(route_fakes["busy_a"].calls() + route_fakes["busy_b"].calls()) == 1

@@ -146,9 +146,10 @@ class Pipeline:
             return [*acks, await self.outbox.reply_error(env, e)], False
         native_format = ctx.native.format if ctx.native is not None else None
 
-        # Queued together, the start event and the write-ahead record share one produce request; only the
-        # write-ahead record must be acknowledged before the provider is called.
-        acks.append(await self.outbox.started(env, dep))
+        # Queued together, the start event (where routing asked for one) and the write-ahead record share one
+        # produce request; only the write-ahead record must be acknowledged before the provider is called.
+        if env.announce_start:
+            acks.append(await self.outbox.started(env, dep))
         await self.outbox.store_write_ahead(started)
         remaining_s = (env.deadline_ms - now_ms()) / 1000.0
         try:
