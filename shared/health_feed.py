@@ -21,17 +21,18 @@ from pydantic import ValidationError
 from switchyard.shared import topics
 from switchyard.shared.breaker import HealthBook
 from switchyard.shared.contracts import CONTRACT_VERSION, AttemptEvent, now_ms
-from switchyard.shared.kafka import lagging_fetch, make_consumer, start_client, topic_partitions
+from switchyard.shared.kafka import LaggingFetch, make_consumer, start_client, topic_partitions
 
 log = logging.getLogger("switchyard.health")
 HEALTH_REPLAY_MS = 120_000
 CATCH_UP_TIMEOUT_S = 15.0
 FIRST_ATTEMPT_WAIT_MS = 50
-"""How long the broker may hold an empty fetch of a reader that routes first attempts (ingress): a cooldown reaches
-it within this, and at idle it asks this often. Under load a fetch returns as soon as 16 KiB of events wait."""
+"""How long the broker may hold a fetch of a reader that routes first attempts (ingress) while events flow: a
+cooldown reaches it within this. A fetch returns sooner once 16 KiB of events wait, and at idle as soon as one
+event arrives (LaggingFetch)."""
 RETRY_WAIT_MS = 250
 """The same for a reader that routes only retries and batch lines (routers): a retry already skips the deployment
-that failed it, so the rest of the health may be a little older, and an idle router asks 4 times a second."""
+that failed it, so the rest of the health may be a little older."""
 
 
 class HealthFeed:
@@ -40,8 +41,9 @@ class HealthFeed:
     def __init__(self, bootstrap: str, book: HealthBook, client: str, wait_ms: int = FIRST_ATTEMPT_WAIT_MS) -> None:
         self.book = book
         self.client = client
+        self.lag = LaggingFetch(wait_ms, 16 << 10)
         self.events: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=None, tansu_fetch_wait_ms=wait_ms,
-                                                     **lagging_fetch(wait_ms, 16 << 10))
+                                                     **self.lag.options())
         self.caught_up = False
 
     async def start(self) -> None:
@@ -76,11 +78,12 @@ class HealthFeed:
         await self.events.stop()
 
     async def follow(self) -> None:
-        while True:
-            await self.read(timeout_ms=500)
+        while True:  # a read that waits two batching intervals in vain ends the batching (LaggingFetch)
+            await self.read(timeout_ms=2 * self.lag.wait_ms)
 
     async def read(self, timeout_ms: int) -> None:
         batches = await self.events.getmany(timeout_ms=timeout_ms, max_records=2000)
+        self.lag.follow(self.events, bool(batches))
         for records in batches.values():
             for record in records:
                 try:

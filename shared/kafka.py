@@ -108,16 +108,43 @@ def fetch_wait_ms(tansu_ms: int = TANSU_FETCH_WAIT_MS) -> int:
     return tansu_ms if is_tansu() else KAFKA_FETCH_WAIT_MS
 
 
-def lagging_fetch(wait_ms: int, min_bytes: int = 64 << 10) -> dict[str, int]:
-    """Consumer options for a reader that may lag by up to `wait_ms` (accounting, routers' health events).
+class LaggingFetch:
+    """Fetch settings for a reader that may lag by up to `wait_ms` (accounting, the health feeds), adapted to
+    its load: `options()` for `make_consumer`, and `follow(consumer, found)` after each read.
 
-    On Apache Kafka the broker then holds each fetch until `min_bytes` have gathered or `wait_ms` passed,
-    so under load one fetch carries hundreds of messages instead of one: the broker answers (and the
-    reader parses) a fetch per interval, not per message. Nothing changes on Tansu, which holds every
-    fetch for its whole wait anyway."""
-    if is_tansu():
-        return {}
-    return {"fetch_min_bytes": min_bytes, "fetch_max_wait_ms": wait_ms}
+    Under load, on Apache Kafka, the broker holds each fetch until `min_bytes` have gathered or `wait_ms` passed,
+    so one fetch carries hundreds of messages instead of one: the broker answers (and the reader parses) a fetch
+    per interval, not per message. At idle that would still be an empty fetch every `wait_ms`, each about 1 ms
+    of aiokafka's CPU: ingress's health feed alone (50 ms) cost it 20 ms a second. So once a read finds nothing,
+    the reader's fetches wait for the first byte instead, for up to KAFKA_FETCH_WAIT_MS: the broker answers as
+    soon as a message arrives (sooner than a batched fetch would), and the next read that finds messages goes
+    back to batching. Nothing changes on Tansu, which holds every fetch for its whole wait anyway.
+
+    The switch sets two attributes of aiokafka's fetcher, which it reads each time it builds a fetch request
+    (`tests/test_kafka_lagging.py` fails if a release renames them); a consumer without them keeps batching.
+    """
+
+    def __init__(self, wait_ms: int, min_bytes: int = 64 << 10) -> None:
+        self.wait_ms = wait_ms
+        self.min_bytes = min_bytes
+        self._batching = True
+
+    def options(self) -> dict[str, int]:
+        """Consumer options to start with: batching."""
+        if is_tansu():
+            return {}
+        return {"fetch_min_bytes": self.min_bytes, "fetch_max_wait_ms": self.wait_ms}
+
+    def follow(self, consumer: AIOKafkaConsumer, found: bool) -> None:
+        """After a read: batch while reads find messages, wait for the first byte once one finds none."""
+        if found == self._batching or is_tansu():
+            return
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is None or not hasattr(fetcher, "_fetch_min_bytes") or not hasattr(fetcher, "_fetch_max_wait_ms"):
+            return
+        self._batching = found
+        fetcher._fetch_min_bytes = self.min_bytes if found else 1
+        fetcher._fetch_max_wait_ms = self.wait_ms if found else KAFKA_FETCH_WAIT_MS
 
 
 def group_instance_id(group: str) -> str | None:

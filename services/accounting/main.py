@@ -31,7 +31,7 @@ from switchyard.shared.config import load_config
 from switchyard.shared.contracts import IN_DOUBT, UsageEvent
 from switchyard.shared.dead import UNSTORABLE, bury_consumed
 from switchyard.shared.health import serve_health
-from switchyard.shared.kafka import group_instance_id, lagging_fetch, make_consumer, make_producer, start_client
+from switchyard.shared.kafka import LaggingFetch, group_instance_id, make_consumer, make_producer, start_client
 from switchyard.shared.kafka_delivery import encode, send_and_wait
 from switchyard.shared.kafka_offsets import BatchOffsets
 from switchyard.shared.lag import follow_lag
@@ -59,10 +59,11 @@ class Accounting:
         if not database_url:
             raise SystemExit("accounting needs DATABASE_URL (or a stack started by `switchyard up` here)")
         self.database = Database(database_url)
+        self.lag = LaggingFetch(250)
         self.consumer: AIOKafkaConsumer = make_consumer(bootstrap=bootstrap, group_id=topics.ACCOUNTING_GROUP,
                                                         group_instance_id=group_instance_id(topics.ACCOUNTING_GROUP),
                                                         tansu_fetch_wait_ms=100, max_poll_records=BATCH_MAX,
-                                                        **lagging_fetch(250))
+                                                        **self.lag.options())
         self.offsets = BatchOffsets(self.consumer)
         self.producer: AIOKafkaProducer = make_producer(bootstrap)
         self.ready = False
@@ -81,6 +82,7 @@ class Accounting:
     async def run_forever(self) -> None:
         while True:
             batches = await self.consumer.getmany(timeout_ms=500, max_records=BATCH_MAX)
+            self.lag.follow(self.consumer, bool(batches))
             self.ready = True
             if not batches:
                 continue
