@@ -116,7 +116,7 @@ class LaggingFetch:
     so one fetch carries hundreds of messages instead of one: the broker answers (and the reader parses) a fetch
     per interval, not per message. At idle that would still be an empty fetch every `wait_ms`, each about 1 ms
     of aiokafka's CPU: ingress's health feed alone (50 ms) cost it 20 ms a second. So once a read finds nothing,
-    the reader's fetches wait for the first byte instead, for up to KAFKA_FETCH_WAIT_MS: the broker answers as
+    the reader's fetches wait for the first byte instead, for up to `fetch_wait_ms()`: the broker answers as
     soon as a message arrives (sooner than a batched fetch would), and the next read that finds messages goes
     back to batching. Nothing changes on Tansu, which holds every fetch for its whole wait anyway.
 
@@ -144,7 +144,7 @@ class LaggingFetch:
             return
         self._batching = found
         fetcher._fetch_min_bytes = self.min_bytes if found else 1
-        fetcher._fetch_max_wait_ms = self.wait_ms if found else KAFKA_FETCH_WAIT_MS
+        fetcher._fetch_max_wait_ms = self.wait_ms if found else fetch_wait_ms()
 
 
 def group_instance_id(group: str) -> str | None:
