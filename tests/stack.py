@@ -10,13 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+from aiokafka import AIOKafkaConsumer
 
+from switchyard.shared.kafka import topic_partitions
 from switchyard.shared.settings import read_stack
 from tests.fakes.server import free_port
 
@@ -119,3 +122,24 @@ def warm_up(stack: RunningStack, model: str, timeout_s: float = 120.0) -> None:
             last = repr(e)
         time.sleep(0.5)
     raise RuntimeError(f"stack did not answer {model}: {last}")
+
+
+async def read_topic_until(bootstrap: str, topic: str, found: Callable[[list[bytes]], bool],
+                           timeout_s: float = 60.0) -> list[bytes]:
+    """Every message of `topic` (all partitions, from the beginning) once `found(messages)` holds."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        parts = await topic_partitions(consumer, topic)
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        messages: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while not found(messages):
+            assert time.monotonic() < deadline, f"{topic} never showed what was expected ({len(messages)} read)"
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                messages += [r.value or b"" for r in records]
+        return messages
+    finally:
+        await consumer.stop()

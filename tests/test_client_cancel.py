@@ -9,41 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from switchyard.shared import topics
 from switchyard.shared.contracts import CancelRequest, RequestEnvelope
-from switchyard.shared.kafka import topic_partitions
 from tests.conftest import Fakes
-from tests.stack import RunningStack
+from tests.stack import RunningStack, read_topic_until
 
 WAIT_S = 60.0
-
-
-async def _read_until(bootstrap: str, topic: str, found: Callable[[list[bytes]], bool]) -> list[bytes]:
-    """Every message of `topic` (all partitions, from the beginning) once `found(messages)` holds."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        parts = await topic_partitions(consumer, topic)
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        messages: list[bytes] = []
-        deadline = time.monotonic() + WAIT_S
-        while not found(messages):
-            assert time.monotonic() < deadline, f"{topic} never showed what was expected ({len(messages)} read)"
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                messages += [r.value or b"" for r in records]
-        return messages
-    finally:
-        await consumer.stop()
 
 
 def _cancelled_ids(messages: list[bytes]) -> list[str]:
@@ -59,7 +36,7 @@ def _cancelled_ids(messages: list[bytes]) -> list[str]:
 
 def _cancels_until(stack: RunningStack, request_id: str) -> list[str]:
     """The request ids cancelled so far, once `request_id` is among them."""
-    messages = asyncio.run(_read_until(stack.bootstrap, topics.CANCEL,
+    messages = asyncio.run(read_topic_until(stack.bootstrap, topics.CANCEL,
                                        lambda ms: request_id in _cancelled_ids(ms)))
     return _cancelled_ids(messages)
 
@@ -70,7 +47,8 @@ def _request_id_of(stack: RunningStack, nonce: str) -> str:
     def ids(messages: list[bytes]) -> list[str]:
         return [RequestEnvelope.model_validate_json(m).id for m in messages if nonce.encode() in m]
 
-    return ids(asyncio.run(_read_until(stack.bootstrap, topics.provider_topic("openai"), lambda ms: bool(ids(ms)))))[0]
+    topic = topics.provider_topic("openai")
+    return ids(asyncio.run(read_topic_until(stack.bootstrap, topic, lambda ms: bool(ids(ms)))))[0]
 
 
 def _body(text: str, **extra: Any) -> dict[str, Any]:

@@ -16,19 +16,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from switchyard.shared import topics
 from switchyard.shared.contracts import AttemptEvent
-from switchyard.shared.kafka import topic_partitions
 from switchyard.shared.metrics import BREAKER_STATES
 from switchyard.shared.settings import read_stack
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.server import Recorded
-from tests.stack import RunningStack, start_stack, warm_up
+from tests.stack import RunningStack, read_topic_until, start_stack, warm_up
 
 COOLDOWN_S = 2.0
 NAMES = ["warm", "down_primary", "down_secondary", "flap_primary", "flap_secondary", "limited", "spare",
@@ -300,28 +298,22 @@ def test_deadline_exhausted_is_504_and_no_provider_is_called_after_it(routing_st
     assert all(c.ts < sent + timeout_s for c in calls), [c.ts - sent for c in calls]
 
 
-async def _attempt_events_until_ended(bootstrap: str, request_ids: set[str]) -> list[AttemptEvent]:
+def _attempt_events(messages: list[bytes]) -> list[AttemptEvent]:
+    events = []
+    for message in messages:
+        try:
+            events.append(AttemptEvent.model_validate_json(message))
+        except ValidationError:
+            continue
+    return events
+
+
+def _attempt_events_until_ended(stack: RunningStack, request_ids: set[str]) -> list[AttemptEvent]:
     """`llm.events` from its beginning, read until every one of `request_ids` has its `end` event."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        parts = await topic_partitions(consumer, topics.EVENTS)
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        events: list[AttemptEvent] = []
-        deadline = time.monotonic() + 60
-        while not request_ids <= {e.request_id for e in events if e.phase == "end"}:
-            assert time.monotonic() < deadline, f"no end event for {request_ids} on {topics.EVENTS}"
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    try:
-                        events.append(AttemptEvent.model_validate_json(record.value or b""))
-                    except ValidationError:
-                        continue
-        return events
-    finally:
-        await consumer.stop()
+    def ended(messages: list[bytes]) -> bool:
+        return request_ids <= {e.request_id for e in _attempt_events(messages) if e.phase == "end"}
+
+    return _attempt_events(asyncio.run(read_topic_until(stack.bootstrap, topics.EVENTS, ended)))
 
 
 def test_a_worker_announces_a_calls_start_only_where_routing_asked(routing_stack: RunningStack, client: httpx.Client,
@@ -332,7 +324,7 @@ def test_a_worker_announces_a_calls_start_only_where_routing_asked(routing_stack
     plain, busy = chat(routing_stack, client, "warm"), chat(routing_stack, client, "busy")
     assert plain.status_code == busy.status_code == 200, (plain.text, busy.text)
     plain_id, busy_id = plain.headers[topics.HEADER_REQUEST_ID], busy.headers[topics.HEADER_REQUEST_ID]
-    events = asyncio.run(_attempt_events_until_ended(routing_stack.bootstrap, {plain_id, busy_id}))
+    events = _attempt_events_until_ended(routing_stack, {plain_id, busy_id})
     phases = {rid: [e.phase for e in events if e.request_id == rid] for rid in (plain_id, busy_id)}
     assert phases == {plain_id: ["end"], busy_id: ["start", "end"]}
     assert len(route_fakes["busy_a"].calls() + route_fakes["busy_b"].calls()) == 1
