@@ -78,8 +78,8 @@ class HealthFeed:
         await self.events.stop()
 
     async def follow(self) -> None:
-        while True:  # a read that waits two batching intervals in vain ends the batching (LaggingFetch)
-            await self.read(timeout_ms=2 * self.lag.wait_ms)
+        while True:
+            await self.read(timeout_ms=self.lag.read_timeout_ms)
 
     async def read(self, timeout_ms: int) -> None:
         batches = await self.events.getmany(timeout_ms=timeout_ms, max_records=2000)

@@ -129,6 +129,13 @@ class LaggingFetch:
         self.min_bytes = min_bytes
         self._batching = True
 
+    @property
+    def read_timeout_ms(self) -> int:
+        """How long a read (`getmany`) may wait: two batching intervals while batching, since a read that finds
+        nothing in that time ends it; while idle, twice the broker's hold, since the first message ends the
+        wait anyway (ingress's health feed woke ten times a second for nothing)."""
+        return 2 * (self.wait_ms if self._batching else max(self.wait_ms, fetch_wait_ms()))
+
     def options(self) -> dict[str, int]:
         """Consumer options to start with: batching."""
         if is_tansu():
@@ -160,6 +167,12 @@ def group_instance_id(group: str) -> str | None:
     return f"{group}-{replica}"
 
 
+FETCHER_POLL_MS = 1000
+"""How often aiokafka's fetch routine wakes when nothing happened (`consumer_timeout_ms`, 200 by default). A
+fetch's answer, an assignment change, a consumed buffer and a resumed partition each wake it at once; at 200 ms
+its polls were a third of an idle service's event-loop wake-ups."""
+
+
 def make_consumer(*topics: str, bootstrap: str, group_id: str | None, tansu_fetch_wait_ms: int = TANSU_FETCH_WAIT_MS,
                   **overrides: Any) -> AIOKafkaConsumer:
     """A consumer with manual commits and the broker's fetch wait (`fetch_wait_ms`); on Tansu, one that rewinds
@@ -175,6 +188,7 @@ def make_consumer(*topics: str, bootstrap: str, group_id: str | None, tansu_fetc
         "heartbeat_interval_ms": 1000,
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
         "client_id": "switchyard",
+        "consumer_timeout_ms": FETCHER_POLL_MS,
     }
     options.update(overrides)
     if is_tansu():

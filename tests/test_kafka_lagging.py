@@ -85,3 +85,29 @@ async def test_an_idle_lagging_reader_waits_for_the_next_message_instead_of_aski
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+async def test_an_idle_lagging_reader_reads_rarely_and_a_busy_one_every_two_intervals(stack: RunningStack) -> None:
+    """The read timeout follows the reader's state: two batching intervals while it batches (a read that finds
+    nothing in them ends the batching), and while idle twice the broker's hold, so an idle reader's loop does not
+    spin (ingress's health feed read ten times a second for nothing)."""
+    topic = f"test.lagging.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(stack.bootstrap, {topic: 1})
+    part = TopicPartition(topic, 0)
+    lag = LaggingFetch(WAIT_MS, 16 << 10)
+    consumer = make_consumer(bootstrap=stack.bootstrap, group_id=None, **lag.options())
+    await start_client(consumer, "test-lagging-reads")
+    try:
+        consumer.assign([part])
+        await consumer.seek_to_end(part)
+        assert lag.read_timeout_ms == 2 * WAIT_MS
+        lag.follow(consumer, bool(await consumer.getmany(timeout_ms=lag.read_timeout_ms)))  # finds nothing
+        assert lag.read_timeout_ms >= 2 * 500
+        reads = 0
+        end = asyncio.get_running_loop().time() + 2.0
+        while asyncio.get_running_loop().time() < end:
+            lag.follow(consumer, bool(await consumer.getmany(timeout_ms=lag.read_timeout_ms)))
+            reads += 1
+        assert reads <= 3, reads  # 2 s at 1 s a read; at 100 ms, 20
+    finally:
+        await consumer.stop()

@@ -160,3 +160,26 @@ def test_a_claim_from_before_a_revocation_does_not_finish_the_new_owners_message
     tracker.started(tp, 7)
     assert tracker.finished(old) is False
     assert tracker.committable() == {tp: 7}
+
+
+def test_a_deployment_without_rate_limits_keeps_no_window() -> None:
+    """Calls to a deployment with neither RPM nor TPM leave nothing behind (the window would hold a minute of
+    calls for nothing); its concurrency limit still holds, and a limited deployment still counts its calls."""
+    clock = Clock()
+    pacer = Pacer(clock=clock)
+    free, limited = _dep(max_concurrent=1), Deployment(provider="openai", model="m", id="e", api_key="k", rpm=5)
+
+    async def run() -> None:
+        for _ in range(3):
+            async with pacer.slot(free, _env()), pacer.slot(limited, _env()):
+                pass
+        assert not pacer._pace(free).keys[0].ended
+        assert pacer._pace(limited).keys[0].calls() == 3
+        held = pacer.slot(free, _env())
+        await held.__aenter__()
+        with pytest.raises(GatewayError):  # the one concurrent slot is taken; the wait gives up in time
+            async with pacer.slot(free, _env(deadline_s=0.01)):
+                pass
+        await held.__aexit__(None, None, None)
+
+    asyncio.run(run())

@@ -81,7 +81,7 @@ class Accounting:
 
     async def run_forever(self) -> None:
         while True:
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=BATCH_MAX)
+            batches = await self.consumer.getmany(timeout_ms=self.lag.read_timeout_ms, max_records=BATCH_MAX)
             self.lag.follow(self.consumer, bool(batches))
             self.ready = True
             if not batches:

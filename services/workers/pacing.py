@@ -12,6 +12,8 @@ Kafka instead of failing.
   exactly, never more. A process that owns no partition (during a rebalance) starts nothing. A
   process whose part rounds to 0 (a limit smaller than the number of workers) starts nothing on
   that limit: keep limits at least the number of worker processes.
+- A deployment without RPM and TPM limits keeps no window: only its concurrency, if limited, and 429
+  pauses apply.
 - A key that got a 429 is paused for the provider's Retry-After.
 - Waiters queue per deployment, interactive before batch, first come first served; only the
   head of the queue looks for room, and a call's end wakes only the head (which wakes the next
@@ -177,6 +179,9 @@ class Pacer:
     async def slot(self, dep: Deployment, env: RequestEnvelope) -> AsyncIterator[Lease]:
         """Wait for a key with room under the deployment's limits; yields it for the call."""
         pace = self._pace(dep)
+        # A deployment without RPM or TPM limits keeps no window: nothing reads it, and at a thousand calls a
+        # second a minute of ended calls is tens of thousands of entries held for nothing.
+        windowed = dep.rpm is not None or dep.tpm is not None
         tokens = float(estimate_total_tokens(env.body))
         interactive = env.priority == "interactive"
         arrived = self.clock()
@@ -223,8 +228,9 @@ class Pacer:
         finally:
             chosen.in_flight -= 1
             chosen.in_flight_tokens -= lease.tokens
-            chosen.ended.append((self.clock(), lease.tokens))
-            chosen.ended_tokens += lease.tokens
+            if windowed:
+                chosen.ended.append((self.clock(), lease.tokens))
+                chosen.ended_tokens += lease.tokens
             pace.notify()
 
     def record_usage(self, lease: Lease, actual_tokens: int) -> None:
