@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
+import procstat  # noqa: E402
 from aiokafka import TopicPartition  # noqa: E402
 
 from switchyard.devstack.apache_kafka import EmbeddedKafka  # noqa: E402
@@ -36,13 +37,6 @@ from switchyard.shared.config import load_config  # noqa: E402
 from switchyard.shared.contracts import Reply, RequestEnvelope  # noqa: E402
 from switchyard.shared.kafka import make_consumer, make_producer  # noqa: E402
 from switchyard.shared.kafka_delivery import encode  # noqa: E402
-
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
 
 
 async def drive(bootstrap: str, config_path: Path, pid: int, concurrency: int, seconds: float,
@@ -86,12 +80,12 @@ async def drive(bootstrap: str, config_path: Path, pid: int, concurrency: int, s
         for _ in range(concurrency):
             await send()
         await loop(time.monotonic() + 3)  # warm up
-        measuring, c0, t0 = True, cpu_s(pid), time.monotonic()
+        measuring, before, t0 = True, procstat.snapshot([pid]), time.monotonic()
         await loop(t0 + seconds)
-        c1, t1 = cpu_s(pid), time.monotonic()
+        cpu_ms, t1 = sum(procstat.cpu_delta(before, procstat.snapshot([pid])).values()), time.monotonic()
         await asyncio.sleep(1)  # let the requests in flight end before the next run
         await consumer.getmany(timeout_ms=500)
-        return done / (t1 - t0), (c1 - c0) * 1000 / max(done, 1)
+        return done / (t1 - t0), cpu_ms / max(done, 1)
     finally:
         await producer.stop()
         await consumer.stop()
